@@ -1,0 +1,89 @@
+# One entry per stage; stages share files under artifacts/, not globals.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+ARCH ?= seed-cnn
+DATA_DIR ?= /usr/share/datasets/fashion-mnist
+ARTIFACTS ?= artifacts
+RUN_DIR := $(ARTIFACTS)/runs/$(ARCH)
+PORT ?= 3000
+
+.PHONY: help setup data pipeline train export verify test ablation bench-model serve bento loadtest bench-serve soak clean
+
+help:
+	@echo "make pipeline   set-up, data, train ($(ARCH)), export, verify"
+	@echo "make test       set-up, data, pytest"
+	@echo "make ablation | bench-model | serve PORT=3000 | bento | loadtest | bench-serve | soak SOAK_TIME=1m"
+
+# --- set-up ---------------------------------------------------------------------------------
+# torch first, in its own pip call: the pinned 2.13.0 is a local CPU wheel; resolving it together
+# with the project would pull a multi-GB CUDA build.
+$(VENV)/.installed: pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[dev]'
+	@touch $@
+
+setup: $(VENV)/.installed
+
+data:
+	@$(PYTHON) scripts/ensure_data.py --data-dir "$(DATA_DIR)"
+
+# --- pipeline -------------------------------------------------------------------------------
+$(RUN_DIR)/weights.safetensors: | setup data
+	$(PY) -m training --arch $(ARCH) --data-dir "$(DATA_DIR)" --out $(RUN_DIR)
+
+train: $(RUN_DIR)/weights.safetensors
+
+$(ARTIFACTS)/model.onnx: $(RUN_DIR)/weights.safetensors
+	$(PY) -m export --run $(RUN_DIR) --data-dir "$(DATA_DIR)" --out $(ARTIFACTS)
+
+export: $(ARTIFACTS)/model.onnx
+
+verify: $(ARTIFACTS)/model.onnx
+	$(PY) -m export --run $(RUN_DIR) --data-dir "$(DATA_DIR)" --out $(ARTIFACTS) --verify-only
+
+pipeline: export
+	@$(PY) -m export.report $(ARTIFACTS)
+
+test: setup data
+	$(PY) -m pytest -q
+
+ablation: setup data
+	$(PY) -m training.ablation --data-dir "$(DATA_DIR)" --out $(ARTIFACTS)/ablation
+
+bench-model: export
+	$(PY) -m export.bench --model-dir $(ARTIFACTS) --data-dir "$(DATA_DIR)" --out $(ARTIFACTS)/bench_model.json
+
+# --- service (issue 4) ----------------------------------------------------------------------
+# Knobs (env): SERVICE_WORKERS, ORT_PROVIDER=auto|cpu|cuda, ORT_INTRA_OP_THREADS, METRICS, TRACING,
+# ACCESS_LOG, MAX_IMAGES_PER_REQUEST, MAX_BODY_BYTES, BATCH_MAX_IMAGES (docs/service.md).
+serve: export
+	MODEL_PATH=$(ARTIFACTS)/model.onnx $(VENV)/bin/bentoml serve service.service:FashionMNISTClassifier --port $(PORT)
+
+bento: export
+	@tag=$$($(PY) -m service.store $(ARTIFACTS)/model.onnx) && echo "model store: $$tag" && \
+	$(VENV)/bin/bentoml build --arg model_tag=$$tag
+
+# --- load tests (issue 5) -------------------------------------------------------------------
+loadtest: export
+	$(PY) -m loadtest.run --port $(PORT) --users $(or $(USERS),16) $(if $(SPAWN_RATE),--spawn-rate $(SPAWN_RATE)) \
+		--run-time $(or $(RUN_TIME),30s) --processes $(or $(PROCESSES),2) --p99-ms $(or $(P99_MS),1000) \
+		$(if $(TAGS),--tags $(TAGS)) $(if $(TARGET_RPS),--target-rps $(TARGET_RPS)) \
+		--model $(ARTIFACTS)/model.onnx --data-dir "$(DATA_DIR)" --out $(ARTIFACTS)/loadtest
+
+bench-serve: export
+	$(PY) -m loadtest.bench_serve $(if $(QUICK),--quick) --processes $(or $(PROCESSES),2) \
+		$(if $(BENCH_USERS),--users $(BENCH_USERS)) $(if $(SETUPS),--setups $(SETUPS)) \
+		--lock "$(if $(filter undefined,$(origin BENCH_LOCK)),/tmp/cpu-bench.lock,$(BENCH_LOCK))" \
+		--model $(ARTIFACTS)/model.onnx --data-dir "$(DATA_DIR)" --out $(ARTIFACTS)/bench_serve
+
+soak: export
+	$(PY) -m loadtest.soak --time $(or $(SOAK_TIME),10m) --processes $(or $(PROCESSES),2) \
+		--lock "$(if $(filter undefined,$(origin BENCH_LOCK)),/tmp/cpu-bench.lock,$(BENCH_LOCK))" --bench-results $(ARTIFACTS)/bench_serve/results.json \
+		--model $(ARTIFACTS)/model.onnx --data-dir "$(DATA_DIR)" --out $(ARTIFACTS)/soak
+
+clean:
+	rm -rf $(ARTIFACTS)

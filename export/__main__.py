@@ -1,0 +1,80 @@
+"""python -m export --run artifacts/runs/seed-cnn --out artifacts [--data-dir DIR] [--verify-only]
+
+Fold BN, strip Dropout, export model.onnx (folded) and model_unfolded.onnx (reference), verify
+parity on the 10k test images, write export_report.json. Nothing is published unless parity
+passes; exit 1 when it fails, 2 on bad input."""
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import onnx
+
+from export.fold import FoldError, fold_batchnorm
+from export.onnx_export import (contract_metadata, export_to_proto, node_counts, read_metadata, save_model,
+                                with_metadata)
+from export.verify import format_table, verify
+from training.artifacts import load_run, write_json
+from training.data import DEFAULT_DATA_DIR, DataError, load_split
+
+FOLDED, UNFOLDED, REPORT = "model.onnx", "model_unfolded.onnx", "export_report.json"
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m export", description=__doc__.split("\n\n")[1])
+    p.add_argument("--run", default="artifacts/runs/seed-cnn", help="training run directory")
+    p.add_argument("--out", default="artifacts", help="where model.onnx and the report go")
+    p.add_argument("--data-dir", default=DEFAULT_DATA_DIR)
+    p.add_argument("--verify-only", action="store_true", help="re-verify the ONNX files already in --out")
+    args = p.parse_args(argv)
+    out = Path(args.out)
+    try:
+        model, config = load_run(args.run)
+        folded_module, fold_report = fold_batchnorm(model)
+        images, labels = load_split(args.data_dir, "test")
+        if args.verify_only:
+            folded_onnx, unfolded_onnx = onnx.load(out / FOLDED), onnx.load(out / UNFOLDED)
+            if read_metadata(folded_onnx).get("weights_sha256") != config["weights_sha256"]:
+                raise ValueError(f"{out / FOLDED} was not exported from {args.run}/weights.safetensors")
+        else:
+            started = time.perf_counter()
+            unfolded_onnx = with_metadata(export_to_proto(model), contract_metadata(config, fold_report.as_dict(), False))
+            folded_onnx = with_metadata(export_to_proto(folded_module), contract_metadata(config, fold_report.as_dict(), True))
+            print(f"exported in {time.perf_counter() - started:.1f}s")
+    except (FileNotFoundError, DataError, FoldError, ValueError, onnx.checker.ValidationError) as e:
+        print(f"export: {e}", file=sys.stderr)
+        return 2
+
+    before, after = node_counts(unfolded_onnx), node_counts(folded_onnx)
+    print(f"nodes before folding: {before}\nnodes after folding:  {after}")
+    for entry in fold_report.folded:
+        print(f"  folded {entry['bn']} {entry['direction']} into {entry['into']}")
+    for entry in fold_report.kept:
+        print(f"  kept {entry['bn']}: {entry['reason']}")
+    leftover = {op: n for op, n in after.items() if op in ("BatchNormalization", "Dropout")}
+
+    parity = verify(model, folded_module, folded_onnx, unfolded_onnx, images, labels)
+    print(format_table(parity))
+    report = {
+        "run": str(args.run), "arch": config["arch"], "weights_sha256": config["weights_sha256"],
+        "torch_test_accuracy": config["metrics"]["test_accuracy"],
+        "fold": fold_report.as_dict(), "nodes_unfolded": before, "nodes_folded": after,
+        "bn_dropout_left_in_folded": leftover, "parity": parity,
+    }
+    # A BN may stay only when the fold report says why; anything else left over is a failure.
+    unexplained = leftover.get("Dropout", 0) or leftover.get("BatchNormalization", 0) > len(fold_report.kept)
+    ok = parity["passed"] and not unexplained
+    if ok and not args.verify_only:
+        report["files"] = {name: {"sha256": save_model(m, out / name)}
+                           for name, m in ((UNFOLDED, unfolded_onnx), (FOLDED, folded_onnx))}
+    write_json(out / REPORT, report)
+    if not ok:
+        print(f"export: verification failed; see {out / REPORT}" + ("" if args.verify_only else "; no model written"),
+              file=sys.stderr)
+        return 1
+    print(f"wrote {out / FOLDED}, {out / UNFOLDED}, {out / REPORT}" if not args.verify_only else f"verified {out / FOLDED}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,48 @@
+"""python -m training --arch seed-cnn --data-dir DIR --out artifacts/runs/seed-cnn"""
+import argparse
+import sys
+from pathlib import Path
+
+from training.artifacts import save_run
+from training.data import DEFAULT_DATA_DIR, DataError
+from training.models import ARCHS
+from training.plots import plot_history
+from training.train import DEFAULTS, train
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(prog="python -m training", description="Train a BN/Dropout model on Fashion-MNIST.")
+    p.add_argument("--arch", choices=list(ARCHS), default=DEFAULTS["arch"])
+    p.add_argument("--data-dir", default=DEFAULT_DATA_DIR, help="directory with the Fashion-MNIST IDX files (.gz ok)")
+    p.add_argument("--out", default=None, help="run directory (default artifacts/runs/<arch>)")
+    for key in ("epochs", "batch_size", "patience", "val_size", "seed", "subset", "threads"):
+        p.add_argument(f"--{key.replace('_', '-')}", type=int, default=None)
+    for key in ("lr", "weight_decay", "label_smoothing"):
+        p.add_argument(f"--{key.replace('_', '-')}", type=float, default=None)
+    p.add_argument("--no-dropout", action="store_true", help="replace every Dropout with Identity")
+    p.add_argument("--hflip", action="store_true", help="augment with random horizontal flips")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    cfg = {k: v for k, v in vars(args).items() if k in DEFAULTS and v is not None}
+    cfg["dropout"] = not args.no_dropout
+    cfg["hflip"] = args.hflip or DEFAULTS["hflip"]
+    out = Path(args.out or f"artifacts/runs/{args.arch}")
+    try:
+        model, cfg = train(cfg, args.data_dir, progress=not args.quiet)
+    except (DataError, ValueError) as e:
+        print(f"training: {e}", file=sys.stderr)
+        return 2
+    cfg = save_run(out, model, cfg)
+    plot_history(cfg["history"], f"{cfg['arch']} (best epoch {cfg['best_epoch']})", out / "training_curves.png")
+    m = cfg["metrics"]
+    print(f"{cfg['arch']}: test accuracy {m['test_accuracy']:.4f}  val accuracy {m['val_accuracy']:.4f}  "
+          f"best epoch {cfg['best_epoch']}  {cfg['train_seconds']:.0f}s  -> {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

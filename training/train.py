@@ -1,0 +1,139 @@
+"""Training loop: AdamW + one-cycle schedule, early stopping on a held-out validation split
+(best checkpoint restored), seeded and reproducible, tqdm progress."""
+import copy
+import math
+import os
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from training import data
+from training.models import PIXEL_MEAN, PIXEL_STD, build
+
+# Plain config values; `python -m training --help` can override each one.
+DEFAULTS = dict(
+    arch="seed-cnn",
+    epochs=14,
+    batch_size=128,
+    lr=2e-3,
+    weight_decay=5e-4,
+    label_smoothing=0.1,  # bounded, calibrated logits; see README "Why label smoothing"
+    hflip=False,          # random horizontal flips (clothes are left-right symmetric)
+    patience=4,          # epochs without a better validation accuracy before stopping
+    val_size=5000,       # held out of the 60k training images; the 10k test set is only for the report
+    seed=0,
+    dropout=True,
+    subset=0,            # >0: train on this many images only (tests, smoke runs)
+    threads=0,           # 0: one per core this process may use
+)
+
+
+def set_threads(threads: int) -> int:
+    threads = threads or len(os.sched_getaffinity(0))
+    torch.set_num_threads(threads)
+    return threads
+
+
+def seed_everything(seed: int) -> torch.Generator:
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    return torch.Generator().manual_seed(seed)
+
+
+@torch.no_grad()
+def evaluate(model, images: torch.Tensor, labels: torch.Tensor, batch_size: int = 1000) -> dict:
+    model.eval()
+    loss, correct = 0.0, 0
+    for i in range(0, len(images), batch_size):
+        logits = model(images[i:i + batch_size])
+        loss += F.cross_entropy(logits, labels[i:i + batch_size], reduction="sum").item()
+        correct += (logits.argmax(1) == labels[i:i + batch_size]).sum().item()
+    return {"loss": loss / len(images), "accuracy": correct / len(images)}
+
+
+def train(cfg: dict, data_dir: str, progress: bool = True) -> tuple[torch.nn.Module, dict]:
+    """Returns the best model (eval mode) and the config, extended with metrics and history."""
+    cfg = {**DEFAULTS, **cfg}
+    cfg["threads"] = set_threads(cfg["threads"])
+    generator = seed_everything(cfg["seed"])
+
+    images, labels = data.load_split(data_dir, "train")
+    train_idx, val_idx = data.train_val_split(len(images), cfg["val_size"], cfg["seed"])
+    if cfg["subset"]:
+        train_idx = train_idx[:cfg["subset"]]
+    x_train, y_train = torch.from_numpy(images[train_idx]), torch.from_numpy(labels[train_idx])
+    x_val, y_val = torch.from_numpy(images[val_idx]), torch.from_numpy(labels[val_idx])
+
+    model = build(cfg["arch"], dropout=cfg["dropout"]).to(memory_format=torch.channels_last)
+    # No weight decay on BN/bias parameters: decaying γ/β only fights the normalization.
+    decay = [p for p in model.parameters() if p.ndim > 1]
+    no_decay = [p for p in model.parameters() if p.ndim <= 1]
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg["weight_decay"]},
+                                   {"params": no_decay, "weight_decay": 0.0}], lr=cfg["lr"])
+    steps_per_epoch = math.ceil(len(x_train) / cfg["batch_size"])
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=cfg["lr"], epochs=cfg["epochs"],
+                                                   steps_per_epoch=steps_per_epoch)
+
+    history, best, best_state, since_best = [], None, None, 0
+    started = time.perf_counter()
+    for epoch in range(1, cfg["epochs"] + 1):
+        model.train()
+        order = torch.randperm(len(x_train), generator=generator)
+        seen, loss_sum, correct = 0, 0.0, 0
+        bar = tqdm(range(0, len(order), cfg["batch_size"]), desc=f"epoch {epoch}/{cfg['epochs']}",
+                   unit="batch", disable=not progress, leave=False)
+        for start in bar:
+            batch = order[start:start + cfg["batch_size"]]
+            x, y = x_train[batch], y_train[batch]
+            if cfg["hflip"]:
+                flip = torch.rand(len(x), generator=generator) < 0.5
+                x = torch.where(flip.view(-1, 1, 1, 1), x.flip(3), x)
+            x = x.contiguous(memory_format=torch.channels_last)  # 2-3x faster convs on CPU (oneDNN)
+            logits = model(x)
+            loss = F.cross_entropy(logits, y, label_smoothing=cfg["label_smoothing"])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+            seen += len(batch)
+            loss_sum += loss.item() * len(batch)
+            correct += (logits.argmax(1) == y).sum().item()
+            bar.set_postfix(loss=f"{loss_sum / seen:.4f}")
+        # The train loss is measured in train mode (dropout on), as the ablation plot wants to show.
+        val = evaluate(model, x_val, y_val)
+        row = {"epoch": epoch, "train_loss": loss_sum / seen, "train_accuracy": correct / seen,
+               "val_loss": val["loss"], "val_accuracy": val["accuracy"], "lr": schedule.get_last_lr()[0],
+               "seconds": round(time.perf_counter() - started, 1)}
+        history.append(row)
+        if progress:
+            tqdm.write(f"epoch {epoch:2d}  train loss {row['train_loss']:.4f}  val loss {val['loss']:.4f}  "
+                       f"val acc {val['accuracy']:.4f}  ({row['seconds']:.0f}s)")
+        if best is None or val["accuracy"] > best["val_accuracy"]:
+            best, best_state, since_best = row, copy.deepcopy(model.state_dict()), 0
+        else:
+            since_best += 1
+            if since_best >= cfg["patience"]:
+                if progress:
+                    tqdm.write(f"early stop: no better validation accuracy for {cfg['patience']} epochs")
+                break
+
+    model.load_state_dict(best_state)
+    model = model.to(memory_format=torch.contiguous_format).eval()
+    x_test, y_test = (torch.from_numpy(a) for a in data.load_split(data_dir, "test"))
+    test = evaluate(model, x_test, y_test)
+    cfg.update(
+        labels=data.LABELS,
+        normalization={"mean": PIXEL_MEAN, "std": PIXEL_STD},
+        input={"name": "image", "shape": [None, 1, 28, 28], "range": [0.0, 1.0], "layout": "NCHW"},
+        best_epoch=best["epoch"],
+        metrics={"val_loss": best["val_loss"], "val_accuracy": best["val_accuracy"],
+                 "test_loss": test["loss"], "test_accuracy": test["accuracy"]},
+        history=history,
+        train_seconds=round(time.perf_counter() - started, 1),
+        torch_version=torch.__version__,
+    )
+    return model, cfg
