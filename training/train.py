@@ -103,9 +103,12 @@ def train(cfg: dict, data_dir: str, progress: bool = True) -> tuple[torch.nn.Mod
             loss_sum += loss.item() * len(batch)
             correct += (logits.argmax(1) == y).sum().item()
             bar.set_postfix(loss=f"{loss_sum / seen:.4f}")
-        # The train loss is measured in train mode (dropout on), as the ablation plot wants to show.
         val = evaluate(model, x_val, y_val)
+        # train_loss is the running loss in train mode (dropout on, label smoothing on); the overfitting
+        # gap is read from train_eval_loss: plain cross-entropy in eval mode, like val_loss.
+        train_eval = evaluate(model, x_train[:len(x_val)], y_train[:len(x_val)])
         row = {"epoch": epoch, "train_loss": loss_sum / seen, "train_accuracy": correct / seen,
+               "train_eval_loss": train_eval["loss"], "train_eval_accuracy": train_eval["accuracy"],
                "val_loss": val["loss"], "val_accuracy": val["accuracy"], "lr": schedule.get_last_lr()[0],
                "seconds": round(time.perf_counter() - started, 1)}
         history.append(row)

@@ -1,0 +1,91 @@
+"""python -m export.bench: torch eager vs onnxruntime (folded / unfolded, default optimization and
+ORT_DISABLE_ALL) at batch 1 and 64, one thread each, measured side by side in the same process.
+
+Rounds are interleaved across variants so that machine noise hits all of them alike; we report
+the median round. Writes a JSON (atomically) and prints a table with ratios to torch eager."""
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+
+from export.verify import ort_session
+from training.artifacts import load_run, write_json
+from training.data import DEFAULT_DATA_DIR, load_split
+
+
+def images_per_second(fn, batch: np.ndarray, seconds: float) -> float:
+    done, started = 0, time.perf_counter()
+    while (elapsed := time.perf_counter() - started) < seconds:
+        fn(batch)
+        done += len(batch)
+    return done / elapsed
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m export.bench", description=__doc__.split("\n\n")[0])
+    p.add_argument("--model-dir", default="artifacts")
+    p.add_argument("--run", default=None, help="training run (default: the one model.onnx came from, runs/<arch>)")
+    p.add_argument("--data-dir", default=DEFAULT_DATA_DIR)
+    p.add_argument("--out", default="artifacts/bench_model.json")
+    p.add_argument("--batches", default="1,64")
+    p.add_argument("--rounds", type=int, default=7)
+    p.add_argument("--seconds", type=float, default=0.4, help="per variant per round")
+    args = p.parse_args(argv)
+    model_dir = Path(args.model_dir)
+    try:
+        folded, unfolded = onnx.load(model_dir / "model.onnx"), onnx.load(model_dir / "model_unfolded.onnx")
+        arch = next(p.value for p in folded.metadata_props if p.key == "arch")
+        module, _ = load_run(args.run or model_dir / "runs" / arch)
+        images, _ = load_split(args.data_dir, "test")
+    except (FileNotFoundError, StopIteration, ValueError) as e:
+        print(f"bench: {e} (run `make pipeline` first)", file=sys.stderr)
+        return 2
+
+    torch.set_num_threads(1)
+    sessions = {
+        "ORT folded": ort_session(folded, optimize=True, threads=1),
+        "ORT unfolded": ort_session(unfolded, optimize=True, threads=1),
+        "ORT unfolded (DISABLE_ALL)": ort_session(unfolded, optimize=False, threads=1),
+    }
+
+    def torch_eager(x):
+        with torch.inference_mode():
+            return module(torch.from_numpy(x))
+
+    variants = {"torch eager": torch_eager}
+    for name, session in sessions.items():
+        variants[name] = lambda x, s=session: s.run(None, {"image": x})
+
+    results = {}
+    for batch_size in [int(b) for b in args.batches.split(",")]:
+        batch = np.ascontiguousarray(images[:batch_size])
+        for fn in variants.values():  # warm-up
+            images_per_second(fn, batch, 0.1)
+        rounds = {name: [] for name in variants}
+        for _ in range(args.rounds):
+            for name, fn in variants.items():
+                rounds[name].append(images_per_second(fn, batch, args.seconds))
+        base = statistics.median(rounds["torch eager"])
+        results[str(batch_size)] = {name: {"images_per_s": round(statistics.median(r), 1),
+                                           "vs_torch_eager": round(statistics.median(r) / base, 2)}
+                                    for name, r in rounds.items()}
+
+    report = {"arch": arch, "threads": 1, "rounds": args.rounds, "seconds_per_round": args.seconds,
+              "torch_version": torch.__version__, "results": results}
+    write_json(args.out, report)
+    print(f"{arch}, one thread, median of {args.rounds} interleaved rounds (images/s, ratio to torch eager):")
+    for batch_size, rows in results.items():
+        print(f"  batch {batch_size}:")
+        for name, r in rows.items():
+            print(f"    {name:28s} {r['images_per_s']:>10,.0f} img/s  {r['vs_torch_eager']:5.2f}x")
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

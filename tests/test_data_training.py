@@ -1,0 +1,117 @@
+"""IDX reading (real and broken files), the split, seeded training and safetensors round trips."""
+import gzip
+import json
+import struct
+
+import numpy as np
+import pytest
+import torch
+
+from training import data
+from training.artifacts import load_run, save_run
+from training.models import build
+
+
+def write_idx(path, array: np.ndarray, dtype_code=0x08):
+    header = bytes([0, 0, dtype_code, array.ndim]) + struct.pack(f">{array.ndim}I", *array.shape)
+    path.write_bytes(header + array.astype(np.uint8).tobytes())
+
+
+def test_real_data_shapes_and_ranges(data_dir):
+    images, labels = data.load_split(data_dir, "test")
+    assert images.shape == (10000, 1, 28, 28) and images.dtype == np.float32
+    assert 0.0 == images.min() and images.max() == 1.0
+    assert labels.shape == (10000,) and set(np.unique(labels)) == set(range(10))
+    train_images, _ = data.load_split(data_dir, "train")
+    assert train_images.shape == (60000, 1, 28, 28)
+    # The normalization constants baked into the models are this training set's statistics.
+    from training.models import PIXEL_MEAN, PIXEL_STD
+    assert abs(train_images.mean() - PIXEL_MEAN) < 1e-3 and abs(train_images.std() - PIXEL_STD) < 1e-3
+
+
+def test_plain_and_gzipped_idx_read_the_same(tmp_path):
+    array = np.arange(2 * 28 * 28).reshape(2, 28, 28) % 256
+    write_idx(tmp_path / "a", array)
+    (tmp_path / "a.gz").write_bytes(gzip.compress((tmp_path / "a").read_bytes()))
+    assert np.array_equal(data.read_idx(tmp_path / "a"), array)
+    assert np.array_equal(data.read_idx(tmp_path / "a.gz"), array)
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda raw: raw[:-10], "file holds"),                      # truncated data
+    (lambda raw: raw[:6], "truncated IDX header"),
+    (lambda raw: b"\x01" + raw[1:], "bad magic"),
+    (lambda raw: raw[:2] + b"\x0d" + raw[3:], "dtype code"),
+])
+def test_corrupt_idx_gets_a_clear_error(tmp_path, damage, message):
+    write_idx(tmp_path / "x", np.zeros((3, 28, 28)))
+    (tmp_path / "x").write_bytes(damage((tmp_path / "x").read_bytes()))
+    with pytest.raises(data.DataError, match=message):
+        data.read_idx(tmp_path / "x")
+
+
+def test_truncated_gzip_gets_a_clear_error(tmp_path):
+    write_idx(tmp_path / "x", np.zeros((3, 28, 28)))
+    (tmp_path / "x.gz").write_bytes(gzip.compress((tmp_path / "x").read_bytes())[:40])
+    with pytest.raises(data.DataError, match="cannot read"):
+        data.read_idx(tmp_path / "x.gz")
+
+
+def test_mismatched_labels_and_missing_files(tmp_path):
+    write_idx(tmp_path / "t10k-images-idx3-ubyte", np.zeros((3, 28, 28)))
+    write_idx(tmp_path / "t10k-labels-idx1-ubyte", np.zeros(4))
+    with pytest.raises(data.DataError, match="3 images but labels"):
+        data.load_split(tmp_path, "test")
+    with pytest.raises(data.DataError, match="no train-images"):
+        data.load_split(tmp_path, "train")
+
+
+def test_split_is_disjoint_and_seeded():
+    train_a, val_a = data.train_val_split(1000, 100, seed=3)
+    train_b, val_b = data.train_val_split(1000, 100, seed=3)
+    assert np.array_equal(val_a, val_b) and len(set(train_a) | set(val_a)) == 1000 and not set(train_a) & set(val_a)
+    assert not np.array_equal(val_a, data.train_val_split(1000, 100, seed=4)[1])
+
+
+def test_training_is_reproducible_and_weights_round_trip(tmp_path, data_dir):
+    from training.train import train
+
+    cfg = {"arch": "mlp-bn", "epochs": 1, "subset": 2000, "val_size": 500, "seed": 5}
+    model_a, cfg_a = train(cfg, data_dir, progress=False)
+    model_b, cfg_b = train(cfg, data_dir, progress=False)
+    for (name, a), b in zip(model_a.state_dict().items(), model_b.state_dict().values()):
+        assert torch.equal(a, b), name
+    saved = save_run(tmp_path / "run", model_a, cfg_a)
+    loaded, loaded_cfg = load_run(tmp_path / "run")
+    assert loaded_cfg["weights_sha256"] == saved["weights_sha256"]
+    assert loaded_cfg["metrics"]["test_accuracy"] > 0.5
+    x = torch.rand(4, 1, 28, 28)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model_a.eval()(x))
+    # Weights are safetensors (a JSON header, no pickle opcodes).
+    raw = (tmp_path / "run" / "weights.safetensors").read_bytes()
+    header_len = struct.unpack("<Q", raw[:8])[0]
+    assert set(json.loads(raw[8:8 + header_len])) >= set(model_a.state_dict())
+
+
+def test_load_run_rejects_tampered_weights(tmp_path):
+    save_run(tmp_path, build("mlp-bn"), {"arch": "mlp-bn", "dropout": True})
+    raw = bytearray((tmp_path / "weights.safetensors").read_bytes())
+    raw[-1] ^= 0xFF
+    (tmp_path / "weights.safetensors").write_bytes(bytes(raw))
+    with pytest.raises(ValueError, match="does not match"):
+        load_run(tmp_path)
+
+
+def test_training_cli_bad_data_dir_is_one_line(tmp_path, capsys):
+    from training.__main__ import main
+
+    assert main(["--data-dir", str(tmp_path), "--out", str(tmp_path / "run"), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("training:") and "\n" not in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_ablation_swaps_dropout_for_identity():
+    assert any(isinstance(m, torch.nn.Dropout) for m in build("seed-cnn"))
+    assert not any(isinstance(m, torch.nn.Dropout) for m in build("seed-cnn", dropout=False))
