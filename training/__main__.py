@@ -29,7 +29,8 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     cfg = {k: v for k, v in vars(args).items() if k in DEFAULTS and v is not None}
     cfg["dropout"] = not args.no_dropout
-    cfg["hflip"] = args.hflip or DEFAULTS["hflip"]
+    if args.hflip:
+        cfg["hflip"] = True
     out = Path(args.out or f"artifacts/runs/{args.arch}")
     try:
         model, cfg = train(cfg, args.data_dir, progress=not args.quiet)

@@ -11,7 +11,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from training.artifacts import atomic_write, save_run, write_json  # noqa: E402
 from training.data import DEFAULT_DATA_DIR, DataError  # noqa: E402
-from training.train import DEFAULTS, train  # noqa: E402
+from training.train import resolve_config, train  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -19,7 +19,7 @@ def main(argv=None) -> int:
     p.add_argument("--arch", default="seed-cnn")
     p.add_argument("--data-dir", default=DEFAULT_DATA_DIR)
     p.add_argument("--out", default="artifacts/ablation")
-    p.add_argument("--epochs", type=int, default=DEFAULTS["epochs"])
+    p.add_argument("--epochs", type=int, default=None, help="default: the family's own (training/train.py)")
     p.add_argument("--subset", type=int, default=0)
     p.add_argument("--quiet", action="store_true")
     args = p.parse_args(argv)
@@ -27,8 +27,10 @@ def main(argv=None) -> int:
     runs = {}
     for label, dropout in (("with dropout", True), ("without dropout", False)):
         # No early stopping here: the point is to watch the whole curve, overfitting included.
-        cfg = {"arch": args.arch, "dropout": dropout, "epochs": args.epochs, "patience": args.epochs + 1,
-               "subset": args.subset}
+        cfg = resolve_config({"arch": args.arch, "dropout": dropout, "subset": args.subset})
+        if args.epochs:
+            cfg["epochs"] = args.epochs
+        cfg["patience"] = cfg["epochs"] + 1
         try:
             model, cfg = train(cfg, args.data_dir, progress=not args.quiet)
         except DataError as e:

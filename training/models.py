@@ -51,19 +51,21 @@ def keras_cnn() -> nn.Sequential:
     )
 
 
-def _conv_bn_relu(c_in: int, c_out: int) -> list[nn.Module]:
-    return [nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU()]
+def _conv_block(c_in: int, c_out: int, dropout: float) -> list[nn.Module]:
+    # Bias-free conv: the BN right after it supplies the shift (and folds back into it).
+    return [nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(),
+            nn.MaxPool2d(2), nn.Dropout(dropout)]
 
 
 def deep_cnn() -> nn.Sequential:
-    """The stronger variant: two VGG-style stages of Conv->BN->ReLU (bias-free convs, BN supplies the
-    shift), max-pool and dropout after each, a BN'd hidden layer, dropout, classifier."""
+    """The stronger variant: three Conv->BN->ReLU->MaxPool->Dropout blocks (28->14->7->3), a BN'd
+    hidden layer, dropout, classifier. ~7.7M multiply-adds an image, 7x the seed CNN, sized so a
+    2-core CPU trains an epoch in well under a minute."""
     return nn.Sequential(
         Normalize(),
-        *_conv_bn_relu(1, 32), *_conv_bn_relu(32, 32), nn.MaxPool2d(2), nn.Dropout(0.2),
-        *_conv_bn_relu(32, 64), *_conv_bn_relu(64, 64), nn.MaxPool2d(2), nn.Dropout(0.3),
+        *_conv_block(1, 32, 0.1), *_conv_block(32, 64, 0.2), *_conv_block(64, 128, 0.3),
         nn.Flatten(),
-        nn.Linear(64 * 7 * 7, 256, bias=False), nn.BatchNorm1d(256), nn.ReLU(), nn.Dropout(0.5),
+        nn.Linear(128 * 3 * 3, 256, bias=False), nn.BatchNorm1d(256), nn.ReLU(), nn.Dropout(0.5),
         nn.Linear(256, 10),
     )
 
