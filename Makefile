@@ -37,15 +37,14 @@ $(RUN_DIR)/weights.safetensors: | setup data
 
 train: $(RUN_DIR)/weights.safetensors
 
-$(ARTIFACTS)/model.onnx: $(RUN_DIR)/weights.safetensors
-	$(PY) -m export --run $(RUN_DIR) --data-dir "$(DATA_DIR)" --out $(ARTIFACTS)
+# --if-stale: skip when model.onnx was already exported (and verified) from these exact weights.
+export: $(RUN_DIR)/weights.safetensors
+	$(PY) -m export --run $(RUN_DIR) --data-dir "$(DATA_DIR)" --out $(ARTIFACTS) --if-stale
 
-export: $(ARTIFACTS)/model.onnx
-
-verify: $(ARTIFACTS)/model.onnx
+verify: export
 	$(PY) -m export --run $(RUN_DIR) --data-dir "$(DATA_DIR)" --out $(ARTIFACTS) --verify-only
 
-pipeline: export
+pipeline: export bench-model
 	@$(PY) -m export.report $(ARTIFACTS)
 
 test: setup data
@@ -55,7 +54,7 @@ ablation: setup data
 	$(PY) -m training.ablation --data-dir "$(DATA_DIR)" --out $(ARTIFACTS)/ablation
 
 bench-model: export
-	$(PY) -m export.bench --model-dir $(ARTIFACTS) --data-dir "$(DATA_DIR)" --out $(ARTIFACTS)/bench_model.json
+	$(PY) -m export.bench --model-dir $(ARTIFACTS) --run $(RUN_DIR) --data-dir "$(DATA_DIR)" --out $(ARTIFACTS)/bench_model.json
 
 # --- service (issue 4) ----------------------------------------------------------------------
 # Knobs (env): SERVICE_WORKERS, ORT_PROVIDER=auto|cpu|cuda, ORT_INTRA_OP_THREADS, METRICS, TRACING,
@@ -81,7 +80,7 @@ bench-serve: export
 		--model $(ARTIFACTS)/model.onnx --data-dir "$(DATA_DIR)" --out $(ARTIFACTS)/bench_serve
 
 soak: export
-	$(PY) -m loadtest.soak --time $(or $(SOAK_TIME),10m) --processes $(or $(PROCESSES),2) \
+	$(PY) -m loadtest.soak --time $(or $(SOAK_TIME),10m) $(if $(SOAK_WARMUP),--warmup $(SOAK_WARMUP)) --processes $(or $(PROCESSES),2) \
 		--lock "$(if $(filter undefined,$(origin BENCH_LOCK)),/tmp/cpu-bench.lock,$(BENCH_LOCK))" --bench-results $(ARTIFACTS)/bench_serve/results.json \
 		--model $(ARTIFACTS)/model.onnx --data-dir "$(DATA_DIR)" --out $(ARTIFACTS)/soak
 

@@ -4,6 +4,7 @@ Fold BN, strip Dropout, export model.onnx (folded) and model_unfolded.onnx (refe
 parity on the 10k test images, write export_report.json. Nothing is published unless parity
 passes; exit 1 when it fails, 2 on bad input."""
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
@@ -14,10 +15,20 @@ from export.fold import FoldError, fold_batchnorm
 from export.onnx_export import (contract_metadata, export_to_proto, node_counts, read_metadata, save_model,
                                 with_metadata)
 from export.verify import format_table, verify
-from training.artifacts import load_run, write_json
+from training.artifacts import load_run, sha256_file, write_json
 from training.data import DEFAULT_DATA_DIR, DataError, load_split
 
 FOLDED, UNFOLDED, REPORT = "model.onnx", "model_unfolded.onnx", "export_report.json"
+
+
+def is_current(out: Path, weights_sha256: str) -> bool:
+    try:
+        report = json.loads((out / REPORT).read_text())
+        return (report["weights_sha256"] == weights_sha256 and report["parity"]["passed"]
+                and read_metadata(out / FOLDED).get("weights_sha256") == weights_sha256
+                and all(sha256_file(out / name) == entry["sha256"] for name, entry in report["files"].items()))
+    except Exception:  # missing, unreadable or corrupt: any doubt means export again
+        return False
 
 
 def main(argv=None) -> int:
@@ -26,10 +37,15 @@ def main(argv=None) -> int:
     p.add_argument("--out", default="artifacts", help="where model.onnx and the report go")
     p.add_argument("--data-dir", default=DEFAULT_DATA_DIR)
     p.add_argument("--verify-only", action="store_true", help="re-verify the ONNX files already in --out")
+    p.add_argument("--if-stale", action="store_true",
+                   help="do nothing when --out already holds a verified export of these weights")
     args = p.parse_args(argv)
     out = Path(args.out)
     try:
         model, config = load_run(args.run)
+        if args.if_stale and is_current(out, config["weights_sha256"]):
+            print(f"export: {out / FOLDED} is already a verified export of {args.run}")
+            return 0
         folded_module, fold_report = fold_batchnorm(model)
         images, labels = load_split(args.data_dir, "test")
         if args.verify_only:

@@ -126,3 +126,17 @@ def test_export_cli_bad_input_is_one_line(args, message, tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert err.startswith("export:") and message in err and "\n" not in err
     assert not any(Path(tmp_path).iterdir())
+
+
+def test_if_stale_reuses_a_current_export_and_redoes_a_damaged_one(model_dir, trained_run, data_dir, tmp_path, capsys):
+    import shutil
+
+    from export.__main__ import main
+
+    out = tmp_path / "copy"
+    shutil.copytree(model_dir, out)
+    args = ["--run", str(trained_run), "--out", str(out), "--data-dir", str(data_dir), "--if-stale"]
+    assert main(args) == 0 and "already a verified export" in capsys.readouterr().out
+    (out / "model.onnx").write_bytes((out / "model.onnx").read_bytes()[:-100])  # damaged
+    assert main(args) == 0 and "already" not in capsys.readouterr().out
+    onnx.checker.check_model(onnx.load(out / "model.onnx"), full_check=True)
