@@ -403,7 +403,8 @@ def test_oip_rejects_bad_requests(info, doc, message):
 # --- micro-batching -------------------------------------------------------------------------
 
 
-def test_batcher_coalesces_concurrent_requests_and_keeps_order():
+@pytest.mark.parametrize("mode", ["inline", "thread"])
+def test_batcher_coalesces_concurrent_requests_and_keeps_order(mode):
     calls: list[int] = []
 
     def infer(batch: np.ndarray) -> np.ndarray:
@@ -411,7 +412,7 @@ def test_batcher_coalesces_concurrent_requests_and_keeps_order():
         return batch.reshape(batch.shape[0], -1)[:, :3] * 2
 
     async def main():
-        batcher = MicroBatcher(infer, max_batch_images=64, inline_max_images=4)
+        batcher = MicroBatcher(infer, max_batch_images=64, inline_max_images=4, mode=mode)
         inputs = [np.full((1 + i % 3, 1, 2, 2), float(i), np.float32) for i in range(10)]
         inputs.append(np.full((6, 1, 2, 2), 99.0, np.float32))  # over inline_max: runs on its own
         outputs = await asyncio.gather(*(batcher(x) for x in inputs))
@@ -425,7 +426,26 @@ def test_batcher_coalesces_concurrent_requests_and_keeps_order():
     assert stats["requests"] == 11 and stats["onnx_calls"] == 2
 
 
-def test_batcher_failure_reaches_every_waiter_and_it_keeps_working():
+def test_batcher_caps_a_batch_and_splits_tuple_outputs():
+    calls: list[int] = []
+
+    def infer(batch):
+        calls.append(batch.shape[0])
+        flat = batch.reshape(batch.shape[0], -1)
+        return flat[:, :1], flat[:, :1] + 100
+
+    async def main():
+        batcher = MicroBatcher(infer, max_batch_images=4, inline_max_images=4)
+        return await asyncio.gather(*(batcher(np.full((1, 1, 1, 1), float(i), np.float32)) for i in range(10)))
+
+    results = asyncio.run(main())
+    assert calls == [4, 4, 2]
+    for i, (a, b) in enumerate(results):
+        assert a.tolist() == [[float(i)]] and b.tolist() == [[float(i) + 100]]
+
+
+@pytest.mark.parametrize("mode", ["inline", "thread"])
+def test_batcher_failure_reaches_every_waiter_and_it_keeps_working(mode):
     state = {"fail": True}
 
     def infer(batch):
@@ -434,7 +454,7 @@ def test_batcher_failure_reaches_every_waiter_and_it_keeps_working():
         return batch
 
     async def main():
-        batcher = MicroBatcher(infer)
+        batcher = MicroBatcher(infer, mode=mode)
         results = await asyncio.gather(*(batcher(np.zeros((1, 1, 2, 2), np.float32)) for _ in range(3)), return_exceptions=True)
         state["fail"] = False
         ok = await batcher(np.ones((1, 1, 2, 2), np.float32))
@@ -444,6 +464,14 @@ def test_batcher_failure_reaches_every_waiter_and_it_keeps_working():
     results, ok = asyncio.run(main())
     assert all(isinstance(r, RuntimeError) for r in results)
     np.testing.assert_array_equal(ok, np.ones((1, 1, 2, 2)))
+
+
+def test_chunked_inference_equals_one_call(standin_dir):
+    x = np.random.default_rng(7).random((70, 1, 28, 28), dtype=np.float32)
+    whole = OnnxClassifier(standin_dir / "model.onnx", provider="cpu", chunk_images=1000).logits(x)
+    chunked = OnnxClassifier(standin_dir / "model.onnx", provider="cpu", chunk_images=16).logits(x)
+    assert chunked.shape == (70, 10)
+    np.testing.assert_allclose(chunked, whole, atol=1e-6, rtol=0)
 
 
 def test_softmax_is_stable_and_normalised():

@@ -1,0 +1,1 @@
+"""Fashion-MNIST prediction service: BentoML + onnxruntime (docs/service.md)."""

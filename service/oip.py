@@ -1,0 +1,136 @@
+"""Open Inference Protocol v2 (KServe / Triton HTTP/REST): request parsing and response building.
+
+Supports the JSON tensor form and Triton's binary tensor extension (a JSON header of
+`Inference-Header-Content-Length` bytes followed by raw tensor bytes), which tritonclient uses by
+default, so existing clients work unchanged.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import orjson
+
+from .errors import bad_request, too_large, unprocessable
+from .inputs import InputSpec, as_numeric_array, check_batch, parse_json
+from .model import ModelInfo
+
+MODEL_NAME = "fashion-mnist"
+MODEL_VERSION = "1"
+HEADER_LENGTH = "inference-header-content-length"
+
+
+@dataclass(frozen=True)
+class InferRequest:
+    id: str | None
+    images: np.ndarray  # validated float32 [N, C, H, W]
+    binary_output: bool  # answer `logits` with the binary tensor extension
+
+
+def model_metadata(info: ModelInfo) -> dict:
+    return {
+        "name": MODEL_NAME,
+        "versions": [MODEL_VERSION],
+        "platform": "onnxruntime_onnx",
+        "inputs": [{"name": info.input_name, "datatype": "FP32", "shape": [-1, *info.image_shape]}],
+        "outputs": [{"name": info.output_name, "datatype": "FP32", "shape": [-1, len(info.labels)]}],
+    }
+
+
+def server_metadata(version: str) -> dict:
+    return {"name": "fashion-mnist-bentoml", "version": version, "extensions": ["binary_tensor_data"]}
+
+
+def _split_body(body: bytes, header_length: str | None) -> tuple[bytes, bytes]:
+    if header_length is None:
+        return body, b""
+    try:
+        n = int(header_length)
+    except ValueError:
+        raise bad_request("Inference-Header-Content-Length must be an integer") from None
+    if not 0 < n <= len(body):
+        raise bad_request(f"Inference-Header-Content-Length {n} does not fit a body of {len(body)} bytes")
+    return body[:n], body[n:]
+
+
+def _wants_binary(request: dict, output_name: str) -> bool:
+    outputs = request.get("outputs")
+    params = request.get("parameters") or {}
+    if not isinstance(params, dict):
+        raise unprocessable('"parameters" must be an object')
+    if outputs is None:
+        return bool(params.get("binary_data_output", False))
+    if not isinstance(outputs, list) or not outputs:
+        raise unprocessable('"outputs" must be a non-empty list of {"name": ...}')
+    wanted = False
+    for output in outputs:
+        if not isinstance(output, dict) or output.get("name") != output_name:
+            name = output.get("name") if isinstance(output, dict) else output
+            raise unprocessable(f'unknown output {name!r}; this model has one output "{output_name}"')
+        out_params = output.get("parameters") or {}
+        wanted = bool(out_params.get("binary_data", params.get("binary_data_output", False)))
+    return wanted
+
+
+def parse_infer_request(body: bytes, header_length: str | None, info: ModelInfo, spec: InputSpec) -> InferRequest:
+    json_part, binary_part = _split_body(body, header_length)
+    request = parse_json(json_part)
+    if not isinstance(request, dict):
+        raise unprocessable("inference request must be a JSON object")
+    inputs = request.get("inputs")
+    if not isinstance(inputs, list) or len(inputs) != 1 or not isinstance(inputs[0], dict):
+        raise unprocessable(f'"inputs" must be a list with exactly one tensor, "{info.input_name}"')
+    tensor = inputs[0]
+    if tensor.get("name") != info.input_name:
+        raise unprocessable(f'unknown input {tensor.get("name")!r}; this model has one input "{info.input_name}"')
+    if tensor.get("datatype") != "FP32":
+        raise unprocessable(f'input datatype must be "FP32", got {tensor.get("datatype")!r}')
+    shape = tensor.get("shape")
+    if not (isinstance(shape, list) and shape and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)):
+        raise unprocessable('"shape" must be a list of non-negative integers')
+    count = int(np.prod(shape))
+    if count > spec.max_images * spec.pixels_per_image:
+        raise too_large(f"tensor of shape {shape} is over the limit of {spec.max_images} images per request")
+
+    params = tensor.get("parameters") or {}
+    binary_size = params.get("binary_data_size") if isinstance(params, dict) else None
+    if binary_size is not None:
+        if not isinstance(binary_size, int) or binary_size != len(binary_part):
+            raise bad_request(
+                f"binary_data_size {binary_size!r} does not match the {len(binary_part)} bytes after the JSON header"
+            )
+        if binary_size != 4 * count:
+            raise unprocessable(f"binary tensor has {binary_size} bytes, shape {shape} needs {4 * count}")
+        flat = np.frombuffer(binary_part, dtype="<f4")
+    else:
+        if binary_part:
+            raise bad_request("binary data after the JSON header but no input declares binary_data_size")
+        if "data" not in tensor:
+            raise unprocessable('input has neither "data" nor parameters.binary_data_size')
+        flat = as_numeric_array(tensor["data"], '"data"').reshape(-1)
+        if flat.size != count:
+            raise unprocessable(f'"data" has {flat.size} values, shape {shape} needs {count}')
+    images = check_batch(flat.reshape(shape), spec, "input tensor")
+    request_id = request.get("id")
+    return InferRequest(
+        id=str(request_id) if request_id is not None else None,
+        images=images,
+        binary_output=_wants_binary(request, info.output_name),
+    )
+
+
+def infer_response(request: InferRequest, logits: np.ndarray, output_name: str) -> tuple[bytes, dict[str, str]]:
+    """Body and extra headers of the v2 response."""
+    output: dict = {"name": output_name, "shape": list(logits.shape), "datatype": "FP32"}
+    head: dict = {"model_name": MODEL_NAME, "model_version": MODEL_VERSION}
+    if request.id is not None:
+        head["id"] = request.id
+    head["outputs"] = [output]
+    if request.binary_output:
+        raw = np.ascontiguousarray(logits, dtype="<f4").tobytes()
+        output["parameters"] = {"binary_data_size": len(raw)}
+        header = orjson.dumps(head)
+        return header + raw, {HEADER_LENGTH: str(len(header)), "content-type": "application/octet-stream"}
+    output["data"] = np.ascontiguousarray(logits.reshape(-1))  # orjson writes float32 as is
+    return orjson.dumps(head, option=orjson.OPT_SERIALIZE_NUMPY), {"content-type": "application/json"}
