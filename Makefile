@@ -58,7 +58,7 @@ bench-model: export
 
 # --- service (issue 4) ----------------------------------------------------------------------
 # Knobs (env): SERVICE_WORKERS, ORT_PROVIDER=auto|cpu|cuda, ORT_INTRA_OP_THREADS, METRICS, TRACING,
-# ACCESS_LOG, MAX_IMAGES_PER_REQUEST, MAX_BODY_BYTES, BATCH_MAX_IMAGES (docs/service.md).
+# ACCESS_LOG, GC_FREEZE, MAX_IMAGES_PER_REQUEST, MAX_BODY_BYTES, BATCH_MAX_IMAGES, BATCH_MODE (docs/service.md).
 serve: export
 	MODEL_PATH=$(ARTIFACTS)/model.onnx $(VENV)/bin/bentoml serve service.service:FashionMNISTClassifier --port $(PORT)
 

@@ -96,6 +96,16 @@ def test_rss_growth_and_capacity(tmp_path):
     assert capacity_from_bench(tmp_path / "missing.json") is None
 
 
+def test_soak_arguments():
+    from loadtest.soak import parse_args as soak_args
+
+    args = soak_args(["--time", "1m"])
+    assert args.seconds == 60 and args.warmup_s == 90 and args.fraction == 0.8
+    for bad in (["--time", "5s"], ["--time", "10m", "--fraction", "1.5"], ["--time", "soon"]):
+        with pytest.raises(SystemExit):
+            soak_args(bad)
+
+
 # --- the workload ------------------------------------------------------------------------------------
 def test_workload_is_real_test_images_with_correct_answers(model_path):
     import onnxruntime as ort

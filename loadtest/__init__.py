@@ -1,0 +1,1 @@
+"""Load tests (locust), naive baselines and the side-by-side serving benchmark (issue 5)."""

@@ -1,0 +1,50 @@
+"""Do-nothing ``/predict``: reads the request body and returns a canned one-image answer.
+
+It never decodes the JSON or runs a model, so its throughput is what the load generator itself can
+push through HTTP on this machine: the ceiling any real server is measured against. A raw ASGI app
+on uvicorn (httptools, uvloop when present) keeps the server's share of the CPU as small as it gets.
+
+    python -m loadtest.baselines.do_nothing --port 3002
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+ANSWER = json.dumps(
+    {"predictions": [{"label": "T-shirt/top", "class_id": 0, "probabilities": [0.1] * 10}]},
+    separators=(",", ":"),
+).encode()
+HEADERS = [(b"content-type", b"application/json"), (b"content-length", str(len(ANSWER)).encode())]
+
+
+async def app(scope, receive, send):
+    if scope["type"] == "lifespan":
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+    more = True
+    while more:  # drain the body, as any real server must
+        message = await receive()
+        more = message.get("more_body", False)
+    await send({"type": "http.response.start", "status": 200, "headers": HEADERS})
+    await send({"type": "http.response.body", "body": ANSWER})
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--host", default="127.0.0.1")
+    ap.add_argument("--port", type=int, default=3002)
+    args = ap.parse_args()
+    import uvicorn
+
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning", access_log=False)
+
+
+if __name__ == "__main__":
+    main()
