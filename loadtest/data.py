@@ -12,7 +12,6 @@ must not spend its CPU on JSON encoding per request.
 
 from __future__ import annotations
 
-import gzip
 import io
 import json
 import os
@@ -22,9 +21,9 @@ from pathlib import Path
 
 import numpy as np
 
+from training import data as fmnist
+
 DEFAULT_DATA_DIR = "/usr/share/datasets/fashion-mnist"
-TEST_IMAGES = "t10k-images-idx3-ubyte.gz"
-TEST_LABELS = "t10k-labels-idx1-ubyte.gz"
 BATCH_SIZE = 64
 RAW_FLOAT32 = "application/octet-stream"
 # Digits kept per pixel in JSON bodies: pixels are k/255, 4 digits keep them within 5e-5 and keep
@@ -38,29 +37,14 @@ class DataError(RuntimeError):
     """The data set or model needed to build the load is missing or unusable."""
 
 
-def read_idx(path: str | os.PathLike) -> np.ndarray:
-    """Read a (gzipped) IDX file as a uint8 array with the shape the header declares."""
-    opener = gzip.open if str(path).endswith(".gz") else open
-    try:
-        with opener(path, "rb") as f:
-            raw = f.read()
-    except OSError as e:
-        raise DataError(f"cannot read {path}: {e}") from e
-    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08:
-        raise DataError(f"{path} is not an unsigned-byte IDX file")
-    ndim = raw[3]
-    dims = [int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim)]
-    offset = 4 + 4 * ndim
-    if len(raw) - offset != int(np.prod(dims)):
-        raise DataError(f"{path}: header says {dims} but holds {len(raw) - offset} bytes")
-    return np.frombuffer(raw, dtype=np.uint8, offset=offset).reshape(dims)
-
-
 def load_test_set(data_dir: str | os.PathLike = DEFAULT_DATA_DIR, limit: int | None = None):
     """Fashion-MNIST test images as uint8 [N,28,28] and labels as int64 [N]."""
     data_dir = Path(data_dir)
-    images = read_idx(data_dir / TEST_IMAGES)
-    labels = read_idx(data_dir / TEST_LABELS).astype(np.int64)
+    try:  # the pipeline's own IDX reader (numpy only, no torch)
+        images = fmnist.read_idx(fmnist.find_file(data_dir, fmnist.FILES["test"][0]))
+        labels = fmnist.read_idx(fmnist.find_file(data_dir, fmnist.FILES["test"][1])).astype(np.int64)
+    except fmnist.DataError as e:
+        raise DataError(str(e)) from None
     if images.shape[1:] != (28, 28) or len(images) != len(labels):
         raise DataError(f"unexpected test set shapes {images.shape} / {labels.shape} in {data_dir}")
     if limit is not None:

@@ -7,7 +7,6 @@ lead's `model_dir` fixture (a really exported model) exists, the tests use that 
 
 from __future__ import annotations
 
-import gzip
 import hashlib
 import json
 import os
@@ -90,18 +89,6 @@ def build_standin_model(out_dir: Path, seed: int = 0) -> Path:
     atomic_write_bytes(path, data)
     atomic_write_bytes(out_dir / "model.onnx.sha256", f"{hashlib.sha256(data).hexdigest()}  model.onnx\n".encode())
     return path
-
-
-def load_test_images(count: int) -> tuple[np.ndarray, np.ndarray]:
-    """The first `count` real Fashion-MNIST test images as float32 [K,1,28,28] in [0,1], labels."""
-    with gzip.open(DATA_DIR / "t10k-images-idx3-ubyte.gz", "rb") as f:
-        raw = f.read()
-    magic, n, rows, cols = np.frombuffer(raw[:16], ">i4")
-    assert magic == 2051 and rows == 28 and cols == 28, "not an IDX image file"
-    pixels = np.frombuffer(raw[16 : 16 + count * 784], np.uint8).reshape(count, 1, 28, 28)
-    with gzip.open(DATA_DIR / "t10k-labels-idx1-ubyte.gz", "rb") as f:
-        labels = np.frombuffer(f.read()[8 : 8 + count], np.uint8).astype(np.int64)
-    return (pixels.astype(np.float32) / 255.0), labels
 
 
 def free_port() -> int:

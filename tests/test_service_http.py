@@ -22,7 +22,7 @@ import onnxruntime as ort
 import pytest
 from PIL import Image
 
-from service_helpers import REPO, ServeProcess, build_standin_model, free_port, load_test_images, service_env
+from service_helpers import REPO, ServeProcess, free_port, service_env
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -32,23 +32,15 @@ N_TEST_IMAGES = 64
 
 
 @pytest.fixture(scope="session")
-def served_model_dir(request, tmp_path_factory) -> Path:
-    """The lead's really exported model when tests/conftest.py provides it, else the stand-in."""
-    try:
-        return Path(request.getfixturevalue("model_dir"))
-    except pytest.FixtureLookupError:
-        out = tmp_path_factory.mktemp("service_model")
-        build_standin_model(out)
-        return out
+def served_model_dir(model_dir) -> Path:
+    """A really exported model (tests/conftest.py: a short seed-cnn run through `python -m export`)."""
+    return Path(model_dir)
 
 
 @pytest.fixture(scope="session")
-def real_images(request) -> tuple[np.ndarray, np.ndarray]:
-    try:
-        images, labels = request.getfixturevalue("test_images")
-        return np.asarray(images[:N_TEST_IMAGES], np.float32), np.asarray(labels[:N_TEST_IMAGES])
-    except pytest.FixtureLookupError:
-        return load_test_images(N_TEST_IMAGES)
+def real_images(test_images) -> tuple[np.ndarray, np.ndarray]:
+    images, labels = test_images
+    return np.asarray(images[:N_TEST_IMAGES], np.float32), np.asarray(labels[:N_TEST_IMAGES])
 
 
 @pytest.fixture(scope="session")

@@ -44,7 +44,7 @@ def read_idx(path: Path) -> np.ndarray:
     return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(shape)
 
 
-def _find(data_dir: Path, name: str) -> Path:
+def find_file(data_dir: Path, name: str) -> Path:
     for candidate in (data_dir / name, data_dir / f"{name}.gz"):
         if candidate.exists():
             return candidate
@@ -54,8 +54,8 @@ def _find(data_dir: Path, name: str) -> Path:
 def load_split(data_dir: str | Path, split: str) -> tuple[np.ndarray, np.ndarray]:
     """Images as float32 [N,1,28,28] in [0,1] and labels as int64 [N]."""
     data_dir = Path(data_dir)
-    images = read_idx(_find(data_dir, FILES[split][0]))
-    labels = read_idx(_find(data_dir, FILES[split][1]))
+    images = read_idx(find_file(data_dir, FILES[split][0]))
+    labels = read_idx(find_file(data_dir, FILES[split][1]))
     if images.ndim != 3 or images.shape[1:] != (28, 28):
         raise DataError(f"{data_dir}: {split} images have shape {images.shape}, expected [N,28,28]")
     if labels.ndim != 1 or len(labels) != len(images):
