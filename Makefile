@@ -76,12 +76,12 @@ loadtest: export
 bench-serve: export
 	$(PY) -m loadtest.bench_serve $(if $(QUICK),--quick) --processes $(or $(PROCESSES),2) \
 		$(if $(BENCH_USERS),--users $(BENCH_USERS)) $(if $(SETUPS),--setups $(SETUPS)) \
-		--lock "$(if $(filter undefined,$(origin BENCH_LOCK)),/tmp/cpu-bench.lock,$(BENCH_LOCK))" \
+		$(if $(BENCH_LOCK),--lock "$(BENCH_LOCK)") \
 		--model $(ARTIFACTS)/model.onnx --data-dir "$(DATA_DIR)" --out $(ARTIFACTS)/bench_serve
 
 soak: export
 	$(PY) -m loadtest.soak --time $(or $(SOAK_TIME),10m) $(if $(SOAK_WARMUP),--warmup $(SOAK_WARMUP)) --processes $(or $(PROCESSES),2) \
-		--lock "$(if $(filter undefined,$(origin BENCH_LOCK)),/tmp/cpu-bench.lock,$(BENCH_LOCK))" --bench-results $(ARTIFACTS)/bench_serve/results.json \
+		$(if $(BENCH_LOCK),--lock "$(BENCH_LOCK)") --bench-results $(ARTIFACTS)/bench_serve/results.json \
 		--model $(ARTIFACTS)/model.onnx --data-dir "$(DATA_DIR)" --out $(ARTIFACTS)/soak
 
 clean:
