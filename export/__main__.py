@@ -13,7 +13,7 @@ import onnx
 
 from export.fold import FoldError, fold_batchnorm
 from export.onnx_export import (contract_metadata, export_to_proto, node_counts, read_metadata, save_model,
-                                with_metadata)
+                                simplify, with_metadata)
 from export.verify import format_table, verify
 from training.artifacts import load_run, sha256_file, write_json
 from training.data import DEFAULT_DATA_DIR, DataError, load_split
@@ -55,14 +55,21 @@ def main(argv=None) -> int:
         else:
             started = time.perf_counter()
             unfolded_onnx = with_metadata(export_to_proto(model), contract_metadata(config, fold_report.as_dict(), False))
-            folded_onnx = with_metadata(export_to_proto(folded_module), contract_metadata(config, fold_report.as_dict(), True))
+            folded_raw = export_to_proto(folded_module)
+            raw_counts = node_counts(folded_raw)
+            print(f"nodes of our folded module as exported: {raw_counts}")
+            # Our fold, not an optimizer, removed BN: check the raw export before any clean-up.
+            unexplained_bn = raw_counts.get("BatchNormalization", 0) - len(fold_report.kept)
+            if unexplained_bn > 0 or raw_counts.get("Dropout"):
+                raise ValueError(f"the folded module still exports {raw_counts}; the fold pass missed a layer")
+            folded_onnx = with_metadata(simplify(folded_raw), contract_metadata(config, fold_report.as_dict(), True))
             print(f"exported in {time.perf_counter() - started:.1f}s")
     except (FileNotFoundError, DataError, FoldError, ValueError, onnx.checker.ValidationError) as e:
         print(f"export: {e}", file=sys.stderr)
         return 2
 
     before, after = node_counts(unfolded_onnx), node_counts(folded_onnx)
-    print(f"nodes before folding: {before}\nnodes after folding:  {after}")
+    print(f"nodes before folding: {before}\nnodes after folding (and clean-up): {after}")
     for entry in fold_report.folded:
         print(f"  folded {entry['bn']} {entry['direction']} into {entry['into']}")
     for entry in fold_report.kept:
@@ -83,6 +90,8 @@ def main(argv=None) -> int:
     if ok and not args.verify_only:
         report["files"] = {name: {"sha256": save_model(m, out / name)}
                            for name, m in ((UNFOLDED, unfolded_onnx), (FOLDED, folded_onnx))}
+    elif ok:  # the files on disk are the ones just verified
+        report["files"] = {name: {"sha256": sha256_file(out / name)} for name in (UNFOLDED, FOLDED)}
     write_json(out / REPORT, report)
     if not ok:
         print(f"export: verification failed; see {out / REPORT}" + ("" if args.verify_only else "; no model written"),

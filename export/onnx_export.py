@@ -34,6 +34,19 @@ def export_to_proto(module: torch.nn.Module) -> onnx.ModelProto:
         return onnx.load(path)
 
 
+def simplify(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Graph clean-up for the already-folded model: onnxscript's optimizer folds the exporter's
+    Shape -> Squeeze -> Concat -> Reshape chain for the dynamic batch into one Reshape. Run only
+    after our fold (the raw export is checked for BatchNormalization first), so it folds no BN;
+    measured +10-20% images/s at batch 64 on one thread (make bench-model)."""
+    import onnxscript.optimizer
+
+    simplified = onnxscript.optimizer.optimize(model)
+    if [d.dim_param for d in simplified.graph.input[0].type.tensor_type.shape.dim][:1] != ["batch"]:
+        raise ValueError("graph clean-up lost the dynamic batch axis")
+    return simplified
+
+
 def node_counts(model: onnx.ModelProto) -> dict[str, int]:
     return dict(sorted(Counter(node.op_type for node in model.graph.node).items()))
 
