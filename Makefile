@@ -51,14 +51,14 @@ test: setup data
 	$(PY) -m pytest -q
 
 ablation: setup data
-	$(PY) -m training.ablation --data-dir "$(DATA_DIR)" --out $(ARTIFACTS)/ablation
+	$(PY) -m training.ablation --data-dir "$(DATA_DIR)" --out $(ARTIFACTS)/ablation $(if $(EPOCHS),--epochs $(EPOCHS))
 
 bench-model: export
 	$(PY) -m export.bench --model-dir $(ARTIFACTS) --run $(RUN_DIR) --data-dir "$(DATA_DIR)" --out $(ARTIFACTS)/bench_model.json
 
 # --- service (issue 4) ----------------------------------------------------------------------
 # Knobs (env): SERVICE_WORKERS, ORT_PROVIDER=auto|cpu|cuda, ORT_INTRA_OP_THREADS, METRICS, TRACING,
-# ACCESS_LOG, GC_FREEZE, MAX_IMAGES_PER_REQUEST, MAX_BODY_BYTES, BATCH_MAX_IMAGES, BATCH_MODE (docs/service.md).
+# ACCESS_LOG, GC_FREEZE, MAX_IMAGES_PER_REQUEST, MAX_BODY_BYTES, BATCH_MAX_IMAGES, BATCH_MODE (README.md, "Serving").
 serve: export
 	MODEL_PATH=$(ARTIFACTS)/model.onnx $(VENV)/bin/bentoml serve service.service:FashionMNISTClassifier --port $(PORT)
 

@@ -1,1 +1,1 @@
-"""Fashion-MNIST prediction service: BentoML + onnxruntime (docs/service.md)."""
+"""Fashion-MNIST prediction service: BentoML + onnxruntime (README.md, "Serving")."""

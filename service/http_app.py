@@ -2,9 +2,9 @@
 
 Why not typed `@bentoml.api` endpoints for the hot path: they parse the body with pydantic
 (slow on 784-float nested lists), hop to a thread per call and answer malformed input with
-BentoML's generic errors; see docs/service.md for the measurement. Here a request is parsed with
-orjson / numpy, validated in one pass and answered with orjson, and every client mistake is a
-4xx `{"error": ...}`.
+BentoML's generic errors (README.md, "Why the request path looks like this", has the
+measurement). Here a request is parsed with orjson / numpy, validated in one pass and answered
+with orjson, and every client mistake is a 4xx `{"error": ...}`.
 """
 
 from __future__ import annotations
@@ -211,7 +211,7 @@ class HotPathMiddleware:
     Added with `Service.add_asgi_middleware`, so it runs inside BentoML's metrics, timeout and
     (optional) tracing middlewares, which still count these requests; it only skips the router
     scan over the system routes, the mount and the mounted app's own middleware stack, about a
-    quarter of a worker's CPU per small request (py-spy, docs/service.md). Every other path and
+    quarter of a worker's CPU per small request (py-spy, README.md "Serving"). Every other path and
     method falls through to the mounted app, which serves the same handlers.
     """
 

@@ -220,7 +220,7 @@ class OnnxClassifier:
 
         Big batches run in chunks: past a few dozen images the activations stop fitting in cache
         and the cost per image doubles (seed-cnn, 1 thread: 1024 images in one call 14k img/s,
-        in chunks of 32 32k img/s; docs/service.md).
+        in chunks of 32 32k img/s; README.md, "Batching").
         """
         n, chunk = images.shape[0], self.chunk_images
         if n <= chunk:

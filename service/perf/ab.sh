@@ -1,5 +1,5 @@
 #!/bin/bash
-# A/B throughput of server set-ups, one after another, same locust load (docs/service.md).
+# A/B throughput of server set-ups, one after another, same locust load (README.md, "Serving").
 #   flock /tmp/cpu-bench.lock service/perf/ab.sh SECONDS VARIANT...
 # VARIANT: `ceiling` (loadtest's do-nothing), `naive` (naive FastAPI), `naivebento` (naive BentoML),
 # or NAME[:ENV=v,ENV=v] = this service with those settings. MODEL_PATH picks the model.
