@@ -67,9 +67,10 @@ def naive_bentoml_spec(model: str, port: int) -> ServerSpec:
     return ServerSpec("naive-bentoml", argv, port, env={"MODEL_PATH": model})
 
 
-def do_nothing_spec(port: int) -> ServerSpec:
-    argv = [sys.executable, "-m", "loadtest.baselines.do_nothing", "--port", str(port)]
-    return ServerSpec("do-nothing", argv, port, answers_labels=False, endpoints=("single",))
+def do_nothing_spec(port: int, fastapi: bool = False) -> ServerSpec:
+    argv = [sys.executable, "-m", "loadtest.baselines.do_nothing", "--port", str(port)] + (["--fastapi"] if fastapi else [])
+    name = "do-nothing-fastapi" if fastapi else "do-nothing"
+    return ServerSpec(name, argv, port, answers_labels=False, endpoints=("single",))
 
 
 def probe(url: str, timeout: float = 1.0) -> bool:

@@ -5,9 +5,12 @@ push through HTTP on this machine: the ceiling any real server is measured again
 on uvicorn (httptools, uvloop when present) keeps the server's share of the CPU as small as it gets.
 
     python -m loadtest.baselines.do_nothing --port 3002
+    python -m loadtest.baselines.do_nothing --port 3002 --fastapi   # the same answer from FastAPI
+
+The FastAPI variant is the "do-nothing FastAPI endpoint" of the issues' prototype: the ceiling of
+a Python web framework on this machine rather than of the load generator.
 """
 
-from __future__ import annotations
 
 import argparse
 import json
@@ -36,14 +39,29 @@ async def app(scope, receive, send):
     await send({"type": "http.response.body", "body": ANSWER})
 
 
+def fastapi_app():
+    from fastapi import FastAPI, Request, Response
+
+    api = FastAPI()
+
+    @api.post("/predict")
+    async def predict(request: Request) -> Response:
+        await request.body()
+        return Response(ANSWER, media_type="application/json")
+
+    return api
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--host", default="127.0.0.1")
     ap.add_argument("--port", type=int, default=3002)
+    ap.add_argument("--fastapi", action="store_true", help="serve the canned answer from a FastAPI route")
     args = ap.parse_args()
     import uvicorn
 
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning", access_log=False)
+    uvicorn.run(fastapi_app() if args.fastapi else app, host=args.host, port=args.port, log_level="warning",
+                access_log=False)
 
 
 if __name__ == "__main__":
