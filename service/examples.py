@@ -3,7 +3,7 @@
     python -m service.examples --out /tmp/fmnist
 
 writes predict.json (2 images, [N,28,28]), batch64.f32 (64 images as raw little-endian float32),
-batch8.npy, shirt.png (one 28x28 test image, light on dark) and photo_dark_on_light.jpg
+batch8.npy, ankle_boot.png (one 28x28 test image, light on dark) and photo_dark_on_light.jpg
 (the same image inverted and enlarged, as a phone photo of a garment on white would look),
 v2_infer.json (an Open Inference Protocol request for 2 images).
 """
@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     atomic_write(args.out / "batch8.npy", npy.getvalue())
     png = io.BytesIO()
     Image.fromarray(pixels[0], "L").save(png, format="PNG")
-    atomic_write(args.out / "shirt.png", png.getvalue())
+    atomic_write(args.out / "ankle_boot.png", png.getvalue())
     jpg = io.BytesIO()
     Image.fromarray(255 - pixels[0], "L").resize((300, 300), Image.Resampling.BICUBIC).convert("RGB").save(jpg, format="JPEG")
     atomic_write(args.out / "photo_dark_on_light.jpg", jpg.getvalue())
