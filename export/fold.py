@@ -124,7 +124,9 @@ def _forward_target(modules: dict, bn_node: fx.Node, scale: torch.Tensor):
             return None, False, f"{node.name} feeds {len(node.users)} consumers; a fold would change the others"
         layer = _module(modules, nxt)
         if isinstance(layer, _CONV_LINEAR):
-            if not isinstance(layer, nn.Linear) and (flattened or _padded(layer)):
+            if not isinstance(layer, nn.Linear) and flattened:
+                return None, False, f"a Flatten sits between it and the conv {nxt.target}"
+            if not isinstance(layer, nn.Linear) and _padded(layer):
                 return None, False, (f"the next layer {nxt.target} is zero-padded: its padded zeros would "
                                      f"become the BN shift after folding")
             return nxt, flattened, None
