@@ -11,7 +11,6 @@ v2_infer.json (an Open Inference Protocol request for 2 images).
 from __future__ import annotations
 
 import argparse
-import gzip
 import io
 import json
 import os
@@ -23,12 +22,14 @@ from PIL import Image
 
 
 def read_test_images(data_dir: Path, count: int) -> np.ndarray:
-    path = data_dir / "t10k-images-idx3-ubyte.gz"
-    if not path.is_file():
-        raise SystemExit(f"no Fashion-MNIST test images at {path} (set --data-dir)")
-    with gzip.open(path, "rb") as f:
-        raw = f.read(16 + count * 784)
-    return np.frombuffer(raw[16:], np.uint8).reshape(count, 28, 28)
+    """The first `count` test images as uint8 [count,28,28], via the pipeline's IDX reader (numpy
+    only; this script is a docs helper, not part of the served bento)."""
+    from training import data
+
+    try:
+        return data.read_idx(data.find_file(data_dir, data.FILES["test"][0]))[:count]
+    except data.DataError as e:
+        raise SystemExit(f"examples: {e}") from None
 
 
 def atomic_write(path: Path, data: bytes) -> None:
