@@ -55,7 +55,9 @@ def plot_latency(rows: list[dict], path: Path, title: str) -> None:
     for ax, pct in zip(axes, ("p50", "p95", "p99")):
         for setup, points in sweeps.items():
             ax.plot([p["users"] for p in points], [p[pct] for p in points], marker="o", label=setup)
-        ax.set_yscale("log")
+        # locust reports sub-millisecond times as 0 ms: symlog keeps those on the plot (linear
+        # below 1 ms) where a log axis would drop them.
+        ax.set_yscale("symlog", linthresh=1.0)
         _users_axis(ax, rows)
         ax.set_xlabel("concurrent users")
         ax.set_title(f"{pct} latency")

@@ -67,8 +67,10 @@ def naive_bentoml_spec(model: str, port: int) -> ServerSpec:
     return ServerSpec("naive-bentoml", argv, port, env={"MODEL_PATH": model})
 
 
-def do_nothing_spec(port: int, fastapi: bool = False) -> ServerSpec:
+def do_nothing_spec(port: int, fastapi: bool = False, delay_ms: float = 0.0) -> ServerSpec:
     argv = [sys.executable, "-m", "loadtest.baselines.do_nothing", "--port", str(port)] + (["--fastapi"] if fastapi else [])
+    if delay_ms:
+        argv += ["--delay-ms", str(delay_ms)]
     name = "do-nothing-fastapi" if fastapi else "do-nothing"
     return ServerSpec(name, argv, port, answers_labels=False, endpoints=("single",))
 

@@ -195,16 +195,21 @@ def test_make_loadtest_runner_full_mix_against_the_service(model_path, tmp_path)
 
 @pytest.mark.timeout(90)
 def test_wrong_labels_and_slow_p99_fail_the_run(model_path, tmp_path):
-    """The do-nothing server always answers class 0: with label checks on, that must fail."""
-    spec = servers.do_nothing_spec(_free_port())
+    """The do-nothing server always answers class 0: with label checks on, that must fail.
+
+    It is told to take 30 ms per answer, so a 10 ms p99 limit must fail too. (Without the delay it
+    answers in well under a millisecond, which locust rounds to a p99 of 0 ms: no limit can trip.)
+    """
+    spec = servers.do_nothing_spec(_free_port(), delay_ms=30)
     with servers.ManagedServer(spec, tmp_path / "server.log"):
         result = run_locust(LocustRun(spec.url, users=2, run_time="3s", csv_prefix=tmp_path / "wrong",
-                                      tags=["single"], model=model_path, data_dir=DATA_DIR, p99_ms=0.001))
+                                      tags=["single"], model=model_path, data_dir=DATA_DIR, p99_ms=10))
     assert result.returncode == 1, result.log[-3000:]
     verdict = result.verdict
     assert not verdict["ok"] and verdict["server_failures"] > 0
     assert any("non-4xx" in r for r in verdict["reasons"]) and any("p99" in r for r in verdict["reasons"])
     assert any("wrong label" in text for text, _ in verdict["errors"])
+    assert verdict["p99_ms"] >= 30
     # Test images of class 0 are answered right even by this server; every other one is a failure.
     total = result.total
     assert 0 < total["Failure Count"] < total["Request Count"]
