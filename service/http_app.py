@@ -4,7 +4,9 @@ Why not typed `@bentoml.api` endpoints for the hot path: they parse the body wit
 (slow on 784-float nested lists), hop to a thread per call and answer malformed input with
 BentoML's generic errors (README.md, "Why the request path looks like this", has the
 measurement). Here a request is parsed with orjson / numpy, validated in one pass and answered
-with orjson, and every client mistake is a 4xx `{"error": ...}`.
+with orjson, and every client mistake is a 4xx `{"error": ...}`. The service class still declares
+typed `predict` / `classify` methods on the same routes (for /docs and BentoML's client); the
+HotPathMiddleware answers those routes before BentoML's router reaches them.
 """
 
 from __future__ import annotations

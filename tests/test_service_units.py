@@ -506,3 +506,71 @@ def test_importing_the_service_refuses_a_tampered_model(standin_dir, tmp_path):
     assert result.returncode == 2
     assert result.stderr.strip().startswith("refusing to start: model file")
     assert "Traceback" not in result.stderr
+
+
+# --- the typed @bentoml.api methods, called in-process ---------------------------------------
+
+TYPED_API_SCRIPT = r"""
+import asyncio, io, json, sys, tempfile
+from pathlib import Path
+import numpy as np
+from PIL import Image
+import bentoml
+from service.service import FashionMNISTClassifier
+
+svc = FashionMNISTClassifier()
+rng = np.random.default_rng(0)
+images = rng.random((5, 28, 28), dtype=np.float32)
+expected = svc.runtime.classifier.logits_and_probabilities(images.reshape(5, 1, 28, 28))[1]
+
+async def main():
+    out = {}
+    doc = await svc.predict(images)
+    out["probabilities"] = [p["probabilities"] for p in doc["predictions"]]
+    out["class_ids"] = [p["class_id"] for p in doc["predictions"]]
+    out["expected"] = np.asarray(expected).tolist()
+    json.dumps(doc)  # plain JSON, no ndarrays left for BentoML's encoder
+    png = Path(tempfile.mkdtemp()) / "x.png"
+    Image.fromarray(np.round(images[0] * 255).astype(np.uint8), "L").save(png)
+    one = await svc.classify(png)
+    out["classify_expected"] = np.asarray(svc.runtime.classifier.logits_and_probabilities(
+        (np.round(images[:1] * 255) / 255).astype(np.float32).reshape(1, 1, 28, 28))[1][0]).tolist()
+    out["classify"] = one["probabilities"]
+    errors = []
+    for bad in (np.full((1, 28, 28), np.nan), np.full((1, 28, 28), 2.0), np.zeros((1, 27, 28)), [["a"]]):
+        try:
+            await svc.predict(bad)
+            errors.append(None)
+        except bentoml.exceptions.BentoMLException as exc:
+            errors.append([int(exc.error_code), str(exc)])
+    not_image = png.with_suffix(".txt")
+    not_image.write_text("hello")
+    try:
+        await svc.classify(not_image)
+    except bentoml.exceptions.BentoMLException as exc:
+        errors.append([int(exc.error_code), str(exc)])
+    out["errors"] = errors
+    print(json.dumps(out))
+
+asyncio.run(main())
+"""
+
+
+def test_typed_bentoml_api_methods_in_process(standin_dir):
+    """`svc.predict` / `svc.classify` (the typed API) answer like the model and refuse bad input
+    with the request path's own 4xx status and message."""
+    env = {**os.environ, "MODEL_PATH": str(standin_dir / "model.onnx")}
+    env.pop("MODEL_TAG", None)
+    result = subprocess.run([sys.executable, "-c", TYPED_API_SCRIPT], cwd=REPO, env=env,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = json.loads(result.stdout.strip().splitlines()[-1])
+    np.testing.assert_allclose(out["probabilities"], out["expected"], atol=1e-7, rtol=0)
+    assert out["class_ids"] == np.argmax(out["expected"], axis=1).tolist()
+    np.testing.assert_allclose(out["classify"], out["classify_expected"], atol=1e-7, rtol=0)
+    (nan, high, shape, text, not_image) = out["errors"]
+    assert nan == [422, '"images" contains NaN or Inf']
+    assert high[0] == 422 and "must lie in [0, 1]" in high[1]
+    assert shape[0] == 422 and "must have shape" in shape[1]
+    assert text[0] == 422 and "only numbers" in text[1]
+    assert not_image == [422, "the uploaded file is not a PNG or JPEG image"]
