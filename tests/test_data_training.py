@@ -115,3 +115,21 @@ def test_training_cli_bad_data_dir_is_one_line(tmp_path, capsys):
 def test_ablation_swaps_dropout_for_identity():
     assert any(isinstance(m, torch.nn.Dropout) for m in build("seed-cnn"))
     assert not any(isinstance(m, torch.nn.Dropout) for m in build("seed-cnn", dropout=False))
+
+
+def test_random_shift_moves_each_image_within_bounds_and_fills_with_zero():
+    from training.train import random_shift
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(64, 1, 28, 28) + 0.5  # no zeros inside the images
+    shifted = random_shift(x, 2, g)
+    assert shifted.shape == x.shape
+    moves = set()
+    for original, moved in zip(x, shifted):
+        # Find the (dy, dx) that reproduces this image: exactly one must exist.
+        found = [(dy, dx) for dy in range(-2, 3) for dx in range(-2, 3)
+                 if torch.equal(moved, torch.roll(torch.nn.functional.pad(original, (2, 2, 2, 2)), (dy, dx), (1, 2))[:, 2:30, 2:30])]
+        assert len(found) == 1
+        moves.add(found[0])
+    assert len(moves) > 10  # per image, not one offset for the batch
+    assert torch.equal(random_shift(x, 2, torch.Generator().manual_seed(0)), shifted)  # seeded

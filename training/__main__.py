@@ -15,7 +15,7 @@ def parse_args(argv=None):
     p.add_argument("--arch", choices=list(ARCHS), default=DEFAULTS["arch"])
     p.add_argument("--data-dir", default=DEFAULT_DATA_DIR, help="directory with the Fashion-MNIST IDX files (.gz ok)")
     p.add_argument("--out", default=None, help="run directory (default artifacts/runs/<arch>)")
-    for key in ("epochs", "batch_size", "patience", "val_size", "seed", "subset", "threads"):
+    for key in ("epochs", "batch_size", "patience", "val_size", "seed", "subset", "threads", "shift"):
         p.add_argument(f"--{key.replace('_', '-')}", type=int, default=None)
     for key in ("lr", "weight_decay", "label_smoothing"):
         p.add_argument(f"--{key.replace('_', '-')}", type=float, default=None)
