@@ -52,20 +52,23 @@ def keras_cnn() -> nn.Sequential:
 
 
 def _conv_block(c_in: int, c_out: int, dropout: float) -> list[nn.Module]:
-    # Bias-free conv: the BN right after it supplies the shift (and folds back into it).
+    """Two 3x3 Conv -> BN -> ReLU, then MaxPool and Dropout. Bias-free convs: the BN right after
+    each supplies the shift (and folds back into it)."""
     return [nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(),
+            nn.Conv2d(c_out, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(),
             nn.MaxPool2d(2), nn.Dropout(dropout)]
 
 
 def deep_cnn() -> nn.Sequential:
-    """The stronger variant: three Conv->BN->ReLU->MaxPool->Dropout blocks (28->14->7->3), a BN'd
-    hidden layer, dropout, classifier. ~7.7M multiply-adds an image, 7x the seed CNN, sized so a
-    2-core CPU trains an epoch in well under a minute."""
+    """The stronger variant, VGG-style: two blocks of two Conv->BN->ReLU (32 then 64 channels),
+    each closed by MaxPool and Dropout (28->14->7), a BN'd hidden layer, dropout, classifier.
+    ~19M multiply-adds an image (2.5x the earlier 3-block, one-conv-per-block design, which
+    stopped at 92.3-92.8% test); about 70 s an epoch on 2 cores."""
     return nn.Sequential(
         Normalize(),
-        *_conv_block(1, 32, 0.1), *_conv_block(32, 64, 0.2), *_conv_block(64, 128, 0.3),
+        *_conv_block(1, 32, 0.25), *_conv_block(32, 64, 0.25),
         nn.Flatten(),
-        nn.Linear(128 * 3 * 3, 256, bias=False), nn.BatchNorm1d(256), nn.ReLU(), nn.Dropout(0.5),
+        nn.Linear(64 * 7 * 7, 256, bias=False), nn.BatchNorm1d(256), nn.ReLU(), nn.Dropout(0.5),
         nn.Linear(256, 10),
     )
 
