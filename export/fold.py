@@ -20,12 +20,14 @@ never into a padded Conv (the padded zeros would become t after folding). Where 
 exists the BN stays and the report says why. A BN with track_running_stats=False normalizes with
 batch statistics even in eval mode: it is not an affine map and cannot be folded.
 
-The math runs in float64, then casts back. The pass is a short pattern match over an fx graph, in
-the manner of torch.fx.experimental.optimization.fuse.
+The math (affine_of_bn, fold_backward_arrays, fold_forward_arrays) runs in float64 on plain
+arrays, then casts back; the ONNX graph pass uses the same functions. The PyTorch pass is a short
+pattern match over an fx graph, in the manner of torch.fx.experimental.optimization.fuse.
 """
 import copy
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 from torch import fx, nn
 
@@ -47,48 +49,80 @@ class FoldReport:
         return {"folded": self.folded, "kept": self.kept, "removed_dropout": self.removed_dropout}
 
 
-def bn_scale_shift(bn: nn.modules.batchnorm._BatchNorm) -> tuple[torch.Tensor, torch.Tensor]:
-    """s = γ/√(σ²+ε) and t = β − μ·s, in float64."""
-    var, mean = bn.running_var.double(), bn.running_mean.double()
-    gamma = bn.weight.double() if bn.affine else torch.ones_like(var)
-    beta = bn.bias.double() if bn.affine else torch.zeros_like(var)
-    scale = gamma / torch.sqrt(var + bn.eps)
+# --- the fold math: one formula, one place; the fx pass below and the ONNX graph pass use it ---
+
+def affine_of_bn(gamma, beta, mean, var, eps: float) -> tuple[np.ndarray, np.ndarray]:
+    """A BatchNorm in eval mode as y = x·s + t per channel: s = γ/√(σ²+ε), t = β − μ·s (float64)."""
+    gamma, beta, mean, var = (np.asarray(a, dtype=np.float64) for a in (gamma, beta, mean, var))
+    scale = gamma / np.sqrt(var + eps)
     return scale, beta - mean * scale
 
 
+def fold_backward_arrays(weight, bias, scale, shift, out_axis: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """BN after the layer, y = (W·x + b)·s + t:  W' = W·s along the output axis, b' = b·s + t.
+    `bias` None means no bias. Returns float64 arrays."""
+    weight = np.asarray(weight, dtype=np.float64)
+    scale, shift = np.asarray(scale, dtype=np.float64), np.asarray(shift, dtype=np.float64)
+    bias = np.zeros(weight.shape[out_axis]) if bias is None else np.asarray(bias, dtype=np.float64)
+    view = [1] * weight.ndim
+    view[out_axis] = -1
+    return weight * scale.reshape(view), bias * scale + shift
+
+
+def fold_forward_arrays(weight, bias, scale, shift, out_axis: int = 0, in_axis: int = 1,
+                        groups: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """BN before the layer, z = W·(x·s + t) + b:  W' = W·s along the input axis, b' = b + Σ W·t
+    (summed over every axis but the output one). `scale`/`shift` hold one value per input of the
+    whole layer (all groups); a grouped conv's output channel o reads inputs g·k … g·k+k−1 of
+    group g = o // (out/groups), with k = in/groups. Returns float64 arrays."""
+    weight = np.moveaxis(np.asarray(weight, dtype=np.float64), (out_axis, in_axis), (0, 1))  # [out, in/g, ...]
+    scale, shift = np.asarray(scale, dtype=np.float64), np.asarray(shift, dtype=np.float64)
+    out_channels, in_per_group = weight.shape[:2]
+    group = np.arange(out_channels) // (out_channels // groups)
+    channel = group[:, None] * in_per_group + np.arange(in_per_group)[None, :]  # [out, in/g]
+    spatial = (1,) * (weight.ndim - 2)
+    s, t = scale[channel].reshape(*channel.shape, *spatial), shift[channel].reshape(*channel.shape, *spatial)
+    bias = np.zeros(out_channels) if bias is None else np.asarray(bias, dtype=np.float64)
+    new_bias = bias + (weight * t).reshape(out_channels, -1).sum(1)
+    return np.moveaxis(weight * s, (0, 1), (out_axis, in_axis)), new_bias
+
+
+# --- the PyTorch (fx) pass ---
+
+def bn_scale_shift(bn: nn.modules.batchnorm._BatchNorm) -> tuple[np.ndarray, np.ndarray]:
+    """s and t of a torch BatchNorm, in float64."""
+    var = bn.running_var.detach().double().numpy()
+    gamma = bn.weight.detach().double().numpy() if bn.affine else np.ones_like(var)
+    beta = bn.bias.detach().double().numpy() if bn.affine else np.zeros_like(var)
+    return affine_of_bn(gamma, beta, bn.running_mean.detach().double().numpy(), var, bn.eps)
+
+
+def _with_weights(layer: nn.Module, weight: np.ndarray, bias: np.ndarray) -> nn.Module:
+    folded = copy.deepcopy(layer)
+    dtype = layer.weight.dtype
+    folded.weight = nn.Parameter(torch.from_numpy(weight).to(dtype))
+    folded.bias = nn.Parameter(torch.from_numpy(bias).to(dtype))
+    return folded
+
+
+def _bias(layer: nn.Module):
+    return None if layer.bias is None else layer.bias.detach().double().numpy()
+
+
 def fold_backward(layer: nn.Module, bn) -> nn.Module:
-    """W' = W·s per output channel, b' = (b − μ)·s + β  (= b·s + t)."""
+    """Conv/Linear followed by `bn` -> one Conv/Linear."""
     scale, shift = bn_scale_shift(bn)
-    weight = layer.weight.double()
-    bias = layer.bias.double() if layer.bias is not None else torch.zeros(weight.shape[0], dtype=torch.float64)
-    folded = copy.deepcopy(layer)
-    folded.weight = nn.Parameter((weight * scale.view(-1, *[1] * (weight.ndim - 1))).to(layer.weight.dtype))
-    folded.bias = nn.Parameter((bias * scale + shift).to(layer.weight.dtype))
-    return folded
+    weight = layer.weight.detach().double().numpy()
+    return _with_weights(layer, *fold_backward_arrays(weight, _bias(layer), scale, shift, out_axis=0))
 
 
-def fold_forward(layer: nn.Module, scale: torch.Tensor, shift: torch.Tensor) -> nn.Module:
-    """W' = W·s per input channel/column, b' = b + Σ W·t. `scale`/`shift` are given per input of
-    `layer` (already repeated across spatial positions when a Flatten sat in between)."""
-    weight = layer.weight.double()
-    out_channels = weight.shape[0]
-    bias = layer.bias.double() if layer.bias is not None else torch.zeros(out_channels, dtype=torch.float64)
-    if isinstance(layer, nn.Linear):
-        new_weight = weight * scale.view(1, -1)
-        new_bias = bias + weight @ shift
-    else:
-        # Grouped conv: output channel o reads input channels g·k … g·k+k−1, with k = in/groups.
-        in_per_group = weight.shape[1]
-        group = torch.arange(out_channels) // (out_channels // layer.groups)
-        channel = group.view(-1, 1) * in_per_group + torch.arange(in_per_group).view(1, -1)  # [out, in/groups]
-        s, t = scale[channel], shift[channel]
-        spatial = [1] * (weight.ndim - 2)
-        new_weight = weight * s.view(*s.shape, *spatial)
-        new_bias = bias + (weight * t.view(*t.shape, *spatial)).flatten(1).sum(1)
-    folded = copy.deepcopy(layer)
-    folded.weight = nn.Parameter(new_weight.to(layer.weight.dtype))
-    folded.bias = nn.Parameter(new_bias.to(layer.weight.dtype))
-    return folded
+def fold_forward(layer: nn.Module, scale, shift) -> nn.Module:
+    """`scale`/`shift` are given per input of `layer` (already repeated across spatial positions
+    when a Flatten sat in between)."""
+    weight = layer.weight.detach().double().numpy()
+    groups = 1 if isinstance(layer, nn.Linear) else layer.groups
+    return _with_weights(layer, *fold_forward_arrays(weight, _bias(layer), np.asarray(scale), np.asarray(shift),
+                                                     groups=groups))
 
 
 def _describe(modules: dict, name: str) -> str:
@@ -114,7 +148,7 @@ def _padded(conv) -> bool:
     return any(p != 0 for p in conv.padding)
 
 
-def _forward_target(modules: dict, bn_node: fx.Node, scale: torch.Tensor):
+def _forward_target(modules: dict, bn_node: fx.Node, scale: np.ndarray):
     """Walk from the BN through MaxPool/Flatten to the next Conv/Linear.
     Returns (target node, whether a Flatten sat in between, None) or (None, False, why not)."""
     node, flattened = bn_node, False
@@ -179,14 +213,14 @@ def fold_batchnorm(model: nn.Module) -> tuple[fx.GraphModule, FoldReport]:
             continue
         layer = modules[target.target]
         if flattened:  # repeat s and t over the spatial positions, in Flatten's (C, H, W) order
-            per_channel = layer.in_features // scale.numel()
-            if per_channel * scale.numel() != layer.in_features:
+            per_channel = layer.in_features // scale.size
+            if per_channel * scale.size != layer.in_features:
                 report.kept.append({"bn": _describe(modules, node.target), "reason": f"{target.target}.in_features is not a "
-                                    f"multiple of the {scale.numel()} BN channels"})
+                                    f"multiple of the {scale.size} BN channels"})
                 continue
-            scale, shift = scale.repeat_interleave(per_channel), shift.repeat_interleave(per_channel)
-        if scale.numel() != (layer.in_features if isinstance(layer, nn.Linear) else layer.in_channels):
-            report.kept.append({"bn": _describe(modules, node.target), "reason": f"its {scale.numel()} channels do not line up "
+            scale, shift = np.repeat(scale, per_channel), np.repeat(shift, per_channel)
+        if scale.size != (layer.in_features if isinstance(layer, nn.Linear) else layer.in_channels):
+            report.kept.append({"bn": _describe(modules, node.target), "reason": f"its {scale.size} channels do not line up "
                                 f"with the inputs of {target.target}"})
             continue
         _replace(gm, modules, target.target, fold_forward(layer, scale, shift))

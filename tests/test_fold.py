@@ -1,6 +1,7 @@
 """The fold math against an unfused float64 reference, for every case the fold pass claims."""
 import random
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -118,10 +119,9 @@ def test_negative_scale_is_kept_before_maxpool():
         torch.testing.assert_close(folded(x).double(), reference64(model, x), atol=ATOL, rtol=RTOL)
         # The refused fold really would be wrong: apply it anyway and see the outputs move.
         scale, shift = bn_scale_shift(model[2])
-        per_position = model[5].in_features // scale.numel()
+        per_position = model[5].in_features // scale.size
         forced = nn.Sequential(model[0], model[1], model[3], model[4],
-                               fold_forward(model[5], scale.repeat_interleave(per_position),
-                                            shift.repeat_interleave(per_position)))
+                               fold_forward(model[5], np.repeat(scale, per_position), np.repeat(shift, per_position)))
         assert not torch.allclose(forced(x), model(x), atol=1e-3)
 
 
@@ -190,3 +190,30 @@ def test_every_family_folds_completely(arch):
             randomize_bn(m, gen)
     report = assert_folded_matches(model, torch.rand(6, 1, 28, 28, generator=gen))
     assert report.kept == []
+
+
+@pytest.mark.parametrize("layout", ["out_in", "in_out"])
+def test_array_math_for_both_weight_layouts(layout):
+    """The shared fold math on plain arrays, as the ONNX pass calls it: Gemm/Linear keep W as
+    [out, in], MatMul as [in, out]. Folded layer == layer applied to the affine map (float64)."""
+    from export.fold import fold_backward_arrays, fold_forward_arrays
+
+    rng = np.random.default_rng(7)
+    w = rng.standard_normal((6, 5))  # [out, in]
+    b = rng.standard_normal(6)
+    x = rng.standard_normal((4, 5))
+    out_axis, in_axis = (0, 1) if layout == "out_in" else (1, 0)
+    stored = w if layout == "out_in" else w.T
+
+    def apply(weight, bias, inputs):
+        return inputs @ (weight.T if layout == "out_in" else weight) + bias
+
+    s_in, t_in = rng.uniform(0.5, 2, 5) * rng.choice([-1, 1], 5), rng.standard_normal(5)
+    fw, fb = fold_forward_arrays(stored, b, s_in, t_in, out_axis=out_axis, in_axis=in_axis)
+    np.testing.assert_allclose(apply(fw, fb, x), apply(stored, b, x * s_in + t_in), rtol=1e-12, atol=1e-12)
+
+    s_out, t_out = rng.uniform(0.5, 2, 6), rng.standard_normal(6)
+    bw, bb = fold_backward_arrays(stored, b, s_out, t_out, out_axis=out_axis)
+    np.testing.assert_allclose(apply(bw, bb, x), apply(stored, b, x) * s_out + t_out, rtol=1e-12, atol=1e-12)
+    bw0, bb0 = fold_backward_arrays(stored, None, s_out, t_out, out_axis=out_axis)
+    np.testing.assert_allclose(apply(bw0, bb0, x), apply(stored, 0.0, x) * s_out + t_out, rtol=1e-12, atol=1e-12)

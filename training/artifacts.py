@@ -1,46 +1,15 @@
-"""Files the stages share: atomic writes, checksums, safetensors weights with a JSON config beside them."""
-import hashlib
+"""A training run on disk: safetensors weights with a JSON config beside them (which records the
+weights' sha256). Atomic writes and checksums come from common.files."""
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
+from common.files import atomic_write, sha256_file, write_json  # noqa: F401  (re-exported for the stages)
+
 WEIGHTS = "weights.safetensors"
 CONFIG = "config.json"
-
-
-def atomic_write(path: str | Path, write) -> Path:
-    """Call `write(tmp_path)` on a temp file in the same directory, then rename it over `path`,
-    so a reader never sees a half-written artifact, even if we are killed midway."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the artifact the usual permissions
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
-def write_json(path: str | Path, obj) -> Path:
-    return atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(obj, indent=2) + "\n"))
-
-
-def sha256_file(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def save_run(run_dir: str | Path, model: torch.nn.Module, config: dict) -> dict:
