@@ -1,78 +1,99 @@
-"""Service settings, all from environment variables so `bentoml serve`, `make serve` and a
-container take the same knobs. Read once per process."""
+"""Every service setting, from environment variables, so `bentoml serve`, `make serve` and a container
+take the same knobs. Read once per process into a frozen Settings (docs/service.md lists them all)."""
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 
-def _env_int(name: str, default: int, minimum: int = 1) -> int:
-    raw = os.environ.get(name, "")
-    if raw.strip() == "":
+def _env(name: str, default, kind=int, minimum=None):
+    raw = os.environ.get(name, "").strip()
+    if raw == "":
         return default
+    if kind is bool:
+        if raw.lower() in ("1", "true", "yes", "on"):
+            return True
+        if raw.lower() in ("0", "false", "no", "off"):
+            return False
+        raise SystemExit(f"{name} must be true or false, got {raw!r}")
     try:
-        value = int(raw)
+        value = kind(raw)
     except ValueError:
-        raise SystemExit(f"{name} must be an integer, got {raw!r}") from None
-    if value < minimum:
+        raise SystemExit(f"{name} must be {'an integer' if kind is int else 'a number'}, got {raw!r}") from None
+    if minimum is not None and value < minimum:
         raise SystemExit(f"{name} must be >= {minimum}, got {value}")
     return value
 
 
-def _env_bool(name: str, default: bool) -> bool:
-    raw = os.environ.get(name, "").strip().lower()
-    if raw == "":
-        return default
-    if raw in ("1", "true", "yes", "on"):
-        return True
-    if raw in ("0", "false", "no", "off"):
-        return False
-    raise SystemExit(f"{name} must be true or false, got {raw!r}")
-
-
 @dataclass(frozen=True)
 class Settings:
-    model_path: str  # MODEL_PATH: the exported model.onnx (with model.onnx.sha256 beside it)
-    model_tag: str  # MODEL_TAG: load from the BentoML model store instead (set inside a bento)
-    provider: str  # ORT_PROVIDER: auto | cpu | cuda
-    intra_op_threads: int  # ORT_INTRA_OP_THREADS
-    chunk_images: int  # ORT_CHUNK_IMAGES: bigger batches run as several onnxruntime calls
-    workers: int  # SERVICE_WORKERS: processes, each with its own session
-    max_images: int  # MAX_IMAGES_PER_REQUEST
-    max_body_bytes: int  # MAX_BODY_BYTES
-    batch_max_images: int  # BATCH_MAX_IMAGES: cap of one coalesced onnxruntime call
-    batch_inline_max_images: int  # BATCH_INLINE_MAX_IMAGES: bigger requests skip the queue
-    batch_mode: str  # BATCH_MODE: thread | inline (service/batching.py)
-    request_timeout_s: int  # REQUEST_TIMEOUT_S: BentoML's per-request timeout (answers 504)
-    gc_freeze: bool  # GC_FREEZE: gc.freeze() after start-up (service.py)
-    access_log: bool  # ACCESS_LOG
-    metrics: bool  # METRICS: BentoML's Prometheus middleware and /metrics
-    tracing: bool  # TRACING: OpenTelemetry spans per request (BentoML's tracing config decides export)
-
-    def __post_init__(self) -> None:
-        if self.batch_mode not in ("inline", "thread"):
-            raise SystemExit(f"BATCH_MODE must be inline or thread, got {self.batch_mode!r}")
+    # the model
+    model_path: str = "artifacts/model.onnx"  # MODEL_PATH (its .sha256 beside it)
+    model_tag: str = ""  # MODEL_TAG: from the BentoML model store instead (set inside a bento)
+    provider: str = "auto"  # ORT_PROVIDER: auto | cpu | cuda
+    intra_op_threads: int = 1  # ORT_INTRA_OP_THREADS
+    chunk_images: int = 32  # ORT_CHUNK_IMAGES: bigger batches run as several onnxruntime calls
+    inline_budget_ms: float = 2.0  # INLINE_BUDGET_MS: calls expected to take longer leave the event loop
+    batch_max_images: int = 32  # BATCH_MAX_IMAGES: cap of one coalesced call (1 = no batching)
+    # requests
+    workers: int = 2  # SERVICE_WORKERS
+    max_images: int = 1024  # MAX_IMAGES_PER_REQUEST
+    max_body_bytes: int = 16 * 1024 * 1024  # MAX_BODY_BYTES
+    classify_margin: float = 0.02  # CLASSIFY_MARGIN: border around the cropped object, x its longer side
+    # faults (service/guard.py)
+    queue_delay_ms: float = 250.0  # QUEUE_DELAY_MS: shed new work while requests wait longer than this
+    queue_max: int = 128  # QUEUE_MAX: requests in a worker before new work is shed with 503
+    retry_after_s: int = 1  # RETRY_AFTER_S
+    max_connections: int = 1024  # MAX_CONNECTIONS per worker
+    header_timeout_s: float = 10.0  # HEADER_TIMEOUT_S: connect (or last answer) -> complete headers
+    body_timeout_s: float = 10.0  # BODY_TIMEOUT_S: longest pause inside a request body
+    drain_s: float = 5.0  # DRAIN_S: after SIGTERM: not ready, still serving, Connection: close
+    shutdown_timeout_s: float = 20.0  # SHUTDOWN_TIMEOUT_S: then in-flight requests get this long
+    fast_respawn: bool = True  # FAST_RESPAWN: respawn a dead worker at once, containerized too
+    # BentoML
+    request_timeout_s: int = 60  # REQUEST_TIMEOUT_S: BentoML's per-request timeout (504)
+    gc_freeze: bool = True  # GC_FREEZE
+    access_log: bool = False  # ACCESS_LOG
+    metrics: bool = True  # METRICS
+    tracing: bool = False  # TRACING
 
     @classmethod
-    def from_env(cls, bento_arguments: dict[str, object] | None = None) -> "Settings":
-        """bento_arguments: `bentoml build --arg model_tag=...` (stored in the bento, see Makefile)."""
+    def from_env(cls, bento_arguments: dict | None = None) -> "Settings":
+        """bento_arguments: `bentoml build --arg model_tag=...` (kept in the bento, see Makefile)."""
+        d = cls()
         arguments = bento_arguments or {}
+        provider = os.environ.get("ORT_PROVIDER", d.provider).strip().lower() or d.provider
+        if provider not in ("auto", "cpu", "cuda"):
+            raise SystemExit(f"ORT_PROVIDER must be auto, cpu or cuda, got {provider!r}")
         return cls(
-            model_path=os.environ.get("MODEL_PATH", "artifacts/model.onnx"),
-            model_tag=os.environ.get("MODEL_TAG", "") or str(arguments.get("model_tag", "") or ""),
-            provider=os.environ.get("ORT_PROVIDER", "auto").strip().lower(),
-            intra_op_threads=_env_int("ORT_INTRA_OP_THREADS", 1),
-            chunk_images=_env_int("ORT_CHUNK_IMAGES", 32),
-            workers=_env_int("SERVICE_WORKERS", 2),
-            max_images=_env_int("MAX_IMAGES_PER_REQUEST", 1024),
-            max_body_bytes=_env_int("MAX_BODY_BYTES", 32 * 1024 * 1024),
-            batch_max_images=_env_int("BATCH_MAX_IMAGES", 32),
-            batch_inline_max_images=_env_int("BATCH_INLINE_MAX_IMAGES", 64),
-            batch_mode=os.environ.get("BATCH_MODE", "inline").strip().lower(),
-            request_timeout_s=_env_int("REQUEST_TIMEOUT_S", 60),
-            gc_freeze=_env_bool("GC_FREEZE", True),
-            access_log=_env_bool("ACCESS_LOG", False),
-            metrics=_env_bool("METRICS", True),
-            tracing=_env_bool("TRACING", False),
+            model_path=os.environ.get("MODEL_PATH", "").strip() or d.model_path,
+            model_tag=os.environ.get("MODEL_TAG", "").strip() or str(arguments.get("model_tag", "") or ""),
+            provider=provider,
+            intra_op_threads=_env("ORT_INTRA_OP_THREADS", d.intra_op_threads, minimum=1),
+            chunk_images=_env("ORT_CHUNK_IMAGES", d.chunk_images, minimum=1),
+            inline_budget_ms=_env("INLINE_BUDGET_MS", d.inline_budget_ms, float, minimum=0.0),
+            batch_max_images=_env("BATCH_MAX_IMAGES", d.batch_max_images, minimum=1),
+            workers=_env("SERVICE_WORKERS", d.workers, minimum=1),
+            max_images=_env("MAX_IMAGES_PER_REQUEST", d.max_images, minimum=1),
+            max_body_bytes=_env("MAX_BODY_BYTES", d.max_body_bytes, minimum=1024),
+            classify_margin=_env("CLASSIFY_MARGIN", d.classify_margin, float, minimum=0.0),
+            queue_delay_ms=_env("QUEUE_DELAY_MS", d.queue_delay_ms, float, minimum=1.0),
+            queue_max=_env("QUEUE_MAX", d.queue_max, minimum=1),
+            retry_after_s=_env("RETRY_AFTER_S", d.retry_after_s, minimum=0),
+            max_connections=_env("MAX_CONNECTIONS", d.max_connections, minimum=1),
+            header_timeout_s=_env("HEADER_TIMEOUT_S", d.header_timeout_s, float, minimum=0.1),
+            body_timeout_s=_env("BODY_TIMEOUT_S", d.body_timeout_s, float, minimum=0.1),
+            drain_s=_env("DRAIN_S", d.drain_s, float, minimum=0.0),
+            shutdown_timeout_s=_env("SHUTDOWN_TIMEOUT_S", d.shutdown_timeout_s, float, minimum=0.1),
+            fast_respawn=_env("FAST_RESPAWN", d.fast_respawn, bool),
+            request_timeout_s=_env("REQUEST_TIMEOUT_S", d.request_timeout_s, minimum=1),
+            gc_freeze=_env("GC_FREEZE", d.gc_freeze, bool),
+            access_log=_env("ACCESS_LOG", d.access_log, bool),
+            metrics=_env("METRICS", d.metrics, bool),
+            tracing=_env("TRACING", d.tracing, bool),
         )
+
+    def public(self) -> dict:
+        """For /metadata: every setting except where the model came from."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("model_path", "model_tag")}

@@ -1,4 +1,4 @@
-"""Turn request bodies into a validated float32 [N, C, H, W] batch, or raise a ClientError.
+"""Request bodies -> a validated float32 batch of the model's own shape, or a ClientError.
 
 Pure functions on bytes and numpy arrays, so they are unit-testable without a server.
 """
@@ -11,33 +11,43 @@ from dataclasses import dataclass
 import numpy as np
 import orjson
 
-from .errors import ClientError, bad_request, too_large, unprocessable
+from .contract import Contract
+from .errors import bad_request, too_large, unprocessable
 
-# float, int and unsigned int arrays are pixel values; bool, str, object (ragged / null) are not.
+# float, int and unsigned int arrays are numbers; bool, str, object (ragged / null) are not.
 NUMERIC_KINDS = "fiu"
 
 
 @dataclass(frozen=True)
 class InputSpec:
-    """The geometry and limits every request is checked against."""
+    """The shape and limits every batch is checked against (built from the contract)."""
 
-    image_shape: tuple[int, int, int]  # (C, H, W)
-    value_range: tuple[float, float] = (0.0, 1.0)
+    sample_shape: tuple[int, ...]  # one sample as the graph wants it, e.g. (1, 28, 28)
+    value_range: tuple[float, float] | None = (0.0, 1.0)  # None: any finite value
     max_images: int = 1024
+    squeezed_shape: tuple[int, ...] | None = None  # also accepted: (H, W) for one-channel images
+
+    @classmethod
+    def of(cls, contract: Contract, max_images: int) -> "InputSpec":
+        squeezed = (contract.height, contract.width) if contract.is_image and contract.channels == 1 else None
+        return cls(contract.sample_shape, contract.input_range, max_images, squeezed)
 
     @property
-    def pixels_per_image(self) -> int:
-        c, h, w = self.image_shape
-        return c * h * w
+    def sample_size(self) -> int:
+        return int(np.prod(self.sample_shape))
 
     @property
-    def bytes_per_image(self) -> int:
-        return 4 * self.pixels_per_image
+    def sample_bytes(self) -> int:
+        return 4 * self.sample_size
+
+    def describe_shapes(self) -> str:
+        shapes = [self.squeezed_shape, self.sample_shape] if self.squeezed_shape else [self.sample_shape]
+        return " or ".join("[" + ",".join(["N", *map(str, s)]) + "]" for s in shapes)
 
 
 def parse_json(body: bytes) -> object:
     if not body:
-        raise bad_request("empty request body: send JSON like {\"images\": [[[...28 floats...] x28]]}")
+        raise bad_request('empty request body: send JSON like {"images": [...]}')
     try:
         return orjson.loads(body)
     except orjson.JSONDecodeError as exc:
@@ -57,29 +67,28 @@ def as_numeric_array(value: object, what: str) -> np.ndarray:
 
 
 def check_batch(array: np.ndarray, spec: InputSpec, what: str = "images") -> np.ndarray:
-    """[N,H,W] or [N,C,H,W] numbers -> contiguous float32 [N,C,H,W] in range, or ClientError."""
-    c, h, w = spec.image_shape
-    if array.ndim == 3 and c == 1 and array.shape[1:] == (h, w):
-        array = array.reshape(array.shape[0], 1, h, w)
-    elif array.ndim != 4 or array.shape[1:] != (c, h, w):
-        want = f"[N,{h},{w}] or [N,{c},{h},{w}]" if c == 1 else f"[N,{c},{h},{w}]"
-        raise unprocessable(f"{what} must have shape {want}, got {list(array.shape)}")
+    """[N, *sample_shape] (or [N, H, W] for one-channel images) numbers -> contiguous float32
+    [N, *sample_shape] within the range, or a ClientError."""
+    if array.shape[1:] == spec.sample_shape and array.ndim == len(spec.sample_shape) + 1:
+        pass
+    elif spec.squeezed_shape and array.ndim == 3 and array.shape[1:] == spec.squeezed_shape:
+        array = array.reshape(array.shape[0], *spec.sample_shape)  # the channel axis has size 1
+    else:
+        raise unprocessable(f"{what} must have shape {spec.describe_shapes()}, got {list(array.shape)}")
     n = array.shape[0]
     if n == 0:
         raise unprocessable(f"{what} is an empty batch (N=0)")
     if n > spec.max_images:
-        raise too_large(f"batch of {n} images is over the limit of {spec.max_images} per request")
+        raise too_large(f"batch of {n} inputs is over the limit of {spec.max_images} per request")
     batch = np.ascontiguousarray(array, dtype=np.float32)
-    lo, hi = spec.value_range
     # One min and one max pass catch everything: NaN fails both comparisons, +-Inf is out of range.
     low, high = batch.min(), batch.max()
-    if not (lo <= low and high <= hi):
+    lo, hi = spec.value_range if spec.value_range else (-np.inf, np.inf)
+    if not (lo <= low and high <= hi) or not (np.isfinite(low) and np.isfinite(high)):
         if not np.isfinite(batch).all():
             raise unprocessable(f"{what} contains NaN or Inf")
-        raise unprocessable(
-            f"{what} values must lie in [{lo:g}, {hi:g}] (pixel intensities), "
-            f"got min {float(low):g}, max {float(high):g}"
-        )
+        raise unprocessable(f"{what} values must lie in [{lo:g}, {hi:g}] (the model's input_range), "
+                            f"got min {float(low):g}, max {float(high):g}")
     return batch
 
 
@@ -91,20 +100,18 @@ def images_from_json(body: bytes, spec: InputSpec) -> np.ndarray:
 
 
 def images_from_raw_float32(body: bytes, spec: InputSpec) -> np.ndarray:
-    """application/octet-stream: little-endian float32 pixels, N*C*H*W of them, no header."""
+    """application/octet-stream: little-endian float32 values, N * prod(sample_shape), no header."""
     if not body:
-        raise bad_request("empty request body: send N*784 little-endian float32 values")
-    if len(body) % spec.bytes_per_image:
-        raise unprocessable(
-            f"raw float32 body must be a multiple of {spec.bytes_per_image} bytes "
-            f"(one {'x'.join(map(str, spec.image_shape))} image), got {len(body)}"
-        )
+        raise bad_request(f"empty request body: send N*{spec.sample_size} little-endian float32 values")
+    if len(body) % spec.sample_bytes:
+        raise unprocessable(f"raw float32 body must be a multiple of {spec.sample_bytes} bytes "
+                            f"(one {'x'.join(map(str, spec.sample_shape))} input), got {len(body)}")
     flat = np.frombuffer(body, dtype="<f4")
-    return check_batch(flat.reshape(-1, *spec.image_shape), spec, "raw float32 images")
+    return check_batch(flat.reshape(-1, *spec.sample_shape), spec, "raw float32 input")
 
 
 def images_from_npy(body: bytes, spec: InputSpec) -> np.ndarray:
-    """application/x-npy: one .npy array (no pickles), [N,H,W] or [N,C,H,W] numbers."""
+    """application/x-npy: one .npy array (no pickles) of numbers."""
     if not body:
         raise bad_request("empty request body: send one .npy array")
     try:
@@ -115,27 +122,16 @@ def images_from_npy(body: bytes, spec: InputSpec) -> np.ndarray:
         raise unprocessable(f"not a readable .npy array: {exc}") from None
     if not isinstance(array, np.ndarray) or array.dtype.kind not in NUMERIC_KINDS:
         raise unprocessable(f".npy array must hold numbers, got dtype {getattr(array, 'dtype', '?')}")
-    return check_batch(array, spec, ".npy images")
+    return check_batch(array, spec, ".npy input")
 
 
-def parse_bool(value: str | None, name: str) -> bool:
-    if value is None or value == "":
-        return False
+def parse_bool(value: str | None, name: str) -> bool | None:
+    """A form field: None when absent or empty, else true/false (also JSON's, as BentoML's client sends)."""
+    if value is None or value.strip() == "":
+        return None
     lowered = value.strip().lower()
     if lowered in ("1", "true", "yes", "on"):
         return True
     if lowered in ("0", "false", "no", "off"):
         return False
     raise unprocessable(f"{name} must be true or false, got {value!r}")
-
-
-__all__ = [
-    "ClientError",
-    "InputSpec",
-    "check_batch",
-    "images_from_json",
-    "images_from_npy",
-    "images_from_raw_float32",
-    "parse_bool",
-    "parse_json",
-]

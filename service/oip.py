@@ -13,10 +13,9 @@ import numpy as np
 import orjson
 
 from .errors import bad_request, too_large, unprocessable
+from .contract import Contract
 from .inputs import InputSpec, as_numeric_array, check_batch, parse_json
-from .model import ModelInfo
 
-MODEL_NAME = "fashion-mnist"
 MODEL_VERSION = "1"
 HEADER_LENGTH = "inference-header-content-length"
 
@@ -24,22 +23,22 @@ HEADER_LENGTH = "inference-header-content-length"
 @dataclass(frozen=True)
 class InferRequest:
     id: str | None
-    images: np.ndarray  # validated float32 [N, C, H, W]
+    images: np.ndarray  # validated float32 [N, *sample_shape]
     binary_output: bool  # answer `logits` with the binary tensor extension
 
 
-def model_metadata(info: ModelInfo) -> dict:
+def model_metadata(contract: Contract) -> dict:
     return {
-        "name": MODEL_NAME,
+        "name": contract.name,
         "versions": [MODEL_VERSION],
         "platform": "onnxruntime_onnx",
-        "inputs": [{"name": info.input_name, "datatype": "FP32", "shape": [-1, *info.image_shape]}],
-        "outputs": [{"name": info.output_name, "datatype": "FP32", "shape": [-1, len(info.labels)]}],
+        "inputs": [{"name": contract.input_name, "datatype": "FP32", "shape": [-1, *contract.sample_shape]}],
+        "outputs": [{"name": contract.output_name, "datatype": "FP32", "shape": [-1, contract.classes]}],
     }
 
 
 def server_metadata(version: str) -> dict:
-    return {"name": "fashion-mnist-bentoml", "version": version, "extensions": ["binary_tensor_data"]}
+    return {"name": "bnfold-bentoml", "version": version, "extensions": ["binary_tensor_data"]}
 
 
 def _split_body(body: bytes, header_length: str | None) -> tuple[bytes, bytes]:
@@ -73,7 +72,7 @@ def _wants_binary(request: dict, output_name: str) -> bool:
     return wanted
 
 
-def parse_infer_request(body: bytes, header_length: str | None, info: ModelInfo, spec: InputSpec) -> InferRequest:
+def parse_infer_request(body: bytes, header_length: str | None, info: Contract, spec: InputSpec) -> InferRequest:
     json_part, binary_part = _split_body(body, header_length)
     request = parse_json(json_part)
     if not isinstance(request, dict):
@@ -90,8 +89,8 @@ def parse_infer_request(body: bytes, header_length: str | None, info: ModelInfo,
     if not (isinstance(shape, list) and shape and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)):
         raise unprocessable('"shape" must be a list of non-negative integers')
     count = int(np.prod(shape))
-    if count > spec.max_images * spec.pixels_per_image:
-        raise too_large(f"tensor of shape {shape} is over the limit of {spec.max_images} images per request")
+    if count > spec.max_images * spec.sample_size:
+        raise too_large(f"tensor of shape {shape} is over the limit of {spec.max_images} inputs per request")
 
     params = tensor.get("parameters") or {}
     binary_size = params.get("binary_data_size") if isinstance(params, dict) else None
@@ -120,10 +119,10 @@ def parse_infer_request(body: bytes, header_length: str | None, info: ModelInfo,
     )
 
 
-def infer_response(request: InferRequest, logits: np.ndarray, output_name: str) -> tuple[bytes, dict[str, str]]:
-    """Body and extra headers of the v2 response."""
+def infer_response(request: InferRequest, logits: np.ndarray, output_name: str, model_name: str) -> tuple[bytes, dict[str, str]]:
+    """Body and extra headers of the v2 response (`logits`: the graph's output as it is)."""
     output: dict = {"name": output_name, "shape": list(logits.shape), "datatype": "FP32"}
-    head: dict = {"model_name": MODEL_NAME, "model_version": MODEL_VERSION}
+    head: dict = {"model_name": model_name, "model_version": MODEL_VERSION}
     if request.id is not None:
         head["id"] = request.id
     head["outputs"] = [output]

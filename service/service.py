@@ -1,49 +1,51 @@
-"""The BentoML service: `bentoml serve service.service:FashionMNISTClassifier --port 3000`.
+"""The BentoML service: `bentoml serve service.service:Classifier --port 3000` (docs/service.md).
 
-One `@bentoml.service` class owns the onnxruntime session (one per worker process); the HTTP
-routes live in `http_app.py`, mounted into the service so BentoML's /livez, /readyz, /metrics,
-workers, traffic limits and `bentoml build` / `containerize` all still apply.
-Never imports torch (tests check it).
+Serves any model of the ONNX contract (docs/onnx-contract.md). One class: the decorator holds the
+BentoML config, `__init__` builds this worker's runtime (one onnxruntime session, the fault guard),
+and each route is one method marked with `@route` (service/routing.py), the only place its
+behaviour is written; /docs.json and /schema.json are generated from the same marks.
+Never imports torch, training/, export/ or common/ (a bento ships service/ only).
 """
 
 from __future__ import annotations
 
-import contextlib
+import asyncio
 import gc
 import logging
 import os
 import sys
-from http import HTTPStatus
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Annotated
 
 import bentoml
 import numpy as np
-from bentoml.validators import ContentType
+from starlette.requests import Request
+from starlette.responses import Response
 
+from . import oip
 from .config import Settings
+from .contract import ModelLoadError, load_contract, read_header, read_verified, parse_contract
+from .docs import client_schema, openapi
+from .errors import ClientError, bad_request, too_large, unprocessable, unsupported_media
+from .guard import Guard, install_protocol, install_supervisor
+from .images import upload_to_input
+from .inputs import InputSpec, images_from_json, images_from_npy, images_from_raw_float32, parse_bool
 from .batching import MicroBatcher
-from .errors import ClientError
-from .http_app import HotPathMiddleware, Runtime, build_app, hot_endpoints, predictions
-from .images import decode_image
-from .inputs import InputSpec, as_numeric_array, check_batch
-from .model import ModelLoadError, OnnxClassifier
+from .model import Model
+from .routing import BODY_READ, JSON, Router, error_response, json_response, route, routes_of
 
 logger = logging.getLogger("bentoml.service")
 
 SETTINGS = Settings.from_env(vars(bentoml.use_arguments()))
+SERVICE_NAME = "bnfold"
 STORE_MODEL_FILE = "model.onnx"
-
-_runtime: Runtime | None = None
-
-
-def current_runtime() -> Runtime:
-    if _runtime is None:  # routes are only reachable after the lifespan built the service
-        raise RuntimeError("service not initialised")
-    return _runtime
-
-
-app = build_app(current_runtime)
+STATIC = Path(__file__).with_name("static")
+RAW_FLOAT32 = "application/octet-stream"
+NPY = "application/x-npy"
+MULTIPART = "multipart/form-data"
+TENSOR_ERRORS = {400: "", 413: "", 415: "", 422: "", 503: ""}
+PAGE_HEADERS = {"content-security-policy": "default-src 'self'; img-src 'self' data: blob:",
+                "x-content-type-options": "nosniff"}
 
 
 def resolve_model_path(settings: Settings) -> str:
@@ -52,40 +54,300 @@ def resolve_model_path(settings: Settings) -> str:
         try:
             return bentoml.models.get(settings.model_tag).path_of(STORE_MODEL_FILE)
         except bentoml.exceptions.NotFound:
-            raise ModelLoadError(
-                f"model {settings.model_tag!r} is not in the BentoML model store; run `make bento`"
-            ) from None
+            raise ModelLoadError(f"model {settings.model_tag!r} is not in the BentoML model store; run `make bento`") from None
     return settings.model_path
 
 
-def load_classifier(settings: Settings) -> OnnxClassifier:
-    model_path = resolve_model_path(settings)
-    return OnnxClassifier(
-        model_path,
-        provider=settings.provider,
-        intra_op_threads=settings.intra_op_threads,
-        chunk_images=settings.chunk_images,
-    )
-
-
 def refuse_bad_model_early(settings: Settings) -> None:
-    """Check the model when the module is imported, i.e. in `bentoml serve`'s own process.
+    """In `bentoml serve`'s own process (and `bentoml build`): checksum + contract, no session.
 
-    A worker that fails in __init__ is respawned by BentoML's supervisor forever; failing here
-    stops `bentoml serve` (and `bentoml build`) at once with one line and exit status 2.
-    """
+    A worker that fails in __init__ is respawned by the supervisor forever; failing here stops
+    `bentoml serve` at once with one line and exit status 2. Workers skip this (their __init__
+    does the same checks on the bytes it loads)."""
     try:
-        load_classifier(settings)
+        path = Path(resolve_model_path(settings))
+        data, sha256 = read_verified(path)
+        header = read_header(data)
+        parse_contract(header.metadata, sha256, str(path), header)
     except ModelLoadError as exc:
         print(f"refusing to start: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
 
 
-refuse_bad_model_early(SETTINGS)
+def in_worker() -> bool:
+    from bentoml._internal.context import server_context
+
+    return getattr(server_context, "worker_index", None) is not None
 
 
-@bentoml.service(
-    name="fashion_mnist_classifier",
+if not in_worker():
+    refuse_bad_model_early(SETTINGS)
+    if SETTINGS.fast_respawn:
+        install_supervisor(SETTINGS.drain_s)
+install_protocol()
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The whole body, refused with 413 as soon as it is known to exceed `limit` bytes."""
+    if request.headers.get("content-encoding", "identity").lower() != "identity":
+        raise unsupported_media("Content-Encoding is not supported; send the body uncompressed")
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        if not declared.isdigit():
+            raise bad_request("Content-Length must be a number")
+        if int(declared) > limit:
+            raise too_large(f"request body of {int(declared)} bytes is over the limit of {limit} (MAX_BODY_BYTES)")
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise too_large(f"request body is over the limit of {limit} bytes (MAX_BODY_BYTES)")
+        chunks.append(chunk)
+    request.scope[BODY_READ] = True
+    body = b"".join(chunks)
+    request._body = body  # let request.form() reuse what was read instead of the drained stream
+    return body
+
+
+def media_type_of(request: Request) -> str:
+    return request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+
+
+class Classifier:
+    # Declared only when a store model is wanted, so `make serve` works from a plain checkout;
+    # `make bento` builds with `--arg model_tag=...`, so the bento carries the model.
+    if SETTINGS.model_tag:
+        bento_model = bentoml.models.BentoModel(SETTINGS.model_tag)
+
+    def __init__(self) -> None:
+        settings = self.settings = SETTINGS
+        try:
+            contract, data = load_contract(resolve_model_path(settings))
+            self.model = Model(contract, data, settings.provider, settings.intra_op_threads, settings.chunk_images)
+        except ModelLoadError as exc:  # changed since start-up: say so in one line
+            logger.error("refusing to start: %s", exc)
+            raise SystemExit(f"refusing to start: {exc}") from None
+        del data
+        self.contract = contract
+        self.spec = InputSpec.of(contract, settings.max_images)
+        self.inline_samples = max(1, int(settings.inline_budget_ms / 1000 / max(self.model.seconds_per_sample, 1e-9)))
+        self.executor = ThreadPoolExecutor(1, thread_name_prefix="onnx")  # onnxruntime has its own threads
+        self.batcher = MicroBatcher(self.model.run, min(settings.batch_max_images, self.inline_samples))
+        self.guard = Guard(settings)
+        self.guard.start()
+        self.docs_json = json_response(openapi(ROUTES, contract, SERVICE_NAME, settings.max_images, settings.max_body_bytes)).body
+        self.schema_json = json_response(client_schema(ROUTES, SERVICE_NAME)).body
+        self.static = {name: (STATIC / name).read_bytes() for name in ("index.html", "page.js", "page.css", "docs.html", "docs.js")}
+        self.about = self.describe()
+        if settings.gc_freeze:
+            # Everything loaded so far lives as long as the worker: out of the collector's reach,
+            # so a full collection under load walks only request garbage (a latency tail otherwise).
+            gc.collect()
+            gc.freeze()
+        logger.info("serving %s (%s %s, %d classes, sha256 %s…) on %s; %.3f ms per input; inline up to %d "
+                    "inputs per call; worker pid %d", contract.name, contract.layout, list(contract.input_shape),
+                    contract.classes, contract.sha256[:12], self.model.device.upper(),
+                    1000 * self.model.seconds_per_sample, self.inline_samples, os.getpid())
+
+    def describe(self) -> dict:
+        c, s, m = self.contract, self.settings, self.model
+        return {
+            "model": {"name": c.name, "sha256": c.sha256, "path": c.path, "contract_version": c.version,
+                      "arch": c.metadata.get("arch"), "folded": c.metadata.get("folded"),
+                      "test_accuracy": float(c.metadata["test_accuracy"]) if c.metadata.get("test_accuracy", "").replace(".", "", 1).isdigit() else None,
+                      "onnx_metadata": {k: v for k, v in c.metadata.items() if k != "fold_report"}},
+            "labels": list(c.labels),
+            "input": {"name": c.input_name, "layout": c.layout, "shape": list(c.input_shape),
+                      "accepted_shapes": c.accepted_shapes, "channels": c.channels, "height": c.height,
+                      "width": c.width, "range": list(c.input_range) if c.input_range else None,
+                      "background": c.background, "dtype": "float32", "max_images_per_request": s.max_images,
+                      "max_body_bytes": s.max_body_bytes, "content_types": [JSON, RAW_FLOAT32, NPY],
+                      "classify": c.classify_refusal is None},
+            "output": {"name": c.output_name, "kind": c.output_kind, "shape": [None, c.classes]},
+            "runtime": {"providers": m.providers, "device": m.device, "intra_op_threads": m.intra_op_threads,
+                        "ms_per_input": round(1000 * m.seconds_per_sample, 4), "inline_max_inputs": self.inline_samples,
+                        "batch_max_inputs": self.batcher.max_batch,
+                        "workers": s.workers, "bentoml_version": bentoml.__version__},
+            "settings": s.public(),
+        }
+
+    async def run(self, batch: np.ndarray) -> np.ndarray:
+        """The model's output for a validated batch: small ones coalesce with the other requests
+        of this loop pass into one call on the event loop (no thread hop); a batch bigger than the
+        inline budget runs in this worker's inference thread so the loop keeps answering."""
+        if batch.shape[0] <= self.batcher.max_batch:
+            return await self.batcher(batch)
+        return await asyncio.get_running_loop().run_in_executor(self.executor, self.model.run, batch)
+
+    def predictions(self, output: np.ndarray) -> list[dict]:
+        probabilities = self.model.probabilities(output)
+        labels = self.contract.labels
+        return [{"label": labels[c], "class_id": c, "probabilities": row}
+                for c, row in zip(probabilities.argmax(axis=1).tolist(), probabilities)]
+
+    # --- the model --------------------------------------------------------------------------
+
+    @route("POST", "/predict", "Classify a batch of inputs of the model's own shape",
+           body={JSON: "Images", RAW_FLOAT32: "RawFloat32", NPY: "Npy"},
+           answers={200: "Predictions", **TENSOR_ERRORS}, client=True)
+    async def predict(self, request: Request) -> Response:
+        media_type = media_type_of(request)
+        parse = {"": images_from_json, JSON: images_from_json, RAW_FLOAT32: images_from_raw_float32,
+                 NPY: images_from_npy}.get(media_type)
+        if parse is None:
+            raise unsupported_media(f"Content-Type {media_type!r} is not supported by /predict; "
+                                    f"use {JSON}, {RAW_FLOAT32} (raw float32) or {NPY}")
+        batch = parse(await read_body(request, self.settings.max_body_bytes), self.spec)
+        return json_response({"predictions": self.predictions(await self.run(batch))})
+
+    @route("POST", "/classify", "Classify one uploaded PNG/JPEG (image models)", body={MULTIPART: "Upload"},
+           answers={200: "Prediction", **TENSOR_ERRORS}, client=True)
+    async def classify(self, request: Request) -> Response:
+        if self.contract.classify_refusal:
+            raise unprocessable(self.contract.classify_refusal)
+        media_type = media_type_of(request)
+        if media_type != MULTIPART:
+            raise unsupported_media(f"Content-Type {media_type or 'none'!r} is not supported by /classify; "
+                                    "upload the picture as multipart/form-data with a field named 'image'")
+        await read_body(request, self.settings.max_body_bytes)
+        try:
+            form = await request.form(max_files=1, max_fields=8)
+        except ClientError:
+            raise
+        except Exception as exc:  # starlette/python-multipart raise several types for a broken form
+            raise bad_request(f"malformed multipart/form-data body: {exc}") from None
+        try:
+            upload = form.get("image")
+            if upload is None or isinstance(upload, str):
+                raise unprocessable("multipart form needs a file field named 'image'")
+            invert = form.get("invert")
+            if invert is not None and not isinstance(invert, str):
+                raise unprocessable("'invert' must be a plain form field, not a file")
+            invert = None if invert is None or invert.strip().lower() == "auto" else parse_bool(invert, "invert")
+            data = await upload.read()
+        finally:
+            await form.close()
+        batch = upload_to_input(data, self.contract, invert, self.settings.classify_margin)
+        return json_response(self.predictions(await self.run(batch))[0])
+
+    @route("GET", "/metadata", "The served model: labels, input shape/layout/range, output, limits",
+           answers={200: "Metadata"})
+    async def metadata(self, request: Request) -> Response:
+        return json_response({**self.about, "runtime": {**self.about["runtime"], "pid": os.getpid(),
+                                                         "guard": self.guard.stats(), "batching": self.batcher.stats()}})
+
+    # --- probes and docs ----------------------------------------------------------------------
+
+    @route("GET", "/readyz", "Readiness: 503 from the moment the worker got SIGTERM", answers={200: "Ready", 503: ""},
+           tag="probes")
+    async def readyz(self, request: Request) -> Response:
+        if self.guard.draining:
+            return error_response(503, "draining: this worker got SIGTERM and is shutting down")
+        return json_response({"ready": True})
+
+    @route("GET", "/", "This page: upload or draw an image, see the label and the probabilities",
+           answers={200: "Text"}, produces="text/html", tag="page")
+    async def page(self, request: Request) -> Response:
+        return Response(self.static["index.html"], headers=PAGE_HEADERS, media_type="text/html")
+
+    @route("GET", "/ui/page.js", "The page's script", answers={200: "Text"}, produces="text/javascript", tag="page")
+    async def page_js(self, request: Request) -> Response:
+        return Response(self.static["page.js"], headers=PAGE_HEADERS, media_type="text/javascript")
+
+    @route("GET", "/ui/page.css", "The page's style sheet", answers={200: "Text"}, produces="text/css", tag="page")
+    async def page_css(self, request: Request) -> Response:
+        return Response(self.static["page.css"], headers=PAGE_HEADERS, media_type="text/css")
+
+    @route("GET", "/docs", "Swagger UI over /docs.json (BentoML's bundled assets)", answers={200: "Text"},
+           produces="text/html", tag="page")
+    async def docs(self, request: Request) -> Response:
+        return Response(self.static["docs.html"], headers=PAGE_HEADERS, media_type="text/html")
+
+    @route("GET", "/ui/docs.js", "Starts Swagger UI", answers={200: "Text"}, produces="text/javascript", tag="page")
+    async def docs_js(self, request: Request) -> Response:
+        return Response(self.static["docs.js"], headers=PAGE_HEADERS, media_type="text/javascript")
+
+    @route("GET", "/docs.json", "This document (OpenAPI 3)", answers={200: "Text"}, tag="page")
+    async def openapi(self, request: Request) -> Response:
+        return Response(self.docs_json, media_type=JSON)
+
+    @route("GET", "/schema.json", "The routes in BentoML's client format (bentoml.SyncHTTPClient)",
+           answers={200: "Text"}, tag="page")
+    async def schema(self, request: Request) -> Response:
+        return Response(self.schema_json, media_type=JSON)
+
+    # --- Open Inference Protocol v2 (KServe / Triton HTTP) ------------------------------------
+
+    def check_model(self, request: Request) -> None:
+        name, version = request.path_params["name"], request.path_params.get("version")
+        if name != self.contract.name:
+            raise ClientError(404, f"unknown model {name!r}; this server has {self.contract.name!r}")
+        if version is not None and version != oip.MODEL_VERSION:
+            raise ClientError(404, f"unknown version {version!r} of {name!r}; available: {oip.MODEL_VERSION!r}")
+
+    @route("GET", "/v2", "OIP v2 server metadata", answers={200: "ServerMetadataV2"}, tag="oip-v2")
+    async def v2_server(self, request: Request) -> Response:
+        return json_response(oip.server_metadata(bentoml.__version__))
+
+    @route("GET", "/v2/health/live", "OIP v2 liveness", answers={200: "Live"}, tag="oip-v2")
+    async def v2_live(self, request: Request) -> Response:
+        return json_response({"live": True})
+
+    @route("GET", "/v2/health/ready", "OIP v2 readiness (false while draining)", answers={200: "Ready", 503: ""},
+           tag="oip-v2")
+    async def v2_ready(self, request: Request) -> Response:
+        return json_response({"ready": not self.guard.draining}, 503 if self.guard.draining else 200)
+
+    @route("GET", "/v2/models/{name}", "OIP v2 model metadata", answers={200: "ModelMetadataV2", 404: ""}, tag="oip-v2")
+    async def v2_model(self, request: Request) -> Response:
+        self.check_model(request)
+        return json_response(oip.model_metadata(self.contract))
+
+    @route("GET", "/v2/models/{name}/versions/{version}", "OIP v2 model metadata (version 1)",
+           answers={200: "ModelMetadataV2", 404: ""}, tag="oip-v2")
+    async def v2_model_version(self, request: Request) -> Response:
+        return await self.v2_model(request)
+
+    @route("GET", "/v2/models/{name}/ready", "OIP v2 model readiness", answers={200: "Ready", 404: ""}, tag="oip-v2")
+    async def v2_model_ready(self, request: Request) -> Response:
+        self.check_model(request)
+        return json_response({"name": self.contract.name, "ready": not self.guard.draining})
+
+    @route("GET", "/v2/models/{name}/versions/{version}/ready", "OIP v2 model readiness (version 1)",
+           answers={200: "Ready", 404: ""}, tag="oip-v2")
+    async def v2_model_version_ready(self, request: Request) -> Response:
+        return await self.v2_model_ready(request)
+
+    @route("POST", "/v2/models/{name}/infer", "OIP v2 inference: JSON tensors or the binary tensor extension",
+           body={JSON: "InferRequestV2", RAW_FLOAT32: "Binary"},
+           answers={200: "InferResponseV2", 404: "", **TENSOR_ERRORS}, tag="oip-v2")
+    async def v2_infer(self, request: Request) -> Response:
+        self.check_model(request)
+        media_type = media_type_of(request)
+        if media_type not in ("", JSON, RAW_FLOAT32):
+            raise unsupported_media(f"Content-Type {media_type!r} is not supported; use {JSON}")
+        body = await read_body(request, self.settings.max_body_bytes)
+        infer = oip.parse_infer_request(body, request.headers.get(oip.HEADER_LENGTH), self.contract, self.spec)
+        content, headers = oip.infer_response(infer, await self.run(infer.images), self.contract.output_name,
+                                              self.contract.name)
+        return Response(content, 200, headers={k: v for k, v in headers.items() if k != "content-type"},
+                        media_type=headers["content-type"])
+
+    @route("POST", "/v2/models/{name}/versions/{version}/infer", "OIP v2 inference (version 1)",
+           body={JSON: "InferRequestV2", RAW_FLOAT32: "Binary"},
+           answers={200: "InferResponseV2", 404: "", **TENSOR_ERRORS}, tag="oip-v2")
+    async def v2_infer_version(self, request: Request) -> Response:
+        return await self.v2_infer(request)
+
+    @bentoml.on_shutdown
+    def close(self) -> None:
+        self.executor.shutdown(wait=False)
+
+
+ROUTES = routes_of(Classifier)
+Classifier = bentoml.service(
+    name=SERVICE_NAME,
     workers=SETTINGS.workers,
     traffic={"timeout": SETTINGS.request_timeout_s},
     metrics={"enabled": SETTINGS.metrics},
@@ -94,137 +356,6 @@ refuse_bad_model_early(SETTINGS)
     # middleware still builds one per request (~10% of a worker's CPU under load, py-spy):
     # exclude every URL unless TRACING is on.
     **({} if SETTINGS.tracing else {"tracing": {"excluded_urls": [".*"]}}),
-)
-@bentoml.asgi_app(app, path="/")
-class FashionMNISTClassifier:
-    # Declared only when a store model is wanted, so `make serve` works from a plain checkout;
-    # `make bento` builds with `--arg model_tag=...`, so the bento carries the model and, served
-    # or containerized, loads it from its own model store.
-    if SETTINGS.model_tag:
-        bento_model = bentoml.models.BentoModel(SETTINGS.model_tag)
-
-    def __init__(self) -> None:
-        global _runtime
-        settings = SETTINGS
-        try:
-            classifier = load_classifier(settings)
-        except ModelLoadError as exc:  # changed since the import-time check: say so in one line
-            logger.error("refusing to start: %s", exc)
-            raise SystemExit(f"refusing to start: {exc}") from None
-        info = classifier.info
-        spec = InputSpec(
-            image_shape=info.image_shape,  # type: ignore[arg-type]
-            value_range=info.input_range,
-            max_images=settings.max_images,
-        )
-        batcher = MicroBatcher(
-            classifier.logits_and_probabilities,
-            max_batch_images=settings.batch_max_images,
-            inline_max_images=settings.batch_inline_max_images,
-            mode=settings.batch_mode,
-        )
-        self.runtime = Runtime(
-            classifier=classifier,
-            spec=spec,
-            batcher=batcher,
-            max_body_bytes=settings.max_body_bytes,
-            describe=lambda: self.describe(),
-        )
-        _runtime = self.runtime
-        if settings.gc_freeze:
-            # Everything loaded so far (BentoML, numpy, onnxruntime, the model) lives as long as the
-            # worker: move it out of the collector's reach, so a full collection under load walks
-            # only request garbage instead of the whole heap (a latency tail otherwise).
-            gc.collect()
-            gc.freeze()
-        logger.info(
-            "serving %s from %s on %s (%s); worker pid %d",
-            info.arch, info.path, classifier.device.upper(), ", ".join(classifier.providers), os.getpid(),
-        )
-
-    def describe(self) -> dict:
-        rt = self.runtime
-        info = rt.classifier.info
-        return {
-            "model": {
-                "name": "fashion-mnist",
-                "arch": info.arch,
-                "test_accuracy": info.test_accuracy,
-                "sha256": info.sha256,
-                "path": info.path,
-                "folded": info.metadata.get("folded"),
-                "onnx_metadata": {k: v for k, v in info.metadata.items() if k != "fold_report"},
-            },
-            "labels": list(info.labels),
-            "input": {
-                "name": info.input_name,
-                "layout": info.input_layout,
-                "shape": list(info.input_shape),
-                "accepted_shapes": [[None, *info.image_shape[1:]], [None, *info.image_shape]],
-                "dtype": "float32",
-                "range": list(info.input_range),
-                "max_images_per_request": rt.spec.max_images,
-                "max_body_bytes": rt.max_body_bytes,
-                "content_types": ["application/json", "application/octet-stream", "application/x-npy"],
-            },
-            "output": {"name": info.output_name, "shape": [None, len(info.labels)]},
-            "runtime": {
-                "provider_setting": rt.classifier.provider_setting,
-                "providers": rt.classifier.providers,
-                "device": rt.classifier.device,
-                "intra_op_threads": rt.classifier.intra_op_threads,
-                "chunk_images": rt.classifier.chunk_images,
-                "workers": SETTINGS.workers,
-                "pid": os.getpid(),
-                "bentoml_version": bentoml.__version__,
-            },
-            "batching": {
-                "max_images_per_call": rt.batcher.max_batch_images,
-                "inline_max_images": rt.batcher.inline_max_images,
-                **rt.batcher.stats(),
-            },
-        }
-
-    # The typed BentoML API: the same /predict and /classify, declared so that BentoML's OpenAPI
-    # page (/docs) and its Python clients (`bentoml.SyncHTTPClient(url).predict(images=...)`)
-    # know them. Over HTTP the HotPathMiddleware answers these two routes first, with the same
-    # wire format ({"images": ...} JSON; multipart `image` + `invert`), so these bodies serve
-    # in-process calls; they run the same checks and the same batcher.
-    @bentoml.api(route="/predict")
-    async def predict(self, images: np.ndarray) -> dict:
-        """Classify a batch: images [N,28,28] or [N,1,28,28], pixel values in [0,1]."""
-        rt = self.runtime
-        with client_errors_as_http():
-            batch = check_batch(as_numeric_array(images, '"images"'), rt.spec, '"images"')
-        _, probabilities = await rt.batcher(batch)
-        return {"predictions": as_plain(predictions(rt.labels, probabilities))}
-
-    @bentoml.api(route="/classify")
-    async def classify(self, image: Annotated[Path, ContentType("image/*")], invert: bool = False) -> dict:
-        """Classify one PNG/JPEG of any size; invert=True for a dark object on a light background."""
-        rt = self.runtime
-        with client_errors_as_http():
-            pixels = decode_image(Path(image).read_bytes(), invert=invert, size=rt.spec.image_shape[-1])
-        _, probabilities = await rt.batcher(pixels)
-        return as_plain(predictions(rt.labels, probabilities))[0]
-
-    @bentoml.on_shutdown
-    def close(self) -> None:
-        self.runtime.batcher.close()
-
-
-@contextlib.contextmanager
-def client_errors_as_http():
-    """ClientError -> BentoMLException with the same status, which BentoML answers as a 4xx."""
-    try:
-        yield
-    except ClientError as exc:
-        raise bentoml.exceptions.BentoMLException(exc.message, error_code=HTTPStatus(exc.status)) from None
-
-
-def as_plain(rows: list[dict]) -> list[dict]:
-    """Probabilities as lists of floats: BentoML's JSON encoder, unlike orjson, wants no ndarrays."""
-    return [{**row, "probabilities": np.asarray(row["probabilities"]).tolist()} for row in rows]
-
-
-FashionMNISTClassifier.add_asgi_middleware(HotPathMiddleware, endpoints=hot_endpoints(current_runtime))
+)(Classifier)
+Classifier.add_asgi_middleware(Router, routes=ROUTES)
+FashionMNISTClassifier = Classifier  # the import path loadtest/ and older commands use

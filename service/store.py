@@ -2,31 +2,28 @@
 
     python -m service.store artifacts/model.onnx     # prints the tag, e.g. fashion-mnist:3f2a...
 
-The version is the model's sha256 prefix, so importing the same file twice is a no-op and a
-new export gets a new version. The checksum and metadata are verified before anything is stored.
+The tag is the model's contract name and its sha256 prefix, so importing the same file twice is a
+no-op and a new export gets a new version. The checksum and contract are verified first.
 """
 
 from __future__ import annotations
 
 import argparse
-import shutil
 import sys
 from pathlib import Path
-
-MODEL_NAME = "fashion-mnist"
 
 
 def import_model(model_path: Path) -> str:
     import bentoml
 
-    from .model import ModelLoadError, OnnxClassifier
+    from .contract import ModelLoadError, load_contract
 
     try:
-        classifier = OnnxClassifier(model_path, provider="cpu")  # checks sha256 and the contract
+        info, data = load_contract(model_path)  # checks sha256 and the contract
     except ModelLoadError as exc:
-        raise SystemExit(f"cannot import: {exc}") from None
-    info = classifier.info
-    tag = f"{MODEL_NAME}:{info.sha256[:20]}"
+        print(f"cannot import: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+    tag = f"{info.name}:{info.sha256[:20]}"
     try:
         bentoml.models.get(tag)
         return tag  # same bytes already stored
@@ -34,18 +31,21 @@ def import_model(model_path: Path) -> str:
         pass
     with bentoml.models.create(
         tag,
-        labels={"arch": info.arch, "folded": info.metadata.get("folded", "")},
-        metadata={"sha256": info.sha256, "test_accuracy": info.test_accuracy, "labels": list(info.labels)},
+        labels={"arch": info.metadata.get("arch", ""), "folded": info.metadata.get("folded", "")},
+        metadata={"sha256": info.sha256, "test_accuracy": info.metadata.get("test_accuracy"), "labels": list(info.labels)},
     ) as stored:
-        # The store copy keeps the export's file names, so the service checks it the same way.
-        shutil.copyfile(model_path, Path(stored.path) / "model.onnx")
+        # The store copy keeps the export's file names, so the service checks it the same way;
+        # it is the bytes that were verified, not a second read of the file.
+        Path(stored.path, "model.onnx").write_bytes(data)
         Path(stored.path, "model.onnx.sha256").write_text(f"{info.sha256}  model.onnx\n", encoding="utf-8")
     return tag
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("model", type=Path, nargs="?", default=Path("artifacts/model.onnx"))
+    parser = argparse.ArgumentParser(prog="python -m service.store", description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("model", type=Path, nargs="?", default=Path("artifacts/model.onnx"),
+                        help="the exported model.onnx (its .sha256 beside it)")
     args = parser.parse_args(argv)
     print(import_model(args.model))
     return 0

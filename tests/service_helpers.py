@@ -1,147 +1,110 @@
-"""Helpers for the service tests: a stand-in model, real test images, a `bentoml serve` process.
+"""Helpers for the service tests: contract-v2 stand-in models built with onnx.helper (no torch, so
+they are fast and independent of training), and `bentoml serve` as a common.procs.ServerProcess.
 
-The stand-in is a small seeded CNN built directly with onnx.helper (no torch, so it is fast and
-the service tests never depend on training); it follows docs/onnx-contract.md exactly. When the
-lead's `model_dir` fixture (a really exported model) exists, the tests use that instead.
+Stand-ins (`build_model(out_dir, kind)`), each a small seeded network with the contract's metadata:
+- "fmnist-v1": [N,1,28,28] NCHW, 10 Fashion-MNIST labels, logits, no contract_version (version 1);
+- "rgb32": [N,3,32,32] NCHW RGB, 10 logits, range [0, 1], image_background unknown;
+- "nhwc28": [N,28,28,1] NHWC, Keras-like (Transpose to NCHW inside), ends in Softmax:
+  output_kind probabilities, image_background dark, range [0, 255];
+- "features": [N,20] NC flat features, 3 classes, range [-5, 5] (/classify refuses it).
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
-import signal
-import socket
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 
-REPO = Path(__file__).resolve().parents[1]
-DATA_DIR = Path(os.environ.get("DATA_DIR", "/usr/share/datasets/fashion-mnist"))
+from common.files import write_with_checksum
+from common.procs import REPO, ServerProcess, free_port
+
 LABELS = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
+SERVICE_TARGET = "service.service:Classifier"
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+def _conv_net(rng, in_channels: int, size: int, classes: int, nodes: list, inits: list, x: str, out: str) -> str:
+    """conv3x3 -> relu -> maxpool2 -> flatten -> gemm, appended to nodes/inits; returns the output name."""
+    from onnx import helper, numpy_helper
+
+    conv_w = (rng.standard_normal((8, in_channels, 3, 3)) * 0.5).astype(np.float32)
+    pooled = (size - 2) // 2
+    inits += [numpy_helper.from_array(conv_w, "conv_w"),
+              numpy_helper.from_array((rng.standard_normal(8) * 0.1).astype(np.float32), "conv_b"),
+              numpy_helper.from_array((rng.standard_normal((classes, 8 * pooled * pooled)) * 0.05).astype(np.float32), "fc_w"),
+              numpy_helper.from_array((rng.standard_normal(classes) * 0.1).astype(np.float32), "fc_b")]
+    nodes += [helper.make_node("Conv", [x, "conv_w", "conv_b"], ["conv"], kernel_shape=[3, 3]),
+              helper.make_node("Relu", ["conv"], ["relu"]),
+              helper.make_node("MaxPool", ["relu"], ["pool"], kernel_shape=[2, 2], strides=[2, 2]),
+              helper.make_node("Flatten", ["pool"], ["flat"], axis=1),
+              helper.make_node("Gemm", ["flat", "fc_w", "fc_b"], [out], transB=1)]
+    return out
 
 
-def build_standin_model(out_dir: Path, seed: int = 0) -> Path:
-    """conv3x3(1->8) -> relu -> maxpool2 -> flatten -> gemm(10), normalization in the graph."""
+def build_model(out_dir: Path, kind: str = "fmnist-v1", seed: int = 0) -> Path:
+    """Write out_dir/model.onnx (+ .sha256) of the given kind (module docstring); returns its path."""
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
     rng = np.random.default_rng(seed)
-    mean, std = 0.2860, 0.3530
-    inits = [
-        numpy_helper.from_array(np.array(mean, np.float32), "mean"),
-        numpy_helper.from_array(np.array(std, np.float32), "std"),
-        numpy_helper.from_array((rng.standard_normal((8, 1, 3, 3)) * 0.5).astype(np.float32), "conv_w"),
-        numpy_helper.from_array((rng.standard_normal(8) * 0.1).astype(np.float32), "conv_b"),
-        numpy_helper.from_array((rng.standard_normal((10, 8 * 13 * 13)) * 0.05).astype(np.float32), "fc_w"),
-        numpy_helper.from_array((rng.standard_normal(10) * 0.1).astype(np.float32), "fc_b"),
-    ]
-    nodes = [
-        helper.make_node("Sub", ["image", "mean"], ["centered"]),
-        helper.make_node("Div", ["centered", "std"], ["normalized"]),
-        helper.make_node("Conv", ["normalized", "conv_w", "conv_b"], ["conv"], kernel_shape=[3, 3]),
-        helper.make_node("Relu", ["conv"], ["relu"]),
-        helper.make_node("MaxPool", ["relu"], ["pool"], kernel_shape=[2, 2], strides=[2, 2]),
-        helper.make_node("Flatten", ["pool"], ["flat"], axis=1),
-        helper.make_node("Gemm", ["flat", "fc_w", "fc_b"], ["logits"], transB=1),
-    ]
-    graph = helper.make_graph(
-        nodes,
-        "standin",
-        [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["batch", 1, 28, 28])],
-        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 10])],
-        initializer=inits,
-    )
+    nodes: list = []
+    inits: list = []
+    meta: dict[str, str] = {"arch": f"standin-{kind}", "folded": "true", "test_accuracy": "0.1000"}
+    if kind == "fmnist-v1":
+        shape, labels, in_name, out_name = ["batch", 1, 28, 28], LABELS, "image", "logits"
+        inits += [numpy_helper.from_array(np.array(0.286, np.float32), "mean"),
+                  numpy_helper.from_array(np.array(0.353, np.float32), "std")]
+        nodes += [helper.make_node("Sub", ["image", "mean"], ["centered"]),
+                  helper.make_node("Div", ["centered", "std"], ["normalized"])]
+        last = _conv_net(rng, 1, 28, 10, nodes, inits, "normalized", "logits")
+        meta.update(input_layout="NCHW", input_range="[0.0, 1.0]")
+    elif kind == "rgb32":
+        shape, labels, in_name, out_name = ["n", 3, 32, 32], [f"class_{i}" for i in range(10)], "pixels", "logits"
+        last = _conv_net(rng, 3, 32, 10, nodes, inits, "pixels", "logits")
+        meta.update(contract_version="2", name="cifar-standin", input_layout="NCHW", input_range="[0.0, 1.0]")
+    elif kind == "nhwc28":
+        shape, labels, in_name, out_name = ["N", 28, 28, 1], LABELS, "input_1", "output_0"
+        inits.append(numpy_helper.from_array(np.array(1 / 255, np.float32), "scale"))
+        nodes += [helper.make_node("Mul", ["input_1", "scale"], ["scaled"]),
+                  helper.make_node("Transpose", ["scaled"], ["nchw"], perm=[0, 3, 1, 2])]
+        logits = _conv_net(rng, 1, 28, 10, nodes, inits, "nchw", "scores")
+        last = "output_0"
+        nodes.append(helper.make_node("Softmax", [logits], ["output_0"], axis=-1))
+        meta.update(contract_version="2", name="keras-nhwc", input_layout="NHWC", input_range="[0.0, 255.0]",
+                    image_background="dark", output_kind="probabilities")
+    elif kind == "features":
+        shape, labels, in_name, out_name = ["batch", 20], ["low", "mid", "high"], "x", "scores"
+        inits += [numpy_helper.from_array((rng.standard_normal((20, 3))).astype(np.float32), "w"),
+                  numpy_helper.from_array(np.zeros(3, np.float32), "b")]
+        nodes += [helper.make_node("MatMul", ["x", "w"], ["xw"]), helper.make_node("Add", ["xw", "b"], ["scores"])]
+        last = "scores"
+        meta.update(contract_version="2", name="tabular", input_layout="NC", input_range="[-5.0, 5.0]")
+    else:
+        raise ValueError(f"unknown stand-in kind {kind!r}")
+    assert last == out_name
+    graph = helper.make_graph(nodes, f"standin_{kind}", [helper.make_tensor_value_info(in_name, TensorProto.FLOAT, shape)],
+                              [helper.make_tensor_value_info(out_name, TensorProto.FLOAT, [shape[0], len(labels)])],
+                              initializer=inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
     model.ir_version = 10
-    metadata = {
-        "labels": json.dumps(LABELS),
-        "input_name": "image",
-        "output_name": "logits",
-        "input_layout": "NCHW",
-        "input_shape": json.dumps([None, 1, 28, 28]),
-        "input_range": json.dumps([0.0, 1.0]),
-        "normalization": json.dumps({"mean": mean, "std": std}),
-        "arch": "standin-cnn",
-        "test_accuracy": "0.1000",
-        "weights_sha256": "0" * 64,
-        "torch_version": "none",
-        "onnx_version": onnx.__version__,
-        "fold_report": json.dumps({}),
-        "folded": "true",
-    }
-    for key, value in metadata.items():
+    meta.update(labels=json.dumps(labels), input_name=in_name, output_name=out_name,
+                input_shape=json.dumps([None, *shape[1:]]))
+    for key, value in meta.items():
         entry = model.metadata_props.add()
         entry.key, entry.value = key, value
     onnx.checker.check_model(model)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    data = model.SerializeToString()
-    path = out_dir / "model.onnx"
-    atomic_write_bytes(path, data)
-    atomic_write_bytes(out_dir / "model.onnx.sha256", f"{hashlib.sha256(data).hexdigest()}  model.onnx\n".encode())
+    path = Path(out_dir) / "model.onnx"
+    write_with_checksum(path, model.SerializeToString())
     return path
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def serve(model_path: Path, log_path: Path, port: int | None = None, **env: str) -> ServerProcess:
+    """`bentoml serve` of our service on 127.0.0.1 (not started yet: use as a context manager)."""
+    port = port or free_port()
+    argv = [sys.executable, "-m", "bentoml", "serve", SERVICE_TARGET, "--host", "127.0.0.1", "--port", str(port)]
+    return ServerProcess(argv, port, log_path, env={"MODEL_TAG": "", "MODEL_PATH": str(model_path), **env},
+                         name="bentoml serve")
 
 
-def service_env(model_path: Path, **extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in ("MODEL_TAG",)}
-    env.update({"MODEL_PATH": str(model_path), "BENTOML_DO_NOT_TRACK": "true", **extra})
-    return env
-
-
-class ServeProcess:
-    """`bentoml serve` in its own process group on 127.0.0.1:port; stop() kills the whole group."""
-
-    def __init__(self, model_path: Path, port: int, log_path: Path, **env: str) -> None:
-        self.port = port
-        self.url = f"http://127.0.0.1:{port}"
-        self.log_path = log_path
-        self._log = log_path.open("wb")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "bentoml", "serve", "service.service:FashionMNISTClassifier",
-             "--host", "127.0.0.1", "--port", str(port)],
-            cwd=REPO, env=service_env(model_path, **env), stdout=self._log, stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def wait_ready(self, timeout: float = 60.0) -> None:
-        import httpx
-
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"bentoml serve exited with {self.proc.returncode}:\n{self.log()[-3000:]}")
-            try:
-                if httpx.get(self.url + "/readyz", timeout=1.0).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
-        raise RuntimeError(f"bentoml serve not ready after {timeout}s:\n{self.log()[-3000:]}")
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(timeout=5)
-        self._log.close()
+__all__ = ["LABELS", "REPO", "build_model", "free_port", "serve"]

@@ -1,9 +1,12 @@
-"""Service pieces without a server: model loading and checksum, metadata, providers, input
-validation, image preprocessing, OIP v2 parsing, micro-batching, and the no-torch rule."""
+"""Service pieces without a server: the ONNX header reader and the contract (v1 and v2), checksum
+refusals, providers, the model (probabilities never softmaxed twice), request parsing for every
+layout, upload preprocessing (channels, polarity, crop, range, layout), OIP v2 parsing, batching,
+the guard's decisions, the generated docs, and the no-torch rule."""
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import io
 import json
 import os
@@ -12,164 +15,196 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import onnx
+import onnxruntime as ort
 import pytest
 from PIL import Image
 
 from service import oip
 from service.batching import MicroBatcher
+from service.contract import ModelLoadError, load_contract, parse_contract, read_header
+from service.docs import client_schema, openapi
 from service.errors import ClientError
-from service.images import decode_image, fit_on_canvas
+from service.guard import Guard, canned, is_work
+from service.images import crop_to_object, upload_to_input
 from service.inputs import InputSpec, images_from_json, images_from_npy, images_from_raw_float32, parse_bool
-from service.model import (
-    CPU,
-    CUDA,
-    ModelLoadError,
-    OnnxClassifier,
-    active_device,
-    choose_providers,
-    parse_metadata,
-    softmax,
-)
-from service_helpers import REPO, build_standin_model
+from service.model import CPU, CUDA, Model, active_device, choose_providers, softmax
+from service_helpers import LABELS, REPO, build_model
 
-SPEC = InputSpec(image_shape=(1, 28, 28), max_images=8)
+KINDS = ("fmnist-v1", "rgb32", "nhwc28", "features")
 
 
 @pytest.fixture(scope="module")
-def standin_dir(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("standin")
-    build_standin_model(out)
-    return out
+def models(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("standins")
+    return {kind: build_model(root / kind, kind) for kind in KINDS}
 
 
-def status_of(excinfo) -> int:
-    return excinfo.value.status
+def contract_of(models, kind):
+    return load_contract(models[kind])[0]
 
 
-# --- model file, checksum, metadata ---------------------------------------------------------
+def model_of(models, kind, **kwargs):
+    contract, data = load_contract(models[kind])
+    return Model(contract, data, "cpu", **kwargs)
 
 
-def test_classifier_loads_contract_metadata(standin_dir):
-    clf = OnnxClassifier(standin_dir / "model.onnx", provider="cpu")
-    assert clf.info.labels[0] == "T-shirt/top" and len(clf.info.labels) == 10
-    assert clf.info.image_shape == (1, 28, 28)
-    assert clf.info.input_range == (0.0, 1.0)
-    assert clf.providers == [CPU] and clf.device == "cpu"
-    probs = clf.predict_proba(np.random.default_rng(0).random((3, 1, 28, 28), dtype=np.float32))
-    assert probs.shape == (3, 10)
-    np.testing.assert_allclose(probs.sum(axis=1), 1.0, rtol=1e-5)
+def encode(image: Image.Image, fmt: str = "PNG") -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, format=fmt)
+    return buf.getvalue()
 
 
-def test_tampered_model_is_refused(standin_dir, tmp_path):
-    for name in ("model.onnx", "model.onnx.sha256"):
-        (tmp_path / name).write_bytes((standin_dir / name).read_bytes())
-    model = tmp_path / "model.onnx"
-    data = bytearray(model.read_bytes())
-    data[-1] ^= 0xFF
-    model.write_bytes(bytes(data))
-    with pytest.raises(ModelLoadError, match="does not match its recorded sha256"):
-        OnnxClassifier(model)
+# --- the ONNX header and the contract -------------------------------------------------------
 
 
-def test_missing_model_or_checksum_is_refused(standin_dir, tmp_path):
+@pytest.mark.parametrize("kind", KINDS)
+def test_header_reader_agrees_with_onnx(models, kind):
+    """Our protobuf walk reads the same metadata and graph inputs/outputs as onnx.load."""
+    model = onnx.load(models[kind])
+    header = read_header(models[kind].read_bytes())
+    assert dict(header.metadata) == {p.key: p.value for p in model.metadata_props}
+    dims = lambda vi: tuple(d.dim_value if d.HasField("dim_value") else d.dim_param for d in vi.type.tensor_type.shape.dim)
+    assert dict(header.inputs) == {vi.name: dims(vi) for vi in model.graph.input}
+    assert dict(header.outputs) == {vi.name: dims(vi) for vi in model.graph.output}
+
+
+def test_contract_v1_defaults_and_v2_keys(models):
+    v1 = contract_of(models, "fmnist-v1")
+    assert (v1.version, v1.name, v1.background, v1.output_kind) == (1, "fashion-mnist", "dark", "logits")
+    assert v1.accepted_shapes == [[None, 28, 28], [None, 1, 28, 28]] and (v1.channels, v1.height, v1.width) == (1, 28, 28)
+    rgb = contract_of(models, "rgb32")
+    assert (rgb.name, rgb.layout, rgb.channels, rgb.background, rgb.input_name) == ("cifar-standin", "NCHW", 3, None, "pixels")
+    assert rgb.accepted_shapes == [[None, 3, 32, 32]] and rgb.classify_refusal is None
+    nhwc = contract_of(models, "nhwc28")
+    assert (nhwc.layout, nhwc.channels, nhwc.height, nhwc.width) == ("NHWC", 1, 28, 28)
+    assert nhwc.accepted_shapes == [[None, 28, 28], [None, 28, 28, 1]]
+    assert nhwc.output_kind == "probabilities" and nhwc.input_range == (0.0, 255.0)
+    features = contract_of(models, "features")
+    assert (features.layout, features.channels, features.height, features.classes) == ("NC", None, None, 3)
+    assert "/predict" in features.classify_refusal
+
+
+def meta(**overrides) -> dict[str, str]:
+    base = {"labels": json.dumps(["a", "b"]), "input_name": "x", "output_name": "y", "input_shape": json.dumps([None, 4])}
+    base.update(overrides)
+    return {k: v for k, v in base.items() if v is not None}
+
+
+def test_contract_layout_defaults_by_rank():
+    assert parse_contract(meta()).layout == "NC"
+    assert parse_contract(meta(input_shape=json.dumps([None, 3, 8, 8]))).layout == "NCHW"
+    assert parse_contract(meta(input_shape=json.dumps([None, 2, 8]))).layout == "other"
+    assert parse_contract(meta(contract_version="2")).name == "model"  # the contract's default
+    assert parse_contract(meta(input_shape=json.dumps([None, 2, 8]), input_layout="NCW")).channels == 2
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"labels": None}, "lacks labels"),
+    ({"labels": "not json"}, "not JSON"),
+    ({"labels": json.dumps([1, 2])}, "list of strings"),
+    ({"input_shape": json.dumps([1, 4])}, r"\[null, d1"),
+    ({"input_shape": json.dumps([None])}, r"\[null, d1"),
+    ({"input_shape": json.dumps([None, 0])}, "positive"),
+    ({"input_layout": "NHWC"}, "rank-4"),
+    ({"input_layout": "CHW"}, "one of"),
+    ({"input_range": json.dumps([1, 0])}, "lo < hi"),
+    ({"input_range": json.dumps([0, "x"])}, "lo < hi"),
+    ({"output_kind": "scores"}, "logits or probabilities"),
+    ({"image_background": "grey"}, "dark or light"),
+    ({"name": "bad name"}, "name"),
+    ({"contract_version": "3"}, "1 or 2"),
+])
+def test_contract_rejects_what_it_cannot_serve(overrides, message):
+    with pytest.raises(ModelLoadError, match=message):
+        parse_contract(meta(**overrides))
+
+
+def test_graph_must_match_the_metadata(models, tmp_path):
+    model = onnx.load(models["rgb32"])
+    for key, value, message in (("input_name", "nope", "graph feeds"), ("output_name", "nope", "graph has"),
+                                ("labels", json.dumps(["a", "b"]), "has 10 classes"),
+                                ("input_shape", json.dumps([None, 3, 28, 28]), "has shape")):
+        broken = onnx.ModelProto()
+        broken.CopyFrom(model)
+        next(p for p in broken.metadata_props if p.key == key).value = value
+        data = broken.SerializeToString()
+        (tmp_path / "model.onnx").write_bytes(data)
+        (tmp_path / "model.onnx.sha256").write_text(f"{hashlib.sha256(data).hexdigest()}  model.onnx\n")
+        with pytest.raises(ModelLoadError, match=message):
+            load_contract(tmp_path / "model.onnx")
+
+
+def test_tampered_missing_and_corrupt_models_are_refused(models, tmp_path):
     with pytest.raises(ModelLoadError, match="not found"):
-        OnnxClassifier(tmp_path / "nope.onnx")
-    (tmp_path / "model.onnx").write_bytes((standin_dir / "model.onnx").read_bytes())
+        load_contract(tmp_path / "nope.onnx")
+    (tmp_path / "model.onnx").write_bytes(models["rgb32"].read_bytes())
     with pytest.raises(ModelLoadError, match="checksum file .* is missing"):
-        OnnxClassifier(tmp_path / "model.onnx")
-
-
-def test_corrupt_model_with_matching_checksum_is_refused(tmp_path):
-    import hashlib
-
+        load_contract(tmp_path / "model.onnx")
+    (tmp_path / "model.onnx.sha256").write_text(models["rgb32"].with_name("model.onnx.sha256").read_text())
+    data = bytearray(models["rgb32"].read_bytes())
+    data[len(data) // 2] ^= 1
+    (tmp_path / "model.onnx").write_bytes(bytes(data))
+    with pytest.raises(ModelLoadError, match="does not match its recorded sha256"):
+        load_contract(tmp_path / "model.onnx")
     junk = b"this is not an onnx protobuf"
     (tmp_path / "model.onnx").write_bytes(junk)
     (tmp_path / "model.onnx.sha256").write_text(f"{hashlib.sha256(junk).hexdigest()}  model.onnx\n")
-    with pytest.raises(ModelLoadError, match="onnxruntime cannot load"):
-        OnnxClassifier(tmp_path / "model.onnx")
+    with pytest.raises(ModelLoadError, match="not a readable ONNX model"):
+        load_contract(tmp_path / "model.onnx")
 
 
-def contract_meta(**overrides) -> dict[str, str]:
-    meta = {
-        "labels": json.dumps(["a", "b"]),
-        "input_name": "image",
-        "output_name": "logits",
-        "input_layout": "NCHW",
-        "input_shape": json.dumps([None, 1, 28, 28]),
-        "input_range": json.dumps([0.0, 1.0]),
-        "arch": "seed-cnn",
-        "test_accuracy": "0.9213",
-    }
-    meta.update(overrides)
-    return {k: v for k, v in meta.items() if v is not None}
+# --- the model ----------------------------------------------------------------------------
 
 
-def test_parse_metadata_reads_the_contract():
-    info = parse_metadata(contract_meta(), sha256="ab" * 32, path="m.onnx")
-    assert info.labels == ("a", "b")
-    assert info.input_shape == (None, 1, 28, 28) and info.image_shape == (1, 28, 28)
-    assert info.test_accuracy == pytest.approx(0.9213)
-    assert info.arch == "seed-cnn" and info.pixels_per_image == 784
+def test_probabilities_output_is_not_softmaxed_again(models):
+    m = model_of(models, "nhwc28")
+    x = np.random.default_rng(0).uniform(0, 255, (3, 28, 28, 1)).astype(np.float32)
+    out = m.run(x)
+    reference = ort.InferenceSession(str(models["nhwc28"]), providers=[CPU]).run(None, {"input_1": x})[0]
+    np.testing.assert_allclose(m.probabilities(out), reference, atol=1e-7)
+    np.testing.assert_allclose(out.sum(axis=1), 1.0, atol=1e-5)
+    assert not np.allclose(softmax(out.copy()), reference, atol=1e-3)  # a second softmax would flatten them
 
 
-@pytest.mark.parametrize(
-    "overrides, message",
-    [
-        ({"labels": None}, "lacks labels"),
-        ({"labels": "not json"}, "not JSON"),
-        ({"labels": json.dumps([1, 2])}, "list of strings"),
-        ({"input_shape": json.dumps([1, 1, 28, 28])}, r"\[null, C, H, W\]"),
-        ({"input_layout": "NHWC"}, "not supported"),
-    ],
-)
-def test_parse_metadata_rejects_broken_contract(overrides, message):
-    with pytest.raises(ModelLoadError, match=message):
-        parse_metadata(contract_meta(**overrides))
+def test_logits_get_softmax_and_chunks_equal_one_call(models):
+    x = np.random.default_rng(1).random((70, 3, 32, 32), dtype=np.float32)
+    whole = model_of(models, "rgb32", chunk_images=1000)
+    chunked = model_of(models, "rgb32", chunk_images=16)
+    np.testing.assert_allclose(chunked.run(x), whole.run(x), atol=1e-5, rtol=0)
+    p = whole.probabilities(whole.run(x))
+    np.testing.assert_allclose(p.sum(axis=1), 1.0, rtol=1e-5)
+    assert whole.seconds_per_sample > 0
 
 
-# --- execution providers --------------------------------------------------------------------
+def test_softmax_is_stable():
+    np.testing.assert_allclose(softmax(np.array([[1000.0, 0.0], [-5.0, -5.0]], np.float32)), [[1, 0], [0.5, 0.5]], atol=1e-7)
 
 
-@pytest.mark.parametrize(
-    "setting, available, expected",
-    [
-        ("auto", [CPU], [CPU]),
-        ("auto", [CUDA, CPU], [CUDA, CPU]),
-        ("cpu", [CUDA, CPU], [CPU]),
-        ("cuda", [CUDA, CPU], [CUDA, CPU]),
-        ("AUTO", ["TensorrtExecutionProvider", CUDA, CPU], [CUDA, CPU]),
-    ],
-)
+@pytest.mark.parametrize("setting, available, expected", [
+    ("auto", [CPU], [CPU]), ("auto", [CUDA, CPU], [CUDA, CPU]), ("cpu", [CUDA, CPU], [CPU]),
+    ("cuda", [CUDA, CPU], [CUDA, CPU]), ("AUTO", ["TensorrtExecutionProvider", CUDA, CPU], [CUDA, CPU]),
+])
 def test_choose_providers(setting, available, expected):
     assert choose_providers(setting, available) == expected
 
 
-def test_forced_cuda_without_gpu_build_is_refused():
+def test_provider_refusals():
     with pytest.raises(ModelLoadError, match="onnxruntime-gpu"):
         choose_providers("cuda", [CPU])
     with pytest.raises(ModelLoadError, match="must be one of"):
         choose_providers("tpu", [CPU])
-
-
-def test_active_device_reports_fallback():
-    assert active_device("auto", [CUDA, CPU]) == "cuda"
-    assert active_device("auto", [CPU]) == "cpu"  # CUDA offered but no GPU: clean CPU fallback
+    assert active_device("auto", [CUDA, CPU]) == "cuda" and active_device("auto", [CPU]) == "cpu"
     with pytest.raises(ModelLoadError, match="no GPU is usable"):
         active_device("cuda", [CPU])
 
 
 class FakeOrt:
-    """Just enough of onnxruntime to see what the classifier asks for; wraps the real session."""
+    """Just enough of onnxruntime to see what the model asks for; wraps the real session."""
 
     def __init__(self, available, gpu_present):
-        import onnxruntime
-
-        self.real = onnxruntime
-        self.available = available
-        self.gpu_present = gpu_present
-        self.requested = None
-        self.SessionOptions = onnxruntime.SessionOptions
-        self.GraphOptimizationLevel = onnxruntime.GraphOptimizationLevel
+        self.real, self.available, self.gpu_present, self.requested = ort, available, gpu_present, None
+        self.SessionOptions, self.GraphOptimizationLevel = ort.SessionOptions, ort.GraphOptimizationLevel
 
     def get_available_providers(self):
         return list(self.available)
@@ -189,263 +224,238 @@ class FakeOrt:
         return Session()
 
 
-def test_auto_uses_cuda_when_gpu_build_and_gpu_are_there(standin_dir):
-    ort = FakeOrt([CUDA, CPU], gpu_present=True)
-    clf = OnnxClassifier(standin_dir / "model.onnx", provider="auto", ort=ort)
-    assert ort.requested == [CUDA, CPU]
-    assert clf.device == "cuda"
-
-
-def test_auto_falls_back_to_cpu_when_gpu_build_has_no_gpu(standin_dir):
-    ort = FakeOrt([CUDA, CPU], gpu_present=False)
-    clf = OnnxClassifier(standin_dir / "model.onnx", provider="auto", ort=ort)
-    assert ort.requested == [CUDA, CPU]
-    assert clf.device == "cpu" and clf.providers == [CPU]
-    x = np.zeros((2, 1, 28, 28), np.float32)
-    assert clf.logits(x).shape == (2, 10)
-
-
-def test_forced_cuda_with_gpu_build_but_no_gpu_is_refused(standin_dir):
+def test_cuda_used_when_there_and_cpu_fallback_when_not(models):
+    contract, data = load_contract(models["fmnist-v1"])
+    fake = FakeOrt([CUDA, CPU], gpu_present=True)
+    assert Model(contract, data, "auto", ort=fake).device == "cuda" and fake.requested == [CUDA, CPU]
+    fake = FakeOrt([CUDA, CPU], gpu_present=False)
+    m = Model(contract, data, "auto", ort=fake)
+    assert m.device == "cpu" and m.providers == [CPU] and m.run(np.zeros((2, 1, 28, 28), np.float32)).shape == (2, 10)
     with pytest.raises(ModelLoadError, match="no GPU is usable"):
-        OnnxClassifier(standin_dir / "model.onnx", provider="cuda", ort=FakeOrt([CUDA, CPU], gpu_present=False))
+        Model(contract, data, "cuda", ort=FakeOrt([CUDA, CPU], gpu_present=False))
 
 
-# --- request bodies -------------------------------------------------------------------------
+# --- request bodies -----------------------------------------------------------------------
 
 
-def test_json_images_accept_both_layouts():
-    rng = np.random.default_rng(1)
-    x = rng.random((2, 28, 28)).astype(np.float32)
-    a = images_from_json(json.dumps({"images": x.tolist()}).encode(), SPEC)
-    b = images_from_json(json.dumps({"images": x[:, None].tolist()}).encode(), SPEC)
-    assert a.shape == b.shape == (2, 1, 28, 28) and a.dtype == np.float32
-    np.testing.assert_array_equal(a, b)
-    np.testing.assert_array_equal(a[:, 0], x)
+def spec_of(models, kind, max_images=8):
+    return InputSpec.of(contract_of(models, kind), max_images)
 
 
-@pytest.mark.parametrize(
-    "body, status, message",
-    [
-        (b"", 400, "empty request body"),
-        (b"{not json", 400, "malformed JSON"),
-        (b"[1, 2]", 422, '"images" field'),
-        (json.dumps({"images": np.zeros((1, 27, 28)).tolist()}).encode(), 422, "shape"),
-        (json.dumps({"images": np.zeros((1, 2, 28, 28)).tolist()}).encode(), 422, "shape"),
-        (json.dumps({"images": []}).encode(), 422, "shape"),
-        (json.dumps({"images": [[["0.5"] * 28] * 28]}).encode(), 422, "only numbers"),
-        (json.dumps({"images": [[[True] * 28] * 28]}).encode(), 422, "booleans"),
-        (json.dumps({"images": [[[0.5] * 28] * 27 + [[0.5] * 27]]}).encode(), 422, "ragged|rectangular|only numbers"),
-        (json.dumps({"images": [[[0.5] * 28] * 27 + [[None] * 28]]}).encode(), 422, "only numbers"),
-        (json.dumps({"images": np.full((1, 28, 28), 1.5).tolist()}).encode(), 422, r"in \[0, 1\]"),
-        (json.dumps({"images": np.full((1, 28, 28), -0.1).tolist()}).encode(), 422, r"in \[0, 1\]"),
-        (b'{"images": [[' + b",".join([b"[" + b",".join([b"NaN"] * 28) + b"]"] * 28) + b"]]}", 400, "malformed JSON"),
-        (json.dumps({"images": np.zeros((9, 28, 28)).tolist()}).encode(), 413, "over the limit of 8"),
-    ],
-)
-def test_json_images_reject_bad_input(body, status, message):
+def test_json_accepts_the_model_shape_and_squeezed_one_channel_images(models):
+    x = np.random.default_rng(2).random((2, 28, 28)).astype(np.float32)
+    v1 = spec_of(models, "fmnist-v1")
+    a = images_from_json(json.dumps({"images": x.tolist()}).encode(), v1)
+    b = images_from_json(json.dumps({"images": x[:, None].tolist()}).encode(), v1)
+    assert a.shape == (2, 1, 28, 28) and np.array_equal(a, b)
+    nhwc = spec_of(models, "nhwc28")
+    c = images_from_json(json.dumps({"images": (x * 255).tolist()}).encode(), nhwc)
+    assert c.shape == (2, 28, 28, 1) and np.allclose(c[..., 0], x * 255)
+    features = spec_of(models, "features")
+    assert images_from_json(json.dumps({"images": [[0.5] * 20]}).encode(), features).shape == (1, 20)
+
+
+@pytest.mark.parametrize("kind, images, status, message", [
+    ("fmnist-v1", np.zeros((1, 27, 28)), 422, r"\[N,28,28\] or \[N,1,28,28\]"),
+    ("fmnist-v1", np.zeros((1, 3, 28, 28)), 422, "shape"),
+    ("rgb32", np.zeros((1, 32, 32)), 422, r"\[N,3,32,32\], got"),  # 3 channels: no squeezed form
+    ("rgb32", np.zeros((1, 32, 32, 3)), 422, "shape"),  # NHWC data for an NCHW model
+    ("nhwc28", np.zeros((1, 1, 28, 28)), 422, r"\[N,28,28,1\]"),
+    ("nhwc28", np.full((1, 28, 28, 1), 256.0), 422, r"\[0, 255\]"),
+    ("features", np.zeros((1, 21)), 422, r"\[N,20\]"),
+    ("features", np.full((1, 20), -5.5), 422, r"\[-5, 5\]"),
+    ("fmnist-v1", np.zeros((9, 28, 28)), 413, "over the limit of 8"),
+    ("fmnist-v1", np.zeros((0, 28, 28)), 422, r"got \[0\]"),  # JSON [] has no inner shape
+])
+def test_bad_batches_are_refused(models, kind, images, status, message):
     with pytest.raises(ClientError, match=message) as excinfo:
-        images_from_json(body, SPEC)
-    assert status_of(excinfo) == status
+        images_from_json(json.dumps({"images": images.tolist()}).encode(), spec_of(models, kind))
+    assert excinfo.value.status == status
 
 
-def test_nan_and_inf_are_refused_in_binary_bodies():
-    for bad in (np.nan, np.inf):
-        x = np.zeros((1, 1, 28, 28), np.float32)
-        x[0, 0, 3, 4] = bad
-        with pytest.raises(ClientError, match="NaN or Inf") as excinfo:
-            images_from_raw_float32(x.tobytes(), SPEC)
-        assert status_of(excinfo) == 422
+@pytest.mark.parametrize("body, status, message", [
+    (b"", 400, "empty request body"), (b"{not json", 400, "malformed JSON"), (b"[1, 2]", 422, '"images" field'),
+    (json.dumps({"images": [[["0.5"] * 28] * 28]}).encode(), 422, "only numbers"),
+    (json.dumps({"images": [[[True] * 28] * 28]}).encode(), 422, "booleans"),
+    (json.dumps({"images": [[[0.5] * 28] * 27 + [[0.5] * 27]]}).encode(), 422, "ragged|rectangular|only numbers"),
+    (b'{"images": [[' + b",".join([b"[" + b",".join([b"NaN"] * 28) + b"]"] * 28) + b"]]}", 400, "malformed JSON"),
+])
+def test_bad_json_bodies(models, body, status, message):
+    with pytest.raises(ClientError, match=message) as excinfo:
+        images_from_json(body, spec_of(models, "fmnist-v1"))
+    assert excinfo.value.status == status
 
 
-def test_raw_float32_and_npy_bodies():
-    x = np.random.default_rng(2).random((3, 1, 28, 28), dtype=np.float32)
-    np.testing.assert_array_equal(images_from_raw_float32(x.tobytes(), SPEC), x)
+def test_nan_inf_refused_even_without_a_declared_range():
+    spec = InputSpec((4,), None, 8)
+    assert images_from_raw_float32(np.full((1, 4), 1e30, np.float32).tobytes(), spec).shape == (1, 4)
+    for bad in (np.nan, np.inf, -np.inf):
+        x = np.zeros((1, 4), np.float32)
+        x[0, 1] = bad
+        with pytest.raises(ClientError, match="NaN or Inf"):
+            images_from_raw_float32(x.tobytes(), spec)
+
+
+def test_raw_and_npy_bodies(models):
+    spec = spec_of(models, "rgb32")
+    x = np.random.default_rng(3).random((2, 3, 32, 32), dtype=np.float32)
+    np.testing.assert_array_equal(images_from_raw_float32(x.tobytes(), spec), x)
     buf = io.BytesIO()
-    np.save(buf, x[:, 0])
-    np.testing.assert_array_equal(images_from_npy(buf.getvalue(), SPEC), x)
-    with pytest.raises(ClientError, match="multiple of 3136") as excinfo:
-        images_from_raw_float32(x.tobytes()[:-4], SPEC)
-    assert status_of(excinfo) == 422
-    with pytest.raises(ClientError, match="npy"):
-        images_from_npy(b"\x93NUMPY garbage", SPEC)
+    np.save(buf, x)
+    np.testing.assert_array_equal(images_from_npy(buf.getvalue(), spec), x)
+    with pytest.raises(ClientError, match="multiple of 12288"):
+        images_from_raw_float32(x.tobytes()[:-4], spec)
     pickled = io.BytesIO()
     np.save(pickled, np.array([{"a": 1}], dtype=object), allow_pickle=True)
     with pytest.raises(ClientError, match="pickles"):
-        images_from_npy(pickled.getvalue(), SPEC)
+        images_from_npy(pickled.getvalue(), spec)
 
 
 def test_parse_bool():
-    assert parse_bool("true", "invert") and parse_bool("1", "invert") and not parse_bool("no", "invert")
-    assert parse_bool(None, "invert") is False
+    assert parse_bool("true", "invert") is True and parse_bool("false", "invert") is False
+    assert parse_bool(None, "invert") is None and parse_bool("", "invert") is None
     with pytest.raises(ClientError, match="invert must be true or false"):
         parse_bool("maybe", "invert")
 
 
-# --- image preprocessing --------------------------------------------------------------------
+# --- uploads -------------------------------------------------------------------------------
 
 
-def encode(image: Image.Image, fmt: str) -> bytes:
-    buf = io.BytesIO()
-    image.save(buf, format=fmt)
-    return buf.getvalue()
-
-
-def test_png_roundtrip_of_a_28x28_image_is_exact():
-    pixels = (np.random.default_rng(3).random((28, 28)) * 255).astype(np.uint8)
-    out = decode_image(encode(Image.fromarray(pixels, "L"), "PNG"))
+def test_upload_of_the_model_size_is_taken_as_it_is(models):
+    pixels = (np.random.default_rng(4).random((28, 28)) * 200).astype(np.uint8)  # dark-ish border: no inversion
+    pixels[0, :] = 0
+    out = upload_to_input(encode(Image.fromarray(pixels, "L")), contract_of(models, "fmnist-v1"))
     assert out.shape == (1, 1, 28, 28) and out.dtype == np.float32
-    np.testing.assert_allclose(out[0, 0], pixels / 255.0, atol=1e-7)
+    np.testing.assert_array_equal(out[0, 0], pixels.astype(np.float32) / np.float32(255))
 
 
-def test_large_rgb_jpeg_is_resized_keeping_aspect_and_inverted_on_request():
-    # A dark square on a white 200x100 background: the Fashion-MNIST convention is the opposite.
-    rgb = np.full((100, 200, 3), 255, np.uint8)
-    rgb[25:75, 75:125] = 0
-    data = encode(Image.fromarray(rgb, "RGB"), "JPEG")
-    plain = decode_image(data)[0, 0]
-    inverted = decode_image(data, invert=True)[0, 0]
-    # 200x100 -> 28x14 centred: rows 0..6 and 21..27 are padding (black).
-    assert plain[:7].max() == 0.0 and plain[21:].max() == 0.0
-    assert plain[10, 2] > 0.9 and plain[14, 14] < 0.1  # white background, dark object
-    assert inverted[10, 2] < 0.1 and inverted[14, 14] > 0.9  # light object on dark, as trained
+def test_polarity_follows_the_border_unless_invert_is_given(models):
+    fmnist = contract_of(models, "fmnist-v1")  # dark background
+    light = np.full((28, 28), 255, np.uint8)
+    light[8:20, 10:18] = 0  # a dark object on white: the opposite of Fashion-MNIST
+    auto = upload_to_input(encode(Image.fromarray(light)), fmnist)[0, 0]
+    assert auto[0, 0] == 0.0 and auto[14, 14] == 1.0  # inverted by itself
+    kept = upload_to_input(encode(Image.fromarray(light)), fmnist, invert=False)[0, 0]
+    assert kept[0, 0] == 1.0 and kept[14, 14] == 0.0
+    forced = upload_to_input(encode(Image.fromarray(255 - light)), fmnist, invert=True)[0, 0]
+    assert forced[0, 0] == 1.0
+    unknown = contract_of(models, "rgb32")  # no image_background: never inverted by itself
+    assert upload_to_input(encode(Image.fromarray(light).convert("RGB").resize((32, 32))), unknown)[0, :, 0, 0].tolist() == [1.0] * 3
 
 
-def test_transparent_png_background_becomes_black():
-    rgba = np.zeros((40, 40, 4), np.uint8)
-    rgba[10:30, 10:30] = (255, 255, 255, 255)
-    out = decode_image(encode(Image.fromarray(rgba, "RGBA"), "PNG"))[0, 0]
+def test_crop_finds_the_object_anywhere_and_keeps_its_aspect(models, test_images):
+    """A real test image, enlarged 5x and pasted off-centre on a big dark canvas, comes back close
+    to the original after cropping to the object and resizing."""
+    images, _ = test_images
+    fmnist = contract_of(models, "fmnist-v1")
+    correlations = []
+    for i in range(16):
+        original = np.round(images[i, 0] * 255).astype(np.uint8)
+        big = Image.fromarray(original).resize((140, 140), Image.Resampling.BICUBIC)
+        canvas = Image.new("L", (400, 300), 0)
+        canvas.paste(big, (230, 20))
+        out = upload_to_input(encode(canvas), fmnist, margin=0.0)[0, 0]
+        correlations.append(np.corrcoef(out.ravel(), original.ravel())[0, 1])
+    # Resampling twice blurs (median 0.95 measured); without the crop the object would be a
+    # quarter of the frame and the correlation near 0.
+    assert np.median(correlations) > 0.9 and min(correlations) > 0.6, correlations
+    wide = np.zeros((100, 100, 1), np.float32)
+    wide[40:60, 10:90] = 255
+    crop = crop_to_object(wide, np.zeros(1, np.float32), margin=0.1, aspect=1.0)
+    assert crop.shape[:2] == (96, 96)  # 80 wide + 2x8 margin, padded square
+
+
+def test_rgb_model_gets_three_channels_and_nhwc_its_layout_and_range(models):
+    rgb = Image.new("RGB", (64, 48), (255, 255, 255))
+    rgb.paste((255, 0, 0), (20, 10, 40, 30))
+    out = upload_to_input(encode(rgb, "JPEG"), contract_of(models, "rgb32"))
+    assert out.shape == (1, 3, 32, 32) and out[0, 0].max() > 0.9 and out[0, 1].min() < 0.2
+    grey = Image.new("L", (56, 56), 0)
+    grey.paste(255, (10, 10, 40, 50))
+    nhwc = upload_to_input(encode(grey), contract_of(models, "nhwc28"))
+    assert nhwc.shape == (1, 28, 28, 1) and nhwc.max() == 255.0 and nhwc.min() == 0.0  # range [0, 255]
+
+
+def test_transparency_becomes_the_models_background(models):
+    rgba = np.zeros((28, 28, 4), np.uint8)  # the model's size: no crop, so the border stays
+    rgba[8:20, 8:20] = (255, 255, 255, 255)
+    out = upload_to_input(encode(Image.fromarray(rgba, "RGBA")), contract_of(models, "fmnist-v1"))[0, 0]
     assert out[0, 0] == 0.0 and out[14, 14] > 0.99
 
 
-def test_fit_on_canvas_centres_a_tall_image():
-    out = np.asarray(fit_on_canvas(Image.new("L", (10, 40), 255), 28))
-    assert out.shape == (28, 28)
-    assert out[:, :10].max() == 0 and out[:, 18:].max() == 0 and out[:, 12:16].min() == 255
-
-
-@pytest.mark.parametrize(
-    "data, status, message",
-    [
-        (b"", 422, "empty"),
-        (b"hello, not an image", 422, "not a PNG or JPEG"),
-        (None, 422, "PNG or JPEG, got GIF"),
-        ("truncated", 422, "corrupt or truncated"),
-    ],
-)
-def test_bad_images_are_refused(data, status, message):
-    if data is None:
+@pytest.mark.parametrize("data, status, message", [
+    (b"", 422, "empty"), (b"hello, not an image", 422, "not a PNG or JPEG"),
+    ("gif", 422, "PNG or JPEG, got GIF"), ("truncated", 422, "corrupt or truncated"),
+])
+def test_bad_uploads_are_refused(models, data, status, message):
+    if data == "gif":
         data = encode(Image.new("L", (5, 5)), "GIF")
     elif data == "truncated":
-        data = encode(Image.fromarray((np.random.default_rng(4).random((64, 64)) * 255).astype(np.uint8)), "PNG")[:200]
+        data = encode(Image.fromarray((np.random.default_rng(5).random((64, 64)) * 255).astype(np.uint8)))[:200]
     with pytest.raises(ClientError, match=message) as excinfo:
-        decode_image(data)
-    assert status_of(excinfo) == status
+        upload_to_input(data, contract_of(models, "fmnist-v1"))
+    assert excinfo.value.status == status
 
 
-# --- Open Inference Protocol v2 -------------------------------------------------------------
+# --- OIP v2 --------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def info(standin_dir):
-    return OnnxClassifier(standin_dir / "model.onnx", provider="cpu").info
-
-
-def test_oip_json_request(info):
-    x = np.random.default_rng(5).random((2, 1, 28, 28), dtype=np.float32)
-    body = json.dumps(
-        {"id": "r1", "inputs": [{"name": "image", "shape": [2, 1, 28, 28], "datatype": "FP32", "data": x.ravel().tolist()}]}
-    ).encode()
-    req = oip.parse_infer_request(body, None, info, SPEC)
+def test_oip_json_and_binary(models):
+    contract = contract_of(models, "rgb32")
+    spec = InputSpec.of(contract, 8)
+    x = np.random.default_rng(6).random((2, 3, 32, 32), dtype=np.float32)
+    body = json.dumps({"id": "r1", "inputs": [{"name": "pixels", "shape": [2, 3, 32, 32], "datatype": "FP32",
+                                               "data": x.ravel().tolist()}]}).encode()
+    req = oip.parse_infer_request(body, None, contract, spec)
     np.testing.assert_array_equal(req.images, x)
-    assert req.id == "r1" and not req.binary_output
-    content, headers = oip.infer_response(req, np.ones((2, 10), np.float32), "logits")
-    doc = json.loads(content)
-    assert doc["model_name"] == "fashion-mnist" and doc["id"] == "r1"
-    assert doc["outputs"][0]["shape"] == [2, 10] and len(doc["outputs"][0]["data"]) == 20
+    doc = json.loads(oip.infer_response(req, np.ones((2, 10), np.float32), "logits", contract.name)[0])
+    assert doc["model_name"] == "cifar-standin" and doc["outputs"][0]["shape"] == [2, 10]
+    head = json.dumps({"inputs": [{"name": "pixels", "shape": [2, 3, 32, 32], "datatype": "FP32",
+                                   "parameters": {"binary_data_size": x.nbytes}}],
+                       "outputs": [{"name": "logits", "parameters": {"binary_data": True}}]}).encode()
+    req = oip.parse_infer_request(head + x.tobytes(), str(len(head)), contract, spec)
+    assert req.binary_output and np.array_equal(req.images, x)
+    meta_doc = oip.model_metadata(contract)
+    assert meta_doc["inputs"][0] == {"name": "pixels", "datatype": "FP32", "shape": [-1, 3, 32, 32]}
 
 
-def test_oip_binary_request_and_response(info):
-    x = np.random.default_rng(6).random((1, 1, 28, 28), dtype=np.float32)
-    head = json.dumps(
-        {
-            "inputs": [{"name": "image", "shape": [1, 1, 28, 28], "datatype": "FP32", "parameters": {"binary_data_size": x.nbytes}}],
-            "outputs": [{"name": "logits", "parameters": {"binary_data": True}}],
-        }
-    ).encode()
-    req = oip.parse_infer_request(head + x.tobytes(), str(len(head)), info, SPEC)
-    np.testing.assert_array_equal(req.images, x)
-    assert req.binary_output
-    logits = np.arange(10, dtype=np.float32).reshape(1, 10)
-    content, headers = oip.infer_response(req, logits, "logits")
-    n = int(headers[oip.HEADER_LENGTH])
-    assert json.loads(content[:n])["outputs"][0]["parameters"]["binary_data_size"] == 40
-    np.testing.assert_array_equal(np.frombuffer(content[n:], "<f4"), logits.ravel())
-
-
-@pytest.mark.parametrize(
-    "doc, message",
-    [
-        ({"inputs": []}, "exactly one tensor"),
-        ({"inputs": [{"name": "x", "shape": [1, 1, 28, 28], "datatype": "FP32", "data": [0.0] * 784}]}, "unknown input"),
-        ({"inputs": [{"name": "image", "shape": [1, 1, 28, 28], "datatype": "INT8", "data": [0] * 784}]}, "FP32"),
-        ({"inputs": [{"name": "image", "shape": [1, 1, 28, 28], "datatype": "FP32", "data": [0.0] * 783}]}, "needs 784"),
-        ({"inputs": [{"name": "image", "shape": [1, 1, 28, "a"], "datatype": "FP32", "data": [0.0] * 784}]}, "non-negative integers"),
-        ({"inputs": [{"name": "image", "shape": [1, 2, 28, 14], "datatype": "FP32", "data": [0.0] * 784}]}, "shape"),
-        ({"inputs": [{"name": "image", "shape": [1, 1, 28, 28], "datatype": "FP32", "data": [2.0] * 784}]}, r"in \[0, 1\]"),
-        ({"inputs": [{"name": "image", "shape": [1, 1, 28, 28], "datatype": "FP32", "data": [0.0] * 784}], "outputs": [{"name": "probs"}]}, "unknown output"),
-    ],
-)
-def test_oip_rejects_bad_requests(info, doc, message):
+@pytest.mark.parametrize("doc, message", [
+    ({"inputs": []}, "exactly one tensor"),
+    ({"inputs": [{"name": "nope", "shape": [1, 20], "datatype": "FP32", "data": [0.0] * 20}]}, "unknown input"),
+    ({"inputs": [{"name": "x", "shape": [1, 20], "datatype": "INT8", "data": [0] * 20}]}, "FP32"),
+    ({"inputs": [{"name": "x", "shape": [1, 20], "datatype": "FP32", "data": [0.0] * 19}]}, "needs 20"),
+    ({"inputs": [{"name": "x", "shape": [1, 20], "datatype": "FP32", "data": [9.0] * 20}]}, r"\[-5, 5\]"),
+    ({"inputs": [{"name": "x", "shape": [1, 20], "datatype": "FP32", "data": [0.0] * 20}], "outputs": [{"name": "p"}]}, "unknown output"),
+])
+def test_oip_rejects_bad_requests(models, doc, message):
+    contract = contract_of(models, "features")  # input "x", 20 features, range [-5, 5]
     with pytest.raises(ClientError, match=message):
-        oip.parse_infer_request(json.dumps(doc).encode(), None, info, SPEC)
+        oip.parse_infer_request(json.dumps(doc).encode(), None, contract, InputSpec.of(contract, 8))
 
 
-# --- micro-batching -------------------------------------------------------------------------
+# --- batching ------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("mode", ["inline", "thread"])
-def test_batcher_coalesces_concurrent_requests_and_keeps_order(mode):
-    calls: list[int] = []
-
-    def infer(batch: np.ndarray) -> np.ndarray:
-        calls.append(batch.shape[0])
-        return batch.reshape(batch.shape[0], -1)[:, :3] * 2
-
-    async def main():
-        batcher = MicroBatcher(infer, max_batch_images=64, inline_max_images=4, mode=mode)
-        inputs = [np.full((1 + i % 3, 1, 2, 2), float(i), np.float32) for i in range(10)]
-        inputs.append(np.full((6, 1, 2, 2), 99.0, np.float32))  # over inline_max: runs on its own
-        outputs = await asyncio.gather(*(batcher(x) for x in inputs))
-        batcher.close()
-        return inputs, outputs, batcher.stats()
-
-    inputs, outputs, stats = asyncio.run(main())
-    for x, y in zip(inputs, outputs):
-        np.testing.assert_array_equal(y, x.reshape(x.shape[0], -1)[:, :3] * 2)
-    assert sorted(calls) == [6, sum(1 + i % 3 for i in range(10))]  # 10 small requests, one call
-    assert stats["requests"] == 11 and stats["onnx_calls"] == 2
-
-
-def test_batcher_caps_a_batch_and_splits_tuple_outputs():
+def test_batcher_coalesces_caps_and_keeps_order():
     calls: list[int] = []
 
     def infer(batch):
         calls.append(batch.shape[0])
-        flat = batch.reshape(batch.shape[0], -1)
-        return flat[:, :1], flat[:, :1] + 100
+        return batch.reshape(batch.shape[0], -1)[:, :2] * 2
 
     async def main():
-        batcher = MicroBatcher(infer, max_batch_images=4, inline_max_images=4)
-        return await asyncio.gather(*(batcher(np.full((1, 1, 1, 1), float(i), np.float32)) for i in range(10)))
+        batcher = MicroBatcher(infer, max_batch=8)
+        inputs = [np.full((1 + i % 3, 1, 2, 2), float(i), np.float32) for i in range(10)]
+        return inputs, await asyncio.gather(*(batcher(x) for x in inputs)), batcher.stats()
 
-    results = asyncio.run(main())
-    assert calls == [4, 4, 2]
-    for i, (a, b) in enumerate(results):
-        assert a.tolist() == [[float(i)]] and b.tolist() == [[float(i) + 100]]
+    inputs, outputs, stats = asyncio.run(main())
+    for x, y in zip(inputs, outputs):
+        np.testing.assert_array_equal(y, x.reshape(x.shape[0], -1)[:, :2] * 2)
+    assert sum(calls) == sum(1 + i % 3 for i in range(10)) and max(calls) <= 8 and len(calls) < 10
+    assert stats["onnx_calls"] == len(calls)
 
 
-@pytest.mark.parametrize("mode", ["inline", "thread"])
-def test_batcher_failure_reaches_every_waiter_and_it_keeps_working(mode):
+def test_batcher_failure_reaches_every_waiter_and_it_keeps_working():
     state = {"fail": True}
 
     def infer(batch):
@@ -454,123 +464,104 @@ def test_batcher_failure_reaches_every_waiter_and_it_keeps_working(mode):
         return batch
 
     async def main():
-        batcher = MicroBatcher(infer, mode=mode)
-        results = await asyncio.gather(*(batcher(np.zeros((1, 1, 2, 2), np.float32)) for _ in range(3)), return_exceptions=True)
+        batcher = MicroBatcher(infer)
+        failed = await asyncio.gather(*(batcher(np.zeros((1, 2), np.float32)) for _ in range(3)), return_exceptions=True)
         state["fail"] = False
-        ok = await batcher(np.ones((1, 1, 2, 2), np.float32))
-        batcher.close()
-        return results, ok
+        return failed, await batcher(np.ones((1, 2), np.float32))
 
-    results, ok = asyncio.run(main())
-    assert all(isinstance(r, RuntimeError) for r in results)
-    np.testing.assert_array_equal(ok, np.ones((1, 1, 2, 2)))
+    failed, ok = asyncio.run(main())
+    assert all(isinstance(r, RuntimeError) for r in failed) and ok.tolist() == [[1.0, 1.0]]
 
 
-def test_chunked_inference_equals_one_call(standin_dir):
-    x = np.random.default_rng(7).random((70, 1, 28, 28), dtype=np.float32)
-    whole = OnnxClassifier(standin_dir / "model.onnx", provider="cpu", chunk_images=1000).logits(x)
-    chunked = OnnxClassifier(standin_dir / "model.onnx", provider="cpu", chunk_images=16).logits(x)
-    assert chunked.shape == (70, 10)
-    np.testing.assert_allclose(chunked, whole, atol=1e-6, rtol=0)
+# --- the guard -----------------------------------------------------------------------------
 
 
-def test_softmax_is_stable_and_normalised():
-    p = softmax(np.array([[1000.0, 0.0], [-5.0, -5.0]], np.float32))
-    np.testing.assert_allclose(p, [[1.0, 0.0], [0.5, 0.5]], atol=1e-7)
+class FakeSettings:
+    queue_max, queue_delay_ms, retry_after_s, max_connections = 100, 100.0, 1, 10
+    header_timeout_s = body_timeout_s = 10.0
+    drain_s, shutdown_timeout_s = 5.0, 20.0
 
 
-# --- the service module never imports torch -------------------------------------------------
+def test_guard_sheds_on_a_standing_queue_and_past_the_cap():
+    import time as _time
+
+    guard = Guard(FakeSettings())  # QUEUE_DELAY_MS 100, QUEUE_MAX 100
+    assert not guard.overloaded(50)
+    guard.started(0.3)  # one slow start opens a window...
+    guard.started(0.02)  # ...but a quick one in the same window: no standing queue
+    _time.sleep(0.11)
+    guard.started(0.5)  # next window: the last one's minimum (20 ms) is what counts
+    assert guard.standing == pytest.approx(0.02) and not guard.overloaded(50)
+    guard.started(0.4)
+    _time.sleep(0.11)
+    guard.started(0.3)
+    assert guard.standing == pytest.approx(0.4) and guard.overloaded(50)  # everyone waited > 100 ms
+    assert not guard.overloaded(3)  # below MIN_INFLIGHT: always admitted, so the delay keeps being measured
+    guard.standing = 0.0
+    assert guard.overloaded(100)  # QUEUE_MAX
+    head, body = guard.shed_keep.split(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 503 ") and b"retry-after: 1" in head and json.loads(body)["error"]
+    assert b"connection: close" in guard.shed_close and b"content-length: " in guard.too_many
 
 
-def test_service_never_imports_torch(standin_dir):
-    code = (
-        "import sys, service.service as s; "
-        "assert s.FashionMNISTClassifier is not None; "
-        "print('torch' in sys.modules, [m for m in sys.modules if m.startswith('torch')][:3])"
-    )
-    env = {**os.environ, "MODEL_PATH": str(standin_dir / "model.onnx")}
-    env.pop("MODEL_TAG", None)
-    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+def test_work_paths_and_canned_answers():
+    assert is_work(b"POST", b"/predict") and is_work(b"POST", b"/v2/models/m/infer") and is_work(b"POST", b"/classify")
+    assert not is_work(b"GET", b"/readyz") and not is_work(b"POST", b"/metadata")
+    assert canned(408, "Request Timeout", "x", close=True).startswith(b"HTTP/1.1 408 Request Timeout\r\n")
+
+
+# --- generated docs --------------------------------------------------------------------------
+
+
+def test_docs_describe_every_route_with_the_models_shapes(models, monkeypatch):
+    monkeypatch.setenv("MODEL_PATH", str(models["features"]))
+    from service.service import ROUTES
+
+    contract = contract_of(models, "rgb32")
+    doc = openapi(ROUTES, contract, "bnfold", 8, 1 << 20)
+    assert {r.path for r in ROUTES} | {"/livez", "/healthz", "/metrics"} == set(doc["paths"])
+    images = doc["components"]["schemas"]["Images"]["properties"]["images"]
+    assert images["maxItems"] == 8 and images["items"]["minItems"] == 3 and images["items"]["items"]["minItems"] == 32
+    predict = doc["paths"]["/predict"]["post"]
+    assert set(predict["requestBody"]["content"]) == {"application/json", "application/octet-stream", "application/x-npy"}
+    assert {"400", "413", "415", "422", "503"} <= set(predict["responses"])
+    assert "Retry-After" in predict["responses"]["503"]["headers"]
+    infer = doc["paths"]["/v2/models/{name}/infer"]["post"]
+    assert infer["parameters"][0]["schema"]["enum"] == ["cifar-standin"]
+    features = openapi(ROUTES, contract_of(models, "features"), "bnfold", 8, 1 << 20)
+    assert "Not available" in features["paths"]["/classify"]["post"]["description"]
+    schema = client_schema(ROUTES, "bnfold")
+    assert {r["name"]: r["route"] for r in schema["routes"]} == {"predict": "/predict", "classify": "/classify"}
+
+
+# --- the service module: no torch, early refusal -------------------------------------------
+
+
+def run_python(code: str, model: Path, **env) -> subprocess.CompletedProcess:
+    full = {**os.environ, "MODEL_PATH": str(model), "MODEL_TAG": "", "PYTHONPATH": str(REPO), **env}
+    return subprocess.run([sys.executable, "-c", code], cwd=REPO, env=full, capture_output=True, text=True, timeout=120)
+
+
+def test_service_never_imports_torch(models):
+    result = run_python("import sys, service.service as s; print(s.Classifier is not None, "
+                        "[m for m in sys.modules if m.split('.')[0] in ('torch', 'training', 'export', 'common')])",
+                        models["features"])
     assert result.returncode == 0, result.stderr[-2000:]
-    assert result.stdout.strip().startswith("False"), result.stdout
+    assert result.stdout.strip() == "True []", result.stdout
 
 
-def test_importing_the_service_refuses_a_tampered_model(standin_dir, tmp_path):
+def test_importing_the_service_refuses_a_bad_model_in_one_line(models, tmp_path):
     for name in ("model.onnx", "model.onnx.sha256"):
-        (tmp_path / name).write_bytes((standin_dir / name).read_bytes())
+        (tmp_path / name).write_bytes(models["rgb32"].with_name(name).read_bytes())
     with (tmp_path / "model.onnx").open("ab") as f:
         f.write(b"\0")
-    env = {**os.environ, "MODEL_PATH": str(tmp_path / "model.onnx")}
-    env.pop("MODEL_TAG", None)
-    result = subprocess.run([sys.executable, "-c", "import service.service"], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    result = run_python("import service.service", tmp_path / "model.onnx")
     assert result.returncode == 2
-    assert result.stderr.strip().startswith("refusing to start: model file")
+    assert result.stderr.strip().startswith("refusing to start: model file") and "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_settings_refuse_bad_values_in_one_line(models):
+    result = run_python("import service.service", models["rgb32"], QUEUE_MAX="many")
+    assert result.returncode != 0 and "QUEUE_MAX must be an integer, got 'many'" in result.stderr
     assert "Traceback" not in result.stderr
-
-
-# --- the typed @bentoml.api methods, called in-process ---------------------------------------
-
-TYPED_API_SCRIPT = r"""
-import asyncio, io, json, sys, tempfile
-from pathlib import Path
-import numpy as np
-from PIL import Image
-import bentoml
-from service.service import FashionMNISTClassifier
-
-svc = FashionMNISTClassifier()
-rng = np.random.default_rng(0)
-images = rng.random((5, 28, 28), dtype=np.float32)
-expected = svc.runtime.classifier.logits_and_probabilities(images.reshape(5, 1, 28, 28))[1]
-
-async def main():
-    out = {}
-    doc = await svc.predict(images)
-    out["probabilities"] = [p["probabilities"] for p in doc["predictions"]]
-    out["class_ids"] = [p["class_id"] for p in doc["predictions"]]
-    out["expected"] = np.asarray(expected).tolist()
-    json.dumps(doc)  # plain JSON, no ndarrays left for BentoML's encoder
-    png = Path(tempfile.mkdtemp()) / "x.png"
-    Image.fromarray(np.round(images[0] * 255).astype(np.uint8), "L").save(png)
-    one = await svc.classify(png)
-    out["classify_expected"] = np.asarray(svc.runtime.classifier.logits_and_probabilities(
-        (np.round(images[:1] * 255) / 255).astype(np.float32).reshape(1, 1, 28, 28))[1][0]).tolist()
-    out["classify"] = one["probabilities"]
-    errors = []
-    for bad in (np.full((1, 28, 28), np.nan), np.full((1, 28, 28), 2.0), np.zeros((1, 27, 28)), [["a"]]):
-        try:
-            await svc.predict(bad)
-            errors.append(None)
-        except bentoml.exceptions.BentoMLException as exc:
-            errors.append([int(exc.error_code), str(exc)])
-    not_image = png.with_suffix(".txt")
-    not_image.write_text("hello")
-    try:
-        await svc.classify(not_image)
-    except bentoml.exceptions.BentoMLException as exc:
-        errors.append([int(exc.error_code), str(exc)])
-    out["errors"] = errors
-    print(json.dumps(out))
-
-asyncio.run(main())
-"""
-
-
-def test_typed_bentoml_api_methods_in_process(standin_dir):
-    """`svc.predict` / `svc.classify` (the typed API) answer like the model and refuse bad input
-    with the request path's own 4xx status and message."""
-    env = {**os.environ, "MODEL_PATH": str(standin_dir / "model.onnx")}
-    env.pop("MODEL_TAG", None)
-    result = subprocess.run([sys.executable, "-c", TYPED_API_SCRIPT], cwd=REPO, env=env,
-                            capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0, result.stderr[-3000:]
-    out = json.loads(result.stdout.strip().splitlines()[-1])
-    np.testing.assert_allclose(out["probabilities"], out["expected"], atol=1e-7, rtol=0)
-    assert out["class_ids"] == np.argmax(out["expected"], axis=1).tolist()
-    np.testing.assert_allclose(out["classify"], out["classify_expected"], atol=1e-7, rtol=0)
-    (nan, high, shape, text, not_image) = out["errors"]
-    assert nan == [422, '"images" contains NaN or Inf']
-    assert high[0] == 422 and "must lie in [0, 1]" in high[1]
-    assert shape[0] == 422 and "must have shape" in shape[1]
-    assert text[0] == 422 and "only numbers" in text[1]
-    assert not_image == [422, "the uploaded file is not a PNG or JPEG image"]

@@ -1,0 +1,404 @@
+"""Fault handling that BentoML and uvicorn have no setting for (docs/service.md, "Faults").
+
+Three pieces, each installed where it has to run:
+
+- `GuardedProtocol` (every worker): uvicorn's httptools protocol plus a bounded queue with load
+  shedding (a canned 503 + Retry-After written straight to the socket before any ASGI work, so
+  shedding costs a fraction of serving), a header/idle timeout, a body-stall timeout, a header-size
+  cap and a connection cap. `install_protocol()` makes it uvicorn's "auto" HTTP protocol; the
+  service module runs it at import, which in a worker is before uvicorn loads its config.
+- `Guard` (one per worker, owned by the service instance): the settings and counters the protocol
+  uses, the once-a-second sweeper that enforces the timeouts, and the SIGTERM drain: readiness
+  fails at once, every answer says `Connection: close`, serving goes on for DRAIN_S, then uvicorn's
+  own graceful shutdown runs with a deadline of SHUTDOWN_TIMEOUT_S.
+- `install_supervisor()` (the `bentoml serve` process): the worker watcher respawns also when
+  BENTOML_CONTAINERIZED is set (BentoML turns respawn off there), a dead worker is reaped on
+  SIGCHLD instead of at circus' next 10 s check, and on shutdown, when the drain window ends, a
+  drop-all socket filter on the shared listening socket stops new handshakes (SYNs) while the
+  workers, for ACCEPT_GRACE_S more, still accept and serve what the kernel already queued. Without
+  it, connections queued after the last worker stopped accepting are reset when the socket closes;
+  with it, a late client's SYN is retried by its kernel and then refused: a clean refusal.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import logging
+import os
+import signal
+import socket
+import struct
+import time
+
+import orjson
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+logger = logging.getLogger("bentoml.service.guard")
+
+SWEEP_S = 1.0
+ACCEPT_GRACE_S = 0.5  # workers accept this long after the listening socket stopped taking SYNs
+MAX_HEADER_BYTES = 64 * 1024
+ADMITTED = "bnfold.admitted"  # scope key: when the protocol handed the request to the app
+MIN_INFLIGHT = 4  # below this many requests in a worker nothing is shed
+WINDOW_S = 0.1  # the queue delay is the smallest wait seen in such a window (CoDel's standing queue)
+SHED_BODY_MAX = 64 * 1024  # a shed request's body up to this size is skipped; larger: the connection closes
+REASONS = ("overload", "connections", "header_timeout", "body_timeout", "header_too_large")
+
+
+def canned(status: int, reason: str, message: str, close: bool, retry_after: int | None = None) -> bytes:
+    """A complete HTTP/1.1 response with a JSON {"error": ...} body."""
+    body = orjson.dumps({"error": message})
+    head = [f"HTTP/1.1 {status} {reason}", "content-type: application/json", f"content-length: {len(body)}",
+            f"connection: {'close' if close else 'keep-alive'}"]
+    if retry_after is not None:
+        head.append(f"retry-after: {retry_after}")
+    return ("\r\n".join(head) + "\r\n\r\n").encode() + body
+
+
+def is_work(method: bytes, path: bytes) -> bool:
+    """Requests that run the model: counted against the queue and shed under overload."""
+    return method == b"POST" and (path in (b"/predict", b"/classify")
+                                  or (path.startswith(b"/v2/models/") and path.endswith(b"/infer")))
+
+
+class Guard:
+    """Per-worker fault state (owned by the service instance; the protocol finds it through it)."""
+
+    def __init__(self, settings) -> None:
+        self.settings = settings
+        self.protocols: set[GuardedProtocol] = set()
+        self.counts = dict.fromkeys(REASONS, 0)
+        self.draining = False
+        self.drain_started: float | None = None
+        self.delay_limit = settings.queue_delay_ms / 1000
+        self.standing = 0.0  # the shortest wait (admission -> app) in the last full window
+        self._window_min = float("inf")
+        self._window_end = 0.0
+        retry = settings.retry_after_s
+        overloaded = (f"overloaded: requests queue longer than {settings.queue_delay_ms:g} ms (or more than "
+                      f"{settings.queue_max}) in this worker; retry after {retry} s")
+        self.shed_keep = canned(503, "Service Unavailable", overloaded, close=False, retry_after=retry)
+        self.shed_close = canned(503, "Service Unavailable", overloaded, close=True, retry_after=retry)
+        self.too_many = canned(503, "Service Unavailable",
+                               f"too many connections (over {settings.max_connections} in this worker)",
+                               close=True, retry_after=retry)
+        self.header_timeout = canned(408, "Request Timeout",
+                                     f"request headers not complete within {settings.header_timeout_s:g} s", close=True)
+        self.body_timeout = canned(408, "Request Timeout",
+                                   f"request body stalled for more than {settings.body_timeout_s:g} s", close=True)
+        self.header_too_large = canned(431, "Request Header Fields Too Large",
+                                       f"request headers over {MAX_HEADER_BYTES} bytes", close=True)
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._server = None  # uvicorn's Server, found through its SIGTERM handler
+        # /metrics: BentoML's Prometheus runs in multiprocess mode, which reads every worker's
+        # values from its files; no registry entry needed (and none to collide with in tests).
+        from prometheus_client import Counter
+
+        metric = Counter("bnfold_guard", "Requests/connections refused or closed by the guard", ["reason"], registry=None)
+        self._metrics = {reason: metric.labels(reason=reason) for reason in REASONS}  # label lookups are slow
+
+    # --- lifecycle ------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """In the worker's event loop: the sweeper, and the SIGTERM drain when uvicorn runs us."""
+        try:
+            self._loop = asyncio.get_running_loop()
+        except RuntimeError:  # constructed outside a server (in-process use): nothing to guard
+            return
+        self._loop.call_later(SWEEP_S, self._sweep)
+        previous = signal.getsignal(signal.SIGTERM)
+        server = getattr(previous, "__self__", None)
+        if server is not None and hasattr(server, "should_exit") and hasattr(server, "force_exit"):
+            self._server = server
+            signal.signal(signal.SIGTERM, self._on_sigterm)
+        else:
+            logger.warning("SIGTERM handler is not uvicorn's (%r): no drain window in this process", previous)
+
+    def _on_sigterm(self, signum, frame) -> None:
+        if not self.draining and self._loop is not None:
+            self._loop.call_soon_threadsafe(self.drain)
+
+    def drain(self) -> None:
+        """Readiness fails now; keep serving (Connection: close) for DRAIN_S, then stop with a deadline."""
+        if self.draining:
+            return
+        self.draining = True
+        self.drain_started = time.monotonic()
+        s = self.settings
+        logger.info("SIGTERM: draining for %.1f s (readiness 503, Connection: close), then stopping "
+                    "with a %.1f s deadline; worker pid %d", s.drain_s, s.shutdown_timeout_s, os.getpid())
+        self._loop.call_later(s.drain_s + ACCEPT_GRACE_S, self._stop)
+
+    def _stop(self) -> None:
+        if self._server is None:
+            return
+        self._server.should_exit = True  # uvicorn: stop accepting, finish in-flight requests
+        self._loop.call_later(self.settings.shutdown_timeout_s, self._force)
+
+    def _force(self) -> None:
+        logger.error("shutdown deadline of %.1f s passed: cancelling what is left", self.settings.shutdown_timeout_s)
+        self._server.force_exit = True
+
+    def started(self, waited: float) -> None:
+        """A request reached the app `waited` s after the protocol admitted it."""
+        now = time.monotonic()
+        if now >= self._window_end:
+            self.standing = 0.0 if self._window_min == float("inf") else self._window_min
+            self._window_min, self._window_end = waited, now + WINDOW_S
+        elif waited < self._window_min:
+            self._window_min = waited
+
+    def overloaded(self, inflight: int) -> bool:
+        """Shed new work? When even the luckiest request of the last 100 ms waited longer than
+        QUEUE_DELAY_MS in this worker before the app got to it (a standing queue, as CoDel sees
+        it), or past QUEUE_MAX requests. Bounded in time, the queue adapts to what a request
+        costs (a slow model sheds sooner), and a slow client's upload does not count."""
+        if inflight >= self.settings.queue_max:
+            return True
+        return inflight >= MIN_INFLIGHT and self.standing > self.delay_limit
+
+    def count(self, reason: str) -> None:
+        self.counts[reason] += 1
+        self._metrics[reason].inc()
+
+    def stats(self) -> dict:
+        return {"connections": len(self.protocols), "draining": self.draining,
+                "queue_delay_ms": round(1000 * self.standing, 2), **self.counts}
+
+    def _sweep(self) -> None:
+        """Close what waits too long: headers not complete, bodies stalled."""
+        now = time.monotonic()
+        s = self.settings
+        for p in list(self.protocols):
+            if p.waiting_since is not None and now - p.waiting_since > s.header_timeout_s:
+                p.refuse(self.header_timeout, "header_timeout")
+            elif p.body_seen is not None and now - p.body_seen > s.body_timeout_s:
+                p.refuse(self.body_timeout if not (p.cycle and p.cycle.response_started) else b"", "body_timeout")
+        self._loop.call_later(SWEEP_S, self._sweep)
+
+
+def current_guard() -> Guard | None:
+    import bentoml
+
+    try:
+        return getattr(bentoml.get_current_service(), "guard", None)
+    except Exception:  # the service isn't instantiated (yet): no guard
+        return None
+
+
+class GuardedProtocol(HttpToolsProtocol):
+    """uvicorn's httptools protocol with the Guard's limits (see the module docstring)."""
+
+    guard: Guard | None = None
+    waiting_since: float | None = None  # waiting for complete request headers since
+    body_seen: float | None = None  # reading a request body; last byte seen at
+    header_bytes = 0
+    shedding = False  # ignore the rest of this request (it is answered, or being refused)
+    over_cap = False  # this connection came over MAX_CONNECTIONS: its first request gets a 503
+    pending: bytes | None = None  # a shed answer, sent once the request's small body is in
+
+    def connection_made(self, transport) -> None:
+        super().connection_made(transport)
+        self.guard = guard = current_guard()
+        self.waiting_since = time.monotonic()
+        if guard is None:
+            return
+        guard.protocols.add(self)
+        self.over_cap = len(guard.protocols) > guard.settings.max_connections
+
+    def connection_lost(self, exc) -> None:
+        if self.guard is not None:
+            self.guard.protocols.discard(self)
+        self.waiting_since = self.body_seen = None
+        super().connection_lost(exc)
+
+    def refuse(self, response: bytes, reason: str) -> None:
+        """Answer `response` (if any) and close without reading further."""
+        self.waiting_since = self.body_seen = None
+        self.shedding = True  # ignore whatever the parser still delivers
+        if self.transport.is_closing():
+            return
+        if self.guard is not None:
+            self.guard.count(reason)
+        if response:
+            self.transport.write(response)
+        self.transport.close()
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        self.shedding = self.transport.is_closing()
+        self.pending = None
+        self.header_bytes = 0
+        if self.waiting_since is None:
+            self.waiting_since = time.monotonic()
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if self.shedding:
+            return
+        self.header_bytes += len(name) + len(value)
+        if self.header_bytes > MAX_HEADER_BYTES:
+            self.refuse(self.guard.header_too_large if self.guard else b"", "header_too_large")
+            return
+        super().on_header(name, value)
+
+    def on_headers_complete(self) -> None:
+        self.waiting_since = None
+        if self.shedding:
+            return
+        guard = self.guard
+        if guard is not None and (self.cycle is None or self.cycle.response_complete) and (
+            self.over_cap or (guard.overloaded(len(self.tasks)) and is_work(self.parser.get_method(), self.url.split(b"?", 1)[0]))
+        ):
+            self.shed(guard)
+            return
+        self.body_seen = time.monotonic()
+        self.scope[ADMITTED] = self.body_seen
+        super().on_headers_complete()
+
+    def shed(self, guard: Guard) -> None:
+        """Answer 503 + Retry-After without running the app. A small body is read (and dropped)
+        first, so closing never meets unread data (which the kernel would answer with a reset);
+        a big one is not read: the answer goes now and the connection closes."""
+        length = next((v for k, v in self.headers if k == b"content-length"), b"0")
+        small = length.isdigit() and int(length) <= SHED_BODY_MAX
+        close = self.over_cap or guard.draining or not self.parser.should_keep_alive() or not small
+        if self.over_cap:
+            answer = guard.too_many
+            guard.count("connections")
+        else:
+            answer = guard.shed_close if close else guard.shed_keep
+            guard.count("overload")
+        self.shedding = True
+        if not small:
+            self.transport.write(answer)
+            self.transport.close()
+            return
+        self.pending = answer
+        self.pending_close = close
+
+    def on_url(self, url: bytes) -> None:
+        if not self.shedding:
+            super().on_url(url)
+
+    def on_body(self, body: bytes) -> None:
+        if self.shedding:
+            return
+        self.body_seen = time.monotonic()
+        super().on_body(body)
+
+    def on_message_complete(self) -> None:
+        self.body_seen = None
+        if self.shedding:
+            self.shedding = False
+            if self.pending is not None and not self.transport.is_closing():
+                self.transport.write(self.pending)
+                if self.pending_close:
+                    self.transport.close()
+                else:
+                    self.waiting_since = time.monotonic()
+            self.pending = None
+            return
+        super().on_message_complete()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        if not self.transport.is_closing():
+            self.waiting_since = time.monotonic()
+
+
+def install_protocol() -> None:
+    """Make GuardedProtocol uvicorn's 'auto' HTTP protocol and asyncio its 'auto' event loop
+    (BentoML's worker asks uvicorn for 'auto' of both).
+
+    Why not uvloop: its libuv accepts one connection per loop iteration (strace: one accept4 per
+    epoll_pwait, never EAGAIN); with a busy worker that is a few accepts a second, and under
+    overload new connections waited in the kernel queue for the whole run (6-10 s, every run with
+    800 connections; asyncio's accept loop takes them all). Throughput measured the same
+    (docs/service.md, "Event loop")."""
+    import uvicorn.loops.auto as loops
+    import uvicorn.protocols.http.auto as auto
+    from uvicorn.loops.asyncio import asyncio_loop_factory
+
+    auto.AutoHTTPProtocol = GuardedProtocol
+    loops.auto_loop_factory = asyncio_loop_factory
+
+
+# --- the supervisor (`bentoml serve` process) -------------------------------------------------
+
+API_SOCKET = "_bento_api_server"  # BentoML's name for the public listening socket
+SO_ATTACH_FILTER = 26  # <asm-generic/socket.h>
+
+
+def install_supervisor(drain_s: float) -> None:
+    """Patch BentoML's watcher/arbiter factories before `bentoml serve` calls them (it imports this
+    service first): respawn always, reap on SIGCHLD, stop listening after the drain window."""
+    import bentoml._internal.utils.circus as bento_circus
+    import bentoml.serving as serving
+
+    if getattr(serving.create_watcher, "__guarded__", False):
+        return
+    create_watcher = serving.create_watcher
+    create_arbiter = bento_circus.create_standalone_arbiter
+
+    def guarded_watcher(*args, **kwargs):
+        watcher = create_watcher(*args, **kwargs)
+        watcher.respawn = True  # BentoML: `not running_inside_container()`
+        return watcher
+
+    def guarded_arbiter(watchers, **kwargs):
+        arbiter = create_arbiter(watchers, **kwargs)
+        watch_children(arbiter)
+        arbiter.exit_stack.callback(refuse_new_connections_later, arbiter, drain_s)
+        return arbiter
+
+    guarded_watcher.__guarded__ = True
+    serving.create_watcher = guarded_watcher
+    bento_circus.create_standalone_arbiter = guarded_arbiter
+
+
+def watch_children(arbiter) -> None:
+    """On SIGCHLD, let circus reap and respawn now instead of at its next periodic check."""
+    from circus.exc import ConflictError
+
+    def manage() -> None:
+        if arbiter._stopping:
+            return
+        try:
+            arbiter.manage_watchers()
+        except ConflictError:  # circus is busy with another command: try again shortly
+            arbiter.loop.call_later(0.1, manage)
+
+    def on_sigchld(signum, frame) -> None:
+        loop = getattr(arbiter.loop, "asyncio_loop", None)
+        if loop is not None and not loop.is_closed():
+            loop.call_soon_threadsafe(manage)
+
+    signal.signal(signal.SIGCHLD, on_sigchld)
+
+
+def drop_all_packets(sock: socket.socket) -> None:
+    """Attach a classic BPF filter that returns 0 (drop) to a listening socket: new SYNs are
+    ignored, connections already in the accept queue stay acceptable (Linux)."""
+    insn = struct.pack("HBBI", 0x06, 0, 0, 0)  # BPF_RET | BPF_K, k = 0
+    program = ctypes.create_string_buffer(insn, len(insn))
+    fprog = struct.pack("HL", 1, ctypes.addressof(program))  # struct sock_fprog {len; filter*}
+    sock.setsockopt(socket.SOL_SOCKET, SO_ATTACH_FILTER, fprog)
+
+
+def refuse_new_connections_later(arbiter, drain_s: float) -> None:
+    """Runs when the arbiter starts stopping (it then sends SIGTERM to the workers, which drain
+    for `drain_s`): when the drain window ends, the shared listening socket takes no new SYNs."""
+
+    def refuse() -> None:
+        sock = arbiter.sockets.get(API_SOCKET) if arbiter.sockets else None
+        if sock is None:
+            return
+        try:
+            drop_all_packets(sock)
+            logger.info("drain window over: the listening socket takes no new connections")
+        except OSError as exc:
+            logger.warning("cannot filter the listening socket (%s): late connections may be reset", exc)
+
+    if arbiter.loop is not None:
+        arbiter.loop.call_later(drain_s, refuse)
