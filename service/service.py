@@ -46,6 +46,9 @@ MULTIPART = "multipart/form-data"
 TENSOR_ERRORS = {400: "", 413: "", 415: "", 422: "", 503: ""}
 PAGE_HEADERS = {"content-security-policy": "default-src 'self'; img-src 'self' data: blob:",
                 "x-content-type-options": "nosniff"}
+# Swagger UI sets inline styles and draws data: images; still nothing from outside this server.
+DOCS_HEADERS = {"content-security-policy": "default-src 'self'; style-src 'self' 'unsafe-inline'; img-src 'self' data:",
+                "x-content-type-options": "nosniff"}
 
 
 def resolve_model_path(settings: Settings) -> str:
@@ -262,11 +265,11 @@ class Classifier:
     @route("GET", "/docs", "Swagger UI over /docs.json (BentoML's bundled assets)", answers={200: "Text"},
            produces="text/html", tag="page")
     async def docs(self, request: Request) -> Response:
-        return Response(self.static["docs.html"], headers=PAGE_HEADERS, media_type="text/html")
+        return Response(self.static["docs.html"], headers=DOCS_HEADERS, media_type="text/html")
 
     @route("GET", "/ui/docs.js", "Starts Swagger UI", answers={200: "Text"}, produces="text/javascript", tag="page")
     async def docs_js(self, request: Request) -> Response:
-        return Response(self.static["docs.js"], headers=PAGE_HEADERS, media_type="text/javascript")
+        return Response(self.static["docs.js"], headers=DOCS_HEADERS, media_type="text/javascript")
 
     @route("GET", "/docs.json", "This document (OpenAPI 3)", answers={200: "Text"}, tag="page")
     async def openapi(self, request: Request) -> Response:

@@ -13,7 +13,8 @@ async function loadMetadata() {
   $("title").textContent = meta.model.name;
   const accuracy = meta.model.test_accuracy == null ? "" : ` · test accuracy ${(100 * meta.model.test_accuracy).toFixed(2)}%`;
   $("model-line").textContent = `${input.layout} ${JSON.stringify(input.shape)} · ${meta.labels.length} classes` +
-    (input.background ? ` · trained on ${input.background} backgrounds` : "") + accuracy;
+    (input.background ? ` · expects ${input.background === "dark" ? "light objects on a dark" : "dark objects on a light"} background` : "") +
+    accuracy;
   if (!input.classify) {
     $("drop").hidden = true;
     $("draw").hidden = true;
