@@ -9,12 +9,16 @@ ARTIFACTS ?= artifacts
 RUN_DIR := $(ARTIFACTS)/runs/$(ARCH)
 PORT ?= 3000
 
-.PHONY: help setup data pipeline train export verify test ablation bench-model serve bento loadtest bench-serve soak clean
+.PHONY: help setup data browser pipeline train export verify test ablation bench-model serve bento loadtest bench-serve soak faults clean
 
 help:
 	@echo "make pipeline   set-up, data, train ($(ARCH)), export, verify"
-	@echo "make test       set-up, data, pytest"
-	@echo "make ablation | bench-model | serve PORT=3000 | bento | loadtest | bench-serve | soak SOAK_TIME=1m"
+	@echo "make test       set-up, data, browser, pytest"
+	@echo "make serve      serve artifacts/model.onnx on PORT=3000: page at /, Swagger UI at /docs (docs/service.md)"
+	@echo "make bento      import the model into the BentoML store and build a bento"
+	@echo "make faults     fault battery (kill, SIGTERM, 3x overload, stalled, oversize) -> artifacts/faults/"
+	@echo "make browser    install chromium + chromium-driver for the page tests (as root)"
+	@echo "make ablation | bench-model | loadtest | bench-serve | soak SOAK_TIME=1m"
 
 # --- set-up ---------------------------------------------------------------------------------
 # torch first, in its own pip call: the pinned 2.13.0 is a local CPU wheel; resolving it together
@@ -30,6 +34,9 @@ setup: $(VENV)/.installed
 
 data:
 	@$(PYTHON) scripts/ensure_data.py --data-dir "$(DATA_DIR)"
+
+browser:
+	@$(PYTHON) scripts/ensure_browser.py
 
 # --- pipeline -------------------------------------------------------------------------------
 $(RUN_DIR)/weights.safetensors: | setup data
@@ -50,7 +57,7 @@ pipeline: export
 	else echo "bench-model: $(ARTIFACTS)/bench_model.json is newer than model.onnx, reused (make bench-model re-measures)"; fi
 	@$(PY) -m export.report $(ARTIFACTS)
 
-test: setup data
+test: setup data browser
 	$(PY) -m pytest -q
 
 ablation: setup data
@@ -59,15 +66,24 @@ ablation: setup data
 bench-model: export
 	$(PY) -m export.bench --model-dir $(ARTIFACTS) --run $(RUN_DIR) --data-dir "$(DATA_DIR)" --out $(ARTIFACTS)/bench_model.json
 
-# --- service (issue 4) ----------------------------------------------------------------------
-# Knobs (env): SERVICE_WORKERS, ORT_PROVIDER=auto|cpu|cuda, ORT_INTRA_OP_THREADS, METRICS, TRACING,
-# ACCESS_LOG, GC_FREEZE, MAX_IMAGES_PER_REQUEST, MAX_BODY_BYTES, BATCH_MAX_IMAGES, BATCH_MODE (README.md, "Serving").
-serve: export
-	MODEL_PATH=$(ARTIFACTS)/model.onnx $(VENV)/bin/bentoml serve service.service:FashionMNISTClassifier --port $(PORT)
+# --- service (issues 4, 10) -----------------------------------------------------------------
+# Every knob is an environment variable (docs/service.md, "Settings"); MODEL=path serves another export.
+MODEL ?= $(ARTIFACTS)/model.onnx
+MODEL_HINT = $(MODEL) is missing: run `make export` (or `python -m export ...`), or pass MODEL=path/to/model.onnx
 
-bento: export
-	@tag=$$($(PY) -m service.store $(ARTIFACTS)/model.onnx) && echo "model store: $$tag" && \
+serve: setup
+	@test -f "$(MODEL)" || { echo "$(MODEL_HINT)" >&2; exit 2; }
+	MODEL_PATH=$(MODEL) $(VENV)/bin/bentoml serve service.service:Classifier --port $(PORT)
+
+bento: setup
+	@test -f "$(MODEL)" || { echo "$(MODEL_HINT)" >&2; exit 2; }
+	@tag=$$($(PY) -m service.store $(MODEL)) && echo "model store: $$tag" && \
 	$(VENV)/bin/bentoml build --arg model_tag=$$tag
+
+faults: setup
+	@test -f "$(MODEL)" || { echo "$(MODEL_HINT)" >&2; exit 2; }
+	$(PY) -m loadtest.faults --model $(MODEL) --out $(ARTIFACTS)/faults $(if $(ONLY),--only $(ONLY)) \
+		$(if $(OVERLOAD_TIME),--overload-time $(OVERLOAD_TIME)) $(if $(BENCH_LOCK),--lock "$(BENCH_LOCK)")
 
 # --- load tests (issue 5) -------------------------------------------------------------------
 loadtest: export
