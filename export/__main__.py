@@ -4,15 +4,14 @@ Fold BN, strip Dropout, export model.onnx (folded) and model_unfolded.onnx (the 
 parity, write export_report.json. Nothing is published unless parity passes; exit 1 when it
 fails, 2 on bad input (one line on stderr, nothing written). docs/export.md has the guide."""
 import argparse
+import re
 import sys
 from pathlib import Path
 
 import onnx
 
+from export.contract import LAYOUTS
 from export.errors import BadInput, one_line
-from export.fold import FoldError
-from export.pipeline import REPORT, export, is_current
-from export.sources import LAYOUTS, from_onnx, from_pytorch, from_run
 from training.data import DEFAULT_DATA_DIR, DataError
 
 DEFAULT_RUN = "artifacts/runs/seed-cnn"
@@ -28,13 +27,12 @@ their count must equal the model's number of outputs K. Without --labels: class_
 
 class Parser(argparse.ArgumentParser):
     def error(self, message):  # one line, exit 2, like every other bad input
-        print(f"export: {message} (see python -m export --help)", file=sys.stderr)
-        sys.exit(2)
+        raise BadInput(f"{message} (see python -m export --help)")
 
 
-def parse_args(argv=None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
     p = Parser(prog="python -m export", description=__doc__.split("\n\n")[1], epilog=EPILOG,
-               formatter_class=argparse.RawDescriptionHelpFormatter)
+               formatter_class=argparse.RawDescriptionHelpFormatter, add_help=False)
     what = p.add_argument_group("what to export (one of; default: --run artifacts/runs/seed-cnn)")
     source = what.add_mutually_exclusive_group()
     source.add_argument("--run", metavar="DIR", help=f"a training run of ours (weights.safetensors + config.json) "
@@ -64,14 +62,27 @@ def parse_args(argv=None) -> argparse.Namespace:
                      "background, as in Fashion-MNIST (default: not recorded)")
     run = p.add_argument_group("--run only")
     run.add_argument("--data-dir", default=DEFAULT_DATA_DIR, help=f"Fashion-MNIST IDX files (default: {DEFAULT_DATA_DIR})")
+    p.add_argument("-h", "--help", action="help", help="show this help and exit")
     p.add_argument("--verify-only", action="store_true",
                    help="re-verify the ONNX files already in --out against the source (default: off)")
     p.add_argument("--if-stale", action="store_true", help="do nothing when --out already holds a verified export "
                    "of this exact source and these options (default: off)")
-    return p.parse_args(argv)
+    return p
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    argv, fixed = list(sys.argv[1:] if argv is None else argv), []
+    while argv:  # `--input-range -1,1`: argparse would take -1,1 for a flag
+        arg = argv.pop(0)
+        if arg == "--input-range" and argv and re.match(r"-[\d.]", argv[0]):
+            arg = f"--input-range={argv.pop(0)}"
+        fixed.append(arg)
+    return build_parser().parse_args(fixed)
 
 
 def make_source(args: argparse.Namespace):
+    from export.sources import from_onnx, from_pytorch, from_run  # torch & co. load here, not for --help
+
     given = {flag for flag in ("weights", "input_shape", "layout", "input_range", "labels", "sample", "name",
                                "background") if getattr(args, flag) is not None}
     if args.data_dir != DEFAULT_DATA_DIR:
@@ -93,15 +104,17 @@ def make_source(args: argparse.Namespace):
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
-    out = Path(args.out)
     try:
+        args = parse_args(argv)
+        out = Path(args.out)
         source = make_source(args)
+        from export.pipeline import REPORT, export, is_current
+
         if args.if_stale and is_current(source, out):
             print(f"export: {out / 'model.onnx'} is already a verified export of {source.path}")
             return 0
         code = export(source, out, verify_only=args.verify_only)
-    except (BadInput, FileNotFoundError, DataError, FoldError, ValueError, onnx.checker.ValidationError) as e:
+    except (BadInput, FileNotFoundError, DataError, ValueError, onnx.checker.ValidationError) as e:  # FoldError is a ValueError
         print(f"export: {one_line(e, limit=600)}", file=sys.stderr)
         return 2
     if code:

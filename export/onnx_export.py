@@ -17,9 +17,9 @@ import onnx
 import torch
 
 from common.files import write_with_checksum
+from export.contract import CONTRACT_VERSION
 from export.errors import BadInput, one_line
 
-CONTRACT_VERSION = 2
 OPSET = 18
 MAX_BATCH = 1 << 16
 BN_OPS = ("BatchNormalization",)
@@ -134,8 +134,7 @@ def rename_value(model: onnx.ModelProto, old: str, new: str) -> None:
 def contract_metadata(fields: dict) -> dict[str, str]:
     """The metadata_props of docs/onnx-contract.md from plain values: strings stay strings,
     everything else is JSON; None means "not set" and is left out."""
-    base = {"contract_version": CONTRACT_VERSION, "torch_version": torch.__version__,
-            "onnx_version": onnx.__version__}
+    base = {"contract_version": CONTRACT_VERSION, "onnx_version": onnx.__version__}
     return {key: value if isinstance(value, str) else json.dumps(value)
             for key, value in {**base, **fields}.items() if value is not None}
 

@@ -1,8 +1,9 @@
 """One path for every source: fold -> export -> verify -> publish.
 
 Torch sources (`--run`, `--model`): the fx pass folds the module (export/fold.py), torch.onnx
-exports the unfolded model (the reference, model_unfolded.onnx) and the folded one; then the ONNX
-graph pass (export/onnx_fold.py) folds what fx could not reach, and the graph is cleaned up.
+exports the unfolded model (the reference, model_unfolded.onnx) and the folded one, which is
+cleaned up (constant folding; no BN fusion) and given to the ONNX graph pass (export/onnx_fold.py)
+to fold what fx could not reach.
 ONNX sources: the ONNX graph pass alone, on the input graph (which is the reference).
 Then every variant is checked against the reference (export/verify.py), and only when all pass
 are model.onnx, model_unfolded.onnx (+ .sha256) and export_report.json written, atomically.
@@ -112,7 +113,7 @@ def summary(fold_report: dict) -> str:
 
 
 def build_torch(source: Source, out: Path, verify_only: bool):
-    """fx fold, both exports, the ONNX pass on the folded graph, clean-up. Returns the two graphs,
+    """fx fold, both exports, clean-up, the ONNX pass on the folded graph. Returns the two graphs,
     the merged fold report and the folded torch module."""
     folded_module, fx_report = fold_batchnorm(source.module)
     if verify_only:
@@ -129,9 +130,10 @@ def build_torch(source: Source, out: Path, verify_only: bool):
             rename_value(graph, source.output_name, "probabilities")
         source.output_name = "probabilities"
     print(f"nodes of our folded module as exported: {node_counts(folded_raw)}")
-    folded_graph, onnx_report = fold_onnx(folded_raw)
-    fold_report = merge_fold_reports(fx_report.as_dict(), onnx_report, folded_raw, folded_graph)
-    return unfolded, simplify(folded_graph), fold_report, folded_module
+    cleaned = simplify(folded_raw)  # constant folding first: exporter artefacts (zero biases made at run time, ...) go
+    folded_graph, onnx_report = fold_onnx(cleaned)
+    fold_report = merge_fold_reports(fx_report.as_dict(), onnx_report, cleaned, folded_graph)
+    return unfolded, folded_graph, fold_report, folded_module
 
 
 def build_onnx(source: Source, out: Path, verify_only: bool):
@@ -168,7 +170,7 @@ def verify_source(source: Source, unfolded: onnx.ModelProto, folded: onnx.ModelP
         def reference64():
             return run_torch(copy.deepcopy(source.module).double(), inputs.astype(np.float64), dtype=torch.float64)
     else:
-        reference_name = "input graph, ORT_DISABLE_ALL (reference)"
+        reference_name = "input graph, DISABLE_ALL (reference)"
         session = ort_session(source.reference_graph, optimize=False)
         feed, output = session.get_inputs()[0].name, source.reference_graph.graph.output[0].name
         step = source.reference_batch or 1000
@@ -194,7 +196,7 @@ def export(source: Source, out: str | Path, verify_only: bool = False) -> int:
     build = build_torch if source.module is not None else build_onnx
     unfolded, folded, fold_report, folded_module = build(source, out, verify_only)
     if not verify_only:
-        print(f"exported in {time.perf_counter() - started:.1f}s")
+        print(f"{'exported' if source.module is not None else 'folded'} in {time.perf_counter() - started:.1f}s")
         kind = output_kind(unfolded, source.output_name)
         fields = {
             "name": source.name, "input_name": source.input_name, "input_shape": source.input_shape,
@@ -203,6 +205,8 @@ def export(source: Source, out: str | Path, verify_only: bool = False) -> int:
             "source": {"kind": source.kind, "path": source.path, "sha256": source.sha256,
                        **{k: v for k, v in source.source_extra.items() if v is not None}},
             "fold_report": fold_report, "producer": "bnfold (python -m export)", **source.extra_metadata}
+        if source.module is not None:
+            fields["torch_version"] = torch.__version__
         unfolded = with_metadata(unfolded, contract_metadata({**fields, "folded": "false"}))
         folded = with_metadata(folded, contract_metadata({**fields, "folded": "true"}))
 

@@ -28,15 +28,11 @@ import torch
 from torch import nn
 
 from common.files import sha256_file
+from export.contract import DEFAULT_RANGE, IMAGE_LAYOUTS, LAYOUT_RANK, MIN_OPSET
 from export.errors import BadInput, one_line
 from export.onnx_export import feeds
 
-LAYOUTS = ("NCHW", "NHWC", "NCW", "NC", "other")
-LAYOUT_RANK = {"NCHW": 4, "NHWC": 4, "NCW": 3, "NC": 2}
-IMAGE_LAYOUTS = ("NCHW", "NHWC")
-DEFAULT_RANGE = [0.0, 1.0]
 RANDOM_ROWS, RANDOM_SEED = 256, 0
-MIN_OPSET = 13
 
 
 @dataclass
@@ -184,8 +180,7 @@ def read_sample(path: str | Path, dims: list | None, input_range: list[float] | 
 def random_inputs(dims: list[int], input_range: list[float]) -> tuple[np.ndarray, str]:
     rng = np.random.default_rng(RANDOM_SEED)
     inputs = rng.uniform(input_range[0], input_range[1], size=(RANDOM_ROWS, *dims)).astype(np.float32)
-    return inputs, (f"random inputs (uniform in [{input_range[0]:g}, {input_range[1]:g}], seed {RANDOM_SEED}; "
-                    f"no --sample given)")
+    return inputs, f"random inputs (uniform in [{input_range[0]:g}, {input_range[1]:g}], seed {RANDOM_SEED})"
 
 
 def verification_inputs(sample: str | None, dims: list, input_range: list[float]) -> tuple[np.ndarray, str]:
@@ -305,7 +300,7 @@ def load_state(model: nn.Module, state: dict[str, torch.Tensor], path: str) -> N
     if state and all(k.startswith("module.") for k in state) and not any(k.startswith("module.") for k in expected):
         state = {k[len("module."):]: v for k, v in state.items()}  # saved from DataParallel
     missing = [k for k in expected if k not in state and not k.endswith("num_batches_tracked")]
-    unexpected = [k for k in state if k not in expected]
+    unexpected = sorted(k for k in state if k not in expected and not k.endswith("num_batches_tracked"))
     shapes = [f"{k} {list(state[k].shape)} in the file, {list(expected[k].shape)} in the model"
               for k in expected if k in state and state[k].shape != expected[k].shape]
     problems = []
@@ -485,6 +480,12 @@ def from_onnx(path: str, labels: str | None, input_range: str | None, sample: st
                            else random_inputs(shape[1:], value_range))
 
     graph = copy.deepcopy(model)
+    names = {n.name for n in graph.graph.node}
+    for i, node in enumerate(graph.graph.node):  # unnamed nodes get a name, so reports can point at them
+        if not node.name:
+            node.name = next(f"{node.op_type}_{i}{suffix}" for suffix in ("", *range(1, 1000))
+                             if f"{node.op_type}_{i}{suffix}" not in names)
+            names.add(node.name)
     _set_dims(next(i for i in graph.graph.input if i.name == feed.name), shape)
     if fixed_batch == 1:
         del graph.graph.value_info[:]  # shapes inferred for batch 1; onnxruntime infers them again

@@ -32,7 +32,7 @@ def ort_session(model: onnx.ModelProto | bytes | str, optimize: bool = True, thr
     options.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize
                                         else ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
     options.intra_op_num_threads = threads
-    options.log_severity_level = 3
+    options.log_severity_level = 4  # errors reach the caller as exceptions; no second copy on stderr
     if isinstance(model, onnx.ModelProto):
         model = model.SerializeToString()
     return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
@@ -121,7 +121,7 @@ def float64_diagnosis(reference64, reference_name: str, reference: np.ndarray, v
 def format_table(result: dict) -> str:
     lines = [f"parity on {result['images']} {result.get('inputs', 'inputs')} (atol {ATOL:g} + rtol {RTOL:g}, "
              f"vs {result.get('reference', 'the reference')}; batches {result.get('batch_sizes', '')}):",
-             f"  {'variant':34s} {'accuracy':>9s} {'max |diff|':>11s} {'max rel':>10s} {'argmax agree':>13s}  ok"]
+             f"  {'variant':36s} {'accuracy':>9s} {'max |diff|':>11s} {'max rel':>10s} {'argmax agree':>13s}  ok"]
     sections = [("", result["variants"])]
     if result.get("float64", {}).get("available"):
         sections.append(("vs float64: ", result["float64"]["variants"]))
@@ -129,10 +129,10 @@ def format_table(result: dict) -> str:
         for name, r in rows.items():
             acc = f"{r['accuracy']:9.4f}" if "accuracy" in r else f"{'':9s}"
             if "max_abs_diff" in r:
-                lines.append(f"  {prefix + name:34s} {acc} {r['max_abs_diff']:11.2e} {r['max_rel_diff']:10.2e} "
+                lines.append(f"  {prefix + name:36s} {acc} {r['max_abs_diff']:11.2e} {r['max_rel_diff']:10.2e} "
                              f"{r['argmax_agreement']:13.4%}  {'yes' if r['within_tolerance'] else 'NO'}")
             else:
-                lines.append(f"  {prefix + name:34s} {acc} {'reference':>11s}")
+                lines.append(f"  {prefix + name:36s} {acc} {'reference':>11s}")
     if "float64" in result:
         lines.append("  float64: " + result["float64"].get("diagnosis", result["float64"].get("why", "")))
     lines.append("PARITY PASSED" if result["passed"] else "PARITY FAILED")
