@@ -400,7 +400,7 @@ def load_onnx(path: str | Path) -> onnx.ModelProto:
     try:
         onnx.checker.check_model(model, full_check=True)
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as e:
-        raise BadInput(f"--onnx {path}: the ONNX checker rejects it: {one_line(e)}") from None
+        raise BadInput(f"--onnx {path}: the ONNX checker rejects it: {one_line(' '.join(str(e).split()))}") from None
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
     if opset < MIN_OPSET:
         raise BadInput(f"--onnx {path}: opset {opset}; the contract needs >= {MIN_OPSET} "
