@@ -93,8 +93,8 @@ def merge_fold_reports(fx: dict | None, onnx_pass: dict, before: onnx.ModelProto
         elif onnx_entry:
             entry = onnx_entry
         else:
-            entry = {"bn": f"{node.name} ({node.op_type})", "reason": "left in the graph; neither pass reported why",
-                     "pass": None}
+            entry = {"bn": f"{node.name} ({node.op_type})", "pass": None,
+                     "reason": "left in the graph; " + ("neither pass reported why" if fx else "the ONNX graph pass did not say why")}
         kept.append(dict(entry, node=node.name))
     kept += [entry for _, entry in onnx_kept]
     merged = {"folded": folded, "kept": kept, "removed_dropout": (fx or {}).get("removed_dropout", []),
@@ -104,10 +104,12 @@ def merge_fold_reports(fx: dict | None, onnx_pass: dict, before: onnx.ModelProto
     return merged
 
 
-def summary(fold_report: dict) -> str:
+def summary(fold_report: dict, torch_source: bool) -> str:
     by_pass = {p: sum(e.get("pass") == p for e in fold_report["folded"]) for p in ("fx", "onnx")}
     if not fold_report["folded"] and not fold_report["kept"] and not fold_report["removed"]:
         return "nothing to fold: no BatchNorm in the graph; exported and verified as is"
+    if not torch_source:
+        return f"folded {by_pass['onnx']} BatchNorm(s) with the ONNX graph pass, kept {len(fold_report['kept'])}"
     return (f"folded {len(fold_report['folded'])} BatchNorm(s) ({by_pass['fx']} by the fx pass, {by_pass['onnx']} by "
             f"the ONNX graph pass), kept {len(fold_report['kept'])}")
 
@@ -218,7 +220,9 @@ def export(source: Source, out: str | Path, verify_only: bool = False) -> int:
         print(f"  folded {entry['bn']} {entry['direction']} into {entry['into']} ({entry.get('pass')} pass)")
     for entry in fold_report["kept"]:
         print(f"  kept {entry['bn']}: {entry['reason']}")
-    print(summary(fold_report))
+    for note in fold_report.get("notes", []):
+        print(f"  ONNX graph pass: {note}")
+    print(summary(fold_report, source.module is not None))
 
     result = verify_source(source, unfolded, folded, folded_module)
     print(format_table(result))
@@ -231,7 +235,7 @@ def export(source: Source, out: str | Path, verify_only: bool = False) -> int:
                   "range": source.input_range, "background": source.background},
         "output": {"name": source.output_name, "kind": meta.get("output_kind", "logits"), "classes": len(source.labels)},
         "labels": source.labels, "notes": source.notes,
-        "fold": fold_report, "summary": summary(fold_report), "nodes_unfolded": before, "nodes_folded": after,
+        "fold": fold_report, "summary": summary(fold_report, source.module is not None), "nodes_unfolded": before, "nodes_folded": after,
         "bn_dropout_left_in_folded": {op: n for op, n in after.items() if op in (*BN_OPS, "Dropout")},
         "parity": result, "versions": versions(),
     }
