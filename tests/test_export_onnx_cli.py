@@ -255,3 +255,19 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(case, tmp_path, capsys)
     assert err.startswith("export: ") and err.count("\n") == 1 and "Traceback" not in err, err
     assert message in err, err
     assert [p.name for p in out.iterdir()] == ["model.onnx"] and (out / "model.onnx").read_bytes() == b"the previous export"
+
+
+def test_if_stale_and_verify_only_work_for_any_source(tmp_path, capsys):
+    code, out, path = export_graph(tmp_path, mlp_graph())
+    assert code == 0
+    stale = ["--onnx", str(path), "--out", str(out), "--if-stale"]
+    assert main(stale) == 0 and "already a verified export" in capsys.readouterr().out
+    (tmp_path / "labels.txt").write_text("a\nb\nc\n")
+    assert main(stale + ["--labels", str(tmp_path / "labels.txt")]) == 0  # other options: exported again
+    assert "already" not in capsys.readouterr().out
+    assert json.loads(read_metadata(out / "model.onnx")["labels"]) == ["a", "b", "c"]
+    assert main(["--onnx", str(path), "--out", str(out), "--verify-only"]) == 0
+    assert "verified" in capsys.readouterr().out
+    onnx.save(mlp_graph(), tmp_path / "other.onnx")  # other weights (the generator moved on)
+    assert main(["--onnx", str(tmp_path / "other.onnx"), "--out", str(out), "--verify-only"]) == 2
+    assert "was not exported from" in capsys.readouterr().err
