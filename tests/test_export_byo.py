@@ -324,3 +324,21 @@ def test_real_command_line(tmp_path):
     for action in parser._actions:
         assert action.help and ("(default" in action.help or "(required with" in action.help
                                 or action.dest == "help"), action.dest
+
+
+def test_factories_and_checkpoints_users_have(tmp_path, monkeypatch):
+    """package.module:FACTORY from PYTHONPATH; .pth as a plain state_dict, as {"model": ...} and as
+    saved from DataParallel ("module." prefixes); a checkpoint missing num_batches_tracked."""
+    from export.sources import load_factory, load_state, load_weights
+
+    monkeypatch.syspath_prepend(str(MODELS.parent))
+    model = load_factory("byo_models:mlp")
+    assert isinstance(model, torch.nn.Sequential)
+    state = byo_models.randomize(byo_models.mlp()).state_dict()
+    for name, saved in {"plain.pth": state, "wrapped.pt": {"model": state, "optimizer": {"lr": 0.1}},
+                        "parallel.pth": {f"module.{k}": v for k, v in state.items()},
+                        "no_counts.pth": {k: v for k, v in state.items() if not k.endswith("num_batches_tracked")}}.items():
+        torch.save(saved, tmp_path / name)
+        fresh = byo_models.mlp()
+        load_state(fresh, load_weights(tmp_path / name), name)
+        assert all(torch.equal(fresh.state_dict()[k], v) for k, v in state.items() if "num_batches" not in k), name
