@@ -81,8 +81,6 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def make_source(args: argparse.Namespace):
-    from export.sources import from_onnx, from_pytorch, from_run  # torch & co. load here, not for --help
-
     given = {flag for flag in ("weights", "input_shape", "layout", "input_range", "labels", "sample", "name",
                                "background") if getattr(args, flag) is not None}
     if args.data_dir != DEFAULT_DATA_DIR:
@@ -96,6 +94,9 @@ def make_source(args: argparse.Namespace):
         for flag in ("weights", "input_shape"):
             if getattr(args, flag) is None:
                 raise BadInput(f"--model needs --{flag.replace('_', '-')}")
+    from export.sources import from_onnx, from_pytorch, from_run  # torch & co. load here, after the flag checks
+
+    if args.model:
         return from_pytorch(args.model, args.weights, args.input_shape, args.layout, args.input_range, args.labels,
                             args.sample, args.name, args.background)
     if args.onnx:

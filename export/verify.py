@@ -124,15 +124,15 @@ def format_table(result: dict) -> str:
     acc_head = f" {'accuracy':>9s}" if with_accuracy else ""
     lines = [f"parity on {result['images']} {result.get('inputs', 'inputs')} (atol {ATOL:g} + rtol {RTOL:g}, "
              f"vs {result.get('reference', 'the reference')}; batches {result.get('batch_sizes', '')}):",
-             f"  {'variant':36s}{acc_head} {'max |diff|':>11s} {'max rel':>10s} {'argmax agree':>13s}  ok"]
+             f"  {'variant':40s}{acc_head} {'max |diff|':>11s} {'max rel':>10s} {'argmax agree':>13s}  ok"]
     for prefix, table in zip(("", "vs float64: "), rows):
         for name, r in table.items():
             acc = (f" {r['accuracy']:9.4f}" if "accuracy" in r else f" {'':9s}") if with_accuracy else ""
             if "max_abs_diff" in r:
-                lines.append(f"  {prefix + name:36s}{acc} {r['max_abs_diff']:11.2e} {r['max_rel_diff']:10.2e} "
+                lines.append(f"  {prefix + name:40s}{acc} {r['max_abs_diff']:11.2e} {r['max_rel_diff']:10.2e} "
                              f"{r['argmax_agreement']:13.4%}  {'yes' if r['within_tolerance'] else 'NO'}")
             else:
-                lines.append(f"  {prefix + name:36s}{acc} {'reference':>11s}")
+                lines.append(f"  {prefix + name:40s}{acc} {'reference':>11s}")
     if "float64" in result:
         lines.append("  float64: " + result["float64"].get("diagnosis", result["float64"].get("why", "")))
     lines.append("PARITY PASSED" if result["passed"] else "PARITY FAILED")
