@@ -167,7 +167,7 @@ def verify_source(source: Source, unfolded: onnx.ModelProto, folded: onnx.ModelP
     if source.module is not None:
         reference_name = "torch eval (reference)"
         reference = run_torch(source.module, inputs)
-        variants["torch folded"] = run_torch(folded_module, inputs)
+        variants["torch folded"] = lambda: run_torch(folded_module, inputs)
 
         def reference64():
             return run_torch(copy.deepcopy(source.module).double(), inputs.astype(np.float64), dtype=torch.float64)
@@ -178,9 +178,9 @@ def verify_source(source: Source, unfolded: onnx.ModelProto, folded: onnx.ModelP
         step = source.reference_batch or 1000
         reference = np.concatenate([session.run([output], {feed: inputs[i:i + step]})[0] for i in range(0, len(inputs), step)])
         reference64 = None
-    variants["ORT folded"] = run_ort(ort_session(folded, optimize=True), inputs, name)
-    variants["ORT folded (DISABLE_ALL)"] = run_ort(ort_session(folded, optimize=False), inputs, name)
-    variants["ORT unfolded (DISABLE_ALL)"] = run_ort(ort_session(unfolded, optimize=False), inputs, name)
+    variants["ORT folded"] = lambda: run_ort(ort_session(folded, optimize=True), inputs, name)
+    variants["ORT folded (DISABLE_ALL)"] = lambda: run_ort(ort_session(folded, optimize=False), inputs, name)
+    variants["ORT unfolded (DISABLE_ALL)"] = lambda: run_ort(ort_session(unfolded, optimize=False), inputs, name)
     result = parity(reference_name, reference, variants, source.targets, reference64)
     result["inputs"] = source.inputs_desc
     return result

@@ -22,7 +22,9 @@ def results_table(artifacts: Path) -> str:
              f"argmax agreement | within 1e-5 |", "|---|---|---|---|---|"]
     for name, row in parity.items():
         accuracy = f"{row['accuracy']:.4f}" if "accuracy" in row else "n/a"
-        if "max_abs_diff" in row:
+        if "error" in row:
+            lines.append(f"| {name} | {accuracy} | FAILED: {row['error']} | | NO |")
+        elif "max_abs_diff" in row:
             lines.append(f"| {name} | {accuracy} | {row['max_abs_diff']:.2e} | "
                          f"{row['argmax_agreement']:.2%} | {'yes' if row['within_tolerance'] else 'NO'} |")
         else:

@@ -20,6 +20,8 @@ import onnx
 import onnxruntime as ort
 import torch
 
+from export.errors import one_line
+
 ATOL = 1e-5
 RTOL = 1e-5
 FIRST_BATCHES = (1, 7)
@@ -69,8 +71,7 @@ def run_ort(session: ort.InferenceSession, inputs: np.ndarray, output_name: str 
 
 def compare(outputs: np.ndarray, reference: np.ndarray) -> dict:
     if outputs.shape != reference.shape:
-        return {"shape": list(outputs.shape), "reference_shape": list(reference.shape), "within_tolerance": False,
-                "argmax_agreement": 0.0, "max_abs_diff": float("inf"), "max_rel_diff": float("inf")}
+        return failed(f"outputs of shape {list(outputs.shape)}, the reference's are {list(reference.shape)}")
     diff = np.abs(outputs.astype(np.float64) - reference.astype(np.float64))
     rel = diff / np.maximum(np.abs(reference.astype(np.float64)), 1e-12)
     return {
@@ -81,21 +82,31 @@ def compare(outputs: np.ndarray, reference: np.ndarray) -> dict:
     }
 
 
-def parity(reference_name: str, reference: np.ndarray, variants: dict[str, np.ndarray],
-           targets: np.ndarray | None = None, reference64=None) -> dict:
-    """Every variant against the reference; passes when each is within tolerance and agrees on
-    every argmax. `reference64()` (the unfolded model in float64) is called only on a failure."""
+def failed(why: str) -> dict:
+    return {"error": why, "within_tolerance": False, "argmax_agreement": 0.0}
+
+
+def parity(reference_name: str, reference: np.ndarray, variants: dict, targets: np.ndarray | None = None,
+           reference64=None) -> dict:
+    """Every variant (outputs, or a function computing them) against the reference; passes when
+    each is within tolerance and agrees on every argmax. A variant that raises fails with the
+    error. `reference64()` (the unfolded model in float64) is called only on a failure."""
     def accuracy(outputs):
         return {} if targets is None else {"accuracy": float((outputs.argmax(1) == targets).mean())}
 
-    rows = {reference_name: accuracy(reference)}
+    rows, computed = {reference_name: accuracy(reference)}, {}
     for name, outputs in variants.items():
-        rows[name] = {**accuracy(outputs), **compare(outputs, reference)}
+        try:
+            computed[name] = outputs() if callable(outputs) else outputs
+        except Exception as e:
+            rows[name] = failed(f"{type(e).__name__}: {one_line(e)}")
+            continue
+        rows[name] = {**accuracy(computed[name]), **compare(computed[name], reference)}
     passed = all(r["within_tolerance"] and r["argmax_agreement"] == 1.0 for r in rows.values() if "within_tolerance" in r)
     result = {"images": int(len(reference)), "atol": ATOL, "rtol": RTOL, "passed": passed,
               "batch_sizes": sorted(set(batch_plan(len(reference)))), "reference": reference_name, "variants": rows}
     if not passed and reference64 is not None:
-        result["float64"] = float64_diagnosis(reference64, reference_name, reference, variants)
+        result["float64"] = float64_diagnosis(reference64, reference_name, reference, computed)
     return result
 
 
@@ -128,7 +139,9 @@ def format_table(result: dict) -> str:
     for prefix, table in zip(("", "vs float64: "), rows):
         for name, r in table.items():
             acc = (f" {r['accuracy']:9.4f}" if "accuracy" in r else f" {'':9s}") if with_accuracy else ""
-            if "max_abs_diff" in r:
+            if "error" in r:
+                lines.append(f"  {prefix + name:40s}{acc} FAILED: {r['error']}")
+            elif "max_abs_diff" in r:
                 lines.append(f"  {prefix + name:40s}{acc} {r['max_abs_diff']:11.2e} {r['max_rel_diff']:10.2e} "
                              f"{r['argmax_agreement']:13.4%}  {'yes' if r['within_tolerance'] else 'NO'}")
             else:

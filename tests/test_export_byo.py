@@ -348,3 +348,19 @@ def test_factories_and_checkpoints_users_have(tmp_path, monkeypatch):
         fresh = byo_models.mlp()
         load_state(fresh, load_weights(tmp_path / name), name)
         assert all(torch.equal(fresh.state_dict()[k], v) for k, v in state.items() if "num_batches" not in k), name
+
+
+def test_a_variant_that_cannot_run_fails_parity_with_its_error():
+    from export.verify import format_table, parity
+
+    reference = np.eye(3, dtype=np.float32)
+
+    def crashes():
+        raise RuntimeError("folded module lost its child\nsecond line")
+
+    result = parity("ref", reference, {"ok": reference.copy(), "broken": crashes, "short": reference[:, :2]})
+    assert result["passed"] is False and result["variants"]["ok"]["within_tolerance"]
+    assert result["variants"]["broken"] == {"error": "RuntimeError: folded module lost its child",
+                                            "within_tolerance": False, "argmax_agreement": 0.0}
+    assert "[3, 2]" in result["variants"]["short"]["error"]
+    assert "FAILED: RuntimeError: folded module lost its child" in format_table(result)
