@@ -213,7 +213,7 @@ def export(source: Source, out: str | Path, verify_only: bool = False) -> int:
         folded = with_metadata(folded, contract_metadata({**fields, "folded": "true"}))
 
     before, after = node_counts(unfolded), node_counts(folded)
-    print(f"nodes before folding: {before}\nnodes after folding (and clean-up): {after}")
+    print(f"nodes before folding: {before}\nnodes after folding{' (and clean-up)' if source.module is not None else ''}: {after}")
     for entry in fold_report["untraceable"]:
         print(f"  fx cannot trace {entry['module']}: {entry['reason']}; it is called whole")
     for entry in fold_report["folded"]:
