@@ -80,9 +80,8 @@ def simplify(model: onnx.ModelProto) -> onnx.ModelProto:
     turn the exporter's Shape -> Squeeze -> Concat -> Reshape chain for the dynamic batch into one
     Reshape (measured +10-20% images/s at batch 64 on one thread, make bench-model). Its
     FuseBatchNorm* rules are left out: a BatchNorm our passes kept stays, as the report says."""
-    import onnx_ir as ir
-    import onnx_ir.passes.common as passes
-    from onnxscript import optimizer, rewriter
+    import onnxscript.ir.passes.common as passes
+    from onnxscript import ir, optimizer, rewriter
 
     rules = [r for r in getattr(rewriter, "_DEFAULT_REWRITE_RULES", ())
              if not (r.name or "").startswith("FuseBatchNorm")]

@@ -106,7 +106,7 @@ def merge_fold_reports(fx: dict | None, onnx_pass: dict, before: onnx.ModelProto
 
 def summary(fold_report: dict, torch_source: bool) -> str:
     by_pass = {p: sum(e.get("pass") == p for e in fold_report["folded"]) for p in ("fx", "onnx")}
-    if not fold_report["folded"] and not fold_report["kept"] and not fold_report["removed"]:
+    if not fold_report["folded"] and not fold_report["kept"] and not fold_report.get("removed"):
         return "nothing to fold: no BatchNorm in the graph; exported and verified as is"
     if not torch_source:
         return f"folded {by_pass['onnx']} BatchNorm(s) with the ONNX graph pass, kept {len(fold_report['kept'])}"
@@ -214,7 +214,7 @@ def export(source: Source, out: str | Path, verify_only: bool = False) -> int:
 
     before, after = node_counts(unfolded), node_counts(folded)
     print(f"nodes before folding: {before}\nnodes after folding{' (and clean-up)' if source.module is not None else ''}: {after}")
-    for entry in fold_report["untraceable"]:
+    for entry in fold_report.get("untraceable", []):  # .get: --verify-only may read a version-1 report
         print(f"  fx cannot trace {entry['module']}: {entry['reason']}; it is called whole")
     for entry in fold_report["folded"]:
         print(f"  folded {entry['bn']} {entry['direction']} into {entry['into']} ({entry.get('pass')} pass)")
@@ -239,7 +239,7 @@ def export(source: Source, out: str | Path, verify_only: bool = False) -> int:
         "bn_dropout_left_in_folded": {op: n for op, n in after.items() if op in (*BN_OPS, "Dropout")},
         "parity": result, "versions": versions(),
     }
-    if source.kind == "run":  # kept from version 1 (export.report and --if-stale of old exports read them)
+    if source.kind == "run":  # kept from version 1 (python -m export.report reads them)
         report.update(run=source.path, arch=source.extra_metadata["arch"], weights_sha256=source.sha256,
                       torch_test_accuracy=float(source.extra_metadata["test_accuracy"]))
     if result["passed"] and not verify_only:
