@@ -244,6 +244,12 @@ def fold_constants(graph: Graph) -> int:
                 or any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in node.attribute)):
             continue
         values = [graph.const(i) if i else None for i in node.input]
+        if node.op_type == "CastLike" and values[0] is not None and graph.elem_type(node.input[1]):
+            # CastLike reads its second input only for its type (torch's export of a bias-free conv)
+            graph.arrays[node.output[0]] = values[0].astype(helper.tensor_dtype_to_np_dtype(graph.elem_type(node.input[1])))
+            graph.nodes.remove(node)
+            folded += 1
+            continue
         if any(v is None for v, i in zip(values, node.input) if i):
             continue
         if any(o in graph.output_names for o in node.output):

@@ -137,6 +137,22 @@ def test_bn_before_gemm_and_matmul_folds_forward():
     assert [(f["into"], f["direction"]) for f in report["folded"]] == [("fc1 (Gemm)", "forward"), ("fc2 (MatMul)", "forward")]
 
 
+def test_bias_free_conv_as_torch_exports_it_folds_backward():
+    """torch.onnx (dynamo) writes a bias-free Conv's bias as Expand(CastLike(0, x), Shape(W)[:1]); the
+    CastLike reads the activation only for its type, so the bias is a constant and the BN folds."""
+    inits = [const("w", RNG.normal(0, 0.3, (8, 3, 3, 3))), const("zero", 0.0),
+             numpy_helper.from_array(np.array([1], dtype=np.int64), "one")] + bn_stats("bn", 8)
+    nodes = [helper.make_node("Shape", ["w"], ["wshape"], start=0, end=1),
+             helper.make_node("Expand", ["wshape", "one"], ["bshape"]),
+             helper.make_node("CastLike", ["zero", "x"], ["zero_like"]),
+             helper.make_node("Expand", ["zero_like", "bshape"], ["bias"]),
+             helper.make_node("Conv", ["x", "w", "bias"], ["c"], name="conv", kernel_shape=[3, 3], pads=[1, 1, 1, 1]),
+             bn_node("bn", "c", "y")]
+    folded, report = fold_and_check(model(nodes, inits, ["N", 3, 6, 6], ["N", 8, 6, 6]))
+    assert node_counts(folded) == {"Conv": 1}
+    assert report["folded"][0]["into"] == "conv (Conv)" and report["constants_folded"] >= 3
+
+
 # --- Keras' Sub → Mul → Add in NHWC -----------------------------------------------------------------------
 
 def keras_conv_block(negative=False, flatten="Reshape"):
