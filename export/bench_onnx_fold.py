@@ -242,7 +242,7 @@ def main(argv=None) -> int:
     p.add_argument("--out", default="artifacts/bench_onnx_fold", help="output directory")
     p.add_argument("--data-dir", default=DEFAULT_DATA_DIR, help="Fashion-MNIST IDX files (parity inputs)")
     p.add_argument("--rounds", type=int, default=7, help="interleaved timing rounds (the median is reported)")
-    p.add_argument("--seconds", type=float, default=0.3, help="seconds per variant per round")
+    p.add_argument("--seconds", type=float, default=0.5, help="seconds per variant per round")
     p.add_argument("--batches", default="1,64", help="batch sizes to time")
     p.add_argument("--parity-images", type=int, default=256, help="inputs compared against the original")
     p.add_argument("--seed", type=int, default=0, help="seed for random BN statistics and inputs")

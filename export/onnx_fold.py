@@ -196,6 +196,8 @@ def _accumulate(graph: Graph, chain, forward: bool):
     """The chain as one map in the coordinates of its last output (forward) or first input (backward):
     ((S, T), None), or (None, why not)."""
     start = chain[-1].output[0] if not forward else _data_input(graph, chain[0])
+    if graph.shape(start) is None:
+        return None, f"the shape of {start} is unknown"
     rank = len(graph.shape(start))
     st = (np.ones((1,) * rank), np.zeros((1,) * rank))
     for node in (chain if forward else reversed(chain)):
@@ -291,18 +293,23 @@ def _set_matmul_bias(graph: Graph, layer, b: np.ndarray, new_bias_add: bool) -> 
         graph.insert_after(layer.output[0], node)
 
 
+def _weights_and_map(graph: Graph, chain, layer, forward: bool):
+    """((W, bias), (S, T), None) for folding `chain` into `layer`, or ((None, None), None, why not)."""
+    weights = _weights(graph, layer)
+    if weights is None:
+        return (None, None), None, f"{describe(layer)} has no constant weights (or a bias that is not per output) to fold into"
+    st, why = _accumulate(graph, chain, forward=forward)
+    return (weights if st is not None else (None, None)), st, why
+
+
 def _fold_backward(graph: Graph, chain, layer) -> str | None:
     """Fold the chain into the layer that produces its input. Returns why not, or None when done."""
     x0 = layer.output[0]
     if graph.uses(x0) != 1:
         return f"the output of {describe(layer)} is read by {graph.uses(x0)} consumers; a fold would change the others"
-    weights = _weights(graph, layer)
-    if weights is None:
-        return f"{describe(layer)} has no constant weights (or a bias that is not per output) to fold into"
-    st, why = _accumulate(graph, chain, forward=False)
-    if st is None:
+    (w, b), st, why = _weights_and_map(graph, chain, layer, forward=False)
+    if why:
         return why
-    w, b = weights
     if layer.op_type == "Conv":
         out_axis, axis, n = 0, 1, w.shape[0]
     elif layer.op_type == "Gemm":
@@ -328,13 +335,9 @@ def _fold_forward(graph: Graph, chain, layer) -> str | None:
                     f"shift after folding")
     if layer.op_type == "Gemm" and attr(layer, "transA", 0):
         return f"the next layer {describe(layer)} transposes its input (transA=1)"
-    weights = _weights(graph, layer)
-    if weights is None:
-        return f"{describe(layer)} has no constant weights (or a bias that is not per output) to fold into"
-    st, why = _accumulate(graph, chain, forward=True)
-    if st is None:
+    (w, b), st, why = _weights_and_map(graph, chain, layer, forward=True)
+    if why:
         return why
-    w, b = weights
     groups = attr(layer, "group", 1) if layer.op_type == "Conv" else 1
     if layer.op_type == "Conv":
         out_axis, in_axis, axis, n = 0, 1, 1, w.shape[1] * groups
