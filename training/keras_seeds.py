@@ -201,6 +201,7 @@ def main(argv=None) -> int:
         print(f"keras_seeds: bad arguments: models must be among {', '.join(SEEDS)}, epochs and batch size >= 1",
               file=sys.stderr)
         return 2
+    started = time.perf_counter()
     try:
         x_train, y_train = load_split(args.data_dir, "train")
         x_test, y_test = load_split(args.data_dir, "test")
@@ -242,9 +243,9 @@ def main(argv=None) -> int:
     command = "python -m training.keras_seeds " + " ".join(argv if argv is not None else sys.argv[1:])
     write_json(out / "results.json", {"command": command.strip(), "date": time.strftime("%Y-%m-%d"),
                                       "keras_version": keras.__version__, "backend": keras.backend.backend(),
-                                      "results": results})
+                                      "seconds_total": round(time.perf_counter() - started), "results": results})
     write_text(out / "results.md", f"`{command.strip()}` ({time.strftime('%Y-%m-%d')}, Keras {keras.__version__}, "
-                                   f"backend {keras.backend.backend()}); accuracy on the 10k test images, parity of the "
+                                   f"backend {keras.backend.backend()}, {time.perf_counter() - started:.0f} s in all); accuracy on the 10k test images, parity of the "
                                    f"folded graph (ORT_ENABLE_ALL) against Keras' export run with ORT_DISABLE_ALL.\n\n"
                + markdown(results))
     print(f"wrote {out / 'results.json'} and {out / 'results.md'}")
