@@ -225,11 +225,12 @@ def plot(results: list[dict], path: Path) -> None:
             xs = [r["variants"][tool].get("speedup_vs_original", {}).get(batch, 0.0) for r in results]
             ax.barh(ys, xs, height=height, label=tool)
         ax.axvline(1.0, color="black", linewidth=0.8)
-        ax.set_title(f"onnxruntime images/s vs the original graph, batch {batch} (1 thread)")
+        ax.set_title(f"batch {batch}")
         ax.set_xlabel("× original (higher is better; 0 = tool failed)")
     axes[0].set_yticks(range(len(results)), [r["model"] for r in results])
     axes[0].invert_yaxis()
     axes[1].legend(loc="lower right")
+    fig.suptitle("onnxruntime images/s relative to the original graph (1 intra-op thread, ORT_ENABLE_ALL, median round)")
     fig.tight_layout()
     atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
     plt.close(fig)
