@@ -32,7 +32,7 @@ from export.bench import images_per_second  # noqa: E402
 from export.onnx_fold import fold_onnx  # noqa: E402
 from export.onnx_graph import bn_derived_nodes  # noqa: E402
 from export.verify import compare, ort_session  # noqa: E402
-from training.data import DEFAULT_DATA_DIR, load_split  # noqa: E402
+from training.data import DEFAULT_DATA_DIR, DataError, load_split  # noqa: E402
 
 TOOLS = ("original", "onnxoptimizer", "onnxsim", "onnxslim", "ours")
 
@@ -256,7 +256,11 @@ def main(argv=None) -> int:
         print("bench_onnx_fold: --batches must be positive integers, --rounds >= 1, --seconds > 0", file=sys.stderr)
         return 2
     artifacts, out = Path(args.artifacts), Path(args.out)
-    fashion, _ = load_split(args.data_dir, "test")
+    try:
+        fashion, _ = load_split(args.data_dir, "test")
+    except DataError as e:
+        print(f"bench_onnx_fold: {e}", file=sys.stderr)
+        return 2
     print("building the models (Keras exports, torch exports)...", flush=True)
     models = {**keras_models(artifacts, args.seed), **torch_models(artifacts, args.seed)}
     total = len(models) * len(TOOLS) * len(args.batches) * args.rounds
