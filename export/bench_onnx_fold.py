@@ -165,9 +165,9 @@ def bench_model(label: str, model: onnx.ModelProto, x: np.ndarray, args, progres
         started = time.perf_counter()
         try:
             variant = run_tool(tool, model)
+            seconds = round(time.perf_counter() - started, 2)
             onnx.checker.check_model(variant)
-            rows[tool] = {**describe_variant(model, variant, x, reference),
-                          "seconds_to_optimize": round(time.perf_counter() - started, 2)}
+            rows[tool] = {**describe_variant(model, variant, x, reference), "seconds_to_optimize": seconds}
             variants[tool] = variant
         except Exception as e:  # noqa: BLE001 -- a tool that fails is a result, not a crash
             rows[tool] = {"failed": f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"}
