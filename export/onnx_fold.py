@@ -4,10 +4,13 @@
 
 returns a new model (the input is not modified) and a report:
 
-    folded              [{"bn", "into", "direction"}]  affine chains folded into a layer
-    kept                [{"bn", "reason"}]             affine chains left in place, and why
-    removed             [{"node", "op", "why"}]        Identity, Dropout, no-op Cast, merged bias Add,
-                                                       Pad moved into a Conv, Transpose folded into weights
+    folded              [{"bn", "into", "direction"}]  BN-like chains folded into a layer
+    kept                [{"bn", "reason"}]             BN-like chains left in place, and why
+    removed             [{"node", "op", "why"}]        Identity, Dropout, no-op Cast, merged bias Add, scalar
+                                                       affine nodes folded (input scaling), Pad moved into a
+                                                       Conv, Transpose folded into weights
+    kept_affine         [{"nodes", "reason"}]          scalar affine chains left in place (input scaling
+                                                       such as (x - mean) / std: not a BatchNorm), and why
     transposes_removed  int                            Transpose nodes gone (pairs cancelled, folded)
     constants_folded    int                            nodes evaluated away (constant/shape arithmetic)
     nodes_before / nodes_after                         {op_type: count}
@@ -26,7 +29,10 @@ y = L(x)·S + T (L the layout ops); it is folded, with the math of export/fold.p
   forward  into the Conv / Gemm / MatMul that reads the chain's output, when nothing else reads it and
            the Conv is not zero-padded (the padded zeros would become the shift).
 
-Otherwise it stays, and "kept" says why. Then Transposes are moved down through elementwise ops,
+Otherwise it stays, and "kept" says why. A chain is *BN-like* when it holds a BatchNormalization
+node or a constant with more than one value (per channel); a chain of scalar constants only (input
+normalization, x/255) is folded by the same rules but reported under "removed" / "kept_affine",
+so that "folded" and "kept" speak of BatchNorms alone. Then Transposes are moved down through elementwise ops,
 Pad and reductions until NHWC↔NCHW pairs meet and cancel; a Transpose right before a Flatten into a
 MatMul/Gemm becomes a row permutation of the weights; zero Pads move into the next Conv. Graph
 inputs and outputs keep their names, types and shapes; the result passes onnx.checker (full_check).
@@ -46,7 +52,7 @@ AFFINE_BINARY = ("Add", "Sub", "Mul", "Div")
 
 def fold_onnx(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict]:
     graph = Graph(model)
-    report = {"folded": [], "kept": [], "removed": [], "transposes_removed": 0, "constants_folded": 0,
+    report = {"folded": [], "kept": [], "removed": [], "kept_affine": [], "transposes_removed": 0, "constants_folded": 0,
               "nodes_before": node_counts(model), "bn_derived_before": bn_derived_nodes(model)}
     report["removed"] += clean(graph)
     _fold_affine_chains(graph, report)
@@ -370,6 +376,7 @@ def _fold_affine_chains(graph: Graph, report: dict) -> None:
         done.update(id(n) for n in affine)
         source = graph.producer.get(_data_input(graph, chain[0]))
         bias_only = all(n.op_type == "Add" for n in affine)
+        bn_like = any(_bn_like(graph, n) for n in affine)
         if bias_only and len(chain) == 1 and source is not None and source.op_type == "MatMul":
             continue  # the MatMul's own bias: already the form a fold would produce
         why_back = why_forward = None
@@ -381,7 +388,7 @@ def _fold_affine_chains(graph: Graph, report: dict) -> None:
                     report["removed"] += [{"node": n.name or n.output[0], "op": "Add",
                                            "why": f"bias merged into {describe(source)}"} for n in affine]
                 else:
-                    report["folded"].append({"bn": _names(affine), "into": describe(source), "direction": "backward"})
+                    _report_fold(report, affine, bn_like, source, "backward")
                 continue
         end = chain[-1].output[0]
         target = graph.only_consumer(end)
@@ -394,10 +401,30 @@ def _fold_affine_chains(graph: Graph, report: dict) -> None:
             why_forward = _fold_forward(graph, chain, target)
             if why_forward is None:
                 _remove(graph, affine)
-                report["folded"].append({"bn": _names(affine), "into": describe(target), "direction": "forward"})
+                _report_fold(report, affine, bn_like, target, "forward")
                 continue
         reason = why_forward if why_back is None else f"backward: {why_back}; forward: {why_forward}"
-        report["kept"].append({"bn": _names(affine), "reason": reason})
+        if bn_like:
+            report["kept"].append({"bn": _names(affine), "reason": reason})
+        else:
+            report["kept_affine"].append({"nodes": _names(affine), "reason": reason})
+
+
+def _bn_like(graph: Graph, node) -> bool:
+    """A BatchNormalization node, or an elementwise op whose constant has one value per channel."""
+    if node.op_type == "BatchNormalization":
+        return True
+    other = node.input[0] if node.input[1] == _data_input(graph, node) else node.input[1]
+    return graph.const(other).size > 1
+
+
+def _report_fold(report: dict, affine, bn_like: bool, layer, direction: str) -> None:
+    if bn_like:
+        report["folded"].append({"bn": _names(affine), "into": describe(layer), "direction": direction})
+    else:
+        report["removed"] += [{"node": n.name or n.output[0], "op": n.op_type,
+                               "why": f"scalar affine map (input scaling) folded {direction} into {describe(layer)}"}
+                              for n in affine]
 
 
 def _remove(graph: Graph, affine) -> None:

@@ -563,22 +563,25 @@ def node_counts(model: onnx.ModelProto) -> dict[str, int]:
 
 
 def bn_derived_nodes(model: onnx.ModelProto) -> int:
-    """BatchNormalization nodes plus float Sub/Mul/Div nodes with one constant operand (an initializer,
-    a Constant node, or an Identity of one) — what a BatchNorm becomes in Keras/TF exports. Bias Adds
-    are not counted: a layer keeps one legitimately."""
+    """BatchNormalization nodes plus float Sub/Mul/Div nodes whose other operand is a constant (an
+    initializer, a Constant node, or an Identity of one) with more than one value — what a BatchNorm
+    becomes in Keras/TF exports (per-channel constants). Scalar constants (input normalization,
+    x/255) and bias Adds are not counted."""
     graph = model.graph
-    const_type = {i.name: i.data_type for i in graph.initializer if i.name not in {x.name for x in graph.input}}
+    inputs = {x.name for x in graph.input}
+    consts = {i.name: (i.data_type, int(np.prod(i.dims))) for i in graph.initializer if i.name not in inputs}
     for node in graph.node:
         if node.op_type == "Constant" and node.attribute and node.attribute[0].type == onnx.AttributeProto.TENSOR:
-            const_type[node.output[0]] = node.attribute[0].t.data_type
-        elif node.op_type == "Identity" and node.input[0] in const_type:
-            const_type[node.output[0]] = const_type[node.input[0]]
+            t = node.attribute[0].t
+            consts[node.output[0]] = (t.data_type, int(np.prod(t.dims)))
+        elif node.op_type == "Identity" and node.input[0] in consts:
+            consts[node.output[0]] = consts[node.input[0]]
     count = 0
     for node in graph.node:
         if node.op_type == "BatchNormalization":
             count += 1
         elif node.op_type in ("Sub", "Mul", "Div") and len(node.input) == 2:
-            types = [const_type.get(i) for i in node.input]
-            if (types[0] is None) != (types[1] is None) and FLOAT in types:
+            a, b = (consts.get(i) for i in node.input)
+            if (a is None) != (b is None) and (a or b)[0] == FLOAT and (a or b)[1] > 1:
                 count += 1
     return count

@@ -311,3 +311,20 @@ def test_external_data_that_was_not_loaded_is_a_clear_error():
     tensor.ClearField("raw_data")
     with pytest.raises(ValueError, match="external data"):
         fold_onnx(m)
+
+
+@pytest.mark.parametrize("pads", [0, 1])
+def test_scalar_input_normalization_is_not_reported_as_a_batchnorm(pads):
+    """(x − mean) / std with scalar constants, as our torch models start: folded into an unpadded conv
+    (reported as removed nodes), kept before a padded one (under kept_affine) — never in folded/kept."""
+    c, inits = conv("conv", "n", "y", 3, 4, pads=pads)
+    inits += [const("mean", 0.286), const("std", 0.353)]
+    nodes = [helper.make_node("Sub", ["x", "mean"], ["s"], name="sub"), helper.make_node("Div", ["s", "std"], ["n"], name="div"), c]
+    folded, report = fold_and_check(model(nodes, inits, ["N", 3, 6, 6], ["N", 4, 6 - 2 + 2 * pads, 6 - 2 + 2 * pads]))
+    assert report["folded"] == report["kept"] == [] and report["bn_derived_before"] == 0
+    if pads:
+        assert node_counts(folded) == {"Conv": 1, "Div": 1, "Sub": 1}
+        assert "zero-padded" in report["kept_affine"][0]["reason"]
+    else:
+        assert node_counts(folded) == {"Conv": 1} and report["kept_affine"] == []
+        assert [(r["node"], r["op"]) for r in report["removed"]] == [("sub", "Sub"), ("div", "Div")]
