@@ -9,12 +9,15 @@ ARTIFACTS ?= artifacts
 RUN_DIR := $(ARTIFACTS)/runs/$(ARCH)
 PORT ?= 3000
 
-.PHONY: help setup data pipeline train export verify test ablation bench-model serve bento loadtest bench-serve soak clean
+.PHONY: help setup data pipeline train export verify test ablation bench-model serve bento loadtest bench-serve soak clean \
+	keras-seeds bench-onnx-fold
 
 help:
 	@echo "make pipeline   set-up, data, train ($(ARCH)), export, verify"
 	@echo "make test       set-up, data, pytest"
 	@echo "make ablation | bench-model | serve PORT=3000 | bento | loadtest | bench-serve | soak SOAK_TIME=1m"
+	@echo "make keras-seeds     the two seed Keras models: train, Keras' ONNX export, fold, verify (EPOCHS_MLP=3 EPOCHS_CNN=1)"
+	@echo "make bench-onnx-fold our ONNX fold vs onnxoptimizer/onnxsim/onnxslim on Keras and torch exports"
 
 # --- set-up ---------------------------------------------------------------------------------
 # torch first, in its own pip call: the pinned 2.13.0 is a local CPU wheel; resolving it together
@@ -86,6 +89,22 @@ soak: export
 	$(PY) -m loadtest.soak --time $(or $(SOAK_TIME),10m) $(if $(SOAK_WARMUP),--warmup $(SOAK_WARMUP)) --processes $(or $(PROCESSES),2) \
 		$(if $(BENCH_LOCK),--lock "$(BENCH_LOCK)") --bench-results $(ARTIFACTS)/bench_serve/results.json \
 		--model $(ARTIFACTS)/model.onnx --data-dir "$(DATA_DIR)" --out $(ARTIFACTS)/soak
+
+# --- ONNX in: Keras seeds and the graph-pass benchmark (issue 9) ----------------------------------
+# Keras 3 runs on the torch backend (keras is in the dev extra). Both hold the CPU lock so they never
+# overlap a benchmark.
+keras-seeds: setup data
+	KERAS_BACKEND=torch flock /tmp/bnfold-cpu.lock $(PY) -m training.keras_seeds --data-dir "$(DATA_DIR)" \
+		--out $(ARTIFACTS)/keras $(if $(EPOCHS_MLP),--epochs-mlp $(EPOCHS_MLP)) $(if $(EPOCHS_CNN),--epochs-cnn $(EPOCHS_CNN))
+
+# The tools we compare against are only needed here: the `bench` extra, installed on first use.
+$(VENV)/.bench-installed: pyproject.toml | setup
+	$(PY) -m pip install -q -e '.[bench]'
+	@touch $@
+
+bench-onnx-fold: setup $(VENV)/.bench-installed
+	KERAS_BACKEND=torch flock /tmp/bnfold-cpu.lock $(PY) -m export.bench_onnx_fold --artifacts $(ARTIFACTS) \
+		--out $(ARTIFACTS)/bench_onnx_fold $(if $(ROUNDS),--rounds $(ROUNDS))
 
 clean:
 	rm -rf $(ARTIFACTS)

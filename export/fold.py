@@ -20,8 +20,9 @@ never into a padded Conv (the padded zeros would become t after folding). Where 
 exists the BN stays and the report says why. A BN with track_running_stats=False normalizes with
 batch statistics even in eval mode: it is not an affine map and cannot be folded.
 
-The math (affine_of_bn, fold_backward_arrays, fold_forward_arrays) runs in float64 on plain
-arrays, then casts back; the ONNX graph pass uses the same functions. The PyTorch pass is a short
+The math (affine_of_bn, affine_of_elementwise, compose_affine, fold_backward_arrays,
+fold_forward_arrays) runs in float64 on plain arrays, then casts back; the ONNX graph pass
+(export/onnx_fold.py) uses the same functions. The PyTorch pass is a short
 pattern match over an fx graph, in the manner of torch.fx.experimental.optimization.fuse.
 """
 import copy
@@ -92,6 +93,29 @@ def fold_forward_arrays(weight, bias, scale, shift, out_axis: int = 0, in_axis: 
     bias = np.zeros(out_channels) if bias is None else np.asarray(bias, dtype=np.float64)
     new_bias = bias + (weight * t).reshape(out_channels, -1).sum(1)
     return np.moveaxis(weight * s, (0, 1), (out_axis, in_axis)), new_bias
+
+
+def affine_of_elementwise(op: str, const, const_first: bool = False):
+    """Add/Sub/Mul/Div of a tensor x with a constant c (as exporters write a BatchNorm: Keras' Sub →
+    Mul → Add) as y = x·s + t, with s and t shaped like c (float64). None for c / x, which is not
+    affine, and for x / c with a zero in c."""
+    c = np.asarray(const, dtype=np.float64)
+    one, zero = np.ones_like(c), np.zeros_like(c)
+    if op == "Add":
+        return one, c
+    if op == "Sub":
+        return (-one, c) if const_first else (one, -c)
+    if op == "Mul":
+        return c, zero
+    if op == "Div" and not const_first and np.all(c != 0):
+        return 1.0 / c, zero
+    return None
+
+
+def compose_affine(first, then) -> tuple[np.ndarray, np.ndarray]:
+    """x·s₁ + t₁, then ·s₂ + t₂:  x·(s₁·s₂) + (t₁·s₂ + t₂) (broadcasting)."""
+    (s1, t1), (s2, t2) = first, then
+    return np.asarray(s1, dtype=np.float64) * s2, np.asarray(t1, dtype=np.float64) * s2 + t2
 
 
 # --- the PyTorch (fx) pass ---
