@@ -1,15 +1,12 @@
 """Naive BentoML + onnxruntime service: one typed endpoint, every BentoML default left alone.
 
-This is the BentoML quick-start shape applied to our model: ``@bentoml.service`` with no
-arguments, an onnxruntime session with default options, and a sync ``@bentoml.api`` typed with
-nested lists, so BentoML validates the body and runs the method in its thread pool. No adaptive
-batching, no tuning. Serves only the ``/predict`` JSON contract.
+The BentoML quick-start shape applied to our model: ``@bentoml.service`` with no arguments, an
+onnxruntime session with default options, a sync ``@bentoml.api`` typed with nested lists, so
+BentoML validates the body and runs the method in its thread pool. No batching, no tuning. Serves
+only ``/predict`` (JSON), for inputs of the model's shape (or [N,H,W] for one-channel images).
 
     MODEL_PATH=artifacts/model.onnx bentoml serve loadtest.baselines.naive_bentoml:NaiveClassifier --port 3003
 """
-
-from __future__ import annotations
-
 import json
 import os
 
@@ -25,11 +22,11 @@ class NaiveClassifier:
         path = os.environ.get("MODEL_PATH", "artifacts/model.onnx")
         self.session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
         self.labels = json.loads(self.session.get_modelmeta().custom_metadata_map["labels"])
-        self.input_name = self.session.get_inputs()[0].name
+        self.input_name, self.shape = self.session.get_inputs()[0].name, self.session.get_inputs()[0].shape[1:]
 
     @bentoml.api
-    def predict(self, images: list[list[list[float]]]) -> dict:
-        x = np.asarray(images, dtype=np.float32)[:, None]
+    def predict(self, images: list[list[list[float]]] | list[list[list[list[float]]]]) -> dict:
+        x = np.asarray(images, dtype=np.float32).reshape(len(images), *self.shape)
         logits = self.session.run(None, {self.input_name: x})[0]
         e = np.exp(logits - logits.max(axis=1, keepdims=True))
         probs = e / e.sum(axis=1, keepdims=True)

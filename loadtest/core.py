@@ -1,0 +1,199 @@
+"""The rules (where load may go, what fails a run), headless locust as a subprocess, and psutil
+metering of a server's whole process tree. Free of locust imports: importing locust monkey-patches
+the interpreter with gevent, which the runners must not have.
+
+Locust runs as a subprocess (in its own session, stopped with its group) so that ``--processes``
+master/worker mode works. Its numbers are read back from the verdict the locustfile's ``quitting``
+listener writes from locust's final stats (the master's, once every worker has reported); locust's
+own CSVs and HTML are left exactly as locust wrote them.
+"""
+import ipaddress
+import json
+import math
+import socket
+import sys
+import threading
+import time
+from urllib.parse import urlsplit
+from bisect import bisect_left
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import psutil
+from tqdm import tqdm
+
+from common.procs import ServerProcess
+
+LOCUSTFILE = Path(__file__).resolve().parent / "locustfile.py"
+CLIENT_ERROR_TAG = "[4xx]"  # a 4xx is the server rightly refusing us: recorded, never fails a run
+MAX_USERS = 512
+MAX_RUN_SECONDS = 2 * 3600
+
+
+class LoadTargetError(ValueError):
+    """The requested load test is outside what this harness may do."""
+
+
+def require_local_host(url: str) -> str:
+    """``url`` if it points at this machine; load tests never leave localhost."""
+    parts = urlsplit(url)
+    host = parts.hostname
+    if parts.scheme not in ("http", "https") or not host:
+        raise LoadTargetError(f"host must look like http://127.0.0.1:3000, got {url!r}")
+    try:
+        address = ipaddress.ip_address("127.0.0.1" if host == "localhost" else host)
+    except ValueError:
+        try:
+            address = ipaddress.ip_address(socket.gethostbyname(host))
+        except OSError as e:
+            raise LoadTargetError(f"cannot resolve {host!r}: {e}") from None
+    if not address.is_loopback:
+        raise LoadTargetError(f"refusing to load {host}: load tests only target localhost / 127.0.0.1")
+    return url
+
+
+def parse_duration(text) -> float:
+    """Seconds in a locust-style duration: ``90``, ``90s``, ``10m``, ``1h30m``."""
+    text, total, number = str(text).strip().lower(), 0.0, ""
+    try:
+        return float(text)
+    except ValueError:
+        pass
+    for ch in text:
+        if ch.isdigit() or ch == ".":
+            number += ch
+        elif ch in "hms" and number:
+            total, number = total + float(number) * {"h": 3600, "m": 60, "s": 1}[ch], ""
+        else:
+            raise ValueError(f"bad duration {text!r}; use e.g. 30s, 10m, 1h")
+    if number or not text:
+        raise ValueError(f"bad duration {text!r}; use e.g. 30s, 10m, 1h")
+    return total
+
+
+def check_bounds(users: int, seconds: float) -> None:
+    if not 1 <= users <= MAX_USERS:
+        raise LoadTargetError(f"users must be 1..{MAX_USERS}, got {users}")
+    if not 0 < seconds <= MAX_RUN_SECONDS:
+        raise LoadTargetError(f"run time must be in (0, {MAX_RUN_SECONDS}] s, got {seconds:g}")
+
+
+def judge(requests: int, errors: list[tuple[str, int]], p99_ms: float, p99_limit_ms: float | None) -> dict:
+    """Pass/fail of a run from its totals and ``(error text, occurrences)`` pairs."""
+    server = sum(n for text, n in errors if CLIENT_ERROR_TAG not in text)
+    reasons = (["no request was made"] if requests == 0 else []) + \
+        ([f"{server} non-4xx failure(s)"] if server else []) + \
+        ([f"p99 {p99_ms:.0f} ms > limit {p99_limit_ms:g} ms"]
+         if p99_limit_ms is not None and (math.isnan(p99_ms) or p99_ms > p99_limit_ms) else [])
+    return {"ok": not reasons, "reasons": reasons, "requests": requests, "server_failures": server,
+            "client_errors": sum(n for _, n in errors) - server, "p99_ms": p99_ms}
+
+
+@dataclass
+class LocustRun:
+    """One headless locust invocation; ``<prefix>_stats.csv`` etc. and ``<prefix>_verdict.json``."""
+    host: str
+    users: int
+    run_time: str
+    prefix: Path
+    tags: list[str] = field(default_factory=list)
+    processes: int = 1
+    spawn_rate: float | None = None  # None: all users at once
+    user_rps: float = 0.0  # > 0: constant_throughput per user
+    p99_ms: float = 0.0
+    model: str | None = None  # the served ONNX file: label checks against it (None: none)
+    metadata: str | None = None  # a /metadata document file, for servers without GET /metadata
+    data_dir: str | None = None
+    html: bool = False
+    reset_stats: bool = True  # measure from the moment every user is running
+    history: bool = False  # --csv-full-history
+
+    def argv(self) -> list[str]:
+        require_local_host(self.host)
+        check_bounds(self.users, parse_duration(self.run_time))
+        argv = [sys.executable, "-m", "locust", "-f", str(LOCUSTFILE), "--headless", "--only-summary",
+                "-H", self.host, "-u", str(self.users), "-r", f"{self.spawn_rate or self.users:g}",
+                "-t", self.run_time, "--stop-timeout", "5", "--csv", str(self.prefix),
+                "--verdict-file", f"{self.prefix}_verdict.json", "--user-rps", f"{self.user_rps:.6g}",
+                "--p99-ms", f"{self.p99_ms:g}"]
+        argv += ["--processes", str(self.processes)] if self.processes > 1 else []
+        argv += ["--tags", *self.tags] if self.tags else []
+        argv += ["--model", self.model] if self.model else []
+        argv += ["--metadata", self.metadata] if self.metadata else []
+        argv += ["--data-dir", self.data_dir] if self.data_dir else []
+        argv += ["--html", f"{self.prefix}_report.html"] if self.html else []
+        argv += ["--reset-stats"] if self.reset_stats else []
+        return argv + (["--csv-full-history"] if self.history else [])
+
+
+def run_locust(run: LocustRun, progress: bool = False) -> dict:
+    """Run locust to completion; its verdict (totals, p50/p95/p99, the measured window in wall-clock
+    seconds, errors), plus ``exit`` and ``log``. An empty verdict when locust produced none."""
+    verdict_path = Path(f"{run.prefix}_verdict.json")
+    verdict_path.unlink(missing_ok=True)
+    seconds = parse_duration(run.run_time)
+    proc = ServerProcess(run.argv(), 0, f"{run.prefix}.log", name="locust")  # port 0: nothing to probe
+    with proc:
+        with tqdm(total=int(seconds), desc="locust", unit="s", disable=not progress, leave=False) as bar:
+            deadline = time.monotonic() + seconds + 60
+            while proc.proc.poll() is None and time.monotonic() < deadline:
+                time.sleep(1)
+                bar.update(1 if bar.n < bar.total else 0)
+    verdict = json.loads(verdict_path.read_text()) if verdict_path.exists() else {}
+    return {**verdict, "exit": proc.proc.returncode, "log": proc.log()}
+
+
+def summary(verdict: dict, per_request: int = 1) -> dict:
+    """The numbers a benchmark row reports for one locust run."""
+    rps = verdict.get("rps", math.nan)
+    return {"requests": verdict.get("requests", 0), "failures": verdict.get("failures", 0), "rps": rps,
+            "img_s": rps * per_request, **{p: verdict.get(p, math.nan) for p in ("p50", "p95", "p99")}}
+
+
+class TreeSampler:
+    """Background samples (wall-clock time, CPU seconds, RSS bytes) of a process and its children;
+    CPU over any window is read off the samples afterwards."""
+
+    def __init__(self, pid: int, interval: float = 0.25):
+        self.pid, self.interval = pid, interval
+        self.times: list[float] = []
+        self.cpu: list[float] = []
+        self.rss: list[int] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def sample(self) -> None:
+        cpu = rss = 0
+        try:
+            root = psutil.Process(self.pid)
+            for p in [root, *root.children(recursive=True)]:
+                with p.oneshot():
+                    t = p.cpu_times()
+                    cpu, rss = cpu + t.user + t.system, rss + p.memory_info().rss
+        except psutil.NoSuchProcess:
+            pass
+        self.times.append(time.time())
+        self.cpu.append(cpu)
+        self.rss.append(rss)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.sample()
+            self._stop.wait(self.interval)
+
+    def __enter__(self) -> "TreeSampler":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.sample()
+
+    def cpu_seconds(self, t0: float, t1: float) -> float:
+        def at(t):
+            i = min(max(bisect_left(self.times, t), 1), len(self.times) - 1)
+            (a, b), (ca, cb) = self.times[i - 1:i + 1], self.cpu[i - 1:i + 1]
+            return ca + (cb - ca) * min(max((t - a) / (b - a), 0.0), 1.0) if b > a else cb
+        return max(0.0, at(t1) - at(t0)) if len(self.times) > 1 else math.nan
+
