@@ -1,28 +1,26 @@
 """The rules (where load may go, what fails a run), headless locust as a subprocess, and psutil
-metering of a server's whole process tree. Free of locust imports: importing locust monkey-patches
-the interpreter with gevent, which the runners must not have.
+metering of a server's process tree. No locust import here: locust monkey-patches with gevent.
 
-Locust runs as a subprocess (in its own session, stopped with its group) so that ``--processes``
-master/worker mode works. Its numbers are read back from the verdict the locustfile's ``quitting``
-listener writes from locust's final stats (the master's, once every worker has reported); locust's
-own CSVs and HTML are left exactly as locust wrote them.
-"""
+Locust runs in its own session (stopped with its group), so ``--processes`` master/worker mode
+works. Its numbers come back in the verdict JSON the locustfile's ``quitting`` listener writes from
+locust's final stats; locust's CSVs and HTML stay exactly as locust wrote them."""
 import ipaddress
 import json
 import math
+import re
 import socket
 import sys
 import threading
 import time
-from urllib.parse import urlsplit
-from bisect import bisect_left
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import urlsplit
 
+import numpy as np
 import psutil
 from tqdm import tqdm
 
-from common.procs import ServerProcess
+from common.procs import ProcessError, ServerProcess
 
 LOCUSTFILE = Path(__file__).resolve().parent / "locustfile.py"
 CLIENT_ERROR_TAG = "[4xx]"  # a 4xx is the server rightly refusing us: recorded, never fails a run
@@ -54,28 +52,14 @@ def require_local_host(url: str) -> str:
 
 def parse_duration(text) -> float:
     """Seconds in a locust-style duration: ``90``, ``90s``, ``10m``, ``1h30m``."""
-    text, total, number = str(text).strip().lower(), 0.0, ""
+    text = str(text).strip().lower()
     try:
         return float(text)
     except ValueError:
-        pass
-    for ch in text:
-        if ch.isdigit() or ch == ".":
-            number += ch
-        elif ch in "hms" and number:
-            total, number = total + float(number) * {"h": 3600, "m": 60, "s": 1}[ch], ""
-        else:
-            raise ValueError(f"bad duration {text!r}; use e.g. 30s, 10m, 1h")
-    if number or not text:
+        match = re.fullmatch(r"(?:([\d.]+)h)?(?:([\d.]+)m)?(?:([\d.]+)s)?", text)
+    if not text or not match:
         raise ValueError(f"bad duration {text!r}; use e.g. 30s, 10m, 1h")
-    return total
-
-
-def check_bounds(users: int, seconds: float) -> None:
-    if not 1 <= users <= MAX_USERS:
-        raise LoadTargetError(f"users must be 1..{MAX_USERS}, got {users}")
-    if not 0 < seconds <= MAX_RUN_SECONDS:
-        raise LoadTargetError(f"run time must be in (0, {MAX_RUN_SECONDS}] s, got {seconds:g}")
+    return sum(float(g or 0) * unit for g, unit in zip(match.groups(), (3600, 60, 1)))
 
 
 def judge(requests: int, errors: list[tuple[str, int]], p99_ms: float, p99_limit_ms: float | None) -> dict:
@@ -110,7 +94,8 @@ class LocustRun:
 
     def argv(self) -> list[str]:
         require_local_host(self.host)
-        check_bounds(self.users, parse_duration(self.run_time))
+        if not 1 <= self.users <= MAX_USERS or not 0 < parse_duration(self.run_time) <= MAX_RUN_SECONDS:
+            raise LoadTargetError(f"users must be 1..{MAX_USERS} and the run time at most {MAX_RUN_SECONDS} s")
         argv = [sys.executable, "-m", "locust", "-f", str(LOCUSTFILE), "--headless", "--only-summary",
                 "-H", self.host, "-u", str(self.users), "-r", f"{self.spawn_rate or self.users:g}",
                 "-t", self.run_time, "--stop-timeout", "5", "--csv", str(self.prefix),
@@ -128,37 +113,26 @@ class LocustRun:
 
 def run_locust(run: LocustRun, progress: bool = False) -> dict:
     """Run locust to completion; its verdict (totals, p50/p95/p99, the measured window in wall-clock
-    seconds, errors), plus ``exit`` and ``log``. An empty verdict when locust produced none."""
+    seconds, errors), plus ``exit`` and ``log``. ProcessError when locust ended without one."""
     verdict_path = Path(f"{run.prefix}_verdict.json")
     verdict_path.unlink(missing_ok=True)
-    seconds = parse_duration(run.run_time)
-    proc = ServerProcess(run.argv(), 0, f"{run.prefix}.log", name="locust")  # port 0: nothing to probe
-    with proc:
-        with tqdm(total=int(seconds), desc="locust", unit="s", disable=not progress, leave=False) as bar:
-            deadline = time.monotonic() + seconds + 60
-            while proc.proc.poll() is None and time.monotonic() < deadline:
-                time.sleep(1)
-                bar.update(1 if bar.n < bar.total else 0)
-    verdict = json.loads(verdict_path.read_text()) if verdict_path.exists() else {}
-    return {**verdict, "exit": proc.proc.returncode, "log": proc.log()}
-
-
-def summary(verdict: dict, per_request: int = 1) -> dict:
-    """The numbers a benchmark row reports for one locust run."""
-    rps = verdict.get("rps", math.nan)
-    return {"requests": verdict.get("requests", 0), "failures": verdict.get("failures", 0), "rps": rps,
-            "img_s": rps * per_request, **{p: verdict.get(p, math.nan) for p in ("p50", "p95", "p99")}}
+    seconds, t0 = parse_duration(run.run_time), time.monotonic()
+    with ServerProcess(run.argv(), 0, f"{run.prefix}.log", name="locust") as proc, \
+            tqdm(total=int(seconds), desc="locust", unit="s", disable=not progress, leave=False) as bar:
+        while proc.proc.poll() is None and time.monotonic() - t0 < seconds + 60:  # then it is stopped
+            time.sleep(0.25)
+            bar.update(min(int(time.monotonic() - t0), bar.total) - bar.n)
+    if not verdict_path.exists():
+        raise ProcessError(f"locust ended (exit {proc.proc.returncode}) without a verdict:\n{proc.log_tail(30)}")
+    return {**json.loads(verdict_path.read_text()), "exit": proc.proc.returncode, "log": proc.log()}
 
 
 class TreeSampler:
     """Background samples (wall-clock time, CPU seconds, RSS bytes) of a process and its children;
-    CPU over any window is read off the samples afterwards."""
+    the CPU used over any window is read off the samples afterwards."""
 
     def __init__(self, pid: int, interval: float = 0.25):
-        self.pid, self.interval = pid, interval
-        self.times: list[float] = []
-        self.cpu: list[float] = []
-        self.rss: list[int] = []
+        self.pid, self.interval, self.times, self.cpu, self.rss = pid, interval, [], [], []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -168,8 +142,7 @@ class TreeSampler:
             root = psutil.Process(self.pid)
             for p in [root, *root.children(recursive=True)]:
                 with p.oneshot():
-                    t = p.cpu_times()
-                    cpu, rss = cpu + t.user + t.system, rss + p.memory_info().rss
+                    cpu, rss = cpu + sum(p.cpu_times()[:2]), rss + p.memory_info().rss
         except psutil.NoSuchProcess:
             pass
         self.times.append(time.time())
@@ -177,11 +150,11 @@ class TreeSampler:
         self.rss.append(rss)
 
     def _run(self) -> None:
-        while not self._stop.is_set():
+        while not self._stop.wait(self.interval):
             self.sample()
-            self._stop.wait(self.interval)
 
     def __enter__(self) -> "TreeSampler":
+        self.sample()
         self._thread.start()
         return self
 
@@ -191,9 +164,4 @@ class TreeSampler:
         self.sample()
 
     def cpu_seconds(self, t0: float, t1: float) -> float:
-        def at(t):
-            i = min(max(bisect_left(self.times, t), 1), len(self.times) - 1)
-            (a, b), (ca, cb) = self.times[i - 1:i + 1], self.cpu[i - 1:i + 1]
-            return ca + (cb - ca) * min(max((t - a) / (b - a), 0.0), 1.0) if b > a else cb
-        return max(0.0, at(t1) - at(t0)) if len(self.times) > 1 else math.nan
-
+        return float(np.interp(t1, self.times, self.cpu) - np.interp(t0, self.times, self.cpu))

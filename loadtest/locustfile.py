@@ -1,22 +1,9 @@
-"""Locust scenarios for any served contract model, one task per request kind, every answer checked.
-
-==========  ======  ==============================================================================
-tag         weight  request
-==========  ======  ==============================================================================
-single      8       ``POST /predict`` JSON, one input
-batch64     1       ``POST /predict`` JSON, 64 inputs
-batch64raw  1       ``POST /predict`` the same 64 inputs as raw little-endian float32
-npy         1       ``POST /predict`` 8 inputs as ``.npy``
-png         2       ``POST /classify`` multipart PNG upload (image models only)
-oip         2       ``POST /v2/models/<name>/infer`` (Open Inference Protocol v2, name from /metadata)
-==========  ======  ==============================================================================
-
-Requests are built from the server's GET /metadata (``loadtest/workload.py``). Every answer is
-checked for status, shape, probabilities summing to 1, and the expected label where one is known.
-Closed loop by default; ``--user-rps R`` paces each user with ``constant_throughput(R)``. The
-master (or the single process) judges the run on quitting: any failure other than a 4xx, or p99
-over ``--p99-ms``, exits 1; a load that cannot be built exits 2. ``python -m loadtest run`` wraps
-this (and starts the service); directly, from the repository root::
+"""Locust scenarios (``workload.SCENARIOS``, chosen with ``--tags``; none = the weighted mix) for any
+served contract model, requests built from its GET /metadata, every answer checked for status,
+shape, probabilities summing to 1 and, where known, the label. Closed loop, or ``--user-rps`` per
+user. On quitting the master (or single process) judges: a non-4xx failure, or p99 over
+``--p99-ms``, exits 1; a load that cannot be built exits 2. ``python -m loadtest run`` wraps this;
+directly, from the repository root::
 
     locust -f loadtest/locustfile.py --headless -H http://127.0.0.1:3000 -u 16 -r 16 -t 30s \\
         --processes 2 --model artifacts/model.onnx
@@ -37,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # locust adds o
 
 from common.files import write_json  # noqa: E402
 from loadtest.core import CLIENT_ERROR_TAG, LoadTargetError, judge, require_local_host  # noqa: E402
-from loadtest.workload import DEFAULT_DATA_DIR, DataError, build, describe, fetch_metadata  # noqa: E402
+from loadtest.workload import DEFAULT_DATA_DIR, SCENARIOS, DataError, build, describe, fetch_metadata  # noqa: E402
 
 log = logging.getLogger("loadtest")
 STATE: dict = {}  # this process's target and samples, set on test_start
@@ -74,7 +61,7 @@ def _prepare(environment) -> None:
     except (DataError, OSError, KeyError, ValueError, TypeError) as e:
         return _fail(environment, f"cannot build the load: {type(e).__name__}: {e}")
     if not target.image:  # /classify takes image uploads only
-        ModelUser.tasks = [t for t in ModelUser.tasks if t.__name__ != "png"]
+        ModelUser.tasks = [t for t in ModelUser.tasks if "png" not in t.locust_tag_set]
         if not ModelUser.tasks:
             _fail(environment, f"only the png scenario was asked for and {target.name} is not an image model")
 
@@ -106,10 +93,8 @@ def _judge(environment, **_kwargs):
     verdict = judge(total.num_requests, errors, pct["p99"], opts.p99_ms if opts.p99_ms > 0 else None)
     for text, n in errors:
         log.warning("failure x%d: %s", n, text)
-    if verdict["ok"]:
-        log.info("PASS: %d requests, %d 4xx, p99 %.0f ms", total.num_requests, verdict["client_errors"], pct["p99"])
-    else:
-        log.error("FAIL: %s", "; ".join(verdict["reasons"]))
+    log.info("%s: %d requests, %d 4xx, p99 %.0f ms", "PASS" if verdict["ok"] else "FAIL: " + "; ".join(
+        verdict["reasons"]), total.num_requests, verdict["client_errors"], pct["p99"])
     environment.process_exit_code = 0 if verdict["ok"] else 1  # locust's own rule would fail on a 4xx
     if opts.verdict_file:
         write_json(opts.verdict_file, {**verdict, **pct, "failures": total.num_failures, "rps": total.total_rps,
@@ -119,14 +104,11 @@ def _judge(environment, **_kwargs):
 
 def check(answer: dict, sample, oip: bool = False) -> str | None:
     """None when the answer is right, else what is wrong with it."""
-    t, n = STATE["target"], sample.n
-    k = len(t.labels)
+    t, n, k = STATE["target"], sample.n, len(STATE["target"].labels)
     if oip:
         out = answer["outputs"][0]
-        if answer.get("model_name") != t.name:
-            return f"model_name {answer.get('model_name')!r}, expected {t.name!r}"
-        if out["shape"] != [n, k] or len(out["data"]) != n * k or out["datatype"] != "FP32":
-            return f"output shape {out['shape']} / {len(out['data'])} values, expected [{n}, {k}] FP32"
+        if (answer.get("model_name"), out["shape"], out["datatype"], len(out["data"])) != (t.name, [n, k], "FP32", n * k):
+            return f"{answer.get('model_name')!r} {out['datatype']} {out['shape']}, expected {t.name!r} FP32 [{n}, {k}]"
         got = [max(range(k), key=out["data"][i * k:(i + 1) * k].__getitem__) for i in range(n)]
     else:
         preds = answer["predictions"] if "predictions" in answer else [answer]  # /classify: one
@@ -145,22 +127,8 @@ def check(answer: dict, sample, oip: bool = False) -> str | None:
     return None
 
 
-# tag: (weight, path, name in locust's stats); select with --tags, none = the weighted mix
-SCENARIOS = {"single": (8, "/predict", "/predict [1 image]"), "batch64": (1, "/predict", "/predict [64 images]"),
-             "batch64raw": (1, "/predict", "/predict [64 images, raw f32]"),
-             "npy": (1, "/predict", "/predict [8 images, npy]"), "png": (2, "/classify", "/classify [png]"),
-             "oip": (2, "/v2/models/{name}/infer", "/v2 infer [1 image]")}
-
-
-def scenario_task(scenario: str):
-    def send(user):
-        user.post(scenario)
-    send.__name__ = scenario
-    return tag(scenario)(send)
-
-
 class ModelUser(FastHttpUser):
-    tasks = {scenario_task(s): weight for s, (weight, _, _) in SCENARIOS.items()}
+    tasks = {tag(s)(lambda user, s=s: user.post(s)): weight for s, (weight, _, _) in SCENARIOS.items()}
     connection_timeout = 10.0  # kept-alive connections; a closed-loop user sends as soon as one returns
     network_timeout = 30.0
 
@@ -189,8 +157,8 @@ class ModelUser(FastHttpUser):
                               headers={"Content-Type": sample.content_type}, catch_response=True) as resp:
             status = resp.status_code or 0
             if not 200 <= status < 400:
-                prefix = CLIENT_ERROR_TAG + " " if 400 <= status < 500 else ""
-                return resp.failure(f"{prefix}HTTP {status}: " + ((resp.text or "")[:200] if status else repr(resp.error)))
+                detail = (resp.text or "")[:200] if status else repr(resp.error)
+                return resp.failure(f"{CLIENT_ERROR_TAG + ' ' if 400 <= status < 500 else ''}HTTP {status}: {detail}")
             try:
                 problem = check(json.loads(resp.content), sample, oip=scenario == "oip")
             except (ValueError, KeyError, TypeError, IndexError) as e:

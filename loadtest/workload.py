@@ -1,13 +1,12 @@
 """What to send and what to expect, for any served contract model (docs/onnx-contract.md).
 
-The target is read from the server's GET /metadata. When the model takes 28x28 one-channel inputs
-(any layout) and its labels are Fashion-MNIST's, the load is the real test set; with the ONNX file
-at hand, only test images that the same model, run in-process, classifies correctly with a logit
-margin of at least 2 are sent, and their true labels are the expected answers: a wrong label
-under load then means the server scrambled something (batch order, preprocessing), not that the
-model was unsure. Any other model gets seeded random inputs in its declared range, and its answers
-are checked for status, shape and probabilities that sum to 1. Every body is encoded once, up
-front: on 2 cores the load generator is the bottleneck and must not spend its CPU on encoding.
+The target is read from the server's GET /metadata. A model of 28x28 one-channel inputs (any layout)
+with Fashion-MNIST's labels gets the real test set; with its ONNX file at hand, only test images the
+same model, run in-process, classifies correctly with a logit margin >= 2 are sent, and their true
+labels are expected: a wrong label under load means the server scrambled something (batch order,
+preprocessing), not that the model was unsure. Any other model gets seeded random inputs in its
+declared range. Every body is encoded once, up front: on 2 cores the load generator is the
+bottleneck and must not spend its CPU on encoding.
 """
 import io
 import json
@@ -26,6 +25,11 @@ NPY_BATCH = 8
 DECIMALS = 4  # digits per value in JSON bodies: k/255 pixels stay within 5e-5, a 28x28 body ~2 KB
 MARGIN = 2.0  # top-1 minus top-2 logit of a test image used for label checks
 POOL = 2000  # test images considered
+# tag: (weight, path, name in locust's stats)
+SCENARIOS = {"single": (8, "/predict", "/predict [1 image]"), "batch64": (1, "/predict", "/predict [64 images]"),
+             "batch64raw": (1, "/predict", "/predict [64 images, raw f32]"),
+             "npy": (1, "/predict", "/predict [8 images, npy]"), "png": (2, "/classify", "/classify [png]"),
+             "oip": (2, "/v2/models/{name}/infer", "/v2 infer [1 image]")}
 
 
 @dataclass
@@ -97,9 +101,9 @@ def reference_scores(model_path: str | Path, t: Target, x: np.ndarray) -> np.nda
     return np.log(np.clip(out, 1e-30, None)) if t.output_kind == "probabilities" else out
 
 
-def confident(scores: np.ndarray, truth: np.ndarray, margin: float = MARGIN) -> np.ndarray:
+def confident(scores: np.ndarray, truth: np.ndarray) -> np.ndarray:
     top2 = np.sort(scores, axis=1)[:, -2:]
-    return np.flatnonzero((scores.argmax(axis=1) == truth) & (top2[:, 1] - top2[:, 0] >= margin))
+    return np.flatnonzero((scores.argmax(axis=1) == truth) & (top2[:, 1] - top2[:, 0] >= MARGIN))
 
 
 def inputs(t: Target, n: int, model: str | Path | None = None, data_dir=DEFAULT_DATA_DIR, seed: int = 0):
@@ -147,21 +151,19 @@ def oip_body(t: Target, x: np.ndarray) -> bytes:
                       separators=(",", ":")).encode()
 
 
-def image_bytes(u8: np.ndarray, fmt: str = "PNG") -> bytes:
+def image_bytes(u8: np.ndarray, fmt: str = "PNG", size: tuple[int, int] | None = None) -> bytes:
     from PIL import Image
 
-    buf = io.BytesIO()
-    Image.fromarray(u8).save(buf, format=fmt)
+    buf, image = io.BytesIO(), Image.fromarray(u8)
+    (image.resize(size, Image.Resampling.BICUBIC).convert("RGB") if size else image).save(buf, format=fmt)
     return buf.getvalue()
 
 
-def multipart(fields: dict[str, tuple[str, str, bytes]]) -> tuple[bytes, str]:
-    """``{name: (filename, content type, data)}`` as multipart/form-data: (body, content type)."""
-    boundary = "lt" + uuid.uuid4().hex
-    parts = [f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"; filename="{filename}"\r\n'
-             f"Content-Type: {ctype}\r\n\r\n".encode() + data + b"\r\n"
-             for name, (filename, ctype, data) in fields.items()]
-    return b"".join(parts) + f"--{boundary}--\r\n".encode(), f"multipart/form-data; boundary={boundary}"
+def upload(png: bytes) -> tuple[bytes, str]:
+    """multipart/form-data with the PNG as the field ``image``: (body, content type)."""
+    b = "lt" + uuid.uuid4().hex
+    return (f'--{b}\r\nContent-Disposition: form-data; name="image"; filename="sample.png"\r\nContent-Type: '
+            f"image/png\r\n\r\n".encode() + png + f"\r\n--{b}--\r\n".encode(), f"multipart/form-data; boundary={b}")
 
 
 @dataclass
@@ -175,22 +177,19 @@ class Sample:
 
 def build(t: Target, model: str | Path | None = None, data_dir=DEFAULT_DATA_DIR, n: int = 256,
           batches: int = 4) -> dict[str, list[Sample]]:
-    """Pre-encoded samples per scenario (single, batch64, batch64raw, npy, png, oip)."""
+    """Pre-encoded samples per scenario."""
     if model and t.sha256 and sha256_file(model) != t.sha256:
         raise DataError(f"{model} is not the served model (sha256 differs from /metadata): "
                         "pass the served file as --model for label checks, or no --model")
     batch = min(BATCH, t.max_images)
     x, u8, truth = inputs(t, max(n, batch), model, data_dir)
-
-    def exp(idx):
-        return None if truth is None else [int(truth[i]) for i in idx]
-
-    work = {"single": [], "batch64": [], "batch64raw": [], "npy": [], "png": [], "oip": []}
+    exp = (lambda idx: None) if truth is None else (lambda idx: [int(truth[i]) for i in idx])
+    work = {s: [] for s in SCENARIOS}
     for i in range(n):
         work["single"].append(Sample(json_body(t, x[i:i + 1]), 1, exp([i])))
         work["oip"].append(Sample(oip_body(t, x[i:i + 1]), 1, exp([i])))
         if t.image:
-            body, ctype = multipart({"image": ("sample.png", "image/png", image_bytes(u8[i]))})
+            body, ctype = upload(image_bytes(u8[i]))
             work["png"].append(Sample(body, 1, exp([i]), ctype))
     rng = np.random.default_rng(0)
     for _ in range(batches):
@@ -198,6 +197,6 @@ def build(t: Target, model: str | Path | None = None, data_dir=DEFAULT_DATA_DIR,
         work["batch64"].append(Sample(json_body(t, x[pick]), batch, exp(pick)))
         work["batch64raw"].append(Sample(np.ascontiguousarray(x[pick], "<f4").tobytes(), batch, exp(pick),
                                          "application/octet-stream"))
-        work["npy"].append(Sample(npy_body(x[pick[:NPY_BATCH]]), NPY_BATCH, exp(pick[:NPY_BATCH]),
-                                  "application/x-npy"))
+        few = pick[:NPY_BATCH]
+        work["npy"].append(Sample(npy_body(x[few]), len(few), exp(few), "application/x-npy"))
     return work

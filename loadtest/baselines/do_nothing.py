@@ -1,11 +1,9 @@
-"""Do-nothing ``/predict``: reads the request body and returns a canned one-input answer.
+"""Do-nothing ``/predict``: drains the request body and returns a canned one-input answer.
 
-It never decodes the JSON or runs a model, so its throughput is what the load generator itself can
-push through HTTP on this machine: the ceiling any real server is measured against. A raw ASGI app
-on uvicorn (httptools, uvloop when present) keeps the server's share of the CPU as small as it
-gets; ``--fastapi`` serves the same answer from a FastAPI route (the ceiling of a Python web
-framework rather than of the load generator). The answer is class 0 with uniform probabilities
-over the model's labels, so with label checks on it fails every sample of another class.
+It never decodes the body or runs a model, so its throughput is what the load generator itself can
+push through HTTP here: the ceiling any real server is measured against. Raw ASGI on uvicorn keeps
+the server's share of the CPU as small as it gets; ``--fastapi`` serves it from a FastAPI route
+(the ceiling of a Python web framework). The answer is class 0, uniform over the model's labels.
 
     python -m loadtest.baselines.do_nothing --model artifacts/model.onnx --port 3002 [--fastapi]
 """
@@ -16,12 +14,6 @@ import json
 from loadtest.workload import LABELS, metadata_of
 
 STATE = {"answer": b"", "headers": [], "delay_s": 0.0}  # set once by main()
-
-
-def canned(labels: list[str]) -> bytes:
-    k = len(labels)
-    return json.dumps({"predictions": [{"label": labels[0], "class_id": 0, "probabilities": [1 / k] * k}]},
-                      separators=(",", ":")).encode()
 
 
 async def app(scope, receive, send):
@@ -66,10 +58,11 @@ def main() -> None:
     ap.add_argument("--fastapi", action="store_true", help="serve the canned answer from a FastAPI route")
     ap.add_argument("--delay-ms", type=float, default=0.0, help="wait this long before each answer (tests of p99)")
     args = ap.parse_args()
-    answer = canned(metadata_of(args.model)["labels"] if args.model else LABELS)
-    STATE.update(answer=answer, headers=[(b"content-type", b"application/json"),
-                                         (b"content-length", str(len(answer)).encode())])
-    STATE["delay_s"] = max(args.delay_ms, 0.0) / 1000.0
+    labels = metadata_of(args.model)["labels"] if args.model else LABELS
+    answer = json.dumps({"predictions": [{"label": labels[0], "class_id": 0, "probabilities": [1 / len(labels)]
+                                          * len(labels)}]}, separators=(",", ":")).encode()
+    STATE.update(answer=answer, delay_s=max(args.delay_ms, 0.0) / 1000.0,
+                 headers=[(b"content-type", b"application/json"), (b"content-length", str(len(answer)).encode())])
     import uvicorn
 
     uvicorn.run(fastapi_app() if args.fastapi else app, host=args.host, port=args.port, log_level="warning",
