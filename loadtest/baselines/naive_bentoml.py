@@ -3,7 +3,7 @@
 The BentoML quick-start shape applied to our model: ``@bentoml.service`` with no arguments, an
 onnxruntime session with default options, a sync ``@bentoml.api`` typed with nested lists, so
 BentoML validates the body and runs the method in its thread pool. No batching, no tuning. Serves
-only ``/predict`` (JSON), for inputs of the model's shape (or [N,H,W] for one-channel images).
+only ``/predict`` (JSON) with [N, a, b] nested lists, reshaped to the model's input.
 
     MODEL_PATH=artifacts/model.onnx bentoml serve loadtest.baselines.naive_bentoml:NaiveClassifier --port 3003
 """
@@ -24,8 +24,8 @@ class NaiveClassifier:
         self.labels = json.loads(self.session.get_modelmeta().custom_metadata_map["labels"])
         self.input_name, self.shape = self.session.get_inputs()[0].name, self.session.get_inputs()[0].shape[1:]
 
-    @bentoml.api
-    def predict(self, images: list[list[list[float]]] | list[list[list[list[float]]]]) -> dict:
+    @bentoml.api  # the type it always had: [N, H, W], one-channel images as the load test sends them
+    def predict(self, images: list[list[list[float]]]) -> dict:
         x = np.asarray(images, dtype=np.float32).reshape(len(images), *self.shape)
         logits = self.session.run(None, {self.input_name: x})[0]
         e = np.exp(logits - logits.max(axis=1, keepdims=True))
