@@ -20,8 +20,8 @@ from common.files import write_bytes, write_json, write_text
 from common.procs import ProcessError, ServerProcess, probe
 from loadtest import plots
 from loadtest.core import MAX_USERS, LoadTargetError, LocustRun, TreeSampler, parse_duration, run_locust
-from loadtest.workload import (BATCH, DEFAULT_DATA_DIR, SCENARIOS, DataError, build, describe, fetch_metadata,
-                               image_bytes, inputs, json_body, metadata_of, npy_body, oip_body)
+from loadtest.workload import (BATCH, DEFAULT_DATA_DIR, SCENARIOS, DataError, describe, fetch_metadata,
+                               image_bytes, inputs, json_body, metadata_of, npy_body, oip_body, save, session)
 
 SETUPS = ("in-process", "service", "service-nobatch", "naive-fastapi", "naive-bentoml", "do-nothing",
           "do-nothing-fastapi")
@@ -47,7 +47,6 @@ def server_for(setup: str, model: str, port: int, log: Path) -> tuple[ServerProc
     return ServerProcess(argv, port, log, env, name=setup), batch_kinds
 
 
-# --- run -----------------------------------------------------------------------------------------
 def run(args) -> int:
     url = f"http://127.0.0.1:{args.port}"
     model = args.model if Path(args.model).is_file() else None
@@ -57,10 +56,10 @@ def run(args) -> int:
         else:
             print(f"starting the service on {url} (log: {args.out / 'server.log'})", file=sys.stderr)
             stack.enter_context(server_for("service", args.model, args.port, args.out / "server.log")[0]).wait_ready(180)
-        work = build(describe(fetch_metadata(url)), model, args.data_dir)  # fails here, clearly, not in locust
+        path, work = save(args.out / "workload.json", fetch_metadata(url), model, args.data_dir)
         v = run_locust(LocustRun(url, args.users, args.run_time, args.out / "loadtest", args.tags, args.processes,
-                                 args.spawn_rate, args.target_rps / args.users, args.p99_ms, model,
-                                 data_dir=args.data_dir, html=True, reset_stats=False, history=True), progress=True)
+                                 args.spawn_rate, args.target_rps / args.users, args.p99_ms, path, html=True,
+                                 reset_stats=False, history=True), progress=True)
     print(outcome(v["reasons"], v) + f" | label checks {'off' if work['single'][0].expected is None else 'on'} | "
           f"CSV + HTML in {args.out}/", file=sys.stderr)
     return 0 if v["ok"] else 1
@@ -72,21 +71,16 @@ def outcome(reasons: list[str], v: dict) -> str:
         f"failures, {v['client_errors']} 4xx"
 
 
-# --- bench ---------------------------------------------------------------------------------------
 def in_process(model: str, data_dir: str, seconds: float) -> list[dict]:
     """Setup (a): onnxruntime called in this process, one intra-op thread, no HTTP: the floor."""
-    import onnxruntime as ort
-
-    t, opts, rows = describe(metadata_of(model)), ort.SessionOptions(), []
-    opts.intra_op_num_threads = 1
-    session = ort.InferenceSession(model, opts, providers=["CPUExecutionProvider"])
+    t, sess, rows = describe(metadata_of(model)), session(model), []
     for kind, batch in (("sweep", 1), ("batch64", BATCH)):
         feed = {t.input_name: inputs(t, BATCH, None, data_dir)[0][:batch]}
         for _ in range(20):  # the first calls allocate
-            session.run(None, feed)
+            sess.run(None, feed)
         lat, cpu0, t0 = [], time.process_time(), time.perf_counter()
         while (start := time.perf_counter()) - t0 < seconds:
-            session.run(None, feed)
+            sess.run(None, feed)
             lat.append(1000 * (time.perf_counter() - start))
         wall, cpu = time.perf_counter() - t0, time.process_time() - cpu0
         p50, p95, p99 = np.percentile(lat, [50, 95, 99]).tolist()
@@ -105,11 +99,11 @@ def plan(args, batch_kinds) -> list[dict]:
 def measure(args, setup: str, port: int, bar) -> list[dict]:
     out = args.out / "locust" / setup
     server, batch_kinds = server_for(setup, args.model, port, out / "server.log")
-    common = dict(processes=args.processes, data_dir=args.data_dir,
-                  model=None if setup.startswith("do-nothing") else args.model,  # it cannot classify
-                  metadata=None if setup.startswith("service") else str(args.out / "metadata.json"))
     rows, load_before = [], os.getloadavg()[0]  # other work on the machine skews every number: recorded
     with server, TreeSampler(server.wait_ready(180).pid) as meter:
+        doc = fetch_metadata(server.url) if setup.startswith("service") else metadata_of(args.model)  # baselines:
+        model = None if setup.startswith("do-nothing") else args.model  # no /metadata; do-nothing cannot classify
+        common = dict(processes=args.processes, workload=save(out / "workload.json", doc, model, args.data_dir)[0])
         if parse_duration(args.warmup) > 0:
             run_locust(LocustRun(server.url, 8, args.warmup, out / "warmup", ["single"], **common))
         for step in plan(args, batch_kinds):
@@ -118,15 +112,15 @@ def measure(args, setup: str, port: int, bar) -> list[dict]:
             lr = LocustRun(server.url, step["users"], args.step_time, out / name, step["tags"],
                            user_rps=step["rps"] / step["users"], **common)
             v = run_locust(lr)
-            window = v["end"] - v["start"] if v["end"] else 0.0  # locust's measured window (wall clock)
+            window, csv_path = v["end"] - v["start"] if v["end"] else 0.0, f"{lr.prefix}_stats.csv"  # locust's window
             cpu, n = meter.cpu_seconds(v["start"], v["end"]) if window > 0 else math.nan, v["requests"]
             rows.append({"setup": setup, "kind": step["kind"], "users": step["users"], "offered_rps": step["rps"],
                          "requests": n, "failures": v["failures"], "rps": v["rps"],
                          "img_s": v["rps"] * (BATCH if step["kind"].startswith("batch") else 1),
                          **{p: v[p] for p in ("p50", "p95", "p99")},
                          "server_cpu_pct": 100 * cpu / window if window > 0 else math.nan,
-                         "cpu_ms_per_req": 1000 * cpu / n if n else math.nan, "locust_exit": v["exit"],
-                         "loadavg_1m_before": round(load_before, 2), "csv": f"{lr.prefix}_stats.csv"})
+                         "cpu_ms_per_req": 1000 * cpu / n if n else math.nan, "window_s": round(window, 2),
+                         "locust_exit": v["exit"], "loadavg_1m_before": round(load_before, 2), "csv": csv_path})
             bar.update(1)
     return rows
 
@@ -168,7 +162,7 @@ def goals_report(rows: list[dict], users: int = SATURATION_USERS) -> list[str]:
 
 
 def markdown_table(rows: list[dict], args) -> str:
-    fixed_rps, users = (args.fixed_rps or [None])[0], saturation_users(args)
+    fixed_rps, users = (args.fixed_rps or [None])[0], args.saturation
     head = (f"| setup | req/s @{users} users | p50 / p95 / p99 ms @{users} | errors | server CPU % | server CPU "
             f"ms/req | p99 ms @{_fmt(fixed_rps)} req/s offered (achieved req/s) | batch-64 img/s JSON / raw | "
             "load avg before |")
@@ -189,10 +183,6 @@ def markdown_table(rows: list[dict], args) -> str:
     return "\n".join(lines)
 
 
-def saturation_users(args) -> int:
-    return SATURATION_USERS if SATURATION_USERS in args.users else max(args.users)
-
-
 def write_reports(rows: list[dict], args, elapsed: float, command: str) -> None:
     meta = {"command": command, "elapsed_s": round(elapsed, 1), "cpus": os.cpu_count(), **vars(args)}
     write_json(args.out / "results.json", {"meta": {**meta, "out": str(args.out)}, "rows": rows})
@@ -206,12 +196,11 @@ def write_reports(rows: list[dict], args, elapsed: float, command: str) -> None:
     write_text(args.out / "results.md", "\n".join([
         f"Command: `{command}` ({elapsed / 60:.1f} min, {time.strftime('%Y-%m-%d')}, {os.cpu_count()} cores, locust "
         f"--processes {args.processes}, {args.step_time} per step)", "", markdown_table(rows, args), "", "Goals:",
-        *goals_report(rows, saturation_users(args)), "",
+        *goals_report(rows, args.saturation), "",
         "![throughput](throughput_vs_users.png) ![latency](latency_vs_users.png)", ""]))
 
 
 def bench(args, command: str) -> int:
-    write_json(args.out / "metadata.json", metadata_of(args.model))  # for the servers without GET /metadata
     http = [s for s in args.setups if s != "in-process"]
     rows, failed, started = [], [], time.monotonic()
     with tqdm(total=sum(len(plan(args, server_for(s, args.model, 0, Path())[1])) for s in http)
@@ -233,7 +222,6 @@ def bench(args, command: str) -> int:
     return 1 if failed else 0
 
 
-# --- soak ----------------------------------------------------------------------------------------
 def capacity_from_bench(path: Path) -> float | None:
     """Our service's closed-loop req/s at 32 users, from a bench results.json (None if unusable)."""
     try:
@@ -256,7 +244,8 @@ def rss_growth(times: list[float], rss: list[float], warmup_end: float, end: flo
 def soak(args) -> int:
     with server_for("service", args.model, args.port, args.out / "server.log")[0] as server:
         server.wait_ready(180)
-        load = dict(processes=args.processes, model=args.model, data_dir=args.data_dir)
+        load = dict(processes=args.processes,
+                    workload=save(args.out / "workload.json", fetch_metadata(server.url), args.model, args.data_dir)[0])
         capacity, source = args.capacity, "--capacity"
         if capacity <= 0:
             capacity, source = capacity_from_bench(args.bench_results) or 0.0, str(args.bench_results)
@@ -301,7 +290,6 @@ def soak(args) -> int:
     return 0 if not reasons else 1
 
 
-# --- examples ------------------------------------------------------------------------------------
 def examples(args) -> int:
     t = describe(metadata_of(args.model))
     x, u8, truth = inputs(t, BATCH, args.model, args.data_dir)
@@ -318,7 +306,6 @@ def examples(args) -> int:
     return 0
 
 
-# --- command line ---------------------------------------------------------------------------------
 def duration(text: str) -> str:
     """argparse type: a locust duration (90, 30s, 10m, 1h30m), kept as text."""
     parse_duration(text)
@@ -383,6 +370,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.mode == "bench":
         args.setups = [x.strip() for x in args.setups.split(",") if x.strip()]
         args.users = [int(u) for u in args.users or ([8, 32] if args.quick else [1, 8, 32, 64])]
+        args.saturation = SATURATION_USERS if SATURATION_USERS in args.users else max(args.users)  # the table's
         args.step_time = args.step_time or ("5s" if args.quick else "12s")
         args.warmup = args.warmup or ("2s" if args.quick else "4s")
         if set(args.setups) - set(SETUPS) or any(x <= 0 for x in args.fixed_rps):

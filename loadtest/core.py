@@ -1,9 +1,7 @@
-"""The rules (where load may go, what fails a run), headless locust as a subprocess, and psutil
-metering of a server's process tree. No locust import here: locust monkey-patches with gevent.
-
-Locust runs in its own session (stopped with its group), so ``--processes`` master/worker mode
-works. Its numbers come back in the verdict JSON the locustfile's ``quitting`` listener writes from
-locust's final stats; locust's CSVs and HTML stay exactly as locust wrote them."""
+"""The rules (where load may go, what fails a run), headless locust as a subprocess in its own
+session (so ``--processes`` master/worker mode works; its numbers come back in the verdict JSON the
+locustfile writes from locust's final stats), and psutil metering of a server's process tree.
+No locust import here: locust monkey-patches the interpreter with gevent."""
 import ipaddress
 import json
 import math
@@ -85,8 +83,8 @@ class LocustRun:
     spawn_rate: float | None = None  # None: all users at once
     user_rps: float = 0.0  # > 0: constant_throughput per user
     p99_ms: float = 0.0
+    workload: str | None = None  # a saved load (workload.save); else locust builds its own from:
     model: str | None = None  # the served ONNX file: label checks against it (None: none)
-    metadata: str | None = None  # a /metadata document file, for servers without GET /metadata
     data_dir: str | None = None
     html: bool = False
     reset_stats: bool = True  # measure from the moment every user is running
@@ -104,7 +102,7 @@ class LocustRun:
         argv += ["--processes", str(self.processes)] if self.processes > 1 else []
         argv += ["--tags", *self.tags] if self.tags else []
         argv += ["--model", self.model] if self.model else []
-        argv += ["--metadata", self.metadata] if self.metadata else []
+        argv += ["--workload", self.workload] if self.workload else []
         argv += ["--data-dir", self.data_dir] if self.data_dir else []
         argv += ["--html", f"{self.prefix}_report.html"] if self.html else []
         argv += ["--reset-stats"] if self.reset_stats else []

@@ -24,7 +24,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # locust adds o
 
 from common.files import write_json  # noqa: E402
 from loadtest.core import CLIENT_ERROR_TAG, LoadTargetError, judge, require_local_host  # noqa: E402
-from loadtest.workload import DEFAULT_DATA_DIR, SCENARIOS, DataError, build, describe, fetch_metadata  # noqa: E402
+from loadtest.workload import (DEFAULT_DATA_DIR, SCENARIOS, DataError, build, describe, fetch_metadata,  # noqa: E402
+                               load)
 
 log = logging.getLogger("loadtest")
 STATE: dict = {}  # this process's target and samples, set on test_start
@@ -34,7 +35,7 @@ STATE: dict = {}  # this process's target and samples, set on test_start
 def _options(parser):
     g = parser.add_argument_group("bnfold load test")
     g.add_argument("--model", default="", help="the served ONNX file: label checks against it (default: none)")
-    g.add_argument("--metadata", default="", help="a /metadata document as a JSON file (default: GET <host>/metadata)")
+    g.add_argument("--workload", default="", help="a load saved by workload.save (default: built from GET /metadata)")
     g.add_argument("--data-dir", default=DEFAULT_DATA_DIR, help="Fashion-MNIST IDX folder (default: %(default)s)")
     g.add_argument("--user-rps", type=float, default=0.0, help="req/s per user; 0 = closed loop (default: 0)")
     g.add_argument("--p99-ms", type=float, default=0.0, help="fail when p99 exceeds this; 0 = off (default: 0)")
@@ -49,15 +50,18 @@ def _fail(environment, message: str) -> None:
 
 
 def _prepare(environment) -> None:
-    """Build this process's load once: at init (the host is known from -H), or at the first test
-    start for a worker started by hand (it learns the host from the master)."""
+    """Load or build this process's load once: at init (the host is known from -H), or at the first
+    test start for a worker started by hand (it learns the host from the master)."""
     opts = environment.parsed_options
     if "work" in STATE or isinstance(environment.runner, MasterRunner) or not environment.host:
         return  # the master only aggregates; workers (or the single process) make the load
     try:
-        doc = json.loads(Path(opts.metadata).read_text()) if opts.metadata else fetch_metadata(environment.host)
-        target = describe(doc)
-        STATE.update(target=target, work=build(target, opts.model or None, opts.data_dir))
+        if opts.workload:
+            doc, work = load(opts.workload)
+        else:
+            doc = fetch_metadata(environment.host)
+            work = build(describe(doc), opts.model or None, opts.data_dir)
+        STATE.update(target=(target := describe(doc)), work=work)
     except (DataError, OSError, KeyError, ValueError, TypeError) as e:
         return _fail(environment, f"cannot build the load: {type(e).__name__}: {e}")
     if not target.image:  # /classify takes image uploads only

@@ -8,16 +8,18 @@ preprocessing), not that the model was unsure. Any other model gets seeded rando
 declared range. Every body is encoded once, up front: on 2 cores the load generator is the
 bottleneck and must not spend its CPU on encoding.
 """
+import base64
 import io
 import json
 import urllib.request
 import uuid
+from collections import namedtuple
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from common.files import sha256_file
+from common.files import sha256_file, write_json
 from training.data import DEFAULT_DATA_DIR, LABELS, DataError, load_split
 
 BATCH = 64
@@ -89,14 +91,19 @@ def metadata_of(model_path: str | Path) -> dict:
             "output": {"name": meta["output_name"], "kind": meta.get("output_kind", "logits")}}
 
 
-def reference_scores(model_path: str | Path, t: Target, x: np.ndarray) -> np.ndarray:
-    """Logits (or log-probabilities) of the served ONNX file run in-process on one thread."""
+def session(model_path: str | Path):
+    """The ONNX file in onnxruntime on one CPU thread (it must not fight the server for cores)."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
-    opts.intra_op_num_threads = 1  # runs at start-up; must not fight the server for cores
-    session = ort.InferenceSession(str(model_path), opts, providers=["CPUExecutionProvider"])
-    out = np.concatenate([session.run([t.output_name], {t.input_name: x[i:i + 256]})[0]
+    opts.intra_op_num_threads = 1
+    return ort.InferenceSession(str(model_path), opts, providers=["CPUExecutionProvider"])
+
+
+def reference_scores(model_path: str | Path, t: Target, x: np.ndarray) -> np.ndarray:
+    """Logits (or log-probabilities) of the served ONNX file run in-process."""
+    sess = session(model_path)
+    out = np.concatenate([sess.run([t.output_name], {t.input_name: x[i:i + 256]})[0]
                           for i in range(0, len(x), 256)])
     return np.log(np.clip(out, 1e-30, None)) if t.output_kind == "probabilities" else out
 
@@ -131,7 +138,6 @@ def inputs(t: Target, n: int, model: str | Path | None = None, data_dir=DEFAULT_
     return x, (u8[..., 0] if t.image and t.channels == 1 else u8), None
 
 
-# --- bodies --------------------------------------------------------------------------------------
 def json_body(t: Target, x: np.ndarray) -> bytes:
     """/predict JSON; one-channel images travel as [N, H, W], anything else in the model's shape."""
     if t.image and t.channels == 1:
@@ -166,13 +172,8 @@ def upload(png: bytes) -> tuple[bytes, str]:
             f"image/png\r\n\r\n".encode() + png + f"\r\n--{b}--\r\n".encode(), f"multipart/form-data; boundary={b}")
 
 
-@dataclass
-class Sample:
-    """One request body, how many inputs it holds, and the class ids to expect (None: unknown)."""
-    body: bytes
-    n: int
-    expected: list[int] | None
-    content_type: str = "application/json"
+# One request body, how many inputs it holds, the class ids to expect (None: unknown), its content type.
+Sample = namedtuple("Sample", "body n expected content_type", defaults=["application/json"])
 
 
 def build(t: Target, model: str | Path | None = None, data_dir=DEFAULT_DATA_DIR, n: int = 256,
@@ -200,3 +201,19 @@ def build(t: Target, model: str | Path | None = None, data_dir=DEFAULT_DATA_DIR,
         few = pick[:NPY_BATCH]
         work["npy"].append(Sample(npy_body(x[few]), len(few), exp(few), "application/x-npy"))
     return work
+
+
+def save(path: str | Path, doc: dict, model=None, data_dir=DEFAULT_DATA_DIR, **kw) -> tuple[str, dict]:
+    """Build the load for the /metadata document ``doc`` and save it with ``doc`` as one JSON file
+    (bodies in base64, no pickle): (path, samples). The runners build once; locust's workers read the
+    file in milliseconds instead of building after they have told the master they are ready."""
+    work = build(describe(doc), model, data_dir, **kw)
+    write_json(path, {"metadata": doc, "work": {k: [[base64.b64encode(s.body).decode(), s.n, s.expected,
+                                                      s.content_type] for s in v] for k, v in work.items()}})
+    return str(path), work
+
+
+def load(path: str | Path) -> tuple[dict, dict[str, list[Sample]]]:
+    saved = json.loads(Path(path).read_text())
+    return saved["metadata"], {k: [Sample(base64.b64decode(b), n, e, c) for b, n, e, c in v]
+                               for k, v in saved["work"].items()}

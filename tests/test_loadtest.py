@@ -19,7 +19,7 @@ from common.procs import REPO, ServerProcess, free_port, port_open, probe
 from loadtest.__main__ import capacity_from_bench, goals_report, markdown_table, parse_args, rss_growth
 from loadtest.core import CLIENT_ERROR_TAG, LoadTargetError, LocustRun, judge, parse_duration, require_local_host, \
     run_locust
-from loadtest.workload import BATCH, LABELS, DataError, build, describe, metadata_of
+from loadtest.workload import BATCH, LABELS, DataError, build, describe, load, metadata_of, save
 from training.data import DEFAULT_DATA_DIR, load_split
 
 SCENARIO_NAMES = {"/predict [1 image]", "/predict [64 images]", "/predict [64 images, raw f32]",
@@ -168,6 +168,13 @@ def test_workload_is_real_test_images_with_correct_answers(model_path):
     assert np.asarray(Image.open(io.BytesIO(png[png.index(b"\x89PNG"):]))).shape == (28, 28)
 
 
+def test_saved_load_round_trips(model_path, tmp_path):
+    """What the runners build once is exactly what locust's workers read back (no pickle)."""
+    doc = metadata_of(model_path)
+    path, work = save(tmp_path / "workload.json", doc, model_path, n=16, batches=1)
+    assert load(path) == (doc, work) and work["png"] and all(s.expected for s in work["single"])
+
+
 def test_untrained_or_other_model_is_refused_as_answer_key(tmp_path, model_path):
     always_ankle_boot = contract_model(tmp_path / "const.onnx", [1, 28, 28], LABELS, const_class=9)
     with pytest.raises(DataError, match="confidently and correctly"):  # ~10% right: no answer key
@@ -245,18 +252,17 @@ def test_wrong_labels_and_slow_p99_fail_the_run(model_path, tmp_path):
     argv = [sys.executable, "-m", "loadtest.baselines.do_nothing", "--port", str(port), "--delay-ms", "30"]
     with ServerProcess(argv, port, tmp_path / "server.log") as server:
         server.wait_ready(60)
-        v = run_locust(LocustRun(server.url, 2, "3s", tmp_path / "wrong", ["single"], model=model_path,
-                                 metadata=_metadata_file(model_path, tmp_path), p99_ms=10))
+        v = run_locust(LocustRun(server.url, 2, "3s", tmp_path / "wrong", ["single"],
+                                 workload=_workload(model_path, tmp_path), p99_ms=10))
     assert v["exit"] == 1 and not v["ok"] and v["server_failures"] > 0, v["log"][-3000:]
     assert any("non-4xx" in r for r in v["reasons"]) and any("p99" in r for r in v["reasons"])
     assert any("wrong label" in text for text, _ in v["errors"]) and v["p99_ms"] >= 30
     assert 0 < v["failures"] < v["requests"]  # test images of class 0 are answered right even here
 
 
-def _metadata_file(model_path: str, tmp_path: Path) -> str:
-    path = tmp_path / "metadata.json"
-    path.write_text(json.dumps(metadata_of(model_path)))
-    return str(path)
+def _workload(model_path: str, tmp_path: Path) -> str:
+    """The load for a baseline (they have no GET /metadata), with label checks against the model."""
+    return save(tmp_path / "workload.json", metadata_of(model_path), model_path, n=64, batches=1)[0]
 
 
 @pytest.mark.timeout(90)
@@ -266,8 +272,8 @@ def test_4xx_answers_do_not_fail_the_run(model_path, tmp_path):
     argv = [sys.executable, "-m", "loadtest.baselines.naive_fastapi", "--model", model_path, "--port", str(port)]
     with ServerProcess(argv, port, tmp_path / "server.log") as server:
         server.wait_ready(60)
-        v = run_locust(LocustRun(server.url, 2, "3s", tmp_path / "png", ["single", "png"], model=model_path,
-                                 metadata=_metadata_file(model_path, tmp_path)))
+        v = run_locust(LocustRun(server.url, 2, "3s", tmp_path / "png", ["single", "png"],
+                                 workload=_workload(model_path, tmp_path)))
     assert v["exit"] == 0 and v["ok"] and v["client_errors"] > 0 and v["server_failures"] == 0, v["log"][-3000:]
     assert all(CLIENT_ERROR_TAG in text and "404" in text for text, _ in v["errors"])
     assert v["requests"] > v["client_errors"]  # /predict answered

@@ -1,9 +1,8 @@
 """Naive BentoML + onnxruntime service: one typed endpoint, every BentoML default left alone.
 
 The BentoML quick-start shape applied to our model: ``@bentoml.service`` with no arguments, an
-onnxruntime session with default options, a sync ``@bentoml.api`` typed with nested lists, so
-BentoML validates the body and runs the method in its thread pool. No batching, no tuning. Serves
-only ``/predict`` (JSON) with [N, a, b] nested lists, reshaped to the model's input.
+onnxruntime session with default options, a sync ``@bentoml.api`` typed with nested lists (BentoML
+validates the body and runs the method in its thread pool). Serves only ``/predict`` (JSON).
 
     MODEL_PATH=artifacts/model.onnx bentoml serve loadtest.baselines.naive_bentoml:NaiveClassifier --port 3003
 """

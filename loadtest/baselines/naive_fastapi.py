@@ -1,8 +1,7 @@
 """Naive FastAPI + onnxruntime reference server: what most people would write first.
 
 One process, one onnxruntime session with default options, a pydantic-typed body, a sync endpoint
-(FastAPI runs it in its thread pool), softmax in numpy. Serves only ``/predict`` (JSON), for
-inputs of the model's shape (or [N,H,W] for one-channel images).
+(FastAPI runs it in its thread pool), softmax in numpy. Serves only ``/predict`` (JSON).
 
     python -m loadtest.baselines.naive_fastapi --model artifacts/model.onnx --port 3001
 """
