@@ -44,7 +44,8 @@ def server_for(setup: str, model: str, port: int, log: Path) -> tuple[ServerProc
         "do-nothing-fastapi": ([py, "-m", "loadtest.baselines.do_nothing", "--fastapi", "--model", model, *where], ()),
     }[setup.replace("service-nobatch", "service")]
     env.update({"BATCH_MAX_IMAGES": "1"} if setup == "service-nobatch" else {})
-    return ServerProcess(argv, port, log, env, name=setup), batch_kinds
+    ready = "/openapi.json" if setup.endswith("fastapi") else "/readyz"  # FastAPI's own page: it is up
+    return ServerProcess(argv, port, log, env, ready_path=ready, name=setup), batch_kinds
 
 
 def run(args) -> int:
@@ -306,6 +307,13 @@ def examples(args) -> int:
     return 0
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Every flag's default in its help, unless the help text says it already."""
+
+    def _get_help_string(self, action):
+        return action.help if "default:" in action.help else super()._get_help_string(action)
+
+
 def duration(text: str) -> str:
     """argparse type: a locust duration (90, 30s, 10m, 1h30m), kept as text."""
     parse_duration(text)
@@ -318,7 +326,7 @@ def numbers(text: str) -> list[float]:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    fmt = argparse.ArgumentDefaultsHelpFormatter
+    fmt = HelpFormatter
     ap = argparse.ArgumentParser(prog="python -m loadtest", description=__doc__.split("\n\n")[0], formatter_class=fmt)
     sub = ap.add_subparsers(dest="mode", required=True)
     model = argparse.ArgumentParser(add_help=False)
@@ -341,7 +349,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     r.add_argument("--p99-ms", type=float, default=1000.0, help="fail when p99 over all requests exceeds it; 0 = off")
     r.add_argument("--target-rps", type=float, default=0.0, help="offered req/s in total; 0 = closed loop")
     b = mode("bench", [load], "artifacts/bench_serve", "every serving setup side by side under the same load")
-    b.add_argument("--quick", action="store_true", help="users 8,32, 5 s steps, 2 s warm-up (~3.5 min)")
+    b.add_argument("--quick", action="store_true", help="users 8,32, 5 s steps, 2 s warm-up (~5 min)")
     b.add_argument("--setups", default=",".join(SETUPS), help="comma list from: " + ", ".join(SETUPS))
     b.add_argument("--users", type=numbers, default=None, help="closed-loop users (default: 1,8,32,64; quick: 8,32)")
     b.add_argument("--step-time", type=duration, default=None, help="per measured step (default: 12s; quick: 5s)")

@@ -270,7 +270,7 @@ def test_4xx_answers_do_not_fail_the_run(model_path, tmp_path):
     """The naive FastAPI baseline has no /classify: its 404s are counted but tolerated."""
     port = free_port()
     argv = [sys.executable, "-m", "loadtest.baselines.naive_fastapi", "--model", model_path, "--port", str(port)]
-    with ServerProcess(argv, port, tmp_path / "server.log") as server:
+    with ServerProcess(argv, port, tmp_path / "server.log", ready_path="/openapi.json") as server:
         server.wait_ready(60)
         v = run_locust(LocustRun(server.url, 2, "3s", tmp_path / "png", ["single", "png"],
                                  workload=_workload(model_path, tmp_path)))

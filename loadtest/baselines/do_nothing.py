@@ -35,10 +35,6 @@ def fastapi_app():
 
     api = FastAPI()
 
-    @api.get("/readyz")  # what the harness polls before it starts the load
-    async def readyz() -> Response:
-        return Response(b"ready")
-
     @api.post("/predict")
     async def predict(request: Request) -> Response:
         await request.body()

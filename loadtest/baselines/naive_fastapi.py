@@ -28,10 +28,6 @@ def create_app(model_path: str) -> FastAPI:
     input_name, shape = session.get_inputs()[0].name, tuple(session.get_inputs()[0].shape[1:])
     app = FastAPI()
 
-    @app.get("/readyz")
-    def ready():
-        return {"ok": True}
-
     @app.post("/predict")
     def predict(req: PredictRequest):
         x = np.asarray(req.images, dtype=np.float32)
