@@ -26,8 +26,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
-import fcntl
 import json
 import os
 import select
@@ -43,6 +41,7 @@ import psutil
 
 from common.files import write_json
 from common.procs import ProcessError, ServerProcess, free_port
+from loadtest.core import parse_duration
 
 HOST = "127.0.0.1"
 SCENARIOS = ("kill", "kill-container", "sigterm", "overload", "stalled", "oversize")
@@ -609,25 +608,6 @@ def oversize(server: ServerProcess, meta: dict) -> tuple[dict, list[Check]]:
 # --- the battery -----------------------------------------------------------------------------
 
 
-@contextlib.contextmanager
-def cpu_lock(path: str):
-    if not path:
-        yield
-        return
-    with open(path, "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
-
-
-def parse_seconds(text: str) -> float:
-    text = text.strip().lower()
-    scale = {"s": 1, "m": 60}.get(text[-1:], None)
-    return float(text[:-1]) * scale if scale else float(text)
-
-
 def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="python -m loadtest.faults", description=__doc__.splitlines()[0],
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -640,13 +620,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--stalled", type=int, default=200, help="connections stalled mid-headers")
     ap.add_argument("--kill-rate", type=float, default=200.0, help="open-loop req/s while a worker is killed")
     ap.add_argument("--sigterm-conns", type=int, default=8, help="closed-loop connections while SIGTERM arrives")
-    ap.add_argument("--lock", default="", help="flock this file for the whole run (e.g. /tmp/bnfold-cpu.lock)")
     args = ap.parse_args(argv)
     args.only = [s.strip() for s in args.only.split(",") if s.strip()]
     if set(args.only) - set(SCENARIOS):
         ap.error(f"unknown scenario(s) {sorted(set(args.only) - set(SCENARIOS))}; choose from {', '.join(SCENARIOS)}")
     try:
-        args.overload_time = parse_seconds(args.overload_time)
+        args.overload_time = parse_duration(args.overload_time)
     except ValueError:
         ap.error("--overload-time takes seconds, e.g. 30s or 1m")
     if not 1 <= args.stalled <= 1000 or not 1 <= args.workers <= 8 or not 0 < args.overload_time <= 600:
@@ -664,35 +643,34 @@ def main(argv=None) -> int:
               "date": time.strftime("%Y-%m-%d %H:%M:%S"), "load_average_before": os.getloadavg(),
               "workers": args.workers, "scenarios": {}}
     checks_all: list[tuple[str, Check]] = []
-    with cpu_lock(args.lock):
-        for name in args.only:
-            env = {"BENTOML_CONTAINERIZED": "true"} if name == "kill-container" else {}
-            log = args.out / f"server_{name}.log"
-            try:
-                server = start_server(args.model, log, args.workers, **env)
-            except ProcessError as exc:
-                print(f"faults: cannot start the service for {name}: {exc}", file=sys.stderr)
-                return 2
-            try:
-                meta = metadata(server.port)
-                raw = sample_request(meta)
-                print(f"--- {name} ({meta['model']['name']}, {args.workers} workers, port {server.port})", flush=True)
-                if name in ("kill", "kill-container"):
-                    figures, checks = kill_worker(server, raw, rate=args.kill_rate)
-                elif name == "sigterm":
-                    figures, checks = sigterm(server, raw, conns=args.sigterm_conns)
-                elif name == "overload":
-                    figures, checks = overload(server, raw, seconds=args.overload_time, factor=args.overload_factor)
-                elif name == "stalled":
-                    figures, checks = stalled(server, args.stalled)
-                else:
-                    figures, checks = oversize(server, meta)
-            finally:
-                server.stop()
-            report["scenarios"][name] = {"figures": figures, "checks": [c.row() for c in checks]}
-            for c in checks:
-                checks_all.append((name, c))
-                print(f"  {'PASS' if c.ok else 'FAIL'}  {c.name}: {c.value}  (goal {c.goal})", flush=True)
+    for name in args.only:
+        env = {"BENTOML_CONTAINERIZED": "true"} if name == "kill-container" else {}
+        log = args.out / f"server_{name}.log"
+        try:
+            server = start_server(args.model, log, args.workers, **env)
+        except ProcessError as exc:
+            print(f"faults: cannot start the service for {name}: {exc}", file=sys.stderr)
+            return 2
+        try:
+            meta = metadata(server.port)
+            raw = sample_request(meta)
+            print(f"--- {name} ({meta['model']['name']}, {args.workers} workers, port {server.port})", flush=True)
+            if name in ("kill", "kill-container"):
+                figures, checks = kill_worker(server, raw, rate=args.kill_rate)
+            elif name == "sigterm":
+                figures, checks = sigterm(server, raw, conns=args.sigterm_conns)
+            elif name == "overload":
+                figures, checks = overload(server, raw, seconds=args.overload_time, factor=args.overload_factor)
+            elif name == "stalled":
+                figures, checks = stalled(server, args.stalled)
+            else:
+                figures, checks = oversize(server, meta)
+        finally:
+            server.stop()
+        report["scenarios"][name] = {"figures": figures, "checks": [c.row() for c in checks]}
+        for c in checks:
+            checks_all.append((name, c))
+            print(f"  {'PASS' if c.ok else 'FAIL'}  {c.name}: {c.value}  (goal {c.goal})", flush=True)
     failed = [f"{n}: {c.name}" for n, c in checks_all if not c.ok]
     report["passed"] = not failed
     report["failed"] = failed
