@@ -1,7 +1,8 @@
 """The page at "/" and Swagger UI at "/docs" in a real browser: Debian's chromium, headless, driven by
 selenium. A real Fashion-MNIST test image goes through the file input, a shape is drawn on the
 canvas, and the label and bars that appear are checked against the service's own answer. The
-screenshot is kept in the test's tmp dir (and written to docs/img/page.png with PAGE_SCREENSHOT=1).
+screenshots are kept as artifacts in artifacts/page/ (page.png, page_drawing.png; the README's
+docs/img/page.png is refreshed from it with PAGE_SCREENSHOT=1).
 Needs chromium + chromium-driver: `make browser` (part of `make test`)."""
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from PIL import Image
 from service_helpers import REPO, build_model, serve
 
 pytestmark = pytest.mark.timeout(300)
+SHOTS = REPO / "artifacts" / "page"
 
 CHROME_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
@@ -89,7 +91,9 @@ def test_upload_a_real_test_image_then_draw(browser, page_server, test_images, t
     np.testing.assert_allclose(sorted(p for _, p in bars), sorted(expected["probabilities"]), atol=1e-6)
     top = driver.find_element("css selector", "#bars .bar.top .fill")
     assert float(top.value_of_css_property("width").removesuffix("px")) > 0
-    shot = tmp_path / "page.png"
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    shot = SHOTS / "page.png"
+    shot.unlink(missing_ok=True)
     driver.save_screenshot(str(shot))
     assert Image.open(shot).size[0] > 500
     if os.environ.get("PAGE_SCREENSHOT"):
@@ -109,7 +113,7 @@ def test_upload_a_real_test_image_then_draw(browser, page_server, test_images, t
     drawn = driver.find_element("id", "label").text
     assert drawn in httpx.get(page_server.url + "/metadata").json()["labels"]
     assert len(shown_bars(driver)) == 10
-    driver.save_screenshot(str(tmp_path / "page_drawing.png"))
+    driver.save_screenshot(str(SHOTS / "page_drawing.png"))
 
 
 def test_swagger_ui_at_docs_shows_every_route(browser, page_server):
