@@ -315,7 +315,7 @@ def install_protocol() -> None:
     epoll_pwait, never EAGAIN); with a busy worker that is a few accepts a second, and under
     overload new connections waited in the kernel queue for the whole run (6-10 s, every run with
     800 connections; asyncio's accept loop takes them all). Throughput measured the same
-    (docs/service.md, "Event loop")."""
+    (docs/service.md, "Request path, event loop")."""
     import uvicorn.loops.auto as loops
     import uvicorn.protocols.http.auto as auto
     from uvicorn.loops.asyncio import asyncio_loop_factory
