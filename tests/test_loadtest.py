@@ -290,7 +290,7 @@ def test_bench_report_table_and_goals(model_path):
             dict(row, setup="service", kind="batch64", users=8, rps=100.0, img_s=6400.0)]
     assert "| service | 900 | 10 / 20 / 30 | 0 | 150 | 1.00 | 35 (239) | 6,400 | – |" in markdown_table(rows, args)
     goals = "\n".join(goals_report(rows))
-    assert "vs naive FastAPI: 1.50x (goal ≥1.2x) — met" in goals
+    assert "vs naive FastAPI: 1.50x (goal ≥3.0x) — SHORT" in goals
     assert "vs naive BentoML: 1.80x (goal ≥2.0x) — SHORT" in goals
     assert "vs do-nothing ceiling: 0.45x (goal ≥0.7x) — SHORT" in goals
     assert "p99 at offered 240 req/s: 35 ms" in goals and "batch-64 (JSON): 6,400 img/s" in goals
