@@ -257,7 +257,9 @@ def test_wrong_labels_and_slow_p99_fail_the_run(model_path, tmp_path):
     assert v["exit"] == 1 and not v["ok"] and v["server_failures"] > 0, v["log"][-3000:]
     assert any("non-4xx" in r for r in v["reasons"]) and any("p99" in r for r in v["reasons"])
     assert any("wrong label" in text for text, _ in v["errors"]) and v["p99_ms"] >= 30
-    assert 0 < v["failures"] < v["requests"]  # test images of class 0 are answered right even here
+    # (right answers pass the label check: the runs against our service above have 0 failures; here the
+    # share of class-0 images sent is left unchecked, a loaded machine may send only a handful)
+    assert 0 < v["failures"] <= v["requests"]
 
 
 def _workload(model_path: str, tmp_path: Path) -> str:
