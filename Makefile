@@ -123,8 +123,9 @@ examples: setup data
 # Keras 3 runs on the torch backend (keras is in the dev extra). Both hold the CPU lock so they never
 # overlap a benchmark.
 keras-seeds: setup data
-	KERAS_BACKEND=torch flock /tmp/bnfold-cpu.lock $(PY) -m training.keras_seeds --data-dir "$(DATA_DIR)" \
-		--out $(ARTIFACTS)/keras $(if $(EPOCHS_MLP),--epochs-mlp $(EPOCHS_MLP)) $(if $(EPOCHS_CNN),--epochs-cnn $(EPOCHS_CNN))
+	KERAS_BACKEND=torch $(PY) -m training.keras_seeds --data-dir "$(DATA_DIR)" --out $(ARTIFACTS)/keras \
+		$(if $(EPOCHS_MLP),--epochs-mlp $(EPOCHS_MLP)) $(if $(EPOCHS_CNN),--epochs-cnn $(EPOCHS_CNN))
+	$(PY) -m export.keras_seeds $(ARTIFACTS)/keras --data-dir "$(DATA_DIR)"
 
 # The tools we compare against are only needed here: the `bench` extra, installed on first use.
 $(VENV)/.bench-installed: pyproject.toml | setup

@@ -27,14 +27,15 @@ def images_per_second(fn, batch: np.ndarray, seconds: float) -> float:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m export.bench", description=__doc__.split("\n\n")[0])
-    p.add_argument("--model-dir", default="artifacts")
-    p.add_argument("--run", default=None, help="training run (default: the one model.onnx came from, runs/<arch>)")
-    p.add_argument("--data-dir", default=DEFAULT_DATA_DIR)
-    p.add_argument("--out", default="artifacts/bench_model.json")
-    p.add_argument("--batches", default="1,64")
-    p.add_argument("--rounds", type=int, default=7)
-    p.add_argument("--seconds", type=float, default=0.4, help="per variant per round")
+    p = argparse.ArgumentParser(prog="python -m export.bench", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model-dir", default="artifacts", help="where model.onnx and model_unfolded.onnx are")
+    p.add_argument("--run", default=None, help="training run (None: the one model.onnx came from, runs/<arch>)")
+    p.add_argument("--data-dir", default=DEFAULT_DATA_DIR, help="Fashion-MNIST IDX files (the timed inputs)")
+    p.add_argument("--out", default="artifacts/bench_model.json", help="the JSON report")
+    p.add_argument("--batches", default="1,64", help="comma-separated batch sizes to time")
+    p.add_argument("--rounds", type=int, default=7, help="interleaved rounds (the median is reported)")
+    p.add_argument("--seconds", type=float, default=0.4, help="seconds per variant per round")
     args = p.parse_args(argv)
     model_dir = Path(args.model_dir)
     try:

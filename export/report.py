@@ -1,10 +1,12 @@
 """python -m export.report artifacts: the results table (accuracy, parity, speed) from the reports
-the pipeline wrote, printed and saved as artifacts/results.md. The README's table is pasted from it."""
+the pipeline wrote, printed and saved as artifacts/results.md (the README's results block is
+generated from it by `make readme-results`)."""
+import argparse
 import json
 import sys
 from pathlib import Path
 
-from training.artifacts import atomic_write
+from common.files import write_text
 
 
 def results_table(artifacts: Path) -> str:
@@ -42,17 +44,45 @@ def results_table(artifacts: Path) -> str:
             cells = [f"{rows[name]['images_per_s']:,.0f} ({rows[name]['vs_torch_eager']:.2f}x)"
                      for rows in bench["results"].values()]
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines) + "\n" + trained_table(artifacts)
+
+
+def trained_table(artifacts: Path) -> str:
+    """Every model trained under artifacts/: our runs (artifacts/runs/*/config.json) and the Keras
+    seeds (artifacts/keras/results.json, from `make keras-seeds`), side by side."""
+    rows = []
+    for config_path in sorted((artifacts / "runs").glob("*/config.json")):
+        config = json.loads(config_path.read_text())
+        accuracy = config.get("metrics", {}).get("test_accuracy")
+        if accuracy is not None:
+            rows.append(f"| {config.get('arch', config_path.parent.name)} | PyTorch (`make pipeline ARCH=...`) | "
+                        f"{config.get('epochs', '')} | {config.get('train_seconds', 0):.0f} | {accuracy:.4f} | "
+                        f"exported by `python -m export --run {config_path.parent}` |")
+    keras_path = artifacts / "keras" / "results.json"
+    if keras_path.exists():
+        for r in json.loads(keras_path.read_text())["results"]:
+            p = r["parity_folded_vs_input_graph"]
+            rows.append(f"| {r['name']} | Keras {r.get('keras_version', '')} (`make keras-seeds`) | {r['epochs']} | "
+                        f"{sum(r['seconds_per_epoch']):.0f} | {r['ort_folded_test_accuracy']:.4f} | folded ONNX: "
+                        f"max abs diff {p['max_abs_diff']:.1e}, BN-derived nodes {r['bn_derived_before']} → "
+                        f"{r['bn_derived_after']} |")
+    if not rows:
+        return ""
+    return "\n".join(["", "| trained model | framework | epochs | training s | test accuracy | export |",
+                      "|---|---|---|---|---|---|", *rows]) + "\n"
 
 
 def main(argv=None) -> int:
-    artifacts = Path((argv or sys.argv[1:] or ["artifacts"])[0])
+    p = argparse.ArgumentParser(prog="python -m export.report", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("artifacts", nargs="?", default="artifacts", type=Path, help="where the pipeline wrote its reports")
+    artifacts = p.parse_args(argv).artifacts
     try:
         table = results_table(artifacts)
     except FileNotFoundError as e:
         print(f"report: {e.filename} is missing; run `make pipeline` first", file=sys.stderr)
         return 2
-    atomic_write(artifacts / "results.md", lambda tmp: Path(tmp).write_text(table))
+    write_text(artifacts / "results.md", table)
     print(table, end="")
     return 0
 

@@ -1,6 +1,6 @@
-"""The rules (where load may go, what fails a run), headless locust as a subprocess in its own
-session (so ``--processes`` master/worker mode works; its numbers come back in the verdict JSON the
-locustfile writes from locust's final stats), and psutil metering of a server's process tree.
+"""The rules (where load may go, what fails a run), headless locust as a subprocess in its own session
+(``--processes`` on a free master port; numbers come back in the verdict JSON the locustfile writes
+from locust's final stats), and psutil metering of a server's process tree.
 No locust import here: locust monkey-patches the interpreter with gevent."""
 import ipaddress
 import json
@@ -18,7 +18,7 @@ import numpy as np
 import psutil
 from tqdm import tqdm
 
-from common.procs import ProcessError, ServerProcess
+from common.procs import ProcessError, ServerProcess, free_port
 
 LOCUSTFILE = Path(__file__).resolve().parent / "locustfile.py"
 CLIENT_ERROR_TAG = "[4xx]"  # a 4xx is the server rightly refusing us: recorded, never fails a run
@@ -99,7 +99,8 @@ class LocustRun:
                 "-t", self.run_time, "--stop-timeout", "5", "--csv", str(self.prefix),
                 "--verdict-file", f"{self.prefix}_verdict.json", "--user-rps", f"{self.user_rps:.6g}",
                 "--p99-ms", f"{self.p99_ms:g}"]
-        argv += ["--processes", str(self.processes)] if self.processes > 1 else []
+        port = str(free_port())  # locust's fixed 5557 would collide between concurrent runs
+        argv += ["--processes", str(self.processes), "--master-bind-port", port, "--master-port", port] if self.processes > 1 else []
         argv += ["--tags", *self.tags] if self.tags else []
         argv += ["--model", self.model] if self.model else []
         argv += ["--workload", self.workload] if self.workload else []

@@ -17,8 +17,9 @@ def missing(data_dir: Path) -> list[str]:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--data-dir", default=DEFAULT_DIR)
+    parser = argparse.ArgumentParser(prog="python3 scripts/ensure_data.py", description=__doc__,
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--data-dir", default=DEFAULT_DIR, help="directory that must hold the four IDX files")
     data_dir = Path(parser.parse_args().data_dir)
     if not missing(data_dir):
         print(f"data: Fashion-MNIST found in {data_dir}")

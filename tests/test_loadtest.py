@@ -257,7 +257,9 @@ def test_wrong_labels_and_slow_p99_fail_the_run(model_path, tmp_path):
     assert v["exit"] == 1 and not v["ok"] and v["server_failures"] > 0, v["log"][-3000:]
     assert any("non-4xx" in r for r in v["reasons"]) and any("p99" in r for r in v["reasons"])
     assert any("wrong label" in text for text, _ in v["errors"]) and v["p99_ms"] >= 30
-    assert 0 < v["failures"] < v["requests"]  # test images of class 0 are answered right even here
+    # (right answers pass the label check: the runs against our service above have 0 failures; here the
+    # share of class-0 images sent is left unchecked, a loaded machine may send only a handful)
+    assert 0 < v["failures"] <= v["requests"]
 
 
 def _workload(model_path: str, tmp_path: Path) -> str:
@@ -290,7 +292,7 @@ def test_bench_report_table_and_goals(model_path):
             dict(row, setup="service", kind="batch64", users=8, rps=100.0, img_s=6400.0)]
     assert "| service | 900 | 10 / 20 / 30 | 0 | 150 | 1.00 | 35 (239) | 6,400 | – |" in markdown_table(rows, args)
     goals = "\n".join(goals_report(rows))
-    assert "vs naive FastAPI: 1.50x (goal ≥1.2x) — met" in goals
+    assert "vs naive FastAPI: 1.50x (goal ≥3.0x) — SHORT" in goals
     assert "vs naive BentoML: 1.80x (goal ≥2.0x) — SHORT" in goals
     assert "vs do-nothing ceiling: 0.45x (goal ≥0.7x) — SHORT" in goals
     assert "p99 at offered 240 req/s: 35 ms" in goals and "batch-64 (JSON): 6,400 img/s" in goals

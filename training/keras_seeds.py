@@ -1,9 +1,10 @@
 """python -m training.keras_seeds --out artifacts/keras [--data-dir DIR] [--epochs-mlp 3] [--epochs-cnn 1]
 
 The two seed models as the seeds write them in Keras 3 (on the torch backend, no TensorFlow),
-trained on Fashion-MNIST, exported with Keras' own ONNX export, then folded, verified and published
-through `python -m export --onnx` (the graph pass of export/onnx_fold.py), and measured with
-onnxruntime on all 10k test images: artifacts/keras/results.json + results.md.
+trained on Fashion-MNIST and exported with Keras' own ONNX export: OUT/raw/<name>.onnx, with
+OUT/raw/<name>.json (epochs, seconds, Keras' test accuracy) and OUT/raw/<name>_keras_probs.npy
+(Keras' own outputs on the 10k test images). The next stage, `python -m export.keras_seeds OUT`,
+folds, verifies and measures them (`make keras-seeds` runs both).
 
   keras3-mlp  Flatten → Dense(128, relu) → BatchNormalization → Dense(10, softmax)
   keras3-cnn  Conv2D(32, 3, relu) → BatchNormalization → MaxPooling2D → Flatten → Dense(128, relu)
@@ -21,8 +22,6 @@ os.environ.setdefault("KERAS_BACKEND", "torch")
 import argparse  # noqa: E402
 import contextlib  # noqa: E402
 import io  # noqa: E402
-import json  # noqa: E402
-import subprocess  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
@@ -115,78 +114,10 @@ def train(model, x, y, epochs: int, batch_size: int, seed: int) -> list[float]:
     return times
 
 
-def export_cli_has_onnx() -> bool:
-    """`python -m export --onnx` is written on branch export-byo; until it is merged we fold directly."""
-    result = subprocess.run([sys.executable, "-m", "export", "--help"], capture_output=True, text=True)
-    return "--onnx" in result.stdout
-
-
-def publish(raw: Path, name: str, out: Path, sample: Path, labels: Path, images, reference) -> dict:
-    """Fold + verify + write `out/model.onnx`: through `python -m export --onnx` when it exists,
-    else with fold_onnx directly (folded model, checksum and fold report only)."""
-    if export_cli_has_onnx():
-        cmd = [sys.executable, "-m", "export", "--onnx", str(raw), "--labels", str(labels), "--sample", str(sample),
-               "--input-range", "0,1", "--background", "dark", "--name", name, "--out", str(out)]
-        print("$", " ".join(cmd[1:]), flush=True)
-        subprocess.run(cmd, check=True)
-        return {"published_by": "python -m export --onnx", "command": " ".join(["python"] + cmd[1:])}
-    import onnx
-
-    from common.files import write_json, write_with_checksum
-    from export.onnx_fold import fold_onnx
-    from export.verify import compare, ort_session, run_ort
-
-    folded, report = fold_onnx(onnx.load(raw))
-    parity = compare(run_ort(ort_session(folded, optimize=False), images), reference)
-    if not (parity["within_tolerance"] and parity["argmax_agreement"] == 1.0):
-        raise RuntimeError(f"{name}: folded graph does not match the Keras export: {parity}")
-    write_with_checksum(out / "model.onnx", folded.SerializeToString())
-    write_json(out / "fold_report.json", {"fold": report, "parity_vs_input_graph": parity})
-    return {"published_by": "export.onnx_fold.fold_onnx (python -m export --onnx not on this branch yet)"}
-
-
-def measure(name: str, model, raw: Path, published: Path, images, labels, epoch_times, how: dict) -> dict:
-    import onnx
-
-    from export.onnx_graph import bn_derived_nodes, node_counts
-    from export.verify import compare, ort_session, run_ort
-
-    keras_probs = model.predict(images, batch_size=1000, verbose=0)
-    reference = run_ort(ort_session(onnx.load(raw), optimize=False), images)
-    folded_model = onnx.load(published)
-    folded = run_ort(ort_session(folded_model, optimize=True), images)
-    before, after = onnx.load(raw), folded_model
-    return {
-        "name": name, "epochs": len(epoch_times), "seconds_per_epoch": [round(t, 1) for t in epoch_times],
-        "keras_test_accuracy": float((keras_probs.argmax(1) == labels).mean()),
-        "ort_unfolded_test_accuracy": float((reference.argmax(1) == labels).mean()),
-        "ort_folded_test_accuracy": float((folded.argmax(1) == labels).mean()),
-        "parity_folded_vs_input_graph": compare(folded, reference),  # ORT_ENABLE_ALL vs ORT_DISABLE_ALL
-        "parity_folded_vs_keras": compare(folded, keras_probs),
-        "nodes_before": node_counts(before), "nodes_after": node_counts(after),
-        "bn_derived_before": bn_derived_nodes(before), "bn_derived_after": bn_derived_nodes(after),
-        "model": str(published), "raw_export": str(raw), **how,
-    }
-
-
-def markdown(results: list[dict]) -> str:
-    lines = ["| model | epochs | s/epoch | Keras acc | folded ORT acc | max abs diff vs input graph | within 1e-5 | "
-             "argmax agree | nodes before → after | BN-derived before → after | Transposes before → after |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
-    for r in results:
-        p = r["parity_folded_vs_input_graph"]
-        nb, na = sum(r["nodes_before"].values()), sum(r["nodes_after"].values())
-        lines.append(f"| {r['name']} | {r['epochs']} | {np.mean(r['seconds_per_epoch']):.0f} | {r['keras_test_accuracy']:.4f} | "
-                     f"{r['ort_folded_test_accuracy']:.4f} | {p['max_abs_diff']:.1e} | {'yes' if p['within_tolerance'] else 'NO'} | "
-                     f"{p['argmax_agreement']:.2%} | {nb} → {na} | {r['bn_derived_before']} → {r['bn_derived_after']} | "
-                     f"{r['nodes_before'].get('Transpose', 0)} → {r['nodes_after'].get('Transpose', 0)} |")
-    return "\n".join(lines) + "\n"
-
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m training.keras_seeds", description=__doc__.split("\n\n")[1],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--out", default="artifacts/keras", help="directory for the exports and results")
+    p.add_argument("--out", default="artifacts/keras", help="directory for the exports")
     p.add_argument("--data-dir", default=DEFAULT_DATA_DIR, help="Fashion-MNIST IDX files")
     p.add_argument("--models", default=",".join(SEEDS), help="comma-separated subset of " + ", ".join(SEEDS))
     p.add_argument("--epochs-mlp", type=int, default=3, help="epochs for keras3-mlp")
@@ -201,7 +132,6 @@ def main(argv=None) -> int:
         print(f"keras_seeds: bad arguments: models must be among {', '.join(SEEDS)}, epochs and batch size >= 1",
               file=sys.stderr)
         return 2
-    started = time.perf_counter()
     try:
         x_train, y_train = load_split(args.data_dir, "train")
         x_test, y_test = load_split(args.data_dir, "test")
@@ -209,46 +139,35 @@ def main(argv=None) -> int:
         print(f"keras_seeds: {e}", file=sys.stderr)
         return 2
 
-    from common.files import atomic_write, write_json, write_text
+    from common.files import atomic_write, write_json
 
     out = Path(args.out)
     nhwc = lambda a: np.ascontiguousarray(a.transpose(0, 2, 3, 1))  # noqa: E731 -- [N,1,28,28] -> [N,28,28,1]
     x_train, x_test = nhwc(x_train), nhwc(x_test)
     if args.subset:
         x_train, y_train = x_train[:args.subset], y_train[:args.subset]
-    sample, labels_file = out / "test_images_nhwc.npy", out / "labels.json"
-    atomic_write(sample, lambda tmp: save_npy(tmp, x_test))
-    write_json(labels_file, LABELS)
+    atomic_write(out / "test_images_nhwc.npy", lambda tmp: save_npy(tmp, x_test))
+    write_json(out / "labels.json", LABELS)
 
     import keras
-    import onnx
 
-    # verification and measurement use export/'s own code (the one place this training-stage driver
-    # reaches forward into export/: it runs the whole Keras path end to end, like `make pipeline`)
-    from export.verify import ort_session, run_ort
-
-    results = []
+    command = "python -m training.keras_seeds " + " ".join(argv if argv is not None else sys.argv[1:])
     for name in names:
         print(f"== {name}", flush=True)
+        started = time.perf_counter()
         keras.utils.set_random_seed(args.seed)
         model = SEEDS[name]()
         epochs = args.epochs_mlp if name == "keras3-mlp" else args.epochs_cnn
         times = train(model, x_train, y_train, epochs, args.batch_size, args.seed)
         raw = export_onnx(model, out / "raw" / f"{name}.onnx")
-        reference = run_ort(ort_session(onnx.load(raw), optimize=False), x_test)
-        how = publish(raw, name, out / name, sample, labels_file, x_test, reference)
-        results.append(measure(name, model, raw, out / name / "model.onnx", x_test, y_test, times, how))
-        print(markdown(results[-1:]), flush=True)
-
-    command = "python -m training.keras_seeds " + " ".join(argv if argv is not None else sys.argv[1:])
-    write_json(out / "results.json", {"command": command.strip(), "date": time.strftime("%Y-%m-%d"),
-                                      "keras_version": keras.__version__, "backend": keras.backend.backend(),
-                                      "seconds_total": round(time.perf_counter() - started), "results": results})
-    write_text(out / "results.md", f"`{command.strip()}` ({time.strftime('%Y-%m-%d')}, Keras {keras.__version__}, "
-                                   f"backend {keras.backend.backend()}, {time.perf_counter() - started:.0f} s in all); accuracy on the 10k test images, parity of the "
-                                   f"folded graph (ORT_ENABLE_ALL) against Keras' export run with ORT_DISABLE_ALL.\n\n"
-               + markdown(results))
-    print(f"wrote {out / 'results.json'} and {out / 'results.md'}")
+        probs = model.predict(x_test, batch_size=1000, verbose=0)
+        atomic_write(out / "raw" / f"{name}_keras_probs.npy", lambda tmp: save_npy(tmp, probs.astype(np.float32)))
+        write_json(out / "raw" / f"{name}.json", {
+            "name": name, "command": command.strip(), "date": time.strftime("%Y-%m-%d"),
+            "keras_version": keras.__version__, "backend": keras.backend.backend(), "epochs": len(times),
+            "seconds_per_epoch": [round(t, 1) for t in times], "seconds": round(time.perf_counter() - started),
+            "keras_test_accuracy": float((probs.argmax(1) == y_test).mean())})
+        print(f"{name}: Keras test accuracy {(probs.argmax(1) == y_test).mean():.4f}; wrote {raw}", flush=True)
     return 0
 
 

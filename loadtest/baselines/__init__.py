@@ -1,2 +1,1 @@
-"""Servers the benchmark compares ours against: ``naive_fastapi`` and ``naive_bentoml`` (the obvious
-first versions), ``do_nothing`` (a canned answer: the load generator's own ceiling)."""
+"""Servers the benchmark compares ours against: naive_fastapi, naive_bentoml, do_nothing (its ceiling)."""
