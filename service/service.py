@@ -361,4 +361,4 @@ Classifier = bentoml.service(
     **({} if SETTINGS.tracing else {"tracing": {"excluded_urls": [".*"]}}),
 )(Classifier)
 Classifier.add_asgi_middleware(Router, routes=ROUTES)
-FashionMNISTClassifier = Classifier  # the import path loadtest/ and older commands use
+FashionMNISTClassifier = Classifier  # the import path of issue 4 (docs/history.md, older commands)
