@@ -1,6 +1,6 @@
 """Adaptive micro-batching: small requests that are in a worker at the same time share one
-onnxruntime call. Measured (docs/service.md, "Batching"): no gain over BATCH_MAX_IMAGES=1 in the
-2026-11-23 run (1,409 vs 1,524 req/s); kept for now, removal left to a follow-up.
+onnxruntime call. Measured (docs/service.md, "Batching"): two 2026-11-23 runs against
+BATCH_MAX_IMAGES=1 disagree (1,409 vs 1,524 and 2,564 vs 2,072 req/s); a quiet-machine run decides.
 
 No timer. A request joins the queue; if no flush is scheduled, one is scheduled on the event loop
 and runs after the handlers that are ready in the same loop pass, so a lone request waits for
