@@ -27,7 +27,7 @@ SECTIONS = [
     ("Serving benchmark: our service vs naive baselines", "bench_serve/results.md", "make bench-serve",
      ["bench_serve/throughput_vs_users.png", "bench_serve/latency_vs_users.png"]),
     ("Soak", "soak/soak.json", "make soak", ["soak/soak.png"]),
-    ("Fault battery", "faults/results.md", "make faults", []),
+    ("Fault battery", "faults/faults.json", "make faults", []),
 ]
 
 
@@ -41,6 +41,13 @@ def render(path: Path, command: str) -> str:
         total = sum(float(s) for _, s in rows)
         return "\n".join([f"`{command}`, {date_of(path)}:", "", "| stage | seconds |", "|---|---|",
                           *(f"| {n} | {float(s):.0f} |" for n, s in rows), f"| **total** | **{total:.0f}** |"])
+    if path.name == "faults.json":  # every figure of the battery against its goal
+        f = json.loads(path.read_text())
+        rows = [f"| {name} | {c['figure']} | {c['value']} | {c['goal']} | {'PASS' if c['pass'] else '**FAIL**'} |"
+                for name, scenario in f["scenarios"].items() for c in scenario["checks"]]
+        return "\n".join([f"`{f['command']}`, {f['date']}, {f['workers']} workers, load average before "
+                          f"{f['load_average_before'][0]:.1f} (the load generator shares the 2 cores):", "",
+                          "| scenario | figure | measured | goal | |", "|---|---|---|---|---|", *rows])
     if path.suffix == ".json":  # the soak's summary
         s = json.loads(path.read_text())
         verdict = "PASS" if s["ok"] else "FAIL: " + "; ".join(s["reasons"])
