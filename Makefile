@@ -12,7 +12,7 @@ PORT ?= 3000
 .PHONY: help setup data pipeline train export verify test ablation bench-model serve bento loadtest bench-serve soak clean
 
 help:
-	@echo "make pipeline   set-up, data, train ($(ARCH)), export, verify"
+	@echo "make pipeline   set-up, data, train ($(ARCH)), export, verify, bench-model, report; ends with the time per stage"
 	@echo "make test       set-up, data, pytest"
 	@echo "make ablation | bench-model | serve PORT=3000 | bento | loadtest | bench-serve | soak SOAK_TIME=1m"
 
@@ -44,11 +44,25 @@ export: $(RUN_DIR)/weights.safetensors
 verify: export
 	$(PY) -m export --run $(RUN_DIR) --data-dir "$(DATA_DIR)" --out $(ARTIFACTS) --verify-only
 
-# The benchmark runs again only when model.onnx changed since it last ran (`make bench-model` always runs).
-pipeline: export
-	@if [ ! $(ARTIFACTS)/bench_model.json -nt $(ARTIFACTS)/model.onnx ]; then $(MAKE) --no-print-directory bench-model; \
+# The stages run one after another; the pipeline ends with each stage's wall time (a stage whose
+# output was already there shows ~0 s). The benchmark runs again only when model.onnx changed since
+# it last ran (`make bench-model` always runs).
+STAGE_TIMES := $(ARTIFACTS)/pipeline_times.tsv
+timed = s=$$EPOCHREALTIME; $(2) || exit $$?; \
+	awk -v n='$(1)' -v a=$$s -v b=$$EPOCHREALTIME 'BEGIN { printf "%s\t%.1f\n", n, b - a }' >> $(STAGE_TIMES)
+BENCH_IF_STALE := if [ ! $(ARTIFACTS)/bench_model.json -nt $(ARTIFACTS)/model.onnx ]; then $(MAKE) --no-print-directory bench-model; \
 	else echo "bench-model: $(ARTIFACTS)/bench_model.json is newer than model.onnx, reused (make bench-model re-measures)"; fi
-	@$(PY) -m export.report $(ARTIFACTS)
+
+pipeline:
+	@mkdir -p $(ARTIFACTS) && : > $(STAGE_TIMES)
+	@$(call timed,set-up,$(MAKE) --no-print-directory setup)
+	@$(call timed,data,$(MAKE) --no-print-directory data)
+	@$(call timed,train,$(MAKE) --no-print-directory train)
+	@$(call timed,export+verify,$(MAKE) --no-print-directory export)
+	@$(call timed,bench-model,$(BENCH_IF_STALE))
+	@$(call timed,report,$(PY) -m export.report $(ARTIFACTS))
+	@echo "make pipeline, wall seconds per stage ($(STAGE_TIMES)):"
+	@awk -F'\t' '{ t += $$2; printf "  %-14s %7.1f\n", $$1, $$2 } END { printf "  %-14s %7.1f\n", "total", t }' $(STAGE_TIMES)
 
 test: setup data
 	$(PY) -m pytest -q
