@@ -8,13 +8,19 @@ DATA_DIR ?= /usr/share/datasets/fashion-mnist
 ARTIFACTS ?= artifacts
 RUN_DIR := $(ARTIFACTS)/runs/$(ARCH)
 PORT ?= 3000
+# the model the load tests use: the one exported last, never re-exported or retrained by them
+MODEL_PATH ?= $(ARTIFACTS)/model.onnx
 
-.PHONY: help setup data pipeline train export verify test ablation bench-model serve bento loadtest bench-serve soak clean
+.PHONY: help setup data pipeline train export verify test ablation bench-model serve bento loadtest bench-serve soak examples clean \
+	keras-seeds bench-onnx-fold
 
 help:
 	@echo "make pipeline   set-up, data, train ($(ARCH)), export, verify, bench-model, report; ends with the time per stage"
 	@echo "make test       set-up, data, pytest"
-	@echo "make ablation | bench-model | serve PORT=3000 | bento | loadtest | bench-serve | soak SOAK_TIME=1m"
+	@echo "make ablation | bench-model | serve PORT=3000 | bento"
+	@echo "make loadtest | bench-serve QUICK=1 | soak SOAK_TIME=1m | examples   load tests of MODEL_PATH ($(MODEL_PATH))"
+	@echo "make keras-seeds     the two seed Keras models: train, Keras' ONNX export, fold, verify (EPOCHS_MLP=3 EPOCHS_CNN=1)"
+	@echo "make bench-onnx-fold our ONNX fold vs onnxoptimizer/onnxsim/onnxslim on Keras and torch exports"
 
 # --- set-up ---------------------------------------------------------------------------------
 # torch first, in its own pip call: the pinned 2.13.0 is a local CPU wheel; resolving it together
@@ -83,23 +89,51 @@ bento: export
 	@tag=$$($(PY) -m service.store $(ARTIFACTS)/model.onnx) && echo "model store: $$tag" && \
 	$(VENV)/bin/bentoml build --arg model_tag=$$tag
 
-# --- load tests (issue 5) -------------------------------------------------------------------
-loadtest: export
-	$(PY) -m loadtest.run --port $(PORT) --users $(or $(USERS),16) $(if $(SPAWN_RATE),--spawn-rate $(SPAWN_RATE)) \
-		--run-time $(or $(RUN_TIME),30s) --processes $(or $(PROCESSES),2) --p99-ms $(or $(P99_MS),1000) \
-		$(if $(TAGS),--tags $(TAGS)) $(if $(TARGET_RPS),--target-rps $(TARGET_RPS)) \
-		--model $(ARTIFACTS)/model.onnx --data-dir "$(DATA_DIR)" --out $(ARTIFACTS)/loadtest
+# --- load tests (docs/loadtest.md) ---------------------------------------------------------------
+# They use MODEL_PATH as it is; when it is missing they say which command makes it (exit 2).
+NEED_MODEL = @test -f "$(MODEL_PATH)" || { echo "$(MODEL_PATH) is missing: run \`make pipeline\` (or python -m export --run <run dir> --out $(dir $(MODEL_PATH)))" >&2; exit 2; }
+# BENCH_LOCK=/tmp/bnfold-cpu.lock: hold that flock for the whole run (no overlap with other benchmarks)
+LOCK = $(if $(BENCH_LOCK),flock "$(BENCH_LOCK)")
 
-bench-serve: export
-	$(PY) -m loadtest.bench_serve $(if $(QUICK),--quick) --processes $(or $(PROCESSES),2) \
+loadtest: setup data
+	$(NEED_MODEL)
+	$(PY) -m loadtest run --model "$(MODEL_PATH)" --port $(PORT) --users $(or $(USERS),16) \
+		$(if $(SPAWN_RATE),--spawn-rate $(SPAWN_RATE)) --run-time $(or $(RUN_TIME),30s) --processes $(or $(PROCESSES),2) \
+		--p99-ms $(or $(P99_MS),1000) $(if $(TAGS),--tags $(TAGS)) $(if $(TARGET_RPS),--target-rps $(TARGET_RPS)) \
+		--data-dir "$(DATA_DIR)" --out $(ARTIFACTS)/loadtest
+
+bench-serve: setup data
+	$(NEED_MODEL)
+	$(LOCK) $(PY) -m loadtest bench --model "$(MODEL_PATH)" $(if $(QUICK),--quick) --processes $(or $(PROCESSES),2) \
 		$(if $(BENCH_USERS),--users $(BENCH_USERS)) $(if $(SETUPS),--setups $(SETUPS)) \
-		$(if $(BENCH_LOCK),--lock "$(BENCH_LOCK)") \
-		--model $(ARTIFACTS)/model.onnx --data-dir "$(DATA_DIR)" --out $(ARTIFACTS)/bench_serve
+		--data-dir "$(DATA_DIR)" --out $(ARTIFACTS)/bench_serve
 
-soak: export
-	$(PY) -m loadtest.soak --time $(or $(SOAK_TIME),10m) $(if $(SOAK_WARMUP),--warmup $(SOAK_WARMUP)) --processes $(or $(PROCESSES),2) \
-		$(if $(BENCH_LOCK),--lock "$(BENCH_LOCK)") --bench-results $(ARTIFACTS)/bench_serve/results.json \
-		--model $(ARTIFACTS)/model.onnx --data-dir "$(DATA_DIR)" --out $(ARTIFACTS)/soak
+soak: setup data
+	$(NEED_MODEL)
+	$(LOCK) $(PY) -m loadtest soak --model "$(MODEL_PATH)" --time $(or $(SOAK_TIME),10m) $(if $(SOAK_WARMUP),--warmup $(SOAK_WARMUP)) \
+		--processes $(or $(PROCESSES),2) --bench-results $(ARTIFACTS)/bench_serve/results.json \
+		--data-dir "$(DATA_DIR)" --out $(ARTIFACTS)/soak
+
+# example request bodies for the curl examples (JSON, raw float32, .npy, OIP v2, PNG/JPEG)
+examples: setup data
+	$(NEED_MODEL)
+	$(PY) -m loadtest examples --model "$(MODEL_PATH)" --data-dir "$(DATA_DIR)" --out $(or $(EXAMPLES_DIR),/tmp/fmnist)
+
+# --- ONNX in: Keras seeds and the graph-pass benchmark (issue 9) ----------------------------------
+# Keras 3 runs on the torch backend (keras is in the dev extra). Both hold the CPU lock so they never
+# overlap a benchmark.
+keras-seeds: setup data
+	KERAS_BACKEND=torch flock /tmp/bnfold-cpu.lock $(PY) -m training.keras_seeds --data-dir "$(DATA_DIR)" \
+		--out $(ARTIFACTS)/keras $(if $(EPOCHS_MLP),--epochs-mlp $(EPOCHS_MLP)) $(if $(EPOCHS_CNN),--epochs-cnn $(EPOCHS_CNN))
+
+# The tools we compare against are only needed here: the `bench` extra, installed on first use.
+$(VENV)/.bench-installed: pyproject.toml | setup
+	$(PY) -m pip install -q -e '.[bench]'
+	@touch $@
+
+bench-onnx-fold: setup $(VENV)/.bench-installed
+	KERAS_BACKEND=torch flock /tmp/bnfold-cpu.lock $(PY) -m export.bench_onnx_fold --artifacts $(ARTIFACTS) \
+		--out $(ARTIFACTS)/bench_onnx_fold $(if $(ROUNDS),--rounds $(ROUNDS))
 
 clean:
 	rm -rf $(ARTIFACTS)

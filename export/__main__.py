@@ -1,104 +1,127 @@
-"""python -m export --run artifacts/runs/seed-cnn --out artifacts [--data-dir DIR] [--verify-only]
+"""python -m export: fold BatchNorm, strip Dropout, export a verified eval-mode ONNX.
 
-Fold BN, strip Dropout, export model.onnx (folded) and model_unfolded.onnx (reference), verify
-parity on the 10k test images, write export_report.json. Nothing is published unless parity
-passes; exit 1 when it fails, 2 on bad input."""
+Fold BN, strip Dropout, export model.onnx (folded) and model_unfolded.onnx (the reference), check
+parity, write export_report.json. Nothing is published unless parity passes; exit 1 when it
+fails, 2 on bad input (one line on stderr, nothing written). docs/export.md has the guide."""
 import argparse
-import json
+import re
 import sys
-import time
 from pathlib import Path
 
 import onnx
 
-from export.fold import FoldError, fold_batchnorm
-from export.onnx_export import (contract_metadata, export_to_proto, node_counts, read_metadata, save_model,
-                                simplify, with_metadata)
-from export.verify import format_table, verify
-from training.artifacts import load_run, sha256_file, write_json
-from training.data import DEFAULT_DATA_DIR, DataError, load_split
+from export.contract import LAYOUTS
+from export.errors import BadInput, one_line
+from training.data import DEFAULT_DATA_DIR, DataError
 
-FOLDED, UNFOLDED, REPORT = "model.onnx", "model_unfolded.onnx", "export_report.json"
+DEFAULT_RUN = "artifacts/runs/seed-cnn"
+EPILOG = """examples:
+  python -m export --run artifacts/runs/seed-cnn --out artifacts
+  python -m export --model my_model.py:build --weights my_model.safetensors --input-shape 3,32,32 \\
+      --labels labels.txt --out exports/my_model
+  python -m export --onnx keras_model.onnx --labels labels.json --out exports/keras_model
+
+labels files: .txt with one label per line (no blank lines), or .json holding a list of strings;
+their count must equal the model's number of outputs K. Without --labels: class_0 ... class_{K-1}."""
 
 
-def is_current(out: Path, weights_sha256: str) -> bool:
-    try:
-        report = json.loads((out / REPORT).read_text())
-        return (report["weights_sha256"] == weights_sha256 and report["parity"]["passed"]
-                and read_metadata(out / FOLDED).get("weights_sha256") == weights_sha256
-                and all(sha256_file(out / name) == entry["sha256"] for name, entry in report["files"].items()))
-    except Exception:  # missing, unreadable or corrupt: any doubt means export again
-        return False
+class Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, exit 2, like every other bad input
+        raise BadInput(f"{message} (see python -m export --help)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = Parser(prog="python -m export", description=__doc__.split("\n\n")[1], epilog=EPILOG,
+               formatter_class=argparse.RawDescriptionHelpFormatter, add_help=False)
+    what = p.add_argument_group("what to export (one of; default: --run artifacts/runs/seed-cnn)")
+    source = what.add_mutually_exclusive_group()
+    source.add_argument("--run", metavar="DIR", help=f"a training run of ours (weights.safetensors + config.json) "
+                        f"(default: {DEFAULT_RUN} when neither --model nor --onnx is given)")
+    source.add_argument("--model", metavar="FILE.py:FACTORY", help="any PyTorch model: FACTORY is a zero-argument "
+                        "callable returning an nn.Module, in FILE.py or as package.module:FACTORY (default: none)")
+    source.add_argument("--onnx", metavar="FILE.onnx", help="any ONNX graph with one float32 input (default: none)")
+    p.add_argument("--out", default="artifacts", metavar="DIR",
+                   help="where model.onnx, model_unfolded.onnx, their .sha256 and export_report.json go (default: artifacts)")
+    model = p.add_argument_group("--model only")
+    model.add_argument("--weights", metavar="W", help="the weights: .safetensors, or a .pt/.pth state_dict read with "
+                       "torch.load(weights_only=True) (required with --model)")
+    model.add_argument("--input-shape", metavar="C,H,W|F", help="the model's input without the batch axis, in its own "
+                       "axis order: C,H,W (NCHW), H,W,C (NHWC), C,W (NCW) or F (flat features) (required with --model)")
+    byo = p.add_argument_group("--model and --onnx")
+    byo.add_argument("--layout", choices=LAYOUTS, help="input layout (default: inferred from the input shape: rank 4 "
+                     "whose last axis is 1, 3 or 4 and second is not -> NHWC, other rank 4 -> NCHW, rank 3 -> NCW, "
+                     "rank 2 -> NC, else other)")
+    byo.add_argument("--input-range", metavar="LO,HI", help="the values the model takes; random verification "
+                     "inputs are drawn from it and the service refuses values outside it (default: 0,1)")
+    byo.add_argument("--labels", metavar="FILE", help="class names, .txt (one per line) or .json (a list) "
+                     "(default: class_0 ... class_{K-1})")
+    byo.add_argument("--sample", metavar="X.npy", help="a batch [N, *input shape] to verify parity on (read with "
+                     "allow_pickle=False) (default: 256 seeded random rows from --input-range)")
+    byo.add_argument("--name", help="the model's name in the service (/v2/models/<name>) (default: the file's stem)")
+    byo.add_argument("--background", choices=("dark", "light"), help="image models: dark = light object on a dark "
+                     "background, as in Fashion-MNIST (default: not recorded)")
+    run = p.add_argument_group("--run only")
+    run.add_argument("--data-dir", default=DEFAULT_DATA_DIR, help=f"Fashion-MNIST IDX files (default: {DEFAULT_DATA_DIR})")
+    p.add_argument("-h", "--help", action="help", help="show this help and exit")
+    p.add_argument("--verify-only", action="store_true",
+                   help="re-verify the ONNX files already in --out against the source (default: off)")
+    p.add_argument("--if-stale", action="store_true", help="do nothing when --out already holds a verified export "
+                   "of this exact source and these options (default: off)")
+    return p
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    argv, fixed = list(sys.argv[1:] if argv is None else argv), []
+    while argv:  # `--input-range -1,1`: argparse would take -1,1 for a flag
+        arg = argv.pop(0)
+        if arg == "--input-range" and argv and re.match(r"-[\d.]", argv[0]):
+            arg = f"--input-range={argv.pop(0)}"
+        fixed.append(arg)
+    return build_parser().parse_args(fixed)
+
+
+def make_source(args: argparse.Namespace):
+    given = {flag for flag in ("weights", "input_shape", "layout", "input_range", "labels", "sample", "name",
+                               "background") if getattr(args, flag) is not None}
+    if args.data_dir != DEFAULT_DATA_DIR:
+        given.add("data_dir")
+    allowed = ({"weights", "input_shape", "layout", "input_range", "labels", "sample", "name", "background"} if args.model
+               else {"layout", "input_range", "labels", "sample", "name", "background"} if args.onnx else {"data_dir"})
+    for flag in sorted(given - allowed):
+        users = {"weights": "--model", "input_shape": "--model", "data_dir": "--run"}.get(flag, "--model and --onnx")
+        raise BadInput(f"--{flag.replace('_', '-')} applies to {users} only")
+    if args.model:
+        for flag in ("weights", "input_shape"):
+            if getattr(args, flag) is None:
+                raise BadInput(f"--model needs --{flag.replace('_', '-')}")
+    from export.sources import from_onnx, from_pytorch, from_run  # torch & co. load here, after the flag checks
+
+    if args.model:
+        return from_pytorch(args.model, args.weights, args.input_shape, args.layout, args.input_range, args.labels,
+                            args.sample, args.name, args.background)
+    if args.onnx:
+        return from_onnx(args.onnx, args.labels, args.input_range, args.sample, args.layout, args.name, args.background)
+    return from_run(args.run or DEFAULT_RUN, args.data_dir)
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m export", description=__doc__.split("\n\n")[1])
-    p.add_argument("--run", default="artifacts/runs/seed-cnn", help="training run directory")
-    p.add_argument("--out", default="artifacts", help="where model.onnx and the report go")
-    p.add_argument("--data-dir", default=DEFAULT_DATA_DIR)
-    p.add_argument("--verify-only", action="store_true", help="re-verify the ONNX files already in --out")
-    p.add_argument("--if-stale", action="store_true",
-                   help="do nothing when --out already holds a verified export of these weights")
-    args = p.parse_args(argv)
-    out = Path(args.out)
     try:
-        model, config = load_run(args.run)
-        if args.if_stale and is_current(out, config["weights_sha256"]):
-            print(f"export: {out / FOLDED} is already a verified export of {args.run}")
+        args = parse_args(argv)
+        out = Path(args.out)
+        source = make_source(args)
+        from export.pipeline import REPORT, export, is_current
+
+        if args.if_stale and is_current(source, out):
+            print(f"export: {out / 'model.onnx'} is already a verified export of {source.path}")
             return 0
-        folded_module, fold_report = fold_batchnorm(model)
-        images, labels = load_split(args.data_dir, "test")
-        if args.verify_only:
-            folded_onnx, unfolded_onnx = onnx.load(out / FOLDED), onnx.load(out / UNFOLDED)
-            if read_metadata(folded_onnx).get("weights_sha256") != config["weights_sha256"]:
-                raise ValueError(f"{out / FOLDED} was not exported from {args.run}/weights.safetensors")
-        else:
-            started = time.perf_counter()
-            unfolded_onnx = with_metadata(export_to_proto(model), contract_metadata(config, fold_report.as_dict(), False))
-            folded_raw = export_to_proto(folded_module)
-            raw_counts = node_counts(folded_raw)
-            print(f"nodes of our folded module as exported: {raw_counts}")
-            # Our fold, not an optimizer, removed BN: check the raw export before any clean-up.
-            unexplained_bn = raw_counts.get("BatchNormalization", 0) - len(fold_report.kept)
-            if unexplained_bn > 0 or raw_counts.get("Dropout"):
-                raise ValueError(f"the folded module still exports {raw_counts}; the fold pass missed a layer")
-            folded_onnx = with_metadata(simplify(folded_raw), contract_metadata(config, fold_report.as_dict(), True))
-            print(f"exported in {time.perf_counter() - started:.1f}s")
-    except (FileNotFoundError, DataError, FoldError, ValueError, onnx.checker.ValidationError) as e:
-        print(f"export: {e}", file=sys.stderr)
+        code = export(source, out, verify_only=args.verify_only)
+    except (BadInput, FileNotFoundError, DataError, ValueError, onnx.checker.ValidationError) as e:  # FoldError is a ValueError
+        print(f"export: {one_line(e, limit=600)}", file=sys.stderr)
         return 2
-
-    before, after = node_counts(unfolded_onnx), node_counts(folded_onnx)
-    print(f"nodes before folding: {before}\nnodes after folding (and clean-up): {after}")
-    for entry in fold_report.folded:
-        print(f"  folded {entry['bn']} {entry['direction']} into {entry['into']}")
-    for entry in fold_report.kept:
-        print(f"  kept {entry['bn']}: {entry['reason']}")
-    leftover = {op: n for op, n in after.items() if op in ("BatchNormalization", "Dropout")}
-
-    parity = verify(model, folded_module, folded_onnx, unfolded_onnx, images, labels)
-    print(format_table(parity))
-    report = {
-        "run": str(args.run), "arch": config["arch"], "weights_sha256": config["weights_sha256"],
-        "torch_test_accuracy": config["metrics"]["test_accuracy"],
-        "fold": fold_report.as_dict(), "nodes_unfolded": before, "nodes_folded": after,
-        "bn_dropout_left_in_folded": leftover, "parity": parity,
-    }
-    # A BN may stay only when the fold report says why; anything else left over is a failure.
-    unexplained = leftover.get("Dropout", 0) or leftover.get("BatchNormalization", 0) > len(fold_report.kept)
-    ok = parity["passed"] and not unexplained
-    if ok and not args.verify_only:
-        report["files"] = {name: {"sha256": save_model(m, out / name)}
-                           for name, m in ((UNFOLDED, unfolded_onnx), (FOLDED, folded_onnx))}
-    elif ok:  # the files on disk are the ones just verified
-        report["files"] = {name: {"sha256": sha256_file(out / name)} for name in (UNFOLDED, FOLDED)}
-    write_json(out / REPORT, report)
-    if not ok:
+    if code:
         print(f"export: verification failed; see {out / REPORT}" + ("" if args.verify_only else "; no model written"),
               file=sys.stderr)
-        return 1
-    print(f"wrote {out / FOLDED}, {out / UNFOLDED}, {out / REPORT}" if not args.verify_only else f"verified {out / FOLDED}")
-    return 0
+    return code
 
 
 if __name__ == "__main__":

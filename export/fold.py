@@ -20,16 +20,22 @@ never into a padded Conv (the padded zeros would become t after folding). Where 
 exists the BN stays and the report says why. A BN with track_running_stats=False normalizes with
 batch statistics even in eval mode: it is not an affine map and cannot be folded.
 
-The math (affine_of_bn, fold_backward_arrays, fold_forward_arrays) runs in float64 on plain
-arrays, then casts back; the ONNX graph pass uses the same functions. The PyTorch pass is a short
+The math (affine_of_bn, affine_of_elementwise, compose_affine, fold_backward_arrays,
+fold_forward_arrays) runs in float64 on plain arrays, then casts back; the ONNX graph pass
+(export/onnx_fold.py) uses the same functions. The PyTorch pass is a short
 pattern match over an fx graph, in the manner of torch.fx.experimental.optimization.fuse.
 """
 import copy
+import traceback
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
 from torch import fx, nn
+from torch.nn import functional as F
+
+from export.errors import one_line
 
 _BN = (nn.BatchNorm1d, nn.BatchNorm2d)
 _CONV_LINEAR = (nn.Conv2d, nn.Conv1d, nn.Linear)
@@ -44,9 +50,11 @@ class FoldReport:
     folded: list[dict] = field(default_factory=list)     # {"bn", "into", "direction"}
     kept: list[dict] = field(default_factory=list)       # {"bn", "reason"}
     removed_dropout: list[str] = field(default_factory=list)
+    untraceable: list[dict] = field(default_factory=list)  # {"module", "reason"}: called whole, not traced
 
     def as_dict(self) -> dict:
-        return {"folded": self.folded, "kept": self.kept, "removed_dropout": self.removed_dropout}
+        return {"folded": self.folded, "kept": self.kept, "removed_dropout": self.removed_dropout,
+                "untraceable": self.untraceable}
 
 
 # --- the fold math: one formula, one place; the fx pass below and the ONNX graph pass use it ---
@@ -87,6 +95,29 @@ def fold_forward_arrays(weight, bias, scale, shift, out_axis: int = 0, in_axis: 
     return np.moveaxis(weight * s, (0, 1), (out_axis, in_axis)), new_bias
 
 
+def affine_of_elementwise(op: str, const, const_first: bool = False):
+    """Add/Sub/Mul/Div of a tensor x with a constant c (as exporters write a BatchNorm: Keras' Sub →
+    Mul → Add) as y = x·s + t, with s and t shaped like c (float64). None for c / x, which is not
+    affine, and for x / c with a zero in c."""
+    c = np.asarray(const, dtype=np.float64)
+    one, zero = np.ones_like(c), np.zeros_like(c)
+    if op == "Add":
+        return one, c
+    if op == "Sub":
+        return (-one, c) if const_first else (one, -c)
+    if op == "Mul":
+        return c, zero
+    if op == "Div" and not const_first and np.all(c != 0):
+        return 1.0 / c, zero
+    return None
+
+
+def compose_affine(first, then) -> tuple[np.ndarray, np.ndarray]:
+    """x·s₁ + t₁, then ·s₂ + t₂:  x·(s₁·s₂) + (t₁·s₂ + t₂) (broadcasting)."""
+    (s1, t1), (s2, t2) = first, then
+    return np.asarray(s1, dtype=np.float64) * s2, np.asarray(t1, dtype=np.float64) * s2 + t2
+
+
 # --- the PyTorch (fx) pass ---
 
 def bn_scale_shift(bn: nn.modules.batchnorm._BatchNorm) -> tuple[np.ndarray, np.ndarray]:
@@ -123,10 +154,6 @@ def fold_forward(layer: nn.Module, scale, shift) -> nn.Module:
     groups = 1 if isinstance(layer, nn.Linear) else layer.groups
     return _with_weights(layer, *fold_forward_arrays(weight, _bias(layer), np.asarray(scale), np.asarray(shift),
                                                      groups=groups))
-
-
-def _describe(modules: dict, name: str) -> str:
-    return f"{name} ({type(modules[name]).__name__})"
 
 
 def _module(modules: dict, node: fx.Node):
@@ -176,26 +203,117 @@ def _forward_target(modules: dict, bn_node: fx.Node, scale: np.ndarray):
         node = nxt
 
 
-def fold_batchnorm(model: nn.Module) -> tuple[fx.GraphModule, FoldReport]:
+class _LeafTracer(fx.Tracer):
+    """fx's tracer with the named submodules kept whole (called, not traced into). When tracing
+    fails it remembers the innermost submodule whose forward raised."""
+
+    def __init__(self, leaves: set[str]):
+        super().__init__()
+        self.leaves, self.failed_in = leaves, None
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return qualname in self.leaves or super().is_leaf_module(m, qualname)
+
+    def call_module(self, m, forward, args, kwargs):
+        try:
+            return super().call_module(m, forward, args, kwargs)
+        except Exception:
+            if self.failed_in is None:
+                try:
+                    self.failed_in = self.path_of_module(m)
+                except NameError:  # a module built inside forward: blame its owner
+                    pass
+            raise
+
+
+class _Untraceable(Exception):
+    """The module's own forward cannot be traced (not one of its submodules)."""
+
+
+def _trace(module: nn.Module) -> tuple[fx.GraphModule, dict[str, str]]:
+    """Symbolic trace in which every submodule fx cannot trace becomes a leaf: trace, make the
+    innermost module whose forward raised a leaf, trace again. Returns the graph and the leaves
+    with fx's reason. Raises _Untraceable when `module`'s own forward is what fails."""
+    leaves: dict[str, str] = {}
+    while True:
+        tracer = _LeafTracer(set(leaves))
+        try:
+            graph = tracer.trace(module)
+        except Exception as e:
+            reason = one_line(e) + _user_line(e)
+            if not tracer.failed_in or tracer.failed_in in leaves:
+                raise _Untraceable(reason) from None
+            leaves[tracer.failed_in] = reason
+            continue
+        return fx.GraphModule(tracer.root, graph, type(module).__name__), leaves
+
+
+def _user_line(error: Exception) -> str:
+    """ " (at file.py:12: if x.sum() > 0:)": the last line outside torch that the error passed through."""
+    torch_dir = str(Path(torch.__file__).parent)
+    frames = [f for f in traceback.extract_tb(error.__traceback__) if not f.filename.startswith(torch_dir)
+              and f.filename != __file__]
+    return f" (at {Path(frames[-1].filename).name}:{frames[-1].lineno}: {frames[-1].line})" if frames else ""
+
+
+def fold_batchnorm(model: nn.Module) -> tuple[nn.Module, FoldReport]:
     """Returns an eval-mode copy of `model` with Dropout removed and every BatchNorm folded where
-    that is exact, and a report of what was folded into what and which BN stayed and why."""
-    model = copy.deepcopy(model).eval()
-    gm = fx.symbolic_trace(model)
-    modules = dict(gm.named_modules())
+    that is exact, and a report of what was folded into what and which BN stayed and why.
+
+    Where fx cannot trace a submodule's forward (data-dependent control flow, calls fx does not
+    support) that submodule is called as a whole: the BNs its own forward uses stay (reported with
+    fx's reason), and each of its children is folded on its own. When the top-level forward itself
+    cannot be traced, that is the case for the whole model: its children are folded one by one."""
     report = FoldReport()
+    return _fold(copy.deepcopy(model).eval(), "", report).eval(), report
+
+
+def _fold(module: nn.Module, prefix: str, report: FoldReport) -> nn.Module:
+    try:
+        gm, leaves = _trace(module)
+    except _Untraceable as e:
+        return _fold_inside(module, prefix, str(e), report)
+    for name, reason in leaves.items():
+        _replace(gm, {}, name, _fold_inside(gm.get_submodule(name), f"{prefix}{name}.", reason, report))
+    _fold_graph(gm, prefix, report)
+    return gm
+
+
+def _fold_inside(module: nn.Module, prefix: str, reason: str, report: FoldReport) -> nn.Module:
+    """`module`'s forward cannot be traced: keep it, and fold inside each child on its own."""
+    where = f"{prefix.rstrip('.') or '<top level>'} ({type(module).__name__})"
+    report.untraceable.append({"module": where, "reason": reason})
+    for name, child in list(module.named_children()):
+        if isinstance(child, _BN):
+            report.kept.append({"bn": f"{prefix}{name} ({type(child).__name__})",
+                                "reason": f"called by the forward of {where}, which fx cannot trace: {reason}"})
+        elif any(isinstance(m, _BN) for m in child.modules()):
+            setattr(module, name, _fold(child, f"{prefix}{name}.", report))
+    return module
+
+
+def _fold_graph(gm: fx.GraphModule, prefix: str, report: FoldReport) -> None:
+    """The pattern match over one traced graph; module names in the report get `prefix`."""
+    modules = dict(gm.named_modules())
+
+    def describe(name: str) -> str:
+        return f"{prefix}{name} ({type(modules[name]).__name__})"
 
     for node in list(gm.graph.nodes):
         if isinstance(_module(modules, node), nn.Dropout):
             node.replace_all_uses_with(node.args[0])
             gm.graph.erase_node(node)
-            report.removed_dropout.append(node.target)
+            report.removed_dropout.append(prefix + node.target)
+        elif node.op == "call_function" and node.target is F.batch_norm:
+            report.kept.append({"bn": f"{prefix}{node.name} (F.batch_norm)",
+                                "reason": "a functional batch_norm call: this pass folds nn.BatchNorm modules"})
 
     for node in list(gm.graph.nodes):
         bn = _module(modules, node)
         if not isinstance(bn, _BN):
             continue
         if bn.running_mean is None or bn.running_var is None:
-            raise FoldError(f"BatchNorm {node.target!r} has track_running_stats=False: it normalizes with "
+            raise FoldError(f"BatchNorm {prefix + node.target!r} has track_running_stats=False: it normalizes with "
                             f"batch statistics even in eval mode, so it cannot be folded into a fixed layer")
         source = node.args[0]
         source_layer = _module(modules, source)
@@ -203,36 +321,33 @@ def fold_batchnorm(model: nn.Module) -> tuple[fx.GraphModule, FoldReport]:
             _replace(gm, modules, source.target, fold_backward(source_layer, bn))
             node.replace_all_uses_with(source)
             gm.graph.erase_node(node)
-            report.folded.append({"bn": _describe(modules, node.target), "into": _describe(modules, source.target),
-                                  "direction": "backward"})
+            report.folded.append({"bn": describe(node.target), "into": describe(source.target), "direction": "backward"})
             continue
         scale, shift = bn_scale_shift(bn)
         target, flattened, why_not = _forward_target(modules, node, scale)
         if target is None:
-            report.kept.append({"bn": _describe(modules, node.target), "reason": why_not})
+            report.kept.append({"bn": describe(node.target), "reason": why_not})
             continue
         layer = modules[target.target]
         if flattened:  # repeat s and t over the spatial positions, in Flatten's (C, H, W) order
             per_channel = layer.in_features // scale.size
             if per_channel * scale.size != layer.in_features:
-                report.kept.append({"bn": _describe(modules, node.target), "reason": f"{target.target}.in_features is not a "
+                report.kept.append({"bn": describe(node.target), "reason": f"{target.target}.in_features is not a "
                                     f"multiple of the {scale.size} BN channels"})
                 continue
             scale, shift = np.repeat(scale, per_channel), np.repeat(shift, per_channel)
         if scale.size != (layer.in_features if isinstance(layer, nn.Linear) else layer.in_channels):
-            report.kept.append({"bn": _describe(modules, node.target), "reason": f"its {scale.size} channels do not line up "
+            report.kept.append({"bn": describe(node.target), "reason": f"its {scale.size} channels do not line up "
                                 f"with the inputs of {target.target}"})
             continue
         _replace(gm, modules, target.target, fold_forward(layer, scale, shift))
         node.replace_all_uses_with(node.args[0])
         gm.graph.erase_node(node)
-        report.folded.append({"bn": _describe(modules, node.target), "into": _describe(modules, target.target),
-                              "direction": "forward"})
+        report.folded.append({"bn": describe(node.target), "into": describe(target.target), "direction": "forward"})
 
     gm.graph.lint()
     gm.recompile()
     gm.delete_all_unused_submodules()
-    return gm.eval(), report
 
 
 def _replace(gm: fx.GraphModule, modules: dict, name: str, new: nn.Module) -> None:

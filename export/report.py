@@ -9,18 +9,26 @@ from training.artifacts import atomic_write
 
 def results_table(artifacts: Path) -> str:
     export = json.loads((artifacts / "export_report.json").read_text())
-    config = json.loads((Path(export["run"]) / "config.json").read_text())
     parity = export["parity"]["variants"]
-    lines = [f"Model `{export['arch']}` ({Path(export['run'])}), best epoch {config['best_epoch']}, "
-             f"trained in {config['train_seconds']:.0f}s on {config['threads']} threads.", "",
-             "| variant | test accuracy | max abs diff vs torch eval | argmax agreement | within 1e-5 |",
-             "|---|---|---|---|---|"]
+    if "run" in export:  # one of our training runs
+        config = json.loads((Path(export["run"]) / "config.json").read_text())
+        header = (f"Model `{export['arch']}` ({Path(export['run'])}), best epoch {config['best_epoch']}, "
+                  f"trained in {config['train_seconds']:.0f}s on {config['threads']} threads.")
+    else:  # --model / --onnx
+        header = (f"Model `{export['name']}` ({export['source']['kind']}: {export['source']['path']}), verified on "
+                  f"{export['parity']['images']} {export['parity'].get('inputs', 'inputs')}. {export.get('summary', '')}")
+    lines = [header, "",
+             f"| variant | test accuracy | max abs diff vs {export['parity'].get('reference', 'torch eval')} | "
+             f"argmax agreement | within 1e-5 |", "|---|---|---|---|---|"]
     for name, row in parity.items():
-        if "max_abs_diff" in row:
-            lines.append(f"| {name} | {row['accuracy']:.4f} | {row['max_abs_diff']:.2e} | "
+        accuracy = f"{row['accuracy']:.4f}" if "accuracy" in row else "n/a"
+        if "error" in row:
+            lines.append(f"| {name} | {accuracy} | FAILED: {row['error']} | | NO |")
+        elif "max_abs_diff" in row:
+            lines.append(f"| {name} | {accuracy} | {row['max_abs_diff']:.2e} | "
                          f"{row['argmax_agreement']:.2%} | {'yes' if row['within_tolerance'] else 'NO'} |")
         else:
-            lines.append(f"| {name} | {row['accuracy']:.4f} | reference | | |")
+            lines.append(f"| {name} | {accuracy} | reference | | |")
     lines += ["", f"Folded graph nodes: {export['nodes_folded']}",
               f"Unfolded graph nodes: {export['nodes_unfolded']}"]
     kept = export["fold"]["kept"]

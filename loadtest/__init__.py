@@ -1,1 +1,1 @@
-"""Load tests (locust), naive baselines and the side-by-side serving benchmark (issue 5)."""
+"""Black-box HTTP load tests of the served model (``python -m loadtest --help``, docs/loadtest.md)."""

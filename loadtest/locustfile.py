@@ -1,257 +1,171 @@
-"""Locust scenarios for the Fashion-MNIST service, one task per endpoint, every answer checked.
-
-Scenarios (select with locust's ``--tags``; no tags = the weighted default mix):
-
-==========  ======  ===========================================================================
-tag         weight  request
-==========  ======  ===========================================================================
-single      8       ``POST /predict`` JSON, one image
-batch64     1       ``POST /predict`` JSON, 64 images
-batch64raw  1       ``POST /predict`` 64 images as raw little-endian float32 (octet-stream)
-png         2       ``POST /classify`` multipart PNG upload
-oip         2       ``POST /v2/models/fashion-mnist/infer`` (Open Inference Protocol v2)
-==========  ======  ===========================================================================
-
-Each response is checked for status, shape and, since every sample is a real test image the
-reference model classifies confidently and correctly (see ``loadtest.data``), the expected label.
-Closed loop by default (no think time); ``--user-rps R`` paces each user with
-``constant_throughput(R)`` to offer a fixed load of ``R * users`` req/s.
-
-On quitting, the master (or the single process) judges the run: any failure other than a 4xx, or
-p99 over ``--p99-ms``, sets a non-zero exit code.
-
-Run it directly (``python -m loadtest.run`` wraps this and starts the service when needed)::
+"""Locust scenarios (``workload.SCENARIOS``, chosen with ``--tags``; none = the weighted mix) for any
+served contract model, requests built from its GET /metadata, every answer checked for status,
+shape, probabilities summing to 1 and, where known, the label. Closed loop, or ``--user-rps`` per
+user. On quitting the master (or single process) judges: a non-4xx failure, or p99 over
+``--p99-ms``, exits 1; a load that cannot be built exits 2. ``python -m loadtest run`` wraps this;
+directly, from the repository root::
 
     locust -f loadtest/locustfile.py --headless -H http://127.0.0.1:3000 -u 16 -r 16 -t 30s \\
-        --processes 2 --tags single
+        --processes 2 --model artifacts/model.onnx
 """
-
-from __future__ import annotations
-
-import csv
-import io
 import itertools
 import json
 import logging
-import os
 import random
 import sys
 from pathlib import Path
 
 import gevent
-from locust import FastHttpUser, constant, constant_throughput, events, tag, task
+from locust import FastHttpUser, constant, constant_throughput, events, tag
 from locust.exception import StopUser
 from locust.runners import MasterRunner, WorkerRunner
-from locust.stats import PERCENTILES_TO_REPORT, StatsCSV
 
-# locust puts this file's folder on sys.path, not the repository root that holds the package.
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # locust adds only this folder
 
-from loadtest.checks import CLIENT_ERROR_TAG, LoadTargetError, judge, require_local_host  # noqa: E402
-from loadtest.data import DEFAULT_DATA_DIR, DataError, Workload, build_workload  # noqa: E402
+from common.files import write_json  # noqa: E402
+from loadtest.core import CLIENT_ERROR_TAG, LoadTargetError, judge, require_local_host  # noqa: E402
+from loadtest.workload import (DEFAULT_DATA_DIR, SCENARIOS, DataError, build, describe, fetch_metadata,  # noqa: E402
+                               load)
 
 log = logging.getLogger("loadtest")
-OIP_MODEL = "fashion-mnist"
-WORKLOAD: Workload | None = None
+STATE: dict = {}  # this process's target and samples, set on test_start
 
 
 @events.init_command_line_parser.add_listener
-def _add_arguments(parser):
-    group = parser.add_argument_group("Fashion-MNIST load test")
-    group.add_argument("--model", default=os.environ.get("MODEL_PATH", "artifacts/model.onnx"),
-                       help="ONNX model the server serves; the answer key for label checks")
-    group.add_argument("--data-dir", default=os.environ.get("DATA_DIR", DEFAULT_DATA_DIR),
-                       help="folder with the Fashion-MNIST IDX files")
-    group.add_argument("--user-rps", type=float, default=0.0,
-                       help="requests/s per user (constant_throughput); 0 = closed loop")
-    group.add_argument("--p99-ms", type=float, default=0.0, help="fail the run when p99 exceeds this; 0 = off")
-    group.add_argument("--no-label-check", action="store_true",
-                       help="check status and shape only (the do-nothing ceiling cannot classify)")
-    group.add_argument("--max-requests-per-user", type=int, default=200_000,
-                       help="a user stops after this many requests (bounds the load)")
-    group.add_argument("--verdict-file", default="", help="write the pass/fail verdict here as JSON")
+def _options(parser):
+    g = parser.add_argument_group("bnfold load test")
+    g.add_argument("--model", default="", help="the served ONNX file: label checks against it (default: none)")
+    g.add_argument("--workload", default="", help="a load saved by workload.save (default: built from GET /metadata)")
+    g.add_argument("--data-dir", default=DEFAULT_DATA_DIR, help="Fashion-MNIST IDX folder (default: %(default)s)")
+    g.add_argument("--user-rps", type=float, default=0.0, help="req/s per user; 0 = closed loop (default: 0)")
+    g.add_argument("--p99-ms", type=float, default=0.0, help="fail when p99 exceeds this; 0 = off (default: 0)")
+    g.add_argument("--max-requests-per-user", type=int, default=200_000, help="bounds the load (default: 200000)")
+    g.add_argument("--verdict-file", default="", help="write the verdict and totals here as JSON (default: none)")
+
+
+def _fail(environment, message: str) -> None:
+    log.error("%s", message)
+    environment.process_exit_code = 2
+    environment.runner.quit()
+
+
+def _prepare(environment) -> None:
+    """Load or build this process's load once: at init (the host is known from -H), or at the first
+    test start for a worker started by hand (it learns the host from the master)."""
+    opts = environment.parsed_options
+    if "work" in STATE or isinstance(environment.runner, MasterRunner) or not environment.host:
+        return  # the master only aggregates; workers (or the single process) make the load
+    try:
+        if opts.workload:
+            doc, work = load(opts.workload)
+        else:
+            doc = fetch_metadata(environment.host)
+            work = build(describe(doc), opts.model or None, opts.data_dir)
+        STATE.update(target=(target := describe(doc)), work=work)
+    except (DataError, OSError, KeyError, ValueError, TypeError) as e:
+        return _fail(environment, f"cannot build the load: {type(e).__name__}: {e}")
+    if not target.image:  # /classify takes image uploads only
+        ModelUser.tasks = [t for t in ModelUser.tasks if "png" not in t.locust_tag_set]
+        if not ModelUser.tasks:
+            _fail(environment, f"only the png scenario was asked for and {target.name} is not an image model")
 
 
 @events.init.add_listener
-def _build_workload(environment, **_kwargs):
-    global WORKLOAD
-    opts = environment.parsed_options
-    if opts is None or isinstance(environment.runner, MasterRunner):
-        return  # the master only aggregates; workers generate the load
-    try:
-        model = None if opts.no_label_check else opts.model
-        WORKLOAD = build_workload(opts.data_dir, model)
-    except DataError as e:
-        log.error("cannot build the load: %s", e)
-        environment.process_exit_code = 2
-        if environment.runner is not None:
-            environment.runner.quit()
+def _on_init(environment, **_kwargs):
+    if environment.parsed_options is not None:
+        _prepare(environment)
+        gevent.get_hub().loop.update_now()  # else timers set next (--run-time) start the build's time early
 
 
 @events.test_start.add_listener
-def _refuse_remote(environment, **_kwargs):
-    if isinstance(environment.runner, WorkerRunner):
-        return
+def _on_test_start(environment, **_kwargs):
     try:
         require_local_host(environment.host or "")
     except LoadTargetError as e:
-        log.error("%s", e)
-        environment.process_exit_code = 2
-        environment.runner.quit()
+        return _fail(environment, str(e))
+    _prepare(environment)
 
 
 @events.quitting.add_listener
 def _judge(environment, **_kwargs):
     if isinstance(environment.runner, WorkerRunner) or environment.process_exit_code == 2:
         return
-    opts = environment.parsed_options
-    total = environment.stats.total
+    opts, total = environment.parsed_options, environment.stats.total
     errors = [(str(e.error), e.occurrences) for e in environment.stats.errors.values()]
-    limit = opts.p99_ms if opts and opts.p99_ms > 0 else None
-    p99 = float(total.get_response_time_percentile(0.99)) if total.num_requests else float("nan")
-    verdict = judge(total.num_requests, errors, p99, limit)
+    pct = {f"p{p}": float(total.get_response_time_percentile(p / 100)) if total.num_requests else float("nan")
+           for p in (50, 95, 99)}
+    verdict = judge(total.num_requests, errors, pct["p99"], opts.p99_ms if opts.p99_ms > 0 else None)
     for text, n in errors:
         log.warning("failure x%d: %s", n, text)
-    if verdict.ok:
-        log.info("PASS: %d requests, %d 4xx, p99 %.0f ms", verdict.requests, verdict.client_errors, p99)
+    log.info("%s: %d requests, %d 4xx, p99 %.0f ms", "PASS" if verdict["ok"] else "FAIL: " + "; ".join(
+        verdict["reasons"]), total.num_requests, verdict["client_errors"], pct["p99"])
+    environment.process_exit_code = 0 if verdict["ok"] else 1  # locust's own rule would fail on a 4xx
+    if opts.verdict_file:
+        write_json(opts.verdict_file, {**verdict, **pct, "failures": total.num_failures, "rps": total.total_rps,
+                                       "start": total.start_time, "end": total.last_request_timestamp,
+                                       "errors": errors})
+
+
+def check(answer: dict, sample, oip: bool = False) -> str | None:
+    """None when the answer is right, else what is wrong with it."""
+    t, n, k = STATE["target"], sample.n, len(STATE["target"].labels)
+    if oip:
+        out = answer["outputs"][0]
+        if (answer.get("model_name"), out["shape"], out["datatype"], len(out["data"])) != (t.name, [n, k], "FP32", n * k):
+            return f"{answer.get('model_name')!r} {out['datatype']} {out['shape']}, expected {t.name!r} FP32 [{n}, {k}]"
+        got = [max(range(k), key=out["data"][i * k:(i + 1) * k].__getitem__) for i in range(n)]
     else:
-        log.error("FAIL: %s", "; ".join(verdict.reasons))
-    # Set explicitly: locust would otherwise exit 1 on any failure, 4xx included.
-    environment.process_exit_code = 0 if verdict.ok else 1
-    if opts and opts.csv_prefix:
-        _write_final_csv(environment, opts.csv_prefix)
-    if opts and opts.verdict_file:
-        _write_atomic(Path(opts.verdict_file), json.dumps({**verdict.__dict__, "errors": errors}, indent=2))
+        preds = answer["predictions"] if "predictions" in answer else [answer]  # /classify: one
+        if len(preds) != n:
+            return f"{len(preds)} predictions for {n} inputs"
+        for i, p in enumerate(preds):
+            probs = p["probabilities"]
+            if len(probs) != k or abs(sum(probs) - 1.0) > 1e-3:
+                return f"prediction {i}: {len(probs)} probabilities summing to {sum(probs):.4f}, expected {k} and 1"
+            if p["label"] != t.labels[p["class_id"]] or probs[p["class_id"]] != max(probs):
+                return f"prediction {i}: class_id {p['class_id']}, label {p['label']!r} do not match the probabilities"
+        got = [p["class_id"] for p in preds]
+    if sample.expected is not None and got != sample.expected:
+        i = next(i for i, (a, b) in enumerate(zip(got, sample.expected)) if a != b)
+        return f"wrong label at {i}: got {got[i]}, expected {sample.expected[i]}"
+    return None
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def _write_final_csv(environment, prefix: str) -> None:
-    """Rewrite ``<prefix>_stats.csv`` / ``_failures.csv`` from the final stats.
-
-    Locust's own CSV writer snapshots once a second, so its last snapshot misses up to a second of
-    the run; the stats here are final (workers have reported). Replacing the file atomically leaves
-    locust's writer appending to the old, unlinked inode.
-    """
-    writer = StatsCSV(environment, PERCENTILES_TO_REPORT)
-    for suffix, write in (("_stats.csv", writer.requests_csv), ("_failures.csv", writer.failures_csv)):
-        buf = io.StringIO()
-        write(csv.writer(buf))
-        _write_atomic(Path(prefix + suffix), buf.getvalue())
-
-
-class FashionMNISTUser(FastHttpUser):
-    # Connections are kept alive; a closed-loop user sends its next request as soon as one returns.
-    connection_timeout = 10.0
+class ModelUser(FastHttpUser):
+    tasks = {tag(s)(lambda user, s=s: user.post(s)): weight for s, (weight, _, _) in SCENARIOS.items()}
+    connection_timeout = 10.0  # kept-alive connections; a closed-loop user sends as soon as one returns
     network_timeout = 30.0
 
     def wait_time(self):
         return self._pace(self)
 
     def on_start(self):
-        if WORKLOAD is None:
-            raise StopUser()
-        try:
-            require_local_host(self.host or "")  # again per user: workers never ran test_start's check
-        except LoadTargetError:
-            raise StopUser() from None
         opts = self.environment.parsed_options
-        self._check_labels = not opts.no_label_check
+        if "work" not in STATE:
+            raise StopUser()
         self._budget = opts.max_requests_per_user
+        self._pace = constant_throughput(opts.user_rps) if opts.user_rps > 0 else constant(0)
         if opts.user_rps > 0:
-            self._pace = constant_throughput(opts.user_rps)
-            # Random phase, so a fixed offered load does not arrive in lock-step waves.
-            gevent.sleep(random.random() / opts.user_rps)
-        else:
-            self._pace = constant(0)  # closed loop: next request as soon as the last one returns
+            gevent.sleep(random.random() / opts.user_rps)  # random phase: no lock-step waves
         offset = random.randrange(1 << 16)
-        self._single = itertools.islice(itertools.cycle(WORKLOAD.single), offset % len(WORKLOAD.single), None)
-        self._batch = itertools.cycle(WORKLOAD.batch)
-        self._batch_raw = itertools.cycle(WORKLOAD.batch_raw)
-        self._png = itertools.cycle(WORKLOAD.png)
-        self._oip = itertools.cycle(WORKLOAD.oip)
+        self._next = {k: itertools.islice(itertools.cycle(v), offset % len(v) if v else 0, None)
+                      for k, v in STATE["work"].items()}
 
-    def _spend(self):
+    def post(self, scenario: str) -> None:
         self._budget -= 1
         if self._budget < 0:
             raise StopUser()
-
-    def _post(self, path, name, sample, check):
-        self._spend()
-        headers = {"Content-Type": sample.content_type}
-        with self.client.post(path, data=sample.body, headers=headers, name=name, catch_response=True) as resp:
+        _, path, name = SCENARIOS[scenario]
+        sample = next(self._next[scenario])
+        with self.client.post(path.format(name=STATE["target"].name), data=sample.body, name=name,
+                              headers={"Content-Type": sample.content_type}, catch_response=True) as resp:
             status = resp.status_code or 0
-            if status >= 400 or status == 0:
-                tag_ = CLIENT_ERROR_TAG + " " if 400 <= status < 500 else ""
+            if not 200 <= status < 400:
                 detail = (resp.text or "")[:200] if status else repr(resp.error)
-                resp.failure(f"{tag_}HTTP {status}: {detail}")
-                return
+                return resp.failure(f"{CLIENT_ERROR_TAG + ' ' if 400 <= status < 500 else ''}HTTP {status}: {detail}")
             try:
-                problem = check(json.loads(resp.content), sample.expected)
+                problem = check(json.loads(resp.content), sample, oip=scenario == "oip")
             except (ValueError, KeyError, TypeError, IndexError) as e:
                 problem = f"unreadable answer: {type(e).__name__}: {e}"
             if problem:
                 resp.failure(problem)
-
-    # --- answer checks: return None when fine, else what is wrong -------------------------------
-    def _check_predictions(self, answer, expected):
-        preds = answer["predictions"]
-        if len(preds) != len(expected):
-            return f"{len(preds)} predictions for {len(expected)} images"
-        for i, (pred, want) in enumerate(zip(preds, expected)):
-            if len(pred["probabilities"]) != 10:
-                return f"prediction {i}: {len(pred['probabilities'])} probabilities, expected 10"
-            if self._check_labels and (pred["class_id"] != want or pred["label"] != WORKLOAD.labels[want]):
-                return f"wrong label at {i}: got {pred['class_id']}/{pred['label']!r}, expected {want}"
-        return None
-
-    def _check_single(self, answer, expected):
-        if "predictions" in answer:  # /predict
-            return self._check_predictions(answer, expected)
-        return self._check_predictions({"predictions": [answer]}, expected)  # /classify
-
-    def _check_oip(self, answer, expected):
-        out = answer["outputs"][0]
-        if answer.get("model_name") != OIP_MODEL:
-            return f"model_name {answer.get('model_name')!r}, expected {OIP_MODEL!r}"
-        n = len(expected)
-        if out["shape"] != [n, 10] or len(out["data"]) != n * 10 or out["datatype"] != "FP32":
-            return f"output shape {out['shape']} / {len(out['data'])} values, expected [{n}, 10] FP32"
-        if self._check_labels:
-            for i, want in enumerate(expected):
-                row = out["data"][10 * i : 10 * i + 10]
-                got = max(range(10), key=row.__getitem__)
-                if got != want:
-                    return f"wrong label at {i}: got {got}, expected {want}"
-        return None
-
-    # --- scenarios -----------------------------------------------------------------------------
-    @tag("single")
-    @task(8)
-    def predict_single(self):
-        self._post("/predict", "/predict [1 image]", next(self._single), self._check_single)
-
-    @tag("batch64")
-    @task(1)
-    def predict_batch64(self):
-        self._post("/predict", "/predict [64 images]", next(self._batch), self._check_predictions)
-
-    @tag("batch64raw")
-    @task(1)
-    def predict_batch64_raw(self):
-        self._post("/predict", "/predict [64 images, raw f32]", next(self._batch_raw), self._check_predictions)
-
-    @tag("png")
-    @task(2)
-    def classify_png(self):
-        self._post("/classify", "/classify [png]", next(self._png), self._check_single)
-
-    @tag("oip")
-    @task(2)
-    def oip_infer(self):
-        self._post(f"/v2/models/{OIP_MODEL}/infer", "/v2 infer [1 image]", next(self._oip), self._check_oip)

@@ -1,7 +1,2 @@
-"""Reference servers the benchmark compares our service against.
-
-- ``naive_fastapi``: FastAPI + onnxruntime, the obvious 30 lines anyone would write.
-- ``naive_bentoml``: BentoML + onnxruntime, one typed endpoint, every default left alone.
-- ``do_nothing``: answers ``/predict`` with a canned response without looking at the image, so
-  its throughput is the ceiling of the load generator (locust) on this machine, not of a server.
-"""
+"""Servers the benchmark compares ours against: ``naive_fastapi`` and ``naive_bentoml`` (the obvious
+first versions), ``do_nothing`` (a canned answer: the load generator's own ceiling)."""

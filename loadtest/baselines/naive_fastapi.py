@@ -1,13 +1,10 @@
 """Naive FastAPI + onnxruntime reference server: what most people would write first.
 
 One process, one onnxruntime session with default options, a pydantic-typed body, a sync endpoint
-(FastAPI runs it in its thread pool), softmax in numpy. Serves only the ``/predict`` JSON contract.
+(FastAPI runs it in its thread pool), softmax in numpy. Serves only ``/predict`` (JSON).
 
     python -m loadtest.baselines.naive_fastapi --model artifacts/model.onnx --port 3001
 """
-
-from __future__ import annotations
-
 import argparse
 import json
 import os
@@ -28,20 +25,17 @@ class PredictRequest(BaseModel):
 def create_app(model_path: str) -> FastAPI:
     session = ort.InferenceSession(model_path, providers=["CPUExecutionProvider"])
     labels = json.loads(session.get_modelmeta().custom_metadata_map["labels"])
-    input_name = session.get_inputs()[0].name
+    input_name, shape = session.get_inputs()[0].name, tuple(session.get_inputs()[0].shape[1:])
     app = FastAPI()
-
-    @app.get("/readyz")
-    def ready():
-        return {"ok": True}
 
     @app.post("/predict")
     def predict(req: PredictRequest):
         x = np.asarray(req.images, dtype=np.float32)
-        if x.ndim == 3:
-            x = x[:, None]
-        if x.shape[1:] != (1, 28, 28) or not 1 <= len(x) <= MAX_IMAGES:
-            return JSONResponse({"error": f"images must be [N,28,28], 1<=N<={MAX_IMAGES}"}, status_code=422)
+        if x.size == len(x) * np.prod(shape):  # [N,H,W] for one-channel models
+            x = x.reshape(len(x), *shape)
+        if x.shape[1:] != shape or not 1 <= len(x) <= MAX_IMAGES:
+            return JSONResponse({"error": f"images must be [N,{','.join(map(str, shape))}], 1<=N<={MAX_IMAGES}"},
+                                status_code=422)
         logits = session.run(None, {input_name: x})[0]
         e = np.exp(logits - logits.max(axis=1, keepdims=True))
         probs = e / e.sum(axis=1, keepdims=True)
@@ -56,10 +50,11 @@ def create_app(model_path: str) -> FastAPI:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default=os.environ.get("MODEL_PATH", "artifacts/model.onnx"))
-    ap.add_argument("--host", default="127.0.0.1")
-    ap.add_argument("--port", type=int, default=3001)
+    ap = argparse.ArgumentParser(prog="python -m loadtest.baselines.naive_fastapi", description=__doc__.splitlines()[0],
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap.add_argument("--model", default="artifacts/model.onnx", help="contract ONNX file to serve")
+    ap.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    ap.add_argument("--port", type=int, default=3001, help="port to listen on")
     args = ap.parse_args()
     if not os.path.isfile(args.model):
         raise SystemExit(f"error: model not found: {args.model}")

@@ -1,0 +1,261 @@
+"""One path for every source: fold -> export -> verify -> publish.
+
+Torch sources (`--run`, `--model`): the fx pass folds the module (export/fold.py), torch.onnx
+exports the unfolded model (the reference, model_unfolded.onnx) and the folded one, which is
+cleaned up (constant folding; no BN fusion) and given to the ONNX graph pass (export/onnx_fold.py)
+to fold what fx could not reach.
+ONNX sources: the ONNX graph pass alone, on the input graph (which is the reference).
+Then every variant is checked against the reference (export/verify.py), and only when all pass
+are model.onnx, model_unfolded.onnx (+ .sha256) and export_report.json written, atomically.
+"""
+import ast
+import copy
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+
+from common.files import sha256_file, write_json
+from export.errors import BadInput
+from export.fold import fold_batchnorm
+from export.onnx_export import (BN_OPS, contract_metadata, export_to_proto, node_counts, output_kind, read_metadata,
+                                rename_value, save_model, simplify, with_metadata)
+from export.onnx_fold import fold_onnx
+from export.sources import Source
+from export.verify import format_table, ort_session, parity, run_ort, run_torch
+
+FOLDED, UNFOLDED, REPORT = "model.onnx", "model_unfolded.onnx", "export_report.json"
+
+
+def is_current(source: Source, out: Path) -> bool:
+    """--if-stale: `out` already holds a verified export of exactly this source and these options."""
+    try:
+        report = json.loads((out / REPORT).read_text())
+        return (report["request"] == json.loads(json.dumps(source.request)) and report["parity"]["passed"]
+                and json.loads(read_metadata(out / FOLDED)["source"])["sha256"] == source.sha256
+                and all(sha256_file(out / name) == entry["sha256"] for name, entry in report["files"].items()))
+    except Exception:  # missing, unreadable or corrupt: any doubt means export again
+        return False
+
+
+# --- building the graphs -----------------------------------------------------------------------
+
+def torch_module_of(node: onnx.NodeProto) -> str | None:
+    """The torch module an exported node came from (torch.onnx's name scopes), e.g. 'layer1.0.bn1'."""
+    for prop in node.metadata_props:
+        if prop.key == "pkg.torch.onnx.name_scopes":
+            try:
+                scopes = ast.literal_eval(prop.value)
+            except (ValueError, SyntaxError):
+                return None
+            return scopes[-2] if len(scopes) >= 2 and scopes[-2] else None
+    return None
+
+
+def merge_fold_reports(fx: dict | None, onnx_pass: dict, before: onnx.ModelProto, after: onnx.ModelProto) -> dict:
+    """One fold report for both passes (the contract's `fold_report`). `folded`: every fold,
+    tagged with the pass that made it. `kept`: one entry per BatchNormalization node still in
+    `after` ("node"), with the fx pass's reason (a BN it kept that the ONNX pass did not fold;
+    "onnx_reason" too when that pass said why it could not either), else the ONNX pass's, else
+    that neither pass explains it; then the ONNX pass's other kept entries (BN-like chains)."""
+    module_of = {n.name: torch_module_of(n) for n in before.graph.node if n.op_type in BN_OPS}
+
+    def node_of(entry: dict) -> str | None:  # the BN node an ONNX-pass entry names
+        text = str(entry.get("bn", ""))
+        return next((name for name in module_of if text == name or text.startswith(name + " ")), None)
+
+    folded = [dict(e, **{"pass": "fx"}) for e in (fx or {}).get("folded", [])]
+    for entry in onnx_pass.get("folded", []):
+        module = module_of.get(node_of(entry))
+        folded.append(dict(entry, **{"pass": "onnx"}, **({"module": module} if module else {})))
+    fx_kept = [dict(e, **{"pass": "fx"}) for e in (fx or {}).get("kept", [])]
+    onnx_kept = [(node_of(e), dict(e, **{"pass": "onnx"})) for e in onnx_pass.get("kept", [])]
+    kept = []
+    for node in after.graph.node:
+        if node.op_type not in BN_OPS:
+            continue
+        # A node exported from inside a module fx called whole carries that module's scope ("3"),
+        # not the BN's ("3.bn").
+        scope = torch_module_of(node) or module_of.get(node.name)
+        modules = [e["bn"].split(" (")[0] for e in fx_kept]
+        at = next((i for i, m in enumerate(modules) if m == scope), None)
+        if at is None:
+            at = next((i for i, m in enumerate(modules) if scope is not None and m.startswith(scope + ".")), None)
+        onnx_at = next((i for i, (name, _) in enumerate(onnx_kept) if name == node.name), None)
+        onnx_entry = onnx_kept.pop(onnx_at)[1] if onnx_at is not None else None
+        if at is not None:
+            entry = fx_kept.pop(at)
+            if onnx_entry:
+                entry["onnx_reason"] = onnx_entry.get("reason")
+        elif onnx_entry:
+            entry = onnx_entry
+        else:
+            entry = {"bn": f"{node.name} ({node.op_type})", "pass": None,
+                     "reason": "left in the graph; " + ("neither pass reported why" if fx else "the ONNX graph pass did not say why")}
+        kept.append(dict(entry, node=node.name))
+    kept += [entry for _, entry in onnx_kept]
+    merged = {"folded": folded, "kept": kept, "removed_dropout": (fx or {}).get("removed_dropout", []),
+              "removed": onnx_pass.get("removed", []), "untraceable": (fx or {}).get("untraceable", []),
+              "notes": onnx_pass.get("notes", [])}
+    merged.update({f"onnx_{k}": v for k, v in onnx_pass.items() if k not in ("folded", "kept", "removed", "notes")})
+    return merged
+
+
+def summary(fold_report: dict, torch_source: bool) -> str:
+    by_pass = {p: sum(e.get("pass") == p for e in fold_report["folded"]) for p in ("fx", "onnx")}
+    if not fold_report["folded"] and not fold_report["kept"] and not fold_report.get("removed"):
+        return "nothing to fold: no BatchNorm in the graph; exported and verified as is"
+    if not torch_source:
+        return f"folded {by_pass['onnx']} BatchNorm(s) with the ONNX graph pass, kept {len(fold_report['kept'])}"
+    return (f"folded {len(fold_report['folded'])} BatchNorm(s) ({by_pass['fx']} by the fx pass, {by_pass['onnx']} by "
+            f"the ONNX graph pass), kept {len(fold_report['kept'])}")
+
+
+def build_torch(source: Source, out: Path, verify_only: bool):
+    """fx fold, both exports, clean-up, the ONNX pass on the folded graph. Returns the two graphs,
+    the merged fold report and the folded torch module."""
+    folded_module, fx_report = fold_batchnorm(source.module)
+    if verify_only:
+        return (*_published(source, out), folded_module)
+    example = (2, *source.input_shape[1:])
+    try:
+        unfolded = export_to_proto(source.module, example, source.input_name, source.output_name)
+    except BadInput as e:
+        untraceable = "; ".join(f"{u['module']}: {u['reason']}" for u in fx_report.untraceable)
+        raise BadInput(f"{e}; nor can fx trace {untraceable}" if untraceable else str(e)) from None
+    folded_raw = export_to_proto(folded_module, example, source.input_name, source.output_name)
+    if source.kind == "pytorch" and output_kind(unfolded, source.output_name) == "probabilities":
+        for graph in (unfolded, folded_raw):
+            rename_value(graph, source.output_name, "probabilities")
+        source.output_name = "probabilities"
+    print(f"nodes of our folded module as exported: {node_counts(folded_raw)}")
+    cleaned = simplify(folded_raw)  # constant folding first: exporter artefacts (zero biases made at run time, ...) go
+    folded_graph, onnx_report = fold_onnx(cleaned)
+    fold_report = merge_fold_reports(fx_report.as_dict(), onnx_report, cleaned, folded_graph)
+    return unfolded, folded_graph, fold_report, folded_module
+
+
+def build_onnx(source: Source, out: Path, verify_only: bool):
+    if verify_only:
+        return (*_published(source, out), None)
+    folded_graph, onnx_report = fold_onnx(source.graph)
+    return source.graph, folded_graph, merge_fold_reports(None, onnx_report, source.graph, folded_graph), None
+
+
+def _published(source: Source, out: Path):
+    """--verify-only: the graphs already in `out`, which must come from this source."""
+    try:
+        folded, unfolded = onnx.load(out / FOLDED), onnx.load(out / UNFOLDED)
+    except FileNotFoundError as e:
+        raise BadInput(f"{e.filename} is missing; export first (without --verify-only)") from None
+    meta = read_metadata(folded)
+    recorded = json.loads(meta["source"])["sha256"] if "source" in meta else meta.get("weights_sha256")
+    if recorded != source.sha256:
+        raise BadInput(f"{out / FOLDED} was not exported from {source.path}")
+    source.output_name = meta.get("output_name", source.output_name)
+    return unfolded, folded, json.loads(meta["fold_report"])
+
+
+# --- verification ------------------------------------------------------------------------------
+
+def verify_source(source: Source, unfolded: onnx.ModelProto, folded: onnx.ModelProto, folded_module) -> dict:
+    inputs, name = source.inputs, source.output_name
+    variants = {}
+    if source.module is not None:
+        reference_name = "torch eval (reference)"
+        reference = run_torch(source.module, inputs)
+        variants["torch folded"] = lambda: run_torch(folded_module, inputs)
+
+        def reference64():
+            return run_torch(copy.deepcopy(source.module).double(), inputs.astype(np.float64), dtype=torch.float64)
+    else:
+        reference_name = "input graph, DISABLE_ALL (reference)"
+        session = ort_session(source.reference_graph, optimize=False)
+        feed, output = session.get_inputs()[0].name, source.reference_graph.graph.output[0].name
+        step = source.reference_batch or 1000
+        reference = np.concatenate([session.run([output], {feed: inputs[i:i + step]})[0] for i in range(0, len(inputs), step)])
+        reference64 = None
+    variants["ORT folded"] = lambda: run_ort(ort_session(folded, optimize=True), inputs, name)
+    variants["ORT folded (DISABLE_ALL)"] = lambda: run_ort(ort_session(folded, optimize=False), inputs, name)
+    variants["ORT unfolded (DISABLE_ALL)"] = lambda: run_ort(ort_session(unfolded, optimize=False), inputs, name)
+    result = parity(reference_name, reference, variants, source.targets, reference64)
+    result["inputs"] = source.inputs_desc
+    return result
+
+
+# --- the whole path ----------------------------------------------------------------------------
+
+def export(source: Source, out: str | Path, verify_only: bool = False) -> int:
+    """Fold, export, verify, publish. Returns 0, or 1 when parity fails (nothing published).
+    Raises BadInput for input that cannot be exported as given (nothing written)."""
+    out = Path(out)
+    for note in source.notes:
+        print(f"note: {note}")
+    started = time.perf_counter()
+    build = build_torch if source.module is not None else build_onnx
+    unfolded, folded, fold_report, folded_module = build(source, out, verify_only)
+    if not verify_only:
+        print(f"{'exported' if source.module is not None else 'folded'} in {time.perf_counter() - started:.1f}s")
+        kind = output_kind(unfolded, source.output_name)
+        fields = {
+            "name": source.name, "input_name": source.input_name, "input_shape": source.input_shape,
+            "input_layout": source.layout, "input_range": source.input_range, "image_background": source.background,
+            "output_name": source.output_name, "output_kind": kind, "labels": source.labels,
+            "source": {"kind": source.kind, "path": source.path, "sha256": source.sha256,
+                       **{k: v for k, v in source.source_extra.items() if v is not None}},
+            "fold_report": fold_report, "producer": "bnfold (python -m export)", **source.extra_metadata}
+        if source.module is not None:
+            fields["torch_version"] = torch.__version__
+        unfolded = with_metadata(unfolded, contract_metadata({**fields, "folded": "false"}))
+        folded = with_metadata(folded, contract_metadata({**fields, "folded": "true"}))
+
+    before, after = node_counts(unfolded), node_counts(folded)
+    print(f"nodes before folding: {before}\nnodes after folding{' (and clean-up)' if source.module is not None else ''}: {after}")
+    for entry in fold_report.get("untraceable", []):  # .get: --verify-only may read a version-1 report
+        print(f"  fx cannot trace {entry['module']}: {entry['reason']}; it is called whole")
+    for entry in fold_report["folded"]:
+        print(f"  folded {entry['bn']} {entry['direction']} into {entry['into']} ({entry.get('pass')} pass)")
+    for entry in fold_report["kept"]:
+        print(f"  kept {entry['bn']}: {entry['reason']}")
+    for note in fold_report.get("notes", []):
+        print(f"  ONNX graph pass: {note}")
+    print(summary(fold_report, source.module is not None))
+
+    result = verify_source(source, unfolded, folded, folded_module)
+    print(format_table(result))
+    meta = read_metadata(folded)
+    report = {
+        "contract_version": int(meta.get("contract_version", 1)), "name": meta.get("name", source.name),
+        "source": json.loads(meta["source"]) if "source" in meta else {"kind": source.kind, "path": source.path},
+        "request": source.request,
+        "input": {"name": source.input_name, "shape": source.input_shape, "layout": source.layout,
+                  "range": source.input_range, "background": source.background},
+        "output": {"name": source.output_name, "kind": meta.get("output_kind", "logits"), "classes": len(source.labels)},
+        "labels": source.labels, "notes": source.notes,
+        "fold": fold_report, "summary": summary(fold_report, source.module is not None), "nodes_unfolded": before, "nodes_folded": after,
+        "bn_dropout_left_in_folded": {op: n for op, n in after.items() if op in (*BN_OPS, "Dropout")},
+        "parity": result, "versions": versions(),
+    }
+    if source.kind == "run":  # kept from version 1 (python -m export.report reads them)
+        report.update(run=source.path, arch=source.extra_metadata["arch"], weights_sha256=source.sha256,
+                      torch_test_accuracy=float(source.extra_metadata["test_accuracy"]))
+    if result["passed"] and not verify_only:
+        report["files"] = {name: {"sha256": save_model(m, out / name)} for name, m in ((UNFOLDED, unfolded), (FOLDED, folded))}
+    elif result["passed"]:  # the files on disk are the ones just verified
+        report["files"] = {name: {"sha256": sha256_file(out / name)} for name in (UNFOLDED, FOLDED)}
+    write_json(out / REPORT, report)
+    if not result["passed"]:
+        return 1
+    print(f"wrote {out / FOLDED}, {out / UNFOLDED}, {out / REPORT}" if not verify_only else f"verified {out / FOLDED}")
+    return 0
+
+
+def versions() -> dict:
+    import onnxruntime
+    import onnxscript
+
+    return {"torch": torch.__version__, "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__,
+            "onnxscript": onnxscript.__version__}

@@ -1,0 +1,165 @@
+"""The rules (where load may go, what fails a run), headless locust as a subprocess in its own
+session (so ``--processes`` master/worker mode works; its numbers come back in the verdict JSON the
+locustfile writes from locust's final stats), and psutil metering of a server's process tree.
+No locust import here: locust monkey-patches the interpreter with gevent."""
+import ipaddress
+import json
+import math
+import re
+import socket
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import numpy as np
+import psutil
+from tqdm import tqdm
+
+from common.procs import ProcessError, ServerProcess
+
+LOCUSTFILE = Path(__file__).resolve().parent / "locustfile.py"
+CLIENT_ERROR_TAG = "[4xx]"  # a 4xx is the server rightly refusing us: recorded, never fails a run
+MAX_USERS = 512
+MAX_RUN_SECONDS = 2 * 3600
+
+
+class LoadTargetError(ValueError):
+    """The requested load test is outside what this harness may do."""
+
+
+def require_local_host(url: str) -> str:
+    """``url`` if it points at this machine; load tests never leave localhost."""
+    parts = urlsplit(url)
+    host = parts.hostname
+    if parts.scheme not in ("http", "https") or not host:
+        raise LoadTargetError(f"host must look like http://127.0.0.1:3000, got {url!r}")
+    try:
+        address = ipaddress.ip_address("127.0.0.1" if host == "localhost" else host)
+    except ValueError:
+        try:
+            address = ipaddress.ip_address(socket.gethostbyname(host))
+        except OSError as e:
+            raise LoadTargetError(f"cannot resolve {host!r}: {e}") from None
+    if not address.is_loopback:
+        raise LoadTargetError(f"refusing to load {host}: load tests only target localhost / 127.0.0.1")
+    return url
+
+
+def parse_duration(text) -> float:
+    """Seconds in a locust-style duration: ``90``, ``90s``, ``10m``, ``1h30m``."""
+    text = str(text).strip().lower()
+    try:
+        return float(text)
+    except ValueError:
+        match = re.fullmatch(r"(?:([\d.]+)h)?(?:([\d.]+)m)?(?:([\d.]+)s)?", text)
+    if not text or not match:
+        raise ValueError(f"bad duration {text!r}; use e.g. 30s, 10m, 1h")
+    return sum(float(g or 0) * unit for g, unit in zip(match.groups(), (3600, 60, 1)))
+
+
+def judge(requests: int, errors: list[tuple[str, int]], p99_ms: float, p99_limit_ms: float | None) -> dict:
+    """Pass/fail of a run from its totals and ``(error text, occurrences)`` pairs."""
+    server = sum(n for text, n in errors if CLIENT_ERROR_TAG not in text)
+    reasons = (["no request was made"] if requests == 0 else []) + \
+        ([f"{server} non-4xx failure(s)"] if server else []) + \
+        ([f"p99 {p99_ms:.0f} ms > limit {p99_limit_ms:g} ms"]
+         if p99_limit_ms is not None and (math.isnan(p99_ms) or p99_ms > p99_limit_ms) else [])
+    return {"ok": not reasons, "reasons": reasons, "requests": requests, "server_failures": server,
+            "client_errors": sum(n for _, n in errors) - server, "p99_ms": p99_ms}
+
+
+@dataclass
+class LocustRun:
+    """One headless locust invocation; ``<prefix>_stats.csv`` etc. and ``<prefix>_verdict.json``."""
+    host: str
+    users: int
+    run_time: str
+    prefix: Path
+    tags: list[str] = field(default_factory=list)
+    processes: int = 1
+    spawn_rate: float | None = None  # None: all users at once
+    user_rps: float = 0.0  # > 0: constant_throughput per user
+    p99_ms: float = 0.0
+    workload: str | None = None  # a saved load (workload.save); else locust builds its own from:
+    model: str | None = None  # the served ONNX file: label checks against it (None: none)
+    data_dir: str | None = None
+    html: bool = False
+    reset_stats: bool = True  # measure from the moment every user is running
+    history: bool = False  # --csv-full-history
+
+    def argv(self) -> list[str]:
+        require_local_host(self.host)
+        if not 1 <= self.users <= MAX_USERS or not 0 < parse_duration(self.run_time) <= MAX_RUN_SECONDS:
+            raise LoadTargetError(f"users must be 1..{MAX_USERS} and the run time at most {MAX_RUN_SECONDS} s")
+        argv = [sys.executable, "-m", "locust", "-f", str(LOCUSTFILE), "--headless", "--only-summary",
+                "-H", self.host, "-u", str(self.users), "-r", f"{self.spawn_rate or self.users:g}",
+                "-t", self.run_time, "--stop-timeout", "5", "--csv", str(self.prefix),
+                "--verdict-file", f"{self.prefix}_verdict.json", "--user-rps", f"{self.user_rps:.6g}",
+                "--p99-ms", f"{self.p99_ms:g}"]
+        argv += ["--processes", str(self.processes)] if self.processes > 1 else []
+        argv += ["--tags", *self.tags] if self.tags else []
+        argv += ["--model", self.model] if self.model else []
+        argv += ["--workload", self.workload] if self.workload else []
+        argv += ["--data-dir", self.data_dir] if self.data_dir else []
+        argv += ["--html", f"{self.prefix}_report.html"] if self.html else []
+        argv += ["--reset-stats"] if self.reset_stats else []
+        return argv + (["--csv-full-history"] if self.history else [])
+
+
+def run_locust(run: LocustRun, progress: bool = False) -> dict:
+    """Run locust to completion; its verdict (totals, p50/p95/p99, the measured window in wall-clock
+    seconds, errors), plus ``exit`` and ``log``. ProcessError when locust ended without one."""
+    verdict_path = Path(f"{run.prefix}_verdict.json")
+    verdict_path.unlink(missing_ok=True)
+    seconds, t0 = parse_duration(run.run_time), time.monotonic()
+    with ServerProcess(run.argv(), 0, f"{run.prefix}.log", name="locust") as proc, \
+            tqdm(total=int(seconds), desc="locust", unit="s", disable=not progress, leave=False) as bar:
+        while proc.proc.poll() is None and time.monotonic() - t0 < seconds + 60:  # then it is stopped
+            time.sleep(0.25)
+            bar.update(min(int(time.monotonic() - t0), bar.total) - bar.n)
+    if not verdict_path.exists():
+        raise ProcessError(f"locust ended (exit {proc.proc.returncode}) without a verdict:\n{proc.log_tail(30)}")
+    return {**json.loads(verdict_path.read_text()), "exit": proc.proc.returncode, "log": proc.log()}
+
+
+class TreeSampler:
+    """Background samples (wall-clock time, CPU seconds, RSS bytes) of a process and its children;
+    the CPU used over any window is read off the samples afterwards."""
+
+    def __init__(self, pid: int, interval: float = 0.25):
+        self.pid, self.interval, self.times, self.cpu, self.rss = pid, interval, [], [], []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def sample(self) -> None:
+        cpu = rss = 0
+        try:
+            root = psutil.Process(self.pid)
+            for p in [root, *root.children(recursive=True)]:
+                with p.oneshot():
+                    cpu, rss = cpu + sum(p.cpu_times()[:2]), rss + p.memory_info().rss
+        except psutil.NoSuchProcess:
+            pass
+        self.times.append(time.time())
+        self.cpu.append(cpu)
+        self.rss.append(rss)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.sample()
+
+    def __enter__(self) -> "TreeSampler":
+        self.sample()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.sample()
+
+    def cpu_seconds(self, t0: float, t1: float) -> float:
+        return float(np.interp(t1, self.times, self.cpu) - np.interp(t0, self.times, self.cpu))

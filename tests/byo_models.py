@@ -1,0 +1,260 @@
+"""Small models of the shapes users bring, for `python -m export --model tests/byo_models.py:FACTORY`.
+Each factory takes no argument and returns the architecture; the tests give every BatchNorm
+non-trivial statistics (randomize) and save the weights, as a trained model would have them."""
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+
+def randomize(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Random running statistics and affine parameters on every BN (some scales negative), and
+    weights large enough that a missed or wrong fold shows far above 1e-5."""
+    gen = torch.Generator().manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            c = m.num_features
+            m.running_mean.copy_(torch.randn(c, generator=gen) * 0.5)
+            m.running_var.copy_(torch.rand(c, generator=gen) * 1.5 + 0.25)
+            if m.affine:
+                m.weight.data.copy_((torch.rand(c, generator=gen) + 0.5) * torch.where(torch.rand(c, generator=gen) < 0.2, -1, 1))
+                m.bias.data.copy_(torch.randn(c, generator=gen) * 0.3)
+    return model.eval()
+
+
+# --- ResNet-18 style: residual adds, 1x1 strided downsample ----------------------------------------
+
+class BasicBlock(nn.Module):
+    def __init__(self, c_in: int, c_out: int, stride: int = 1):
+        super().__init__()
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(c_out)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(c_out)
+        self.relu = nn.ReLU(inplace=True)
+        self.downsample = None
+        if stride != 1 or c_in != c_out:
+            self.downsample = nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride, bias=False), nn.BatchNorm2d(c_out))
+
+    def forward(self, x):
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return self.relu(out + identity)
+
+
+class ResNetish(nn.Module):
+    def __init__(self, classes: int = 10):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, 1, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(8)
+        self.relu = nn.ReLU(inplace=True)
+        self.maxpool = nn.MaxPool2d(2)
+        self.layer1 = BasicBlock(8, 16, stride=2)  # the residual add, over a 1x1 strided downsample
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(16, classes)
+
+    def forward(self, x):
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        x = self.layer1(x)
+        return self.fc(torch.flatten(self.avgpool(x), 1))
+
+
+def resnet() -> nn.Module:
+    return ResNetish()
+
+
+# --- MobileNetV2 style: depthwise convs, ReLU6, inverted residuals; NHWC input -------------------
+
+class InvertedResidual(nn.Module):
+    def __init__(self, c_in: int, c_out: int, stride: int, expand: int):
+        super().__init__()
+        hidden = c_in * expand
+        self.use_residual = stride == 1 and c_in == c_out
+        self.conv = nn.Sequential(
+            nn.Conv2d(c_in, hidden, 1, bias=False), nn.BatchNorm2d(hidden), nn.ReLU6(inplace=True),
+            nn.Conv2d(hidden, hidden, 3, stride, 1, groups=hidden, bias=False), nn.BatchNorm2d(hidden), nn.ReLU6(inplace=True),
+            nn.Conv2d(hidden, c_out, 1, bias=False), nn.BatchNorm2d(c_out))
+
+    def forward(self, x):
+        return x + self.conv(x) if self.use_residual else self.conv(x)
+
+
+class MobileNetish(nn.Module):
+    """Takes NHWC images, as a TF-trained model would."""
+
+    def __init__(self, classes: int = 5):
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(3, 8, 3, 2, 1, bias=False), nn.BatchNorm2d(8), nn.ReLU6(inplace=True),
+            InvertedResidual(8, 8, 1, 4), InvertedResidual(8, 12, 2, 4))
+        self.classifier = nn.Sequential(nn.Dropout(0.2), nn.Linear(12, classes))
+
+    def forward(self, x):
+        x = self.features(x.permute(0, 3, 1, 2))
+        return self.classifier(F.adaptive_avg_pool2d(x, 1).flatten(1))
+
+
+def mobilenet() -> nn.Module:
+    return MobileNetish()
+
+
+# --- VGG with BN, in-place ReLU and Dropout --------------------------------------------------------
+
+def vgg() -> nn.Module:
+    return nn.Sequential(
+        nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(inplace=True),
+        nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(inplace=True), nn.MaxPool2d(2),
+        nn.Conv2d(8, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(inplace=True), nn.MaxPool2d(2),
+        nn.Flatten(), nn.Linear(16 * 4 * 4, 32), nn.BatchNorm1d(32), nn.ReLU(inplace=True), nn.Dropout(0.5),
+        nn.Linear(32, 10))
+
+
+# --- pre-activation block: BN -> ReLU -> Conv, nothing to fold it into --------------------------
+
+class PreActBlock(nn.Module):
+    def __init__(self, c: int):
+        super().__init__()
+        self.bn1, self.conv1 = nn.BatchNorm2d(c), nn.Conv2d(c, c, 3, padding=1, bias=False)
+        self.bn2, self.conv2 = nn.BatchNorm2d(c), nn.Conv2d(c, c, 3, padding=1, bias=False)
+
+    def forward(self, x):
+        out = self.conv1(F.relu(self.bn1(x)))
+        return x + self.conv2(F.relu(self.bn2(out)))
+
+
+class PreActNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.block = PreActBlock(8)
+        self.bn = nn.BatchNorm2d(8)
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x):
+        x = F.relu(self.bn(self.block(self.stem(x))))
+        return self.fc(F.adaptive_avg_pool2d(x, 1).flatten(1))
+
+
+def preact() -> nn.Module:
+    return PreActNet()
+
+
+# --- 1-D signals -------------------------------------------------------------------------------
+
+def conv1d() -> nn.Module:
+    return nn.Sequential(
+        nn.Conv1d(2, 8, 5, padding=2), nn.BatchNorm1d(8), nn.ReLU(), nn.MaxPool1d(2),
+        nn.Conv1d(8, 8, 3, bias=False), nn.BatchNorm1d(8), nn.ReLU(),
+        nn.Flatten(), nn.Linear(8 * 14, 3))
+
+
+# --- MLP with BatchNorm1d, ending in Softmax (probabilities) -----------------------------------
+
+def mlp() -> nn.Module:
+    return nn.Sequential(
+        nn.Linear(20, 32), nn.BatchNorm1d(32), nn.ReLU(),
+        nn.Linear(32, 32), nn.ReLU(), nn.BatchNorm1d(32), nn.Dropout(0.1),  # BN after the activation: folds forward
+        nn.Linear(32, 6), nn.Softmax(dim=1))
+
+
+# --- fx cannot trace one submodule ----------------------------------------------------------------
+
+class PadToEven(nn.Module):
+    """Shape-dependent Python control flow: fx cannot trace it, torch.export can."""
+
+    def __init__(self, c: int):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(c, c, 3, bias=False), nn.BatchNorm2d(c)
+
+    def forward(self, x):
+        if x.shape[-1] % 2:
+            x = F.pad(x, (0, 1, 0, 1))
+        return F.relu(self.bn(self.conv(x)))
+
+
+def leafy() -> nn.Module:
+    return nn.Sequential(
+        nn.Conv2d(1, 6, 3, padding=1), nn.BatchNorm2d(6), nn.ReLU(),
+        PadToEven(6),
+        nn.Conv2d(6, 6, 3, bias=False), nn.BatchNorm2d(6), nn.ReLU(),
+        nn.Flatten(), nn.Linear(6 * 4 * 4, 4))
+
+
+# --- the top-level forward cannot be traced ---------------------------------------------------------
+
+class ShapeBranchNet(nn.Module):
+    """The top level branches on the input's shape: fx cannot trace it, torch.export can."""
+
+    def __init__(self):
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
+        self.bn = nn.BatchNorm2d(8)
+        self.fc = nn.Linear(8, 3)
+
+    def forward(self, x):
+        if x.shape[1] == 1:
+            x = x.expand(-1, 3, -1, -1)
+        x = self.bn(self.features(x))
+        return self.fc(x.mean((2, 3)))
+
+
+def shape_branch() -> nn.Module:
+    return ShapeBranchNet()
+
+
+class ValueBranchNet(ShapeBranchNet):
+    """The top level branches on the data: neither fx nor torch.export can capture that."""
+
+    def forward(self, x):
+        x = self.bn(self.features(x))
+        if x.mean() > 0:
+            x = x * 2
+        return self.fc(x.mean((2, 3)))
+
+
+def value_branch() -> nn.Module:
+    return ValueBranchNet()
+
+
+# --- for the bad-input tests -------------------------------------------------------------------------
+
+def broken() -> nn.Module:
+    raise RuntimeError("cannot build without a config file")
+
+
+def not_a_module():
+    return {"conv": 3}
+
+
+def sequence_output() -> nn.Module:
+    return nn.Sequential(nn.Conv1d(2, 4, 3), nn.BatchNorm1d(4))  # [N, 4, W-2]: not [N, K]
+
+
+# --- float32 cannot meet 1e-5 on this one: outputs are small differences of large terms ----------
+
+class Cancelling(nn.Module):
+    """Ready-made statistics: do not randomize()."""
+
+    def __init__(self):
+        super().__init__()
+        gen = torch.Generator().manual_seed(1)
+        self.fc1 = nn.Linear(16, 64)
+        self.bn = nn.BatchNorm1d(64)
+        self.fc2 = nn.Linear(64, 4)
+        with torch.no_grad():
+            self.fc1.weight.copy_(torch.randn(64, 16, generator=gen) * 300)
+            w = torch.randn(4, 32, generator=gen)
+            self.fc2.weight.copy_(torch.cat([w, -w * (1 + 1e-3)], 1))
+            self.fc1.weight[32:] = self.fc1.weight[:32]
+            self.fc1.bias[32:] = self.fc1.bias[:32]
+            half = torch.rand(32, generator=gen) + 0.5  # the same statistics on both halves (no randomize())
+            self.bn.running_var.copy_(torch.cat([half, half]))
+            self.bn.running_mean.copy_(torch.cat([half, half]) * 100)
+        self.eval()
+
+    def forward(self, x):
+        return self.fc2(F.relu(self.bn(self.fc1(x))))
+
+
+def cancelling() -> nn.Module:
+    return Cancelling()

@@ -1,0 +1,330 @@
+"""The ONNX graph pass (export/onnx_fold.py) on small graphs built with onnx.helper, one per pattern,
+each with random non-trivial BatchNorm statistics. Every case checks parity against the input graph
+run with ORT_DISABLE_ALL (atol 1e-5 + rtol 1e-5 and every argmax, export/verify.py's tolerance) and
+the node counts after the fold."""
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from export.onnx_fold import fold_onnx
+from export.onnx_graph import bn_derived_nodes, node_counts
+from export.verify import compare, ort_session
+
+RNG = np.random.default_rng(0)
+
+
+def const(name, array):
+    return numpy_helper.from_array(np.asarray(array, dtype=np.float32), name)
+
+
+def bn_stats(prefix, c, negative=False):
+    """γ, β, μ, σ² far from the identity; with `negative` some γ are < 0."""
+    gamma = RNG.uniform(0.5, 2.0, c) * (np.where(RNG.random(c) < 0.5, -1, 1) if negative else 1)
+    if negative:
+        gamma[0] = -abs(gamma[0])
+    return [const(f"{prefix}.{k}", v) for k, v in (("gamma", gamma), ("beta", RNG.normal(0, 1, c)),
+                                                    ("mean", RNG.normal(0, 1, c)), ("var", RNG.uniform(0.2, 3, c)))]
+
+
+def bn_node(prefix, x, y):
+    return helper.make_node("BatchNormalization", [x] + [f"{prefix}.{k}" for k in ("gamma", "beta", "mean", "var")],
+                            [y], name=prefix, epsilon=1e-3)
+
+
+def keras_bn(prefix, x, y, c, rank=4, negative=False):
+    """A Keras BatchNorm as Keras 3 exports it: Sub(mean) → Mul(γ/√(σ²+ε)) → Add(β), constants [1,..,1,C]."""
+    gamma, beta, mean, var = (numpy_helper.to_array(t) for t in bn_stats(prefix, c, negative))
+    shape = (1,) * (rank - 1) + (c,)
+    inits = [const(f"{prefix}.mean", mean.reshape(shape)), const(f"{prefix}.mul", (gamma / np.sqrt(var + 1e-3)).reshape(shape)),
+             const(f"{prefix}.beta", beta.reshape(shape))]
+    nodes = [helper.make_node("Sub", [x, f"{prefix}.mean"], [f"{prefix}_s"], name=f"{prefix}/Sub"),
+             helper.make_node("Mul", [f"{prefix}_s", f"{prefix}.mul"], [f"{prefix}_m"], name=f"{prefix}/Mul"),
+             helper.make_node("Add", [f"{prefix}_m", f"{prefix}.beta"], [y], name=f"{prefix}/Add")]
+    return nodes, inits
+
+
+def conv(name, x, y, c_in, c_out, k=3, pads=0, group=1, bias=True):
+    inits = [const(f"{name}.w", RNG.normal(0, 0.3, (c_out, c_in // group, k, k)))]
+    if bias:
+        inits.append(const(f"{name}.b", RNG.normal(0, 0.3, c_out)))
+    node = helper.make_node("Conv", [x, f"{name}.w"] + ([f"{name}.b"] if bias else []), [y], name=name,
+                            kernel_shape=[k, k], pads=[pads] * 4, group=group)
+    return node, inits
+
+
+def model(nodes, inits, in_shape, out_shape, opset=18):
+    graph = helper.make_graph(nodes, "test", [helper.make_tensor_value_info("x", TensorProto.FLOAT, in_shape)],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, out_shape)], inits)
+    m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    m.ir_version = 9
+    onnx.checker.check_model(m, full_check=True)
+    return m
+
+
+def fold_and_check(m, batch=(1, 5)):
+    """Fold; check the input was not modified, the result passes the checker, keeps inputs/outputs,
+    and matches the input graph (ORT_DISABLE_ALL) on random inputs at every batch size given."""
+    before = m.SerializeToString()
+    folded, report = fold_onnx(m)
+    assert m.SerializeToString() == before, "fold_onnx modified its input"
+    onnx.checker.check_model(folded, full_check=True)
+    assert [i.SerializeToString() for i in folded.graph.input] == [i.SerializeToString() for i in m.graph.input]
+    assert [o.SerializeToString() for o in folded.graph.output] == [o.SerializeToString() for o in m.graph.output]
+    reference, name = ort_session(m, optimize=False), m.graph.input[0].name
+    dims = [d.dim_value for d in m.graph.input[0].type.tensor_type.shape.dim][1:]
+    for n in batch:
+        x = RNG.normal(0, 1, (n, *dims)).astype(np.float32)
+        expected = reference.run(None, {name: x})[0]
+        for optimize in (False, True):
+            got = ort_session(folded, optimize=optimize).run(None, {name: x})[0]
+            result = compare(got.reshape(n, -1), expected.reshape(n, -1))
+            assert result["within_tolerance"] and result["argmax_agreement"] == 1.0, result
+        assert np.abs(expected).max() > 1e-2  # the comparison is on real values, not on zeros
+    return folded, report
+
+
+# --- BatchNormalization nodes -----------------------------------------------------------------------
+
+def test_bn_after_conv_folds_backward():
+    c, inits = conv("conv", "x", "c", 3, 8, pads=1)
+    m = model([c, bn_node("bn", "c", "b"), helper.make_node("Relu", ["b"], ["y"])], inits + bn_stats("bn", 8),
+              ["N", 3, 8, 8], ["N", 8, 8, 8])
+    folded, report = fold_and_check(m)
+    assert node_counts(folded) == {"Conv": 1, "Relu": 1}
+    assert report["folded"] == [{"bn": "bn (BatchNormalization)", "into": "conv (Conv)", "direction": "backward"}]
+    assert report["kept"] == [] and report["bn_derived_before"] == 1 and report["bn_derived_after"] == 0
+
+
+@pytest.mark.parametrize("trans_b", [0, 1])
+def test_bn_after_gemm_folds_backward(trans_b):
+    w = RNG.normal(0, 0.3, (16, 8))
+    inits = [const("w", w.T if trans_b else w), const("b", RNG.normal(0, 1, 8))] + bn_stats("bn", 8)
+    m = model([helper.make_node("Gemm", ["x", "w", "b"], ["g"], name="fc", transB=trans_b, alpha=0.5, beta=2.0),
+               bn_node("bn", "g", "y")], inits, ["N", 16], ["N", 8])
+    folded, report = fold_and_check(m)
+    assert node_counts(folded) == {"Gemm": 1}
+    assert report["folded"][0]["into"] == "fc (Gemm)"
+
+
+def test_bn_after_matmul_with_bias_folds_backward():
+    inits = [const("w", RNG.normal(0, 0.3, (16, 8))), const("b", RNG.normal(0, 1, 8))] + bn_stats("bn", 8)
+    m = model([helper.make_node("MatMul", ["x", "w"], ["mm"], name="mm"), helper.make_node("Add", ["mm", "b"], ["a"]),
+               bn_node("bn", "a", "y")], inits, ["N", 16], ["N", 8])
+    folded, report = fold_and_check(m)
+    assert node_counts(folded) == {"Add": 1, "MatMul": 1}  # MatMul + its one bias Add
+    assert report["folded"][0]["direction"] == "backward"
+
+
+def test_bn_before_unpadded_conv_folds_forward():
+    c, inits = conv("conv", "b", "y", 4, 6, pads=0, group=2)
+    m = model([helper.make_node("Relu", ["x"], ["r"]), bn_node("bn", "r", "b"), c], inits + bn_stats("bn", 4),
+              ["N", 4, 7, 7], ["N", 6, 5, 5])
+    folded, report = fold_and_check(m)
+    assert node_counts(folded) == {"Conv": 1, "Relu": 1}
+    assert report["folded"][0]["direction"] == "forward"
+
+
+def test_bn_before_gemm_and_matmul_folds_forward():
+    inits = [const("w1", RNG.normal(0, 0.3, (8, 16))), const("b1", RNG.normal(0, 1, 8)),
+             const("w2", RNG.normal(0, 0.3, (8, 4)))] + bn_stats("bn1", 16) + bn_stats("bn2", 8)
+    nodes = [helper.make_node("Relu", ["x"], ["r"]), bn_node("bn1", "r", "b1n"),
+             helper.make_node("Gemm", ["b1n", "w1", "b1"], ["g"], name="fc1", transB=1),
+             helper.make_node("Relu", ["g"], ["r2"]), bn_node("bn2", "r2", "b2n"),
+             helper.make_node("MatMul", ["b2n", "w2"], ["y"], name="fc2")]  # no bias: the fold adds one
+    folded, report = fold_and_check(model(nodes, inits, ["N", 16], ["N", 4]))
+    assert node_counts(folded) == {"Add": 1, "Gemm": 1, "MatMul": 1, "Relu": 2}
+    assert [(f["into"], f["direction"]) for f in report["folded"]] == [("fc1 (Gemm)", "forward"), ("fc2 (MatMul)", "forward")]
+
+
+def test_bias_free_conv_as_torch_exports_it_folds_backward():
+    """torch.onnx (dynamo) writes a bias-free Conv's bias as Expand(CastLike(0, x), Shape(W)[:1]); the
+    CastLike reads the activation only for its type, so the bias is a constant and the BN folds."""
+    inits = [const("w", RNG.normal(0, 0.3, (8, 3, 3, 3))), const("zero", 0.0),
+             numpy_helper.from_array(np.array([1], dtype=np.int64), "one")] + bn_stats("bn", 8)
+    nodes = [helper.make_node("Shape", ["w"], ["wshape"], start=0, end=1),
+             helper.make_node("Expand", ["wshape", "one"], ["bshape"]),
+             helper.make_node("CastLike", ["zero", "x"], ["zero_like"]),
+             helper.make_node("Expand", ["zero_like", "bshape"], ["bias"]),
+             helper.make_node("Conv", ["x", "w", "bias"], ["c"], name="conv", kernel_shape=[3, 3], pads=[1, 1, 1, 1]),
+             bn_node("bn", "c", "y")]
+    folded, report = fold_and_check(model(nodes, inits, ["N", 3, 6, 6], ["N", 8, 6, 6]))
+    assert node_counts(folded) == {"Conv": 1}
+    assert report["folded"][0]["into"] == "conv (Conv)" and report["constants_folded"] >= 3
+
+
+# --- Keras' Sub → Mul → Add in NHWC -----------------------------------------------------------------------
+
+def keras_conv_block(negative=False, flatten="Reshape"):
+    """What Keras 3 exports for Conv2D(relu) → BatchNormalization → MaxPooling2D → Flatten → Dense:
+    NHWC input, Transposes around the NCHW Conv/MaxPool, the conv bias as a separate Add, the BN as
+    Sub/Mul/Add in NHWC, float→float Casts, an Identity, and the Flatten as Reshape(x, [batch, -1])
+    computed from Shape(x)."""
+    c, inits = conv("conv", "xt", "cv", 3, 8, pads=0, bias=False)
+    bn, bn_inits = keras_bn("bn", "r", "bnout", 8, negative=negative)
+    inits += bn_inits + [const("conv.bias", RNG.normal(0, 0.3, (1, 1, 1, 8))), const("dense.w", RNG.normal(0, 0.1, (4 * 4 * 8, 10))),
+                         const("dense.b", RNG.normal(0, 0.3, 10)),
+                         numpy_helper.from_array(np.array(0, dtype=np.int64), "zero"),
+                         numpy_helper.from_array(np.array([-1], dtype=np.int64), "minus1"),
+                         numpy_helper.from_array(np.array([0], dtype=np.int64), "axes0")]
+    nodes = [helper.make_node("Cast", ["x"], ["xc"], to=TensorProto.FLOAT),
+             helper.make_node("Transpose", ["xc"], ["xt"], perm=[0, 3, 1, 2]), c,
+             helper.make_node("Transpose", ["cv"], ["cvt"], perm=[0, 2, 3, 1]),
+             helper.make_node("Identity", ["conv.bias"], ["conv.bias.id"]),
+             helper.make_node("Add", ["cvt", "conv.bias.id"], ["cb"], name="conv/bias"),
+             helper.make_node("Cast", ["cb"], ["cbc"], to=TensorProto.FLOAT),
+             helper.make_node("Relu", ["cbc"], ["r"]), *bn,
+             helper.make_node("Transpose", ["bnout"], ["p_in"], perm=[0, 3, 1, 2]),
+             helper.make_node("MaxPool", ["p_in"], ["p"], kernel_shape=[2, 2], strides=[2, 2], name="pool"),
+             helper.make_node("Transpose", ["p"], ["pt"], perm=[0, 2, 3, 1])]
+    if flatten == "Reshape":
+        nodes += [helper.make_node("Shape", ["pt"], ["shape"]), helper.make_node("Gather", ["shape", "zero"], ["n"]),
+                  helper.make_node("Unsqueeze", ["n", "axes0"], ["n1"]),
+                  helper.make_node("Concat", ["n1", "minus1"], ["target"], axis=0),
+                  helper.make_node("Reshape", ["pt", "target"], ["flat"])]
+    else:
+        nodes.append(helper.make_node("Flatten", ["pt"], ["flat"], axis=1))
+    nodes += [helper.make_node("MatMul", ["flat", "dense.w"], ["d"], name="dense"),
+              helper.make_node("Add", ["d", "dense.b"], ["y"], name="dense/bias")]
+    return model(nodes, inits, ["N", 10, 10, 3], ["N", 10])
+
+
+@pytest.mark.parametrize("flatten", ["Reshape", "Flatten"])
+def test_keras_nhwc_bn_folds_forward_through_maxpool_and_flatten(flatten):
+    folded, report = fold_and_check(keras_conv_block(negative=False, flatten=flatten))
+    counts = node_counts(folded)
+    assert bn_derived_nodes(folded) == 0 and "Sub" not in counts and "Mul" not in counts and "Cast" not in counts
+    # the input's NHWC->NCHW Transpose stays; the other three are cancelled or folded into the weights
+    assert counts == {"Add": 1, "Conv": 1, "MatMul": 1, "MaxPool": 1, "Relu": 1, "Reshape" if flatten == "Reshape" else "Flatten": 1,
+                      "Transpose": 1}
+    assert report["folded"] == [{"bn": "bn/Sub (Sub), bn/Mul (Mul), bn/Add (Add)", "into": "dense (MatMul)",
+                                 "direction": "forward"}]
+    assert {"node": "conv/bias", "op": "Add", "why": "bias merged into conv (Conv)"} in report["removed"]
+    assert report["transposes_removed"] == 3
+
+
+def test_keras_negative_scale_before_maxpool_is_kept():
+    folded, report = fold_and_check(keras_conv_block(negative=True))
+    assert bn_derived_nodes(folded) == 2  # the Sub and the Mul stay
+    assert len(report["kept"]) == 1 and report["folded"] == []
+    assert "<= 0" in report["kept"][0]["reason"] and "pool (MaxPool)" in report["kept"][0]["reason"]
+
+
+def test_flatten_in_nhwc_order_folds_into_matmul():
+    """BN on NHWC, flattened in H, W, C order: the per-feature scale is the channel scale tiled, not
+    repeated (a fold in the wrong order would break parity)."""
+    bn, inits = keras_bn("bn", "r", "b", 6)
+    inits.append(const("w", RNG.normal(0, 0.3, (4 * 5 * 6, 7))))
+    nodes = [helper.make_node("Relu", ["x"], ["r"]), *bn, helper.make_node("Flatten", ["b"], ["f"], axis=1),
+             helper.make_node("MatMul", ["f", "w"], ["y"], name="dense")]
+    folded, report = fold_and_check(model(nodes, inits, ["N", 4, 5, 6], ["N", 7]))
+    assert node_counts(folded) == {"Add": 1, "Flatten": 1, "MatMul": 1, "Relu": 1}
+    assert report["folded"][0]["into"] == "dense (MatMul)"
+
+
+def test_keras_bn_right_after_conv_folds_backward_through_transpose():
+    """MobileNetV2's projection convs: Conv (no bias) → Transpose to NHWC → Sub/Mul/Add → Transpose back
+    → Conv. The BN folds into the first Conv and the Transpose pair cancels."""
+    c1, inits = conv("conv1", "x", "c1", 4, 8, k=1, bias=False)
+    c2, inits2 = conv("conv2", "back", "y", 8, 5, k=3, pads=1)
+    bn, bn_inits = keras_bn("bn", "nhwc", "b", 8, negative=True)
+    nodes = [c1, helper.make_node("Transpose", ["c1"], ["nhwc"], perm=[0, 2, 3, 1]), *bn,
+             helper.make_node("Transpose", ["b"], ["back"], perm=[0, 3, 1, 2]), c2]
+    folded, report = fold_and_check(model(nodes, inits + inits2 + bn_inits, ["N", 4, 6, 6], ["N", 5, 6, 6]))
+    assert node_counts(folded) == {"Conv": 2}
+    assert report["folded"][0]["direction"] == "backward" and report["transposes_removed"] == 2
+
+
+# --- what must stay ---------------------------------------------------------------------------------------
+
+def test_bn_before_padded_conv_is_kept():
+    c, inits = conv("conv", "b", "y", 4, 6, pads=1)
+    m = model([helper.make_node("Relu", ["x"], ["r"]), bn_node("bn", "r", "b"), c], inits + bn_stats("bn", 4),
+              ["N", 4, 7, 7], ["N", 6, 7, 7])
+    folded, report = fold_and_check(m)
+    assert node_counts(folded)["BatchNormalization"] == 1
+    assert report["folded"] == [] and "zero-padded" in report["kept"][0]["reason"]
+
+
+def test_bn_output_with_two_consumers_is_kept():
+    ca, inits_a = conv("conv_a", "b", "ya", 4, 6, pads=0)
+    cb, inits_b = conv("conv_b", "b", "yb", 4, 6, pads=0)
+    nodes = [helper.make_node("Relu", ["x"], ["r"]), bn_node("bn", "r", "b"), ca, cb, helper.make_node("Add", ["ya", "yb"], ["y"])]
+    folded, report = fold_and_check(model(nodes, inits_a + inits_b + bn_stats("bn", 4), ["N", 4, 7, 7], ["N", 6, 5, 5]))
+    assert node_counts(folded)["BatchNormalization"] == 1
+    assert "2 consumers" in report["kept"][0]["reason"]
+
+
+def test_conv_output_with_two_consumers_is_not_folded_backward():
+    """conv → BN and conv → elsewhere: folding BN into the conv would change the other reader."""
+    c, inits = conv("conv", "x", "c", 3, 4, pads=1)
+    nodes = [c, bn_node("bn", "c", "b"), helper.make_node("Add", ["b", "c"], ["y"])]
+    folded, report = fold_and_check(model(nodes, inits + bn_stats("bn", 4), ["N", 3, 6, 6], ["N", 4, 6, 6]))
+    assert node_counts(folded)["BatchNormalization"] == 1
+    assert "consumers" in report["kept"][0]["reason"]
+
+
+# --- layout and clean-up ------------------------------------------------------------------------------
+
+def test_transpose_pairs_around_elementwise_ops_are_removed():
+    c1, inits = conv("conv1", "x", "c1", 3, 4, pads=1)
+    c2, inits2 = conv("conv2", "back", "y", 4, 4, pads=1)
+    nodes = [c1, helper.make_node("Transpose", ["c1"], ["t1"], perm=[0, 2, 3, 1]),
+             helper.make_node("Transpose", ["x4"], ["t2"], perm=[0, 2, 3, 1]),
+             helper.make_node("Clip", ["t1", "lo", "hi"], ["clip"]),
+             helper.make_node("Add", ["clip", "t2"], ["sum"]),
+             helper.make_node("Transpose", ["sum"], ["back"], perm=[0, 3, 1, 2]), c2]
+    c0, inits0 = conv("conv0", "x", "x4", 3, 4, pads=1)
+    inits += inits2 + inits0 + [const("lo", 0.0), const("hi", 6.0)]
+    folded, report = fold_and_check(model([c0] + nodes, inits, ["N", 3, 6, 6], ["N", 4, 6, 6]))
+    assert node_counts(folded) == {"Add": 1, "Clip": 1, "Conv": 3}
+    assert report["transposes_removed"] == 3
+
+
+def test_dropout_identity_and_noop_casts_are_removed():
+    inits = [const("w", RNG.normal(0, 0.3, (8, 4))), const("b", RNG.normal(0, 1, 4)),
+             numpy_helper.from_array(np.array(0.5, dtype=np.float32), "ratio")]
+    nodes = [helper.make_node("Cast", ["x"], ["c"], to=TensorProto.FLOAT, name="cast"),
+             helper.make_node("Dropout", ["c", "ratio"], ["d"], name="drop"),
+             helper.make_node("Identity", ["d"], ["i"], name="id"),
+             helper.make_node("Gemm", ["i", "w", "b"], ["g"]),
+             helper.make_node("Cast", ["g"], ["y"], to=TensorProto.FLOAT, name="last_cast")]  # produces the graph output
+    folded, report = fold_and_check(model(nodes, inits, ["N", 8], ["N", 4]))
+    assert node_counts(folded) == {"Gemm": 1}
+    assert sorted((r["node"], r["op"]) for r in report["removed"]) == [
+        ("cast", "Cast"), ("drop", "Dropout"), ("id", "Identity"), ("last_cast", "Cast")]
+
+
+def test_a_graph_with_nothing_to_fold_is_returned_unchanged():
+    c, inits = conv("conv", "x", "y", 3, 4, pads=1)
+    m = model([c], inits, ["N", 3, 5, 5], ["N", 4, 5, 5])
+    folded, report = fold_and_check(m)
+    assert node_counts(folded) == {"Conv": 1}
+    assert report["folded"] == report["kept"] == report["removed"] == [] and report["transposes_removed"] == 0
+
+
+def test_external_data_that_was_not_loaded_is_a_clear_error():
+    c, inits = conv("conv", "x", "y", 3, 4)
+    m = model([c], inits, ["N", 3, 5, 5], ["N", 4, 3, 3])
+    tensor = m.graph.initializer[0]
+    tensor.data_location = TensorProto.EXTERNAL
+    tensor.ClearField("raw_data")
+    with pytest.raises(ValueError, match="external data"):
+        fold_onnx(m)
+
+
+@pytest.mark.parametrize("pads", [0, 1])
+def test_scalar_input_normalization_is_not_reported_as_a_batchnorm(pads):
+    """(x − mean) / std with scalar constants, as our torch models start: folded into an unpadded conv
+    (reported as removed nodes), kept before a padded one (under kept_affine) — never in folded/kept."""
+    c, inits = conv("conv", "n", "y", 3, 4, pads=pads)
+    inits += [const("mean", 0.286), const("std", 0.353)]
+    nodes = [helper.make_node("Sub", ["x", "mean"], ["s"], name="sub"), helper.make_node("Div", ["s", "std"], ["n"], name="div"), c]
+    folded, report = fold_and_check(model(nodes, inits, ["N", 3, 6, 6], ["N", 4, 6 - 2 + 2 * pads, 6 - 2 + 2 * pads]))
+    assert report["folded"] == report["kept"] == [] and report["bn_derived_before"] == 0
+    if pads:
+        assert node_counts(folded) == {"Conv": 1, "Div": 1, "Sub": 1}
+        assert "zero-padded" in report["kept_affine"][0]["reason"]
+    else:
+        assert node_counts(folded) == {"Conv": 1} and report["kept_affine"] == []
+        assert [(r["node"], r["op"]) for r in report["removed"]] == [("sub", "Sub"), ("div", "Div")]
