@@ -32,7 +32,7 @@ help:
 PIP := $(PY) -m pip install -q --disable-pip-version-check
 $(VENV)/.installed: pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	@$(PY) -c 'import torch, sys; sys.exit(torch.__version__ != "2.13.0")' 2>/dev/null || $(PIP) torch==2.13.0
+	@$(PY) -c 'import torch, sys; sys.exit(torch.__version__.split("+")[0] != "2.13.0")' 2>/dev/null || $(PIP) torch==2.13.0
 	$(PIP) -e .
 	@touch $@
 
