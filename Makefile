@@ -1,4 +1,4 @@
-# One entry per stage; stages share files under artifacts/, not globals.
+# One entry per stage; stages share files under artifacts/, not globals. `make help` lists them.
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
@@ -8,35 +8,57 @@ DATA_DIR ?= /usr/share/datasets/fashion-mnist
 ARTIFACTS ?= artifacts
 RUN_DIR := $(ARTIFACTS)/runs/$(ARCH)
 PORT ?= 3000
-# the model the load tests use: the one exported last, never re-exported or retrained by them
+# the model serve, bento, the load tests and faults use: the one exported last, as it is
 MODEL_PATH ?= $(ARTIFACTS)/model.onnx
 
-.PHONY: help setup data browser pipeline train export verify test ablation bench-model serve bento faults \
-	loadtest bench-serve soak examples clean keras-seeds bench-onnx-fold
+.PHONY: help setup setup-dev data browser pipeline train export verify test ablation bench-model serve bento \
+	faults loadtest bench-serve soak examples keras-seeds bench-onnx-fold readme-results clean
 
 help:
-	@echo "make pipeline   set-up, data, train ($(ARCH)), export, verify"
-	@echo "make test       set-up, data, browser, pytest"
-	@echo "make serve      serve MODEL_PATH ($(MODEL_PATH)) on PORT=3000: page at /, Swagger UI at /docs (docs/service.md)"
-	@echo "make bento      import MODEL_PATH into the BentoML model store and build a bento"
-	@echo "make faults     fault battery on MODEL_PATH (kill, SIGTERM, 3x overload, stalled, oversize) -> artifacts/faults/"
-	@echo "make browser    chromium + chromium-driver for the page tests (apt-get, as root)"
-	@echo "make ablation | bench-model"
-	@echo "make loadtest | bench-serve QUICK=1 | soak SOAK_TIME=1m | examples   load tests of MODEL_PATH ($(MODEL_PATH))"
-	@echo "make keras-seeds     the two seed Keras models: train, Keras' ONNX export, fold, verify (EPOCHS_MLP=3 EPOCHS_CNN=1)"
-	@echo "make bench-onnx-fold our ONNX fold vs onnxoptimizer/onnxsim/onnxslim on Keras and torch exports"
+	@echo "Set-up (two commands do all of it):"
+	@echo "  make pipeline        set-up, data, train ARCH=$(ARCH), export, verify, bench-model, report; time per stage"
+	@echo "  make test            set-up with the dev extra, data, headless browser, the whole pytest suite"
+	@echo "Stages (ARCH=seed-cnn|mlp-bn|keras-cnn|deep-cnn, DATA_DIR=$(DATA_DIR)):"
+	@echo "  make setup           .venv with torch==2.13.0 and the project   | make setup-dev   adds the dev extra"
+	@echo "  make data            the Fashion-MNIST IDX files (apt-get install dataset-fashion-mnist when missing)"
+	@echo "  make browser         chromium + chromium-driver for the page test (apt-get, as root)"
+	@echo "  make train           train ARCH into artifacts/runs/ARCH (skipped when its weights exist)"
+	@echo "  make export          fold + export + verify ARCH's run into artifacts/ (skipped when up to date)"
+	@echo "  make verify          re-check artifacts/model.onnx against ARCH's run"
+	@echo "  make bench-model     torch vs onnxruntime images/s, batch 1 and 64"
+	@echo "  make ablation        seed-cnn with and without dropout (EPOCHS=...)"
+	@echo "  make keras-seeds     the two seed Keras models: train, Keras' ONNX export, fold, verify"
+	@echo "  make bench-onnx-fold our ONNX pass vs onnxoptimizer/onnxsim/onnxslim (installs them first)"
+	@echo "Serving and load (MODEL_PATH=$(MODEL_PATH); never trains or exports):"
+	@echo "  make serve           serve MODEL_PATH on PORT=$(PORT): page at /, Swagger UI at /docs"
+	@echo "  make bento           MODEL_PATH into BentoML's model store, then bentoml build"
+	@echo "  make examples        request bodies for the curl examples (EXAMPLES_DIR=/tmp/fmnist)"
+	@echo "  make loadtest        locust scenarios with checks (USERS=16 RUN_TIME=30s P99_MS=1000 TAGS=...)"
+	@echo "  make bench-serve     ours vs naive baselines, side by side (QUICK=1: ~5 min)"
+	@echo "  make soak            fixed load for SOAK_TIME=10m, RSS growth and errors"
+	@echo "  make faults          killed worker, SIGTERM, 3x overload, stalled clients, oversize bodies (ONLY=...)"
+	@echo "Other:"
+	@echo "  make readme-results  rewrite the README's results block from the latest reports in artifacts/"
+	@echo "  make clean           remove artifacts/"
 
 # --- set-up ---------------------------------------------------------------------------------
 # torch first, in its own pip call: the pinned 2.13.0 is a local CPU wheel; resolving it together
-# with the project would pull a multi-GB CUDA build.
+# with the project would pull a multi-GB CUDA build. `setup` installs what the pipeline and the
+# service need; `setup-dev` adds the dev extra (pytest, locust, keras, selenium, tritonclient, ...)
+# for the targets that need it, so `make pipeline` does not wait for them.
+PIP := $(PY) -m pip install -q --disable-pip-version-check
 $(VENV)/.installed: pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e '.[dev]'
+	@$(PY) -c 'import torch, sys; sys.exit(torch.__version__.split("+")[0] != "2.13.0")' 2>/dev/null || $(PIP) torch==2.13.0
+	$(PIP) -e .
+	@touch $@
+
+$(VENV)/.dev-installed: $(VENV)/.installed
+	$(PIP) -e '.[dev]'
 	@touch $@
 
 setup: $(VENV)/.installed
+setup-dev: $(VENV)/.dev-installed
 
 data:
 	@$(PYTHON) scripts/ensure_data.py --data-dir "$(DATA_DIR)"
@@ -54,16 +76,30 @@ train: $(RUN_DIR)/weights.safetensors
 export: $(RUN_DIR)/weights.safetensors
 	$(PY) -m export --run $(RUN_DIR) --data-dir "$(DATA_DIR)" --out $(ARTIFACTS) --if-stale
 
-verify: export
+verify: setup
 	$(PY) -m export --run $(RUN_DIR) --data-dir "$(DATA_DIR)" --out $(ARTIFACTS) --verify-only
 
-# The benchmark runs again only when model.onnx changed since it last ran (`make bench-model` always runs).
-pipeline: export
-	@if [ ! $(ARTIFACTS)/bench_model.json -nt $(ARTIFACTS)/model.onnx ]; then $(MAKE) --no-print-directory bench-model; \
+# The stages run one after another; the pipeline ends with each stage's wall time (a stage whose
+# output was already there shows ~0 s). The benchmark runs again only when model.onnx changed since
+# it last ran (`make bench-model` always runs).
+STAGE_TIMES := $(ARTIFACTS)/pipeline_times.tsv
+timed = s=$$EPOCHREALTIME; $(2) || exit $$?; \
+	awk -v n='$(1)' -v a=$$s -v b=$$EPOCHREALTIME 'BEGIN { printf "%s\t%.1f\n", n, b - a }' >> $(STAGE_TIMES)
+BENCH_IF_STALE := if [ ! $(ARTIFACTS)/bench_model.json -nt $(ARTIFACTS)/model.onnx ]; then $(MAKE) --no-print-directory bench-model; \
 	else echo "bench-model: $(ARTIFACTS)/bench_model.json is newer than model.onnx, reused (make bench-model re-measures)"; fi
-	@$(PY) -m export.report $(ARTIFACTS)
 
-test: setup data browser
+pipeline:
+	@mkdir -p $(ARTIFACTS) && : > $(STAGE_TIMES)
+	@$(call timed,set-up,$(MAKE) --no-print-directory setup)
+	@$(call timed,data,$(MAKE) --no-print-directory data)
+	@$(call timed,train,$(MAKE) --no-print-directory train)
+	@$(call timed,export+verify,$(MAKE) --no-print-directory export)
+	@$(call timed,bench-model,$(BENCH_IF_STALE))
+	@$(call timed,report,$(PY) -m export.report $(ARTIFACTS))
+	@echo "make pipeline, wall seconds per stage ($(STAGE_TIMES)):"
+	@awk -F'\t' '{ t += $$2; printf "  %-14s %7.1f\n", $$1, $$2 } END { printf "  %-14s %7.1f\n", "total", t }' $(STAGE_TIMES)
+
+test: setup-dev data browser
 	$(PY) -m pytest -q
 
 ablation: setup data
@@ -72,10 +108,10 @@ ablation: setup data
 bench-model: export
 	$(PY) -m export.bench --model-dir $(ARTIFACTS) --run $(RUN_DIR) --data-dir "$(DATA_DIR)" --out $(ARTIFACTS)/bench_model.json
 
-# --- service (issues 4, 10; docs/service.md) ----------------------------------------------------
+# --- service (docs/service.md) and load (docs/loadtest.md) -------------------------------------
 # They use MODEL_PATH as it is; when it is missing they say which command makes it (exit 2).
-NEED_MODEL = @test -f "$(MODEL_PATH)" || { echo "$(MODEL_PATH) is missing: run \`make pipeline\` (or python -m export --run <run dir> --out $(dir $(MODEL_PATH)))" >&2; exit 2; }
-# BENCH_LOCK=/tmp/bnfold-cpu.lock: hold that flock for the whole run (no overlap with other benchmarks)
+NEED_MODEL = @test -f "$(MODEL_PATH)" || { echo "$(MODEL_PATH) is missing: run \`make pipeline\` (or python -m export ... --out $(dir $(MODEL_PATH)))" >&2; exit 2; }
+# BENCH_LOCK=/tmp/some.lock: hold that flock for the whole run (benchmarks that must not overlap)
 LOCK = $(if $(BENCH_LOCK),flock "$(BENCH_LOCK)")
 
 # Every knob is an environment variable (docs/service.md, "Settings").
@@ -88,53 +124,53 @@ bento: setup
 	@tag=$$($(PY) -m service.store "$(MODEL_PATH)") && echo "model store: $$tag" && \
 	$(VENV)/bin/bentoml build --arg model_tag=$$tag
 
-faults: setup
+faults: setup-dev
 	$(NEED_MODEL)
 	$(LOCK) $(PY) -m loadtest.faults --model "$(MODEL_PATH)" --out $(ARTIFACTS)/faults $(if $(ONLY),--only $(ONLY)) \
 		$(if $(OVERLOAD_TIME),--overload-time $(OVERLOAD_TIME))
 
-# --- load tests (docs/loadtest.md) ---------------------------------------------------------------
-
-loadtest: setup data
+loadtest: setup-dev data
 	$(NEED_MODEL)
 	$(PY) -m loadtest run --model "$(MODEL_PATH)" --port $(PORT) --users $(or $(USERS),16) \
 		$(if $(SPAWN_RATE),--spawn-rate $(SPAWN_RATE)) --run-time $(or $(RUN_TIME),30s) --processes $(or $(PROCESSES),2) \
 		--p99-ms $(or $(P99_MS),1000) $(if $(TAGS),--tags $(TAGS)) $(if $(TARGET_RPS),--target-rps $(TARGET_RPS)) \
 		--data-dir "$(DATA_DIR)" --out $(ARTIFACTS)/loadtest
 
-bench-serve: setup data
+bench-serve: setup-dev data
 	$(NEED_MODEL)
 	$(LOCK) $(PY) -m loadtest bench --model "$(MODEL_PATH)" $(if $(QUICK),--quick) --processes $(or $(PROCESSES),2) \
 		$(if $(BENCH_USERS),--users $(BENCH_USERS)) $(if $(SETUPS),--setups $(SETUPS)) \
 		--data-dir "$(DATA_DIR)" --out $(ARTIFACTS)/bench_serve
 
-soak: setup data
+soak: setup-dev data
 	$(NEED_MODEL)
 	$(LOCK) $(PY) -m loadtest soak --model "$(MODEL_PATH)" --time $(or $(SOAK_TIME),10m) $(if $(SOAK_WARMUP),--warmup $(SOAK_WARMUP)) \
 		--processes $(or $(PROCESSES),2) --bench-results $(ARTIFACTS)/bench_serve/results.json \
 		--data-dir "$(DATA_DIR)" --out $(ARTIFACTS)/soak
 
 # example request bodies for the curl examples (JSON, raw float32, .npy, OIP v2, PNG/JPEG)
-examples: setup data
+examples: setup-dev data
 	$(NEED_MODEL)
 	$(PY) -m loadtest examples --model "$(MODEL_PATH)" --data-dir "$(DATA_DIR)" --out $(or $(EXAMPLES_DIR),/tmp/fmnist)
 
-# --- ONNX in: Keras seeds and the graph-pass benchmark (issue 9) ----------------------------------
-# Keras 3 runs on the torch backend (keras is in the dev extra). Both hold the CPU lock so they never
-# overlap a benchmark.
-keras-seeds: setup data
+# --- ONNX in: the Keras seeds and the graph-pass benchmark (docs/onnx-fold.md) ------------------
+# Keras 3 runs on the torch backend (keras is in the dev extra). Training stage, then export stage.
+keras-seeds: setup-dev data
 	KERAS_BACKEND=torch $(PY) -m training.keras_seeds --data-dir "$(DATA_DIR)" --out $(ARTIFACTS)/keras \
 		$(if $(EPOCHS_MLP),--epochs-mlp $(EPOCHS_MLP)) $(if $(EPOCHS_CNN),--epochs-cnn $(EPOCHS_CNN))
 	$(PY) -m export.keras_seeds $(ARTIFACTS)/keras --data-dir "$(DATA_DIR)"
 
 # The tools we compare against are only needed here: the `bench` extra, installed on first use.
-$(VENV)/.bench-installed: pyproject.toml | setup
-	$(PY) -m pip install -q -e '.[bench]'
+$(VENV)/.bench-installed: pyproject.toml | setup-dev
+	$(PIP) -e '.[bench]'
 	@touch $@
 
-bench-onnx-fold: setup $(VENV)/.bench-installed
-	KERAS_BACKEND=torch flock /tmp/bnfold-cpu.lock $(PY) -m export.bench_onnx_fold --artifacts $(ARTIFACTS) \
+bench-onnx-fold: setup-dev $(VENV)/.bench-installed
+	KERAS_BACKEND=torch $(LOCK) $(PY) -m export.bench_onnx_fold --artifacts $(ARTIFACTS) \
 		--out $(ARTIFACTS)/bench_onnx_fold $(if $(ROUNDS),--rounds $(ROUNDS))
+
+readme-results:
+	$(PYTHON) scripts/readme_results.py --artifacts $(ARTIFACTS)
 
 clean:
 	rm -rf $(ARTIFACTS)

@@ -133,3 +133,87 @@ def test_random_shift_moves_each_image_within_bounds_and_fills_with_zero():
         moves.add(found[0])
     assert len(moves) > 10  # per image, not one offset for the batch
     assert torch.equal(random_shift(x, 2, torch.Generator().manual_seed(0)), shifted)  # seeded
+
+
+def test_uint8_path_is_the_float_path(data_dir):
+    """Training keeps uint8 in memory and converts per batch; the bits must be load_split's."""
+    images, labels = data.load_split(data_dir, "test")
+    raw, raw_labels = data.load_split_uint8(data_dir, "test")
+    assert raw.dtype == np.uint8 and raw.shape == (10000, 28, 28) and np.array_equal(labels, raw_labels)
+    batch = np.array([0, 17, 9999, 42])
+    assert torch.equal(data.to_float(torch.from_numpy(raw[batch])), torch.from_numpy(images[batch]))
+    assert np.array_equal(data.to_float(raw[batch]), images[batch])
+
+
+def _seed_with_negative_gammas(dtype):
+    torch.manual_seed(0)
+    seed = build("seed-cnn").to(dtype)
+    with torch.no_grad():  # BN scales of both signs: the lean pool must take the min for a < 0
+        seed[2].weight.uniform_(-1.5, 1.5)
+        seed[2].bias.normal_()
+        seed[2].running_mean.normal_()
+        seed[2].running_var.uniform_(0.5, 2.0)
+    x = torch.rand(32, 1, 28, 28, dtype=dtype)
+    x[:8, :, :6] = 0  # flat background: ties inside pooling windows
+    return seed, x
+
+
+def _lean_grads(lean):
+    """LeanSeedCNN's gradients under the seed's names and layouts (None = exactly zero)."""
+    grads = {k: (torch.zeros_like(p) if p.grad is None else p.grad) for k, p in lean.named_parameters()}
+    return {"1.weight": grads["filters"].T.reshape(32, 1, 3, 3), "1.bias": grads["conv_bias"],
+            "2.weight": grads["bn_weight"], "2.bias": grads["bn_bias"],
+            "6.weight": grads["fc1_weight"].view(-1, 14, 14, 32).permute(0, 3, 1, 2).reshape(-1, 6272),
+            "6.bias": grads["fc1_bias"], "9.weight": grads["fc2_weight"], "9.bias": grads["fc2_bias"]}
+
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+@pytest.mark.parametrize("dtype, tol", [(torch.float64, 1e-10), (torch.float32, 1e-4)])
+def test_lean_seed_cnn_is_the_seed_cnn(mode, dtype, tol):
+    """Same outputs, gradients and BN running statistics as the seed's own layers (dropout on in
+    train mode, the same random masks). float64 shows the formulations are the same math; float32
+    is what training runs (compared with a float64 seed, as the float32 seed itself is)."""
+    import copy
+
+    from training.models import LeanSeedCNN
+
+    seed, x = _seed_with_negative_gammas(torch.float64)
+    reference = copy.deepcopy(seed).train(mode == "train")
+    lean = LeanSeedCNN(copy.deepcopy(seed).to(dtype)).train(mode == "train")
+    assert set(lean.seed_state_dict()) == set(seed.state_dict())
+    torch.manual_seed(1)
+    y_ref = reference(x)
+    torch.manual_seed(1)
+    y = lean(x.to(dtype))
+    scale = y_ref.abs().max().item()
+    assert (y.double() - y_ref).abs().max().item() < tol * scale
+    g = torch.randn_like(y_ref)
+    y_ref.backward(g)
+    y.backward(g.to(dtype))
+    grads = _lean_grads(lean)
+    for name, p in reference.named_parameters():
+        size = p.grad.abs().max().item()
+        assert (grads[name].double() - p.grad).abs().max().item() <= tol * max(size, 1.0), name
+    state = lean.seed_state_dict()
+    for name, value in reference.state_dict().items():
+        assert state[name].shape == value.shape, name
+        assert torch.allclose(state[name].double(), value.double(), rtol=tol, atol=tol), name
+
+
+def test_lean_seed_cnn_round_trips_the_seed_weights_exactly():
+    from training.models import LeanSeedCNN
+
+    seed, _ = _seed_with_negative_gammas(torch.float32)
+    for name, value in LeanSeedCNN(seed).seed_state_dict().items():
+        assert torch.equal(value, seed.state_dict()[name]), name
+
+
+def test_lean_seed_cnn_training_is_reproducible(data_dir):
+    from training.train import train
+
+    cfg = {"arch": "seed-cnn", "epochs": 1, "subset": 1500, "val_size": 500, "seed": 3, "threads": 2}
+    model_a, cfg_a = train(cfg, data_dir, progress=False)
+    model_b, _ = train(cfg, data_dir, progress=False)
+    for (name, a), b in zip(model_a.state_dict().items(), model_b.state_dict().values()):
+        assert torch.equal(a, b), name
+    assert cfg_a["metrics"]["test_accuracy"] > 0.5

@@ -21,6 +21,8 @@ def parse_args(argv=None):
         p.add_argument(f"--{key.replace('_', '-')}", type=float, default=None)
     p.add_argument("--no-dropout", action="store_true", help="replace every Dropout with Identity")
     p.add_argument("--hflip", action="store_true", help="augment with random horizontal flips")
+    p.add_argument("--no-lean", action="store_true",
+                   help="seed-cnn: train the seed's own layers instead of LeanSeedCNN (same function, slower)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     return p.parse_args(argv)
 
@@ -31,6 +33,8 @@ def main(argv=None) -> int:
     cfg["dropout"] = not args.no_dropout
     if args.hflip:
         cfg["hflip"] = True
+    if args.no_lean:
+        cfg["lean"] = False
     out = Path(args.out or f"artifacts/runs/{args.arch}")
     try:
         model, cfg = train(cfg, args.data_dir, progress=not args.quiet)

@@ -51,8 +51,9 @@ def find_file(data_dir: Path, name: str) -> Path:
     raise DataError(f"{data_dir}: no {name} or {name}.gz (install dataset-fashion-mnist or pass --data-dir)")
 
 
-def load_split(data_dir: str | Path, split: str) -> tuple[np.ndarray, np.ndarray]:
-    """Images as float32 [N,1,28,28] in [0,1] and labels as int64 [N]."""
+def load_split_uint8(data_dir: str | Path, split: str) -> tuple[np.ndarray, np.ndarray]:
+    """Images as the file stores them, uint8 [N,28,28], and labels as int64 [N]. Training keeps
+    these in memory (a quarter of the float32 bytes) and converts one batch at a time (`to_float`)."""
     data_dir = Path(data_dir)
     images = read_idx(find_file(data_dir, FILES[split][0]))
     labels = read_idx(find_file(data_dir, FILES[split][1]))
@@ -62,7 +63,21 @@ def load_split(data_dir: str | Path, split: str) -> tuple[np.ndarray, np.ndarray
         raise DataError(f"{data_dir}: {split} has {len(images)} images but labels of shape {labels.shape}")
     if labels.max() >= len(LABELS):
         raise DataError(f"{data_dir}: {split} labels go up to {labels.max()}, expected < {len(LABELS)}")
-    return (images.astype(np.float32) / 255.0)[:, None], labels.astype(np.int64)
+    return images, labels.astype(np.int64)
+
+
+def to_float(images):
+    """uint8 [N,28,28] -> float32 [N,1,28,28] in [0,1], the models' input; numpy or torch, the same
+    bits either way (one IEEE division by 255)."""
+    if isinstance(images, np.ndarray):
+        return (images.astype(np.float32) / 255.0)[:, None]
+    return images.float().div_(255.0).unsqueeze(1)
+
+
+def load_split(data_dir: str | Path, split: str) -> tuple[np.ndarray, np.ndarray]:
+    """Images as float32 [N,1,28,28] in [0,1] and labels as int64 [N]."""
+    images, labels = load_split_uint8(data_dir, split)
+    return to_float(images), labels
 
 
 def train_val_split(n: int, val_size: int, seed: int) -> tuple[np.ndarray, np.ndarray]:

@@ -86,3 +86,121 @@ def build(arch: str, dropout: bool = True) -> nn.Sequential:
             if isinstance(layer, nn.Dropout):
                 model[i] = nn.Identity()
     return model
+
+
+# --- seed-cnn, trained with less memory traffic ---------------------------------------------------
+# The seed's Conv(1->32) -> BN -> ReLU -> MaxPool spends a training step streaming 32x28x28
+# activations through BN, ReLU, MaxPool and their backward passes (docs/training.md). LeanSeedCNN is
+# the same function with the same parameters and the same gradients, arranged so that only the
+# conv output and its pooling gradient are full size:
+#   1. ReLU(MaxPool(.)) = MaxPool(ReLU(.)) and BN's per-channel affine map a*x+b commutes with the
+#      max for a >= 0 (for a < 0 the max of a*x+b sits at the min of x: that channel's filter is
+#      negated before the pool), so the affine map and the ReLU run on the pooled 32x14x14;
+#   2. BN's batch mean and variance over the conv output are functions of the filters and the input
+#      patches' mean and 9x9 second moment (mean_c = w_c.E[z], var_c = w_c'Cov(z)w_c, float64), so
+#      BN's backward runs through 32x9 filters instead of 32x28x28 activations;
+#   3. the conv bias shifts the conv output and its batch mean alike, so it cancels in BN (its exact
+#      gradient is 0) and enters only the running mean;
+#   4. weights are held in the layouts the kernels want: filters as [9, 32], fc1's columns in
+#      (h, w, c) order so the pooled NHWC activations flatten without a copy.
+# `seed_state_dict` gives everything back under the seed's own names and layouts (export/ never sees
+# this class).
+
+
+class _ConvMaxPool(torch.autograd.Function):
+    """patches [4, M, 9] (one block per position of the 2x2 pooling window, in MaxPool's scan order)
+    @ filters [9, C], then the max over the 4 positions: [M, C]. The backward routes each pooled
+    gradient to the position that won (the first on ties, like MaxPool) without a 4x scatter."""
+
+    @staticmethod
+    def forward(ctx, patches, filters):
+        c0, c1, c2, c3 = (patches.view(-1, 9) @ filters).view(4, -1, filters.shape[1])
+        # 1.0 where the 2nd beats the 1st, the 4th the 3rd, the bottom pair the top; strictly, so ties
+        # go to the first, as in MaxPool. Float masks: multiplying by a bool tensor is 3x slower here.
+        wins = torch.empty(3, *c0.shape, dtype=c0.dtype)
+        torch.gt(c1, c0, out=wins[0])
+        torch.gt(c3, c2, out=wins[1])
+        top, bottom = torch.maximum(c0, c1, out=c0), torch.maximum(c2, c3, out=c2)
+        torch.gt(bottom, top, out=wins[2])
+        ctx.save_for_backward(patches, wins)
+        return torch.maximum(top, bottom)
+
+    @staticmethod
+    def backward(ctx, grad):
+        patches, wins = ctx.saved_tensors
+        routed = torch.empty(4, *grad.shape, dtype=grad.dtype)
+        g_bottom = grad * wins[2]
+        g_top = grad - g_bottom
+        torch.mul(g_top, wins[0], out=routed[1])
+        torch.sub(g_top, routed[1], out=routed[0])
+        torch.mul(g_bottom, wins[1], out=routed[3])
+        torch.sub(g_bottom, routed[3], out=routed[2])
+        return None, patches.view(-1, 9).T @ routed.view(-1, grad.shape[1])
+
+
+def pooled_patches(x: torch.Tensor, mean, std) -> torch.Tensor:
+    """Normalized, zero-padded 3x3 patches of x [N,1,28,28], as [4, N*14*14, 9]: block (a, b) holds
+    the patches of output pixels (2i+a, 2j+b), rows in (n, i, j) order, columns in the kernel's."""
+    padded = nn.functional.pad((x[:, 0] - mean) / std, (1, 1, 1, 1))
+    out = torch.empty(4, x.shape[0], 14, 14, 9, dtype=x.dtype)
+    for s, (a, b) in enumerate(((0, 0), (0, 1), (1, 0), (1, 1))):
+        torch.stack([padded[:, a + dy:a + dy + 28:2, b + dx:b + dx + 28:2] for dy in range(3) for dx in range(3)],
+                    -1, out=out[s])
+    return out.view(4, -1, 9)
+
+
+class LeanSeedCNN(nn.Module):
+    """seed_cnn() for training: same function, parameters and gradients, less memory traffic (above)."""
+
+    def __init__(self, seed: nn.Sequential):
+        super().__init__()
+        norm, conv, bn, _, _, _, fc1, _, dropout, fc2 = seed
+        p = lambda t: nn.Parameter(t.detach().clone())  # noqa: E731
+        self.register_buffer("pixel_mean", norm.mean.clone())
+        self.register_buffer("pixel_std", norm.std.clone())
+        self.filters = p(conv.weight.view(32, 9).T)                    # [9, 32]
+        self.conv_bias = p(conv.bias)
+        self.bn_weight, self.bn_bias = p(bn.weight), p(bn.bias)
+        self.register_buffer("running_mean", bn.running_mean.clone())
+        self.register_buffer("running_var", bn.running_var.clone())
+        self.register_buffer("num_batches_tracked", bn.num_batches_tracked.clone())
+        self.momentum, self.eps = bn.momentum, bn.eps
+        self.fc1_weight = p(fc1.weight.view(-1, 32, 14, 14).permute(0, 2, 3, 1).reshape(-1, 32 * 14 * 14))
+        self.fc1_bias = p(fc1.bias)
+        self.dropout = dropout.p if isinstance(dropout, nn.Dropout) else 0.0
+        self.fc2_weight, self.fc2_bias = p(fc2.weight), p(fc2.bias)
+
+    def forward(self, x):
+        patches = pooled_patches(x, self.pixel_mean, self.pixel_std)
+        if self.training:
+            zd = patches.view(-1, 9).double()
+            count = len(zd)
+            z_mean = zd.mean(0)
+            cov = zd.T @ zd / count - torch.outer(z_mean, z_mean)
+            fd = self.filters.double()
+            mean, var = z_mean @ fd, ((cov @ fd) * fd).sum(0)           # over all N*28*28 conv outputs
+            with torch.no_grad():
+                self.num_batches_tracked += 1
+                self.running_mean.lerp_((mean + self.conv_bias).to(x.dtype), self.momentum)
+                self.running_var.lerp_((var * count / (count - 1)).to(x.dtype), self.momentum)
+            mean, var = mean.to(x.dtype), var.to(x.dtype)
+        else:
+            mean, var = self.running_mean - self.conv_bias, self.running_var
+        scale = self.bn_weight * torch.rsqrt(var + self.eps)
+        sign = torch.where(scale < 0, -1.0, 1.0).detach()
+        pooled = _ConvMaxPool.apply(patches, self.filters * sign)    # max of sign * conv, [N*14*14, 32]
+        h = torch.relu(pooled * (scale * sign) + (self.bn_bias - mean * scale))
+        h = nn.functional.linear(h.view(x.shape[0], -1), self.fc1_weight, self.fc1_bias)
+        h = nn.functional.dropout(torch.relu(h), self.dropout, self.training)
+        return nn.functional.linear(h, self.fc2_weight, self.fc2_bias)
+
+    def seed_state_dict(self) -> dict:
+        """The same values under seed_cnn()'s names, shapes and layouts."""
+        return {
+            "0.mean": self.pixel_mean, "0.std": self.pixel_std,
+            "1.weight": self.filters.T.reshape(32, 1, 3, 3), "1.bias": self.conv_bias,
+            "2.weight": self.bn_weight, "2.bias": self.bn_bias, "2.running_mean": self.running_mean,
+            "2.running_var": self.running_var, "2.num_batches_tracked": self.num_batches_tracked,
+            "6.weight": self.fc1_weight.view(-1, 14, 14, 32).permute(0, 3, 1, 2).reshape(-1, 32 * 14 * 14),
+            "6.bias": self.fc1_bias, "9.weight": self.fc2_weight, "9.bias": self.fc2_bias,
+        }
