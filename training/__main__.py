@@ -7,18 +7,26 @@ from training.artifacts import save_run
 from training.data import DEFAULT_DATA_DIR, DataError
 from training.models import ARCHS
 from training.plots import plot_history
-from training.train import DEFAULTS, train
+from training.train import ARCH_DEFAULTS, DEFAULTS, train
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(prog="python -m training", description="Train a BN/Dropout model on Fashion-MNIST.")
-    p.add_argument("--arch", choices=list(ARCHS), default=DEFAULTS["arch"])
-    p.add_argument("--data-dir", default=DEFAULT_DATA_DIR, help="directory with the Fashion-MNIST IDX files (.gz ok)")
-    p.add_argument("--out", default=None, help="run directory (default artifacts/runs/<arch>)")
-    for key in ("epochs", "batch_size", "patience", "val_size", "seed", "subset", "threads", "shift"):
-        p.add_argument(f"--{key.replace('_', '-')}", type=int, default=None)
-    for key in ("lr", "weight_decay", "label_smoothing"):
-        p.add_argument(f"--{key.replace('_', '-')}", type=float, default=None)
+    p = argparse.ArgumentParser(prog="python -m training", description="Train a BN/Dropout model on Fashion-MNIST. "
+                                "Defaults are seed-cnn's; other families change some (training/train.py ARCH_DEFAULTS).")
+    p.add_argument("--arch", choices=list(ARCHS), default=DEFAULTS["arch"], help=f"model family (default: {DEFAULTS['arch']})")
+    p.add_argument("--data-dir", default=DEFAULT_DATA_DIR,
+                   help=f"directory with the Fashion-MNIST IDX files, .gz ok (default: {DEFAULT_DATA_DIR})")
+    p.add_argument("--out", default=None, help="run directory (default: artifacts/runs/<arch>)")
+    helps = {"epochs": "training epochs", "batch_size": "images per step", "patience": "early stop after this many "
+             "epochs without a better validation accuracy", "val_size": "training images held out for validation",
+             "seed": "random seed (weights, split, batches, dropout)", "subset": "train on this many images only (0 = all)",
+             "threads": "torch threads (0 = one per usable core)", "shift": "random shifts of up to this many pixels",
+             "lr": "peak learning rate of the one-cycle schedule", "weight_decay": "AdamW decoupled weight decay "
+             "(weight matrices only)", "label_smoothing": "cross-entropy label smoothing"}
+    for key, help_text in helps.items():
+        arch_default = ARCH_DEFAULTS.get(DEFAULTS["arch"], {}).get(key, DEFAULTS[key])
+        p.add_argument(f"--{key.replace('_', '-')}", type=float if isinstance(DEFAULTS[key], float) else int,
+                       default=None, help=f"{help_text} (default: {arch_default})")
     p.add_argument("--no-dropout", action="store_true", help="replace every Dropout with Identity")
     p.add_argument("--hflip", action="store_true", help="augment with random horizontal flips")
     p.add_argument("--no-lean", action="store_true",

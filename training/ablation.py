@@ -16,12 +16,12 @@ from training.train import resolve_config, train  # noqa: E402
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m training.ablation", description=__doc__.split("\n")[0])
-    p.add_argument("--arch", default="seed-cnn")
-    p.add_argument("--data-dir", default=DEFAULT_DATA_DIR)
-    p.add_argument("--out", default="artifacts/ablation")
-    p.add_argument("--epochs", type=int, default=None, help="default: the family's own (training/train.py)")
-    p.add_argument("--subset", type=int, default=0)
-    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--arch", default="seed-cnn", help="model family (default: seed-cnn)")
+    p.add_argument("--data-dir", default=DEFAULT_DATA_DIR, help=f"Fashion-MNIST IDX files (default: {DEFAULT_DATA_DIR})")
+    p.add_argument("--out", default="artifacts/ablation", help="table, JSON and plot (default: artifacts/ablation)")
+    p.add_argument("--epochs", type=int, default=None, help="epochs (default: the family's own, training/train.py)")
+    p.add_argument("--subset", type=int, default=0, help="train on this many images only (default: 0 = all)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars (default: off)")
     args = p.parse_args(argv)
     out = Path(args.out)
     runs = {}
