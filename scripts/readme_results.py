@@ -22,7 +22,7 @@ SECTIONS = [
     ("Model: accuracy, fold parity, onnxruntime speed", "results.md", "make pipeline", []),
     ("`make pipeline`: wall seconds per stage", "pipeline_times.tsv", "make pipeline", []),
     ("Keras seed models through the ONNX pass", "keras/results.md", "make keras-seeds", []),
-    ("ONNX fold pass vs onnxoptimizer / onnxsim / onnxslim", "bench_onnx_fold/results.md", "make bench-onnx-fold",
+    ("ONNX fold pass vs onnxoptimizer / onnxsim / onnxslim", "bench_onnx_fold/results.json", "make bench-onnx-fold",
      ["bench_onnx_fold/throughput.png"]),
     ("Serving benchmark: our service vs naive baselines", "bench_serve/results.md", "make bench-serve",
      ["bench_serve/throughput_vs_users.png", "bench_serve/latency_vs_users.png"]),
@@ -43,11 +43,26 @@ def render(path: Path, command: str) -> str:
                           *(f"| {n} | {float(s):.0f} |" for n, s in rows), f"| **total** | **{total:.0f}** |"])
     if path.name == "faults.json":  # every figure of the battery against its goal
         f = json.loads(path.read_text())
-        rows = [f"| {name} | {c['figure']} | {c['value']} | {c['goal']} | {'PASS' if c['pass'] else '**FAIL**'} |"
-                for name, scenario in f["scenarios"].items() for c in scenario["checks"]]
+        rows = [f"| {name} | " + "; ".join(f"{c['figure']}: {c['value']}" + ("" if c["pass"] else f" **(goal {c['goal']})**")
+                                          for c in scenario["checks"])
+                + f" | {'PASS' if all(c['pass'] for c in scenario['checks']) else '**FAIL**'} |"
+                for name, scenario in f["scenarios"].items()]
         return "\n".join([f"`{f['command']}`, {f['date']}, {f['workers']} workers, load average before "
-                          f"{f['load_average_before'][0]:.1f} (the load generator shares the 2 cores):", "",
-                          "| scenario | figure | measured | goal | |", "|---|---|---|---|---|", *rows])
+                          f"{f['load_average_before'][0]:.1f} (the load generator shares the 2 cores); every goal "
+                          "in docs/service.md:", "", "| scenario | figures | |", "|---|---|---|", *rows])
+    if path.parent.name == "bench_onnx_fold":  # one row per model: ours against the original and the best tool
+        b = json.loads(path.read_text())
+        rows = []
+        for r in b["results"]:
+            v, a = r["variants"], r["acceptance"]
+            rows.append(f"| {r['model']} | {v['original']['bn_derived_left']} → {v['ours']['bn_derived_left']} | "
+                        f"{v['original']['nodes']} → {v['ours']['nodes']} | {v['ours']['parity']['max_abs_diff']:.1e} | "
+                        f"{a['batch1_ours_over_best_tool']:.2f} / {a['batch64_ours_over_best_tool']:.2f} | "
+                        f"{a['batch1_ours_over_original']:.2f} / {a['batch64_ours_over_original']:.2f} |")
+        return "\n".join([f"`{b['command']}`, {b['date']}, onnxruntime {b['onnxruntime']}, 1 thread, median of "
+                          f"{b['rounds']} interleaved rounds (every variant and tool: docs/onnx-fold.md):", "",
+                          "| model | BN-derived nodes, original → ours | nodes | parity (max abs diff) | "
+                          "ours ÷ best tool, batch 1 / 64 | ours ÷ original, batch 1 / 64 |", "|---|---|---|---|---|---|", *rows])
     if path.suffix == ".json":  # the soak's summary
         s = json.loads(path.read_text())
         verdict = "PASS" if s["ok"] else "FAIL: " + "; ".join(s["reasons"])
@@ -58,6 +73,10 @@ def render(path: Path, command: str) -> str:
                 f"{s['warmup_s']:.0f} s of warm-up.")
     text = path.read_text().strip()
     text = re.sub(r"^!\[.*$", "", text, flags=re.M).strip()  # plots are linked from docs/img/results below
+    text = re.sub(r"^(Folded|Unfolded) graph nodes: .*\n", "", text, flags=re.M)  # in export_report.json
+    met = re.findall(r"^- .* — met$", text, flags=re.M)  # goal lists: name what is short, count what is met
+    if met:
+        text = re.sub(r"^- .* — met\n?", "", text, flags=re.M).rstrip() + f"\n- the other {len(met)} goals: met"
     if command not in text and "Command:" not in text and "`" not in text.splitlines()[0]:
         text = f"`{command}`, {date_of(path)}:\n\n{text}"
     return text
