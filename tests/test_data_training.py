@@ -217,3 +217,63 @@ def test_lean_seed_cnn_training_is_reproducible(data_dir):
     for (name, a), b in zip(model_a.state_dict().items(), model_b.state_dict().values()):
         assert torch.equal(a, b), name
     assert cfg_a["metrics"]["test_accuracy"] > 0.5
+
+
+@pytest.mark.parametrize("lean", [True, False])
+def test_weight_average_follows_the_live_weights_by_the_decay(lean):
+    from training.models import LeanSeedCNN
+    from training.train import WeightAverage
+
+    torch.manual_seed(0)
+    seed = build("seed-cnn")
+    net = LeanSeedCNN(seed) if lean else seed
+    average = WeightAverage(net, 0.9)
+    assert average.model is not net
+    before = {k: v.clone() for k, v in average.model.state_dict().items()}
+    with torch.no_grad():  # a "step": every float tensor of the live net moves, BN statistics included
+        for v in net.state_dict().values():
+            if v.is_floating_point():
+                v.add_(torch.randn_like(v))
+    average.update()
+    live = net.state_dict()
+    moved = 0
+    for name, value in average.model.state_dict().items():
+        if value.is_floating_point():
+            expected = 0.9 * before[name] + 0.1 * live[name]
+            assert torch.allclose(value, expected, atol=1e-6), name
+            moved += not torch.equal(value, before[name])
+        else:
+            assert torch.equal(value, before[name]), name
+    assert moved >= 8  # weights, biases and running statistics all moved
+    assert WeightAverage(net, 0.0).model is net
+
+
+def test_training_with_weight_average_keeps_the_averaged_model(data_dir):
+    from training.train import train
+
+    cfg = {"arch": "seed-cnn", "epochs": 1, "subset": 1500, "val_size": 500, "seed": 3, "threads": 2}
+    plain, _ = train(cfg, data_dir, progress=False)
+    averaged, cfg_ema = train({**cfg, "ema": 0.9}, data_dir, progress=False)
+    # same batches and steps; the kept weights are the average, not the last step's
+    assert not torch.equal(plain.state_dict()["6.weight"], averaged.state_dict()["6.weight"])
+    assert cfg_ema["ema"] == 0.9 and cfg_ema["metrics"]["test_accuracy"] > 0.3
+
+
+def test_recipes_table_trains_each_recipe_and_seed(tmp_path, data_dir):
+    from training import recipes
+
+    out = tmp_path / "recipes"
+    argv = ["--recipes", "before,default@0+1", "--seeds", "0", "--epochs", "1", "--subset", "600", "--quiet",
+            "--data-dir", str(data_dir), "--out", str(out)]
+    assert recipes.main(argv) == 0
+    result = json.loads((out / "results.json").read_text())
+    assert [(r["recipe"], r["seed"]) for r in result["rows"]] == [("before", 0), ("default", 0), ("default", 1)]
+    assert result["recipes"]["before"]["lean"] is False and result["recipes"]["default"]["lean"] is True
+    assert all(r["epochs_run"] == 1 and 0.1 < r["test_accuracy"] <= 1 for r in result["rows"])
+    assert result["rows"][1]["test_accuracy"] != result["rows"][2]["test_accuracy"]  # the seed matters
+    text = (out / "results.md").read_text()
+    assert "**default, mean of 2**" in text and "before, mean" not in text
+    assert (out / "recipes.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    for bad in ("nope", "default@1+x", ","):
+        assert recipes.main(["--recipes", bad, "--out", str(tmp_path / "x")]) == 2
+    assert not (tmp_path / "x").exists()

@@ -22,7 +22,8 @@ def parse_args(argv=None):
              "seed": "random seed (weights, split, batches, dropout)", "subset": "train on this many images only (0 = all)",
              "threads": "torch threads (0 = one per usable core)", "shift": "random shifts of up to this many pixels",
              "lr": "peak learning rate of the one-cycle schedule", "weight_decay": "AdamW decoupled weight decay "
-             "(weight matrices only)", "label_smoothing": "cross-entropy label smoothing"}
+             "(weight matrices only)", "label_smoothing": "cross-entropy label smoothing",
+             "ema": "decay per step of the weights' exponential moving average that is evaluated and kept (0 = off)"}
     for key, help_text in helps.items():
         arch_default = ARCH_DEFAULTS.get(DEFAULTS["arch"], {}).get(key, DEFAULTS[key])
         p.add_argument(f"--{key.replace('_', '-')}", type=float if isinstance(DEFAULTS[key], float) else int,

@@ -97,7 +97,7 @@ def build(arch: str, dropout: bool = True) -> nn.Sequential:
 #      max for a >= 0 (for a < 0 the max of a*x+b sits at the min of x: that channel's filter is
 #      negated before the pool), so the affine map and the ReLU run on the pooled 32x14x14;
 #   2. BN's batch mean and variance over the conv output are functions of the filters and the input
-#      patches' mean and 9x9 second moment (mean_c = w_c.E[z], var_c = w_c'Cov(z)w_c, float64), so
+#      patches' mean and 9x9 second moment (mean_c = w_c.E[z], var_c = w_c'Cov(z)w_c), so
 #      BN's backward runs through 32x9 filters instead of 32x28x28 activations;
 #   3. the conv bias shifts the conv output and its batch mean alike, so it cancels in BN (its exact
 #      gradient is 0) and enters only the running mean;
@@ -127,15 +127,20 @@ class _ConvMaxPool(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        patches, wins = ctx.saved_tensors
-        routed = torch.empty(4, *grad.shape, dtype=grad.dtype)
-        g_bottom = grad * wins[2]
-        g_top = grad - g_bottom
-        torch.mul(g_top, wins[0], out=routed[1])
-        torch.sub(g_top, routed[1], out=routed[0])
-        torch.mul(g_bottom, wins[1], out=routed[3])
-        torch.sub(g_bottom, routed[3], out=routed[2])
-        return None, patches.view(-1, 9).T @ routed.view(-1, grad.shape[1])
+        # The filters' gradient is sum_s P_s' r_s over the 4 positions, r_s = the part of grad that
+        # position s won: r1 = g_top*w0, r0 = g_top - r1, r3 = g_bot*w1, r2 = g_bot - r3, with
+        # g_bot = grad*w2, g_top = grad - g_bot. Regrouped, it needs three routed blocks, not four:
+        #   P0' grad + (P2 - P0)' g_bot + (P1 - P0)' r1 + (P3 - P2)' r3.
+        p, wins = ctx.saved_tensors
+        routed = torch.empty(3, *grad.shape, dtype=grad.dtype)
+        torch.mul(grad, wins[2], out=routed[0])              # g_bot
+        torch.mul(grad - routed[0], wins[0], out=routed[1])  # r1
+        torch.mul(routed[0], wins[1], out=routed[2])         # r3
+        diffs = torch.empty(3, *p.shape[1:], dtype=p.dtype)
+        torch.sub(p[2], p[0], out=diffs[0])
+        torch.sub(p[1], p[0], out=diffs[1])
+        torch.sub(p[3], p[2], out=diffs[2])
+        return None, p[0].T @ grad + diffs.view(-1, 9).T @ routed.view(-1, grad.shape[1])
 
 
 def pooled_patches(x: torch.Tensor, mean, std) -> torch.Tensor:
@@ -173,17 +178,15 @@ class LeanSeedCNN(nn.Module):
     def forward(self, x):
         patches = pooled_patches(x, self.pixel_mean, self.pixel_std)
         if self.training:
-            zd = patches.view(-1, 9).double()
-            count = len(zd)
-            z_mean = zd.mean(0)
-            cov = zd.T @ zd / count - torch.outer(z_mean, z_mean)
-            fd = self.filters.double()
-            mean, var = z_mean @ fd, ((cov @ fd) * fd).sum(0)           # over all N*28*28 conv outputs
+            z = patches.view(-1, 9)
+            count = len(z)
+            z_mean = z.mean(0)
+            cov = z.T @ z / count - torch.outer(z_mean, z_mean)
+            mean, var = z_mean @ self.filters, ((cov @ self.filters) * self.filters).sum(0)  # over all N*28*28 conv outputs
             with torch.no_grad():
                 self.num_batches_tracked += 1
-                self.running_mean.lerp_((mean + self.conv_bias).to(x.dtype), self.momentum)
-                self.running_var.lerp_((var * count / (count - 1)).to(x.dtype), self.momentum)
-            mean, var = mean.to(x.dtype), var.to(x.dtype)
+                self.running_mean.lerp_(mean + self.conv_bias, self.momentum)
+                self.running_var.lerp_(var * count / (count - 1), self.momentum)
         else:
             mean, var = self.running_mean - self.conv_bias, self.running_var
         scale = self.bn_weight * torch.rsqrt(var + self.eps)

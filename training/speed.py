@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 from training import data
 from training.models import LeanSeedCNN, build
+from training.train import keep_freed_memory
 
 VARIANTS = ("old", "seed", "lean")
 
@@ -53,6 +54,8 @@ def main(argv=None) -> int:
     p.add_argument("--clock", choices=["wall", "cpu"], default="wall",
                    help="cpu: this thread's CPU time (use with --threads 1; robust to time-slicing)")
     p.add_argument("--profile", choices=VARIANTS, default=None, help="print torch.profiler's table for this variant")
+    p.add_argument("--default-malloc", action="store_true",
+                   help="leave glibc's malloc thresholds as they are (training raises them: keep_freed_memory)")
     p.add_argument("--data-dir", default=data.DEFAULT_DATA_DIR)
     args = p.parse_args(argv)
     variants = args.variants.split(",")
@@ -60,6 +63,8 @@ def main(argv=None) -> int:
         print(f"speed: unknown variant in {args.variants!r}; choose from {', '.join(VARIANTS)}", file=sys.stderr)
         return 2
     torch.set_num_threads(args.threads or len(__import__("os").sched_getaffinity(0)))
+    if not args.default_malloc:
+        keep_freed_memory()  # as training does
     images, labels = data.load_split_uint8(args.data_dir, "train")
     images, labels = torch.from_numpy(images[:20000].copy()), torch.from_numpy(labels[:20000])
     generator = torch.Generator().manual_seed(0)
