@@ -11,7 +11,7 @@ PORT ?= 3000
 # the model serve, bento, the load tests and faults use: the one exported last, as it is
 MODEL_PATH ?= $(ARTIFACTS)/model.onnx
 
-.PHONY: help setup setup-dev data browser pipeline train export verify test ablation bench-model serve bento \
+.PHONY: help setup setup-serve setup-dev data browser pipeline train export verify test ablation recipes bench-model serve bento \
 	faults loadtest bench-serve soak examples keras-seeds bench-onnx-fold readme-results clean
 
 help:
@@ -19,7 +19,7 @@ help:
 	@echo "  make pipeline        set-up, data, train ARCH=$(ARCH), export, verify, bench-model, report; time per stage"
 	@echo "  make test            set-up with the dev extra, data, headless browser, the whole pytest suite"
 	@echo "Stages (ARCH=seed-cnn|mlp-bn|keras-cnn|deep-cnn, DATA_DIR=$(DATA_DIR)):"
-	@echo "  make setup           .venv with torch==2.13.0 and the project   | make setup-dev   adds the dev extra"
+	@echo "  make setup           .venv with torch==2.13.0 and the project (setup-serve: + BentoML; setup-dev: + dev extra)"
 	@echo "  make data            the Fashion-MNIST IDX files (apt-get install dataset-fashion-mnist when missing)"
 	@echo "  make browser         chromium + chromium-driver for the page test (apt-get, as root)"
 	@echo "  make train           train ARCH into artifacts/runs/ARCH (skipped when its weights exist)"
@@ -27,6 +27,7 @@ help:
 	@echo "  make verify          re-check artifacts/model.onnx against ARCH's run"
 	@echo "  make bench-model     torch vs onnxruntime images/s, batch 1 and 64"
 	@echo "  make ablation        seed-cnn with and without dropout (EPOCHS=...)"
+	@echo "  make recipes         seed-cnn training recipes side by side: epochs, seconds, test accuracy (~20 min)"
 	@echo "  make keras-seeds     the two seed Keras models: train, Keras' ONNX export, fold, verify"
 	@echo "  make bench-onnx-fold our ONNX pass vs onnxoptimizer/onnxsim/onnxslim (installs them first)"
 	@echo "Serving and load (MODEL_PATH=$(MODEL_PATH); never trains or exports):"
@@ -43,21 +44,33 @@ help:
 
 # --- set-up ---------------------------------------------------------------------------------
 # torch first, in its own pip call: the pinned 2.13.0 is a local CPU wheel; resolving it together
-# with the project would pull a multi-GB CUDA build. `setup` installs what the pipeline and the
-# service need; `setup-dev` adds the dev extra (pytest, locust, keras, selenium, tritonclient, ...)
-# for the targets that need it, so `make pipeline` does not wait for them.
+# with the project would pull a multi-GB CUDA build. `setup` installs what the pipeline needs;
+# `setup-serve` adds the serving stack (BentoML, ...) for serve/bento; `setup-dev` adds that and the
+# dev extra (pytest, locust, keras, selenium, tritonclient, ...) for the targets that need them, so
+# `make pipeline` does not wait for either.
+# --no-compile in `setup`: byte-compiling all of torch and the rest is ~20 s of a fresh set-up, and
+# Python compiles what a program imports when it imports it. `setup-dev` compiles everything once
+# (the test suite starts many interpreters, and PYTHONDONTWRITEBYTECODE=1 would make each recompile).
 PIP := $(PY) -m pip install -q --disable-pip-version-check
 $(VENV)/.installed: pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	@$(PY) -c 'import torch, sys; sys.exit(torch.__version__.split("+")[0] != "2.13.0")' 2>/dev/null || $(PIP) torch==2.13.0
-	$(PIP) -e .
+	@$(PY) -c 'import torch, sys; sys.exit(torch.__version__.split("+")[0] != "2.13.0")' 2>/dev/null || $(PIP) --no-compile torch==2.13.0
+	$(PIP) --no-compile -e .
 	@touch $@
 
+$(VENV)/.serve-installed: $(VENV)/.installed
+	$(PIP) -e '.[serve]'
+	@touch $@
+
+# compileall: some packages ship files for other Python versions that do not compile; pip skips them
+# alike, so its exit status is not the set-up's.
 $(VENV)/.dev-installed: $(VENV)/.installed
 	$(PIP) -e '.[dev]'
-	@touch $@
+	@$(PY) -m compileall -q -j 0 "$$($(PY) -c 'import sysconfig; print(sysconfig.get_path("purelib"))')" > /dev/null 2>&1 || :
+	@touch $@ $(VENV)/.serve-installed
 
 setup: $(VENV)/.installed
+setup-serve: $(VENV)/.serve-installed
 setup-dev: $(VENV)/.dev-installed
 
 data:
@@ -105,6 +118,13 @@ test: setup-dev data browser
 ablation: setup data
 	$(PY) -m training.ablation --data-dir "$(DATA_DIR)" --out $(ARTIFACTS)/ablation $(if $(EPOCHS),--epochs $(EPOCHS))
 
+# seed-cnn's training recipes side by side on this machine (docs/training.md): the recipe before
+# issue 11, the same through LeanSeedCNN, and the default with three seeds (~20 min)
+RECIPES ?= before@0,lean-20@0,default@0+1+2
+recipes: setup data
+	$(PY) -m training.recipes --recipes $(RECIPES) --data-dir "$(DATA_DIR)" \
+		--out $(ARTIFACTS)/recipes
+
 bench-model: export
 	$(PY) -m export.bench --model-dir $(ARTIFACTS) --run $(RUN_DIR) --data-dir "$(DATA_DIR)" --out $(ARTIFACTS)/bench_model.json
 
@@ -115,11 +135,11 @@ NEED_MODEL = @test -f "$(MODEL_PATH)" || { echo "$(MODEL_PATH) is missing: run \
 LOCK = $(if $(BENCH_LOCK),flock "$(BENCH_LOCK)")
 
 # Every knob is an environment variable (docs/service.md, "Settings").
-serve: setup
+serve: setup-serve
 	$(NEED_MODEL)
 	MODEL_PATH="$(MODEL_PATH)" $(VENV)/bin/bentoml serve service.service:Classifier --port $(PORT)
 
-bento: setup
+bento: setup-serve
 	$(NEED_MODEL)
 	@tag=$$($(PY) -m service.store "$(MODEL_PATH)") && echo "model store: $$tag" && \
 	$(VENV)/bin/bentoml build --arg model_tag=$$tag

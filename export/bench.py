@@ -34,8 +34,8 @@ def main(argv=None) -> int:
     p.add_argument("--data-dir", default=DEFAULT_DATA_DIR, help="Fashion-MNIST IDX files (the timed inputs)")
     p.add_argument("--out", default="artifacts/bench_model.json", help="the JSON report")
     p.add_argument("--batches", default="1,64", help="comma-separated batch sizes to time")
-    p.add_argument("--rounds", type=int, default=7, help="interleaved rounds (the median is reported)")
-    p.add_argument("--seconds", type=float, default=0.4, help="seconds per variant per round")
+    p.add_argument("--rounds", type=int, default=5, help="interleaved rounds (the median is reported)")
+    p.add_argument("--seconds", type=float, default=0.25, help="seconds per variant per round")
     args = p.parse_args(argv)
     model_dir = Path(args.model_dir)
     try:

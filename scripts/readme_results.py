@@ -21,6 +21,7 @@ BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
 SECTIONS = [
     ("Model: accuracy, fold parity, onnxruntime speed", "results.md", "make pipeline", []),
     ("`make pipeline`: wall seconds per stage", "pipeline_times.tsv", "make pipeline", []),
+    ("seed-cnn training recipes, side by side", "recipes/results.md", "make recipes", ["recipes/recipes.png"]),
     ("Keras seed models through the ONNX pass", "keras/results.md", "make keras-seeds", []),
     ("ONNX fold pass vs onnxoptimizer / onnxsim / onnxslim", "bench_onnx_fold/results.json", "make bench-onnx-fold",
      ["bench_onnx_fold/throughput.png"]),
