@@ -40,8 +40,8 @@ def render(path: Path, command: str) -> str:
     if path.suffix == ".tsv":  # stage<TAB>seconds
         rows = [line.split("\t") for line in path.read_text().splitlines() if "\t" in line]
         total = sum(float(s) for _, s in rows)
-        return "\n".join([f"`{command}`, {date_of(path)}:", "", "| stage | seconds |", "|---|---|",
-                          *(f"| {n} | {float(s):.0f} |" for n, s in rows), f"| **total** | **{total:.0f}** |"])
+        return (f"`{command}`, {date_of(path)}, wall seconds: " + " · ".join(f"{n} {float(s):.0f}" for n, s in rows)
+                + f" → **total {total:.0f} s** ({total / 60:.1f} min).")
     if path.name == "faults.json":  # every figure of the battery against its goal
         f = json.loads(path.read_text())
         rows = [f"| {name} | " + "; ".join(f"{c['figure']}: {c['value']}" + ("" if c["pass"] else f" **(goal {c['goal']})**")
@@ -75,9 +75,11 @@ def render(path: Path, command: str) -> str:
     text = path.read_text().strip()
     text = re.sub(r"^!\[.*$", "", text, flags=re.M).strip()  # plots are linked from docs/img/results below
     text = re.sub(r"^(Folded|Unfolded) graph nodes: .*\n", "", text, flags=re.M)  # in export_report.json
-    met = re.findall(r"^- .* — met$", text, flags=re.M)  # goal lists: name what is short, count what is met
-    if met:
-        text = re.sub(r"^- .* — met\n?", "", text, flags=re.M).rstrip() + f"\n- the other {len(met)} goals: met"
+    goals = re.findall(r"^- (.*) — (met|SHORT)$", text, flags=re.M)  # goal lists: one line, name what is short
+    if goals:
+        short = [g for g, verdict in goals if verdict == "SHORT"]
+        text = re.sub(r"^Goals:\n(- .* — (met|SHORT)\n?)+", "", text, flags=re.M).rstrip()
+        text += "\n\nGoals: " + "".join(f"{g} — **short**; " for g in short) + f"{len(goals) - len(short)} of {len(goals)} met."
     if command not in text and "Command:" not in text and "`" not in text.splitlines()[0]:
         text = f"`{command}`, {date_of(path)}:\n\n{text}"
     return text

@@ -26,7 +26,8 @@ from training.train import resolve_config, train  # noqa: E402
 _BEFORE = dict(lean=False, keep_freed=False, epochs=20, batch_size=128, lr=2e-3, weight_decay=5e-4,
                label_smoothing=0.1, ema=0.0, hflip=False, shift=0, patience=4)
 RECIPES = {
-    "before": ("the seed's layers, AdamW 2e-3 one-cycle, 20 epochs (the recipe before issue 11)", _BEFORE),
+    "before": ("the recipe before issue 11: the seed's layers, glibc malloc as is (main's step then was ~1.1x "
+               "this one: float32 images in memory, for-loop AdamW)", _BEFORE),
     "lean-20": ("the same recipe trained through LeanSeedCNN", {**_BEFORE, "lean": True, "keep_freed": True}),
     "default": ("what `make pipeline` trains (training/train.py)", {}),
 }
