@@ -38,8 +38,8 @@ DEFAULTS = dict(
 
 # Per-family settings that differ from DEFAULTS, each measured (README "Training").
 ARCH_DEFAULTS = {
-    # lr 4e-3 with decoupled weight decay 0.05 on the weight matrices: 92.09 / 92.10 / 92.12% test with
-    # seeds 0 / 1 / 2 at 20 epochs, where lr 2e-3 and decay 5e-4 gave 91.93 / 92.12% (docs/training.md)
+    # lr 4e-3 with decoupled weight decay 0.05 on the weight matrices: 92.12 / 92.33 / 92.12% test with
+    # seeds 0 / 1 / 2 at 20 epochs, lr 2e-3 and decay 5e-4 92.10% (seed 0; `make recipes`, docs/training.md)
     "seed-cnn": dict(epochs=20, lr=4e-3, weight_decay=0.05),
     # BN after ReLU in an MLP: with weak decay its logits drift to |z| ~ 100-270 and float32 itself
     # (torch vs float64, torch vs onnxruntime, folded or not) then differs by 1e-4 > the 1e-5 parity
@@ -58,10 +58,11 @@ def resolve_config(cfg: dict) -> dict:
 
 
 def keep_freed_memory() -> bool:
-    """glibc's malloc gives a freed block larger than its mmap threshold back to the OS, so every
-    training step page-faults its ~13 MB activations in again: ~1/3 more time per lean step
-    (docs/training.md). Raising the mmap threshold to glibc's maximum (32 MB) and the trim threshold
-    keeps freed blocks for reuse. False where the C library is not glibc (nothing changes)."""
+    """glibc's malloc gives a freed block larger than its mmap threshold back to the OS, so a
+    training step page-faults its ~13 MB activations in again: ~10% of a lean step, ~35% of a step
+    of the seed's own layers (docs/training.md). Raising the mmap threshold to glibc's maximum
+    (32 MB) and the trim threshold keeps freed blocks for reuse. False where the C library is not
+    glibc (nothing changes)."""
     try:
         libc = ctypes.CDLL("libc.so.6")
     except OSError:
