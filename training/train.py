@@ -45,7 +45,10 @@ ARCH_DEFAULTS = {
     # (torch vs float64, torch vs onnxruntime, folded or not) then differs by 1e-4 > the 1e-5 parity
     # tolerance. Decoupled weight decay 0.1 keeps |z| < 65 and parity within 0.65 of the tolerance,
     # at the same accuracy (88.9% vs 88.7%).
-    "mlp-bn": dict(epochs=20, weight_decay=0.1),
+    # 2026-11-24: with lr 2e-3 a unit that ReLU keeps dead on the training set gets BN gain
+    # gamma/sqrt(eps) ~ 340 and seed 0 missed parity (ORT unfolded vs torch, both float32: 3.8e-5);
+    # lr 1e-3 passes with seeds 0 and 1 at 89.02 / 88.94% (was 88.60 / 88.71%), docs/training.md.
+    "mlp-bn": dict(epochs=20, weight_decay=0.1, lr=1e-3),
     "keras-cnn": dict(epochs=20, weight_decay=0.1),
     "deep-cnn": dict(epochs=15, hflip=True),
 }
