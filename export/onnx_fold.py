@@ -43,7 +43,7 @@ from onnx import helper
 
 from export.fold import (affine_of_bn, affine_of_elementwise, compose_affine, fold_backward_arrays,
                          fold_forward_arrays)
-from export.onnx_graph import (FLOAT, Graph, attr, bn_derived_nodes, clean, describe, fuse_pad_into_conv,
+from export.onnx_graph import (FLOATS, Graph, attr, bn_derived_nodes, clean, describe, fuse_pad_into_conv,
                                node_counts, optimize_transposes, set_attr)
 
 LAYERS = ("Conv", "Gemm", "MatMul")
@@ -93,7 +93,7 @@ def _affine(graph: Graph, node):
     size 1 on the batch axis (float64); None when it is not one."""
     x = _data_input(graph, node)
     shape = graph.shape(x)
-    if shape is None or len(shape) < 2 or graph.elem_type(x) != FLOAT or graph.elem_type(node.output[0]) != FLOAT:
+    if shape is None or len(shape) < 2 or graph.elem_type(x) not in FLOATS or graph.elem_type(node.output[0]) != graph.elem_type(x):
         return None
     rank = len(shape)
     if node.op_type == "BatchNormalization":
@@ -236,7 +236,7 @@ def _weights(graph: Graph, layer):
     """(W, bias or None) of a Conv/Gemm/MatMul with constant weights, alpha/beta applied; bias as 1-D
     per output. None when the weights are not constants (or the bias is not per output)."""
     w = graph.const(layer.input[1]) if len(layer.input) > 1 else None
-    if w is None or graph.const(layer.input[0]) is not None or w.dtype != np.float32:
+    if w is None or graph.const(layer.input[0]) is not None or w.dtype not in (np.float32, np.float64):
         return None
     if layer.op_type == "MatMul":
         return (w, None) if w.ndim == 2 else None
@@ -257,11 +257,12 @@ def _weights(graph: Graph, layer):
 def _set_weights(graph: Graph, layer, w: np.ndarray, b: np.ndarray, new_bias_add: bool = False) -> None:
     """Write folded weights back (new initializers: the old ones may be shared with other nodes). A
     MatMul's bias goes into the Add after it, or into a new Add (always when `new_bias_add`)."""
-    layer.input[1] = graph.add_const(w.astype(np.float32), f"{layer.name or layer.op_type}.weight")
+    dtype = graph.const(layer.input[1]).dtype  # float32, or float64 in the exactness check
+    layer.input[1] = graph.add_const(w.astype(dtype), f"{layer.name or layer.op_type}.weight")
     if layer.op_type == "MatMul":
         _set_matmul_bias(graph, layer, b, new_bias_add)
     else:
-        bias = graph.add_const(b.astype(np.float32), f"{layer.name or layer.op_type}.bias")
+        bias = graph.add_const(b.astype(dtype), f"{layer.name or layer.op_type}.bias")
         if len(layer.input) > 2:
             layer.input[2] = bias
         else:
@@ -280,7 +281,7 @@ def _matmul_bias(graph: Graph, layer):
     other = add.input[1] if add.input[0] == layer.output[0] else add.input[0]
     c = graph.const(other)
     n = graph.const(layer.input[1]).shape[1]
-    if c is None or c.dtype != np.float32 or c.ndim > len(graph.shape(layer.output[0]) or ()):
+    if c is None or c.dtype != graph.const(layer.input[1]).dtype or c.ndim > len(graph.shape(layer.output[0]) or ()):
         return None, None
     per = _per_axis(c.reshape((1,) * (len(graph.shape(layer.output[0])) - c.ndim) + c.shape), -1, n) \
         if c.size in (1, n) else None
@@ -289,11 +290,12 @@ def _matmul_bias(graph: Graph, layer):
 
 def _set_matmul_bias(graph: Graph, layer, b: np.ndarray, new_bias_add: bool) -> None:
     add = None if new_bias_add else _matmul_bias(graph, layer)[0]
+    dtype = graph.const(layer.input[1]).dtype
     if add is not None:
         index = 1 if add.input[0] == layer.output[0] else 0
-        add.input[index] = graph.add_const(b.astype(np.float32), f"{layer.name or 'MatMul'}.bias")
+        add.input[index] = graph.add_const(b.astype(dtype), f"{layer.name or 'MatMul'}.bias")
     elif np.any(b != 0):
-        bias = graph.add_const(b.astype(np.float32), f"{layer.name or 'MatMul'}.bias")
+        bias = graph.add_const(b.astype(dtype), f"{layer.name or 'MatMul'}.bias")
         node = helper.make_node("Add", [layer.output[0], bias], [graph.fresh(layer.output[0])],
                                 name=graph.fresh(f"{layer.name or 'MatMul'}/bias"))
         graph.insert_after(layer.output[0], node)

@@ -14,6 +14,9 @@ import onnx
 from onnx import helper, numpy_helper
 
 FLOAT = onnx.TensorProto.FLOAT
+# the element types the passes fold: float32 (what is published) and float64 (the same graph with
+# float64 initializers, for verify's fold-exactness check)
+FLOATS = (onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE)
 
 # Ops that never change a value or its layout-free meaning when fed by a Transpose: the Transpose
 # can move from their inputs to their output (constants get the inverse permutation).
@@ -582,6 +585,6 @@ def bn_derived_nodes(model: onnx.ModelProto) -> int:
             count += 1
         elif node.op_type in ("Sub", "Mul", "Div") and len(node.input) == 2:
             a, b = (consts.get(i) for i in node.input)
-            if (a is None) != (b is None) and (a or b)[0] == FLOAT and (a or b)[1] > 1:
+            if (a is None) != (b is None) and (a or b)[0] in FLOATS and (a or b)[1] > 1:
                 count += 1
     return count
