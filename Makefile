@@ -196,3 +196,26 @@ readme-results:
 
 clean:
 	rm -rf $(ARTIFACTS)
+
+# --- bench-zoo (docs/zoo.md): 25+ torchvision/timm architectures through python -m export and the peers ---
+# Its own venv: torchvision needs torch 2.14.x (from this machine's disk, ~5.5 GB, runs on CPU); timm and the
+# graph tools after it, then the project (pyproject's torch>=2.6 keeps 2.14.1; the stamp checks that it did).
+# ZOO=resnet50,mobilenet_v2 (a subset), ZOO_TIMEOUT=900 (s per export), FORCE=1 (redo cached models).
+# Each model runs holding ZOO_LOCK (flock; default /tmp/bnfold-cpu.lock, the machine's benchmark lock), so
+# its seconds are not shared with another benchmark; between models the others get their turn.
+ZOO_LOCK ?= /tmp/bnfold-cpu.lock
+ZOO_VENV := .venv-zoo
+ZOO_PY := $(ZOO_VENV)/bin/python
+ZOO_PIP := $(ZOO_PY) -m pip install -q --disable-pip-version-check
+$(ZOO_VENV)/.installed: pyproject.toml
+	@test -x $(ZOO_PY) || $(PYTHON) -m venv $(ZOO_VENV)
+	$(ZOO_PIP) torch==2.14.1 torchvision==0.29.1
+	$(ZOO_PIP) timm onnxsim onnxslim onnxoptimizer
+	$(ZOO_PIP) -e .
+	@$(ZOO_PY) -c 'import torch, sys; v = torch.__version__.split("+")[0]; print("bench-zoo venv: torch", v); sys.exit(v != "2.14.1")'
+	@touch $@
+
+.PHONY: bench-zoo
+bench-zoo: $(ZOO_VENV)/.installed
+	$(ZOO_PY) -m bench.zoo --out $(ARTIFACTS)/bench_zoo --lock $(ZOO_LOCK) $(if $(ZOO),--only $(ZOO)) \
+		$(if $(ZOO_TIMEOUT),--timeout $(ZOO_TIMEOUT)) $(if $(FORCE),--force)

@@ -1,0 +1,321 @@
+"""python -m bench.zoo --out artifacts/bench_zoo [--only resnet50,mobilenet_v2] [--timeout S] [--force] [--lock F]
+
+Real torchvision/timm architectures (bench/zoo_models.py) through `python -m export --model`, and
+beside it what the peers leave: torch.fx's `fuse`, torch.onnx.export(dynamo=True, optimize=True),
+onnxsim, onnxslim and onnxoptimizer (the last three on the unfolded dynamo export). docs/zoo.md
+has the method. Per model, in its own process (`--one NAME`, killed after --timeout):
+
+1. build it (random init), draw its BN affine parameters (seeded), calibrate its BN statistics by
+   forward passes in train mode on uniform [0, 1) inputs (momentum=None: the plain mean of the
+   batches), save the weights as safetensors;
+2. ours: the export CLI in a subprocess, timed; its export_report.json read (contract 4);
+3. the peers, timed, BNs left counted; every published form (ours too) run on CHECK_ROWS inputs
+   and compared with the model in float64 (`check`).
+
+Results are cached per model (artifacts/bench_zoo/models/NAME.json): `ours` is redone when export/,
+common/ or the model's entry changed, `peers` when that entry or PEERS_VERSION did (--force: both). The summary:
+results.json, results.md, bn_left.png (written atomically).
+"""
+import argparse
+import copy
+import fcntl
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+FACTORIES = Path(__file__).with_name("zoo_models.py")
+SIZE, SEED, CALIBRATION = 224, 0, (4, 8)  # input side; seed; calibration batches x batch size
+CHECK_ROWS, ATOL, RTOL, FACTOR = 8, 1e-5, 1e-5, 2.0
+CHAOTIC = 1e-3  # float32's own error vs float64, relative to max |logit|, above which a net is "chaotic"
+PEERS = ("fx fuse", "dynamo optimize", "onnxsim", "onnxslim", "onnxoptimizer")
+PEERS_VERSION = 1  # bump when run_peers or check changes what they measure (the peers' cache key)
+
+
+def digest(paths) -> str:
+    h = hashlib.sha256()
+    for path in sorted(paths):
+        h.update(str(path.relative_to(ROOT)).encode() + Path(path).read_bytes())
+    return h.hexdigest()[:16]
+
+
+def keys(name: str) -> dict:
+    """What each part's result depends on: the model's entry, the set-up, and our code or the peers' version."""
+    from bench.zoo_models import MODELS
+
+    setting = hashlib.sha256(repr((MODELS[name], SIZE, SEED, CALIBRATION, CHECK_ROWS)).encode()).hexdigest()[:8]
+    return {"ours": f"{setting}-{digest([*ROOT.glob('export/*.py'), *ROOT.glob('common/*.py')])}",
+            "peers": f"{setting}-v{PEERS_VERSION}"}
+
+
+def one_line(e: BaseException | str, limit: int = 400) -> str:
+    text = " ".join(str(e).split())
+    return (f"{type(e).__name__}: " if isinstance(e, BaseException) else "") + text[:limit]
+
+
+# --- one model ---------------------------------------------------------------------------------
+
+def prepare(name: str, weights: Path):
+    """The model with calibrated BN statistics (eval mode), saved to `weights`."""
+    import torch
+    from safetensors.torch import save_file
+
+    from bench.zoo_models import build
+
+    torch.manual_seed(SEED)
+    model = build(name)
+    bns = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    g = torch.Generator().manual_seed(SEED)
+    with torch.no_grad():
+        for bn in bns:
+            if bn.affine:  # non-trivial gamma/beta, so a fold that ignores them shows
+                bn.weight.copy_(torch.empty_like(bn.weight).uniform_(0.5, 1.5, generator=g))
+                bn.bias.copy_(torch.empty_like(bn.bias).uniform_(-0.2, 0.2, generator=g))
+            bn.reset_running_stats()
+            bn.momentum = None  # cumulative mean over the calibration batches
+        model.train()
+        batches, batch = CALIBRATION
+        for _ in range(batches):
+            model(torch.rand(batch, 3, SIZE, SIZE, generator=g))
+    for bn in bns:
+        bn.momentum = 0.1
+    model.eval()
+    save_file({k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}, str(weights))
+    return model, len(bns)
+
+
+def check(outputs: np.ndarray, ref64: np.ndarray, own: dict | None = None) -> dict:
+    """outputs vs the model in float64: within 1e-5 + 1e-5|ref|, or (given float32's `own` error)
+    no more than FACTOR x that error with argmax agreement no worse."""
+    diff = np.abs(outputs.astype(np.float64) - ref64)
+    result = {"max_abs": float(diff.max()), "within_tol": bool(np.all(diff <= ATOL + RTOL * np.abs(ref64))),
+              "argmax": float((outputs.argmax(1) == ref64.argmax(1)).mean())}
+    if own is not None:
+        result["ratio"] = result["max_abs"] / max(own["max_abs"], 1e-300)
+        result["matches"] = result["within_tol"] or (result["ratio"] <= FACTOR and result["argmax"] >= own["argmax"])
+    return result
+
+
+def run_onnx(model, x: np.ndarray) -> np.ndarray:
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # the graph as the tool left it
+    session = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    return session.run(None, {session.get_inputs()[0].name: x})[0]
+
+
+def bn_nodes(model) -> int:
+    return sum(n.op_type == "BatchNormalization" for g in (model.graph, *model.functions) for n in g.node)
+
+
+def run_ours(name: str, weights: Path, out: Path, timeout: float, x, ref64, own) -> dict:
+    import onnx
+
+    cmd = [sys.executable, "-m", "export", "--model", f"{FACTORIES}:{name}", "--weights", str(weights),
+           "--input-shape", f"3,{SIZE},{SIZE}", "--out", str(out)]
+    (out / "export_report.json").unlink(missing_ok=True)
+    (out / "model.onnx").unlink(missing_ok=True)
+    started = time.perf_counter()
+    with open(out.parent / "export.log", "w") as log:
+        try:
+            proc = subprocess.run(cmd, cwd=ROOT, stdout=log, stderr=subprocess.PIPE, text=True, timeout=timeout)
+            code, stderr = proc.returncode, proc.stderr
+        except subprocess.TimeoutExpired:
+            code, stderr = None, f"timed out after {timeout:.0f} s"
+        log.write(stderr)
+    result = {"command": " ".join(cmd[1:]), "exit": code, "seconds": round(time.perf_counter() - started, 1),
+              "stderr": one_line(stderr.strip().splitlines()[-1] if stderr.strip() else "", 600)}
+    try:
+        report = json.loads((out / "export_report.json").read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return result
+    fold, parity = report.get("fold", {}), report.get("parity", {})
+    folded = fold.get("folded", [])
+    kinds = [(e.get("pass"), e.get("kind", "batchnorm")) for e in folded]
+    reasons = {}
+    for entry in fold.get("kept", []):
+        reasons[entry.get("reason", "?")] = reasons.get(entry.get("reason", "?"), 0) + 1
+    f64 = parity.get("float64", {})
+    reference = parity.get("reference")
+    result.update(
+        folded_fx=kinds.count(("fx", "batchnorm")), folded_onnx=kinds.count(("onnx", "batchnorm")),
+        folded_affine=sum(k == "affine" for _, k in kinds), kept=len(fold.get("kept", [])), kept_reasons=reasons,
+        untraceable=[f"{u.get('module')}: {u.get('reason')}" for u in fold.get("untraceable", [])],
+        bn_left=report.get("bn_dropout_left_in_folded", {}).get("BatchNormalization", 0),
+        summary=report.get("summary"), passed=parity.get("passed"), rule=parity.get("rule"),
+        timings=report.get("timings"), diagnosis=f64.get("diagnosis") or f64.get("why"),
+        failing=[n for n, r in parity.get("variants", {}).items()
+                 if "within_tolerance" in r and not (r["within_tolerance"] and r.get("argmax_agreement") == 1.0)],
+        f32_err_report=f64.get("variants", {}).get(reference, {}).get("max_abs_diff"))
+    result["published"] = code == 0 and (out / "model.onnx").exists()
+    if result["published"]:
+        result["check"] = check(run_onnx(onnx.load(out / "model.onnx"), x), ref64, own)
+    return result
+
+
+def run_peers(model, n_bn: int, x, ref64, own, work: Path) -> dict:
+    import onnx
+    import torch
+    from torch.fx.experimental.optimization import fuse
+
+    tools = {}
+
+    def timed(tool, fn):
+        started = time.perf_counter()
+        try:
+            value = fn()
+            tools[tool] = {"seconds": round(time.perf_counter() - started, 1)}
+            return value
+        except Exception as e:
+            tools[tool] = {"seconds": round(time.perf_counter() - started, 1), "error": one_line(e)}
+            return None
+
+    fused = timed("fx fuse", lambda: fuse(model))
+    if fused is not None:
+        left = sum(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in fused.modules())
+        with torch.no_grad():
+            tools["fx fuse"].update(left=left, check=check(fused(torch.from_numpy(x)).numpy(), ref64, own))
+
+    def dynamo():  # one export; optimize() afterwards is what optimize=True runs, timed together
+        program = torch.onnx.export(model, (torch.from_numpy(x),), dynamo=True, optimize=False, verbose=False)
+        unfolded = onnx.ModelProto.FromString(program.model_proto.SerializeToString())
+        program.optimize()
+        return unfolded, program.model_proto
+    exported = timed("dynamo optimize", dynamo)
+    graphs = {}
+    if exported is not None:
+        unfolded, graphs["dynamo optimize"] = exported
+        onnx.save(unfolded, work / "unfolded.onnx")
+        tools["unfolded"] = {"bn_nodes": bn_nodes(unfolded)}
+        import onnxoptimizer
+        import onnxsim
+        import onnxslim
+
+        graphs["onnxsim"] = timed("onnxsim", lambda: onnxsim.simplify(unfolded)[0])
+        graphs["onnxslim"] = timed("onnxslim", lambda: onnxslim.slim(unfolded))
+        graphs["onnxoptimizer"] = timed("onnxoptimizer", lambda: onnxoptimizer.optimize(
+            unfolded, onnxoptimizer.get_fuse_and_elimination_passes()))
+    for tool, graph in graphs.items():
+        if graph is not None:
+            tools[tool]["left"] = bn_nodes(graph)
+            try:
+                tools[tool]["check"] = check(run_onnx(graph, x), ref64, own)
+            except Exception as e:
+                tools[tool]["check"] = {"error": one_line(e)}
+    for entry in tools.values():
+        if "left" in entry:
+            entry["folded"] = n_bn - entry["left"]
+    return tools
+
+
+def one(name: str, out: Path, parts: list[str], timeout: float) -> dict:
+    import torch
+
+    work = out / "models" / name
+    (work / "export").mkdir(parents=True, exist_ok=True)
+    path = out / "models" / f"{name}.json"
+    result = json.loads(path.read_text()) if path.exists() else {}
+    started = time.perf_counter()
+    model, n_bn = prepare(name, work / "weights.safetensors")
+    x = torch.rand(CHECK_ROWS, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(SEED + 1)).numpy()
+    with torch.no_grad():
+        y32 = model(torch.from_numpy(x)).numpy()
+        try:
+            ref64 = copy.deepcopy(model).double()(torch.from_numpy(x).double()).numpy()
+        except Exception as e:
+            raise SystemExit(f"{name} cannot run in float64: {one_line(e)}")
+    own = check(y32, ref64)
+    from bench.zoo_models import MODELS
+
+    result.update(name=name, library=MODELS[name][0], note=MODELS[name][2], bns=n_bn,
+                  params_m=round(sum(p.numel() for p in model.parameters()) / 1e6, 1),
+                  prepare_seconds=round(time.perf_counter() - started, 1),
+                  f32=dict(own, rel=own["max_abs"] / float(np.abs(ref64).max()),
+                           chaotic=own["max_abs"] / float(np.abs(ref64).max()) > CHAOTIC))
+    k = keys(name)
+    if "ours" in parts:
+        result["ours"] = dict(run_ours(name, work / "weights.safetensors", work / "export", timeout, x, ref64, own),
+                              key=k["ours"])
+    if "peers" in parts:
+        result["peers"] = dict(run_peers(model, n_bn, x, ref64, own, work), key=k["peers"])
+    result["versions"] = {"torch": torch.__version__}
+    path.write_text(json.dumps(result, indent=1))
+    return result
+
+
+# --- the whole zoo -----------------------------------------------------------------------------
+
+def run_zoo(names: list[str], out: Path, timeout: float, force: bool, lock: str | None) -> list[dict]:
+    from tqdm import tqdm
+
+    results = []
+    for name in (bar := tqdm(names, unit="model")):
+        k = keys(name)
+        path = out / "models" / f"{name}.json"
+        cached = json.loads(path.read_text()) if path.exists() else {}
+        parts = [p for p in ("ours", "peers") if force or cached.get(p, {}).get("key") != k[p]]
+        bar.set_description(f"{name} ({'+'.join(parts) or 'cached'})")
+        if parts:
+            with open(lock or os.devnull, "a") as held:
+                waited = time.perf_counter()
+                if lock:
+                    fcntl.flock(held, fcntl.LOCK_EX)
+                load_before, waited = os.getloadavg(), time.perf_counter() - waited
+                cmd = [sys.executable, "-m", "bench.zoo", "--one", name, "--out", str(out), "--parts", ",".join(parts),
+                       "--timeout", str(timeout)]
+                try:
+                    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=2 * timeout + 300)
+                    error = None if proc.returncode == 0 else one_line(proc.stderr.strip().splitlines()[-1:] or "?")
+                except subprocess.TimeoutExpired:
+                    error = f"the benchmark of {name} timed out after {2 * timeout + 300:.0f} s"
+            cached = json.loads(path.read_text()) if path.exists() else {"name": name}
+            cached.update(error=error, load_before=[round(v, 2) for v in load_before], load_after=[
+                round(v, 2) for v in os.getloadavg()], lock_wait_s=round(waited, 1), date=time.strftime("%Y-%m-%d %H:%M"))
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps(cached, indent=1))
+        results.append(cached)
+    return results
+
+
+def main(argv=None) -> int:
+    from bench.zoo_models import MODELS
+
+    p = argparse.ArgumentParser(prog="python -m bench.zoo", description=__doc__.split("\n\n")[1])
+    p.add_argument("--out", type=Path, default=Path("artifacts/bench_zoo"))
+    p.add_argument("--only", help=f"comma-separated subset of: {', '.join(MODELS)}")
+    p.add_argument("--timeout", type=float, default=900, help="seconds per export (default: 900)")
+    p.add_argument("--force", action="store_true", help="redo every model, cached or not")
+    p.add_argument("--lock", help="flock this file around each model (the timing columns), e.g. /tmp/bnfold-cpu.lock")
+    p.add_argument("--one", help=argparse.SUPPRESS)
+    p.add_argument("--parts", default="ours,peers", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    names = args.only.split(",") if args.only else list(MODELS)
+    unknown = [n for n in names if n not in MODELS]
+    if unknown:
+        print(f"bench.zoo: unknown model(s) {', '.join(unknown)}; known: {', '.join(MODELS)}", file=sys.stderr)
+        return 2
+    if args.one:
+        try:
+            one(args.one, args.out, args.parts.split(","), args.timeout)
+        except Exception as e:
+            traceback.print_exc()
+            print(f"bench.zoo: {args.one}: {one_line(e)}", file=sys.stderr)
+            return 1
+        return 0
+    from bench.zoo_report import write_report
+
+    results = run_zoo(names, args.out, args.timeout, args.force, args.lock)
+    write_report(results, args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
