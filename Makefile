@@ -200,7 +200,8 @@ clean:
 # --- bench-zoo (docs/zoo.md): 25+ torchvision/timm architectures through python -m export and the peers ---
 # Its own venv: torchvision needs torch 2.14.x (from this machine's disk, ~5.5 GB, runs on CPU); timm and the
 # graph tools after it, then the project (pyproject's torch>=2.6 keeps 2.14.1; the stamp checks that it did).
-# ZOO=resnet50,mobilenet_v2 (a subset), ZOO_TIMEOUT=900 (s per export), FORCE=1 (redo cached models).
+# ZOO=resnet50,mobilenet_v2 (a subset), ZOO_TIMEOUT=900 (s per export), ZOO_ROWS=32 (verify on 32 seeded rows
+# instead of the CLI's default inputs), FORCE=1 (redo cached models).
 # Each model runs holding ZOO_LOCK (flock; default /tmp/bnfold-cpu.lock, the machine's benchmark lock), so
 # its seconds are not shared with another benchmark; between models the others get their turn.
 ZOO_LOCK ?= /tmp/bnfold-cpu.lock
@@ -218,4 +219,4 @@ $(ZOO_VENV)/.installed: pyproject.toml
 .PHONY: bench-zoo
 bench-zoo: $(ZOO_VENV)/.installed
 	$(ZOO_PY) -m bench.zoo --out $(ARTIFACTS)/bench_zoo --lock $(ZOO_LOCK) $(if $(ZOO),--only $(ZOO)) \
-		$(if $(ZOO_TIMEOUT),--timeout $(ZOO_TIMEOUT)) $(if $(FORCE),--force)
+		$(if $(ZOO_TIMEOUT),--timeout $(ZOO_TIMEOUT)) $(if $(ZOO_ROWS),--rows $(ZOO_ROWS)) $(if $(FORCE),--force)

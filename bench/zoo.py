@@ -1,8 +1,8 @@
-"""python -m bench.zoo --out artifacts/bench_zoo [--only resnet50,mobilenet_v2] [--timeout S] [--force] [--lock F]
+"""python -m bench.zoo --out artifacts/bench_zoo [--only resnet50,mobilenet_v2] [--timeout S] [--rows N] [--force] [--lock F]
 
 Real torchvision/timm architectures (bench/zoo_models.py) through `python -m export --model`, and
 beside it what the peers leave: torch.fx's `fuse`, torch.onnx.export(dynamo=True, optimize=True),
-onnxsim, onnxslim and onnxoptimizer (the last three on the unfolded dynamo export). docs/zoo.md
+onnxsim, onnxslim and onnxoptimizer (the last three on the unfolded dynamo export, constant-folded). docs/zoo.md
 has the method. Per model, in its own process (`--one NAME`, killed after --timeout):
 
 1. build it (random init), draw its BN affine parameters (seeded), calibrate its BN statistics by
@@ -36,7 +36,7 @@ SIZE, SEED, CALIBRATION = 224, 0, (4, 8)  # input side; seed; calibration batche
 CHECK_ROWS, ATOL, RTOL, FACTOR = 8, 1e-5, 1e-5, 2.0
 CHAOTIC = 1e-3  # float32's own error vs float64, relative to max |logit|, above which a net is "chaotic"
 PEERS = ("fx fuse", "dynamo optimize", "onnxsim", "onnxslim", "onnxoptimizer")
-PEERS_VERSION = 1  # bump when run_peers or check changes what they measure (the peers' cache key)
+PEERS_VERSION = 2  # bump when run_peers or check changes what they measure (the peers' cache key)
 
 
 def digest(paths) -> str:
@@ -46,12 +46,13 @@ def digest(paths) -> str:
     return h.hexdigest()[:16]
 
 
-def keys(name: str) -> dict:
-    """What each part's result depends on: the model's entry, the set-up, and our code or the peers' version."""
+def keys(name: str, rows: int | None) -> dict:
+    """What each part's result depends on: the model's entry, the set-up, and our code (and --rows) or the peers' version."""
     from bench.zoo_models import MODELS
 
     setting = hashlib.sha256(repr((MODELS[name], SIZE, SEED, CALIBRATION, CHECK_ROWS)).encode()).hexdigest()[:8]
-    return {"ours": f"{setting}-{digest([*ROOT.glob('export/*.py'), *ROOT.glob('common/*.py')])}",
+    code = digest([*ROOT.glob("export/*.py"), *ROOT.glob("common/*.py")])
+    return {"ours": f"{setting}-{code}" + (f"-rows{rows}" if rows else ""),
             "peers": f"{setting}-v{PEERS_VERSION}"}
 
 
@@ -112,15 +113,35 @@ def run_onnx(model, x: np.ndarray) -> np.ndarray:
     return session.run(None, {session.get_inputs()[0].name: x})[0]
 
 
+def constant_folded(model):
+    """The unfolded export with onnxscript's constant folding only (no rewrite rules, no BN fusion):
+    torch.onnx (optimize=False) computes bias-free convs' zero biases at run time (Shape -> Expand ->
+    CastLike), which keeps every graph tool from fusing BN into them."""
+    import onnxscript.ir.passes.common as passes
+    from onnxscript import ir, optimizer
+
+    graph = ir.serde.deserialize_model(model)
+    optimizer.fold_constants(graph)
+    passes.RemoveUnusedNodesPass()(graph)
+    passes.LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0)(graph)
+    return ir.serde.serialize_model(graph)
+
+
 def bn_nodes(model) -> int:
     return sum(n.op_type == "BatchNormalization" for g in (model.graph, *model.functions) for n in g.node)
 
 
-def run_ours(name: str, weights: Path, out: Path, timeout: float, x, ref64, own) -> dict:
+def run_ours(name: str, weights: Path, out: Path, timeout: float, rows: int | None, x, ref64, own) -> dict:
+    """The export CLI as a user runs it; with `rows`, on that many seeded uniform [0, 1) rows (--sample)
+    instead of its default verification inputs."""
     import onnx
 
     cmd = [sys.executable, "-m", "export", "--model", f"{FACTORIES}:{name}", "--weights", str(weights),
            "--input-shape", f"3,{SIZE},{SIZE}", "--out", str(out)]
+    if rows:
+        sample = out.parent / f"sample{rows}.npy"
+        np.save(sample, np.random.default_rng(SEED).uniform(0, 1, (rows, 3, SIZE, SIZE)).astype(np.float32))
+        cmd += ["--sample", str(sample)]
     (out / "export_report.json").unlink(missing_ok=True)
     (out / "model.onnx").unlink(missing_ok=True)
     started = time.perf_counter()
@@ -192,17 +213,23 @@ def run_peers(model, n_bn: int, x, ref64, own, work: Path) -> dict:
     exported = timed("dynamo optimize", dynamo)
     graphs = {}
     if exported is not None:
-        unfolded, graphs["dynamo optimize"] = exported
+        raw, graphs["dynamo optimize"] = exported
+        unfolded = constant_folded(raw)
         onnx.save(unfolded, work / "unfolded.onnx")
         tools["unfolded"] = {"bn_nodes": bn_nodes(unfolded)}
         import onnxoptimizer
         import onnxsim
         import onnxslim
 
-        graphs["onnxsim"] = timed("onnxsim", lambda: onnxsim.simplify(unfolded)[0])
-        graphs["onnxslim"] = timed("onnxslim", lambda: onnxslim.slim(unfolded))
-        graphs["onnxoptimizer"] = timed("onnxoptimizer", lambda: onnxoptimizer.optimize(
-            unfolded, onnxoptimizer.get_fuse_and_elimination_passes()))
+        graph_tools = {"onnxsim": lambda g: onnxsim.simplify(g)[0], "onnxslim": onnxslim.slim,
+                       "onnxoptimizer": lambda g: onnxoptimizer.optimize(g, onnxoptimizer.get_fuse_and_elimination_passes())}
+        for tool, run in graph_tools.items():
+            graphs[tool] = timed(tool, lambda: run(unfolded))
+            try:  # the same tool on the export as torch.onnx wrote it (zero conv biases computed at run time)
+                left_raw = bn_nodes(run(raw))
+            except Exception as e:
+                left_raw = one_line(e, 120)
+            tools[tool]["left_on_raw_export"] = left_raw
     for tool, graph in graphs.items():
         if graph is not None:
             tools[tool]["left"] = bn_nodes(graph)
@@ -216,7 +243,7 @@ def run_peers(model, n_bn: int, x, ref64, own, work: Path) -> dict:
     return tools
 
 
-def one(name: str, out: Path, parts: list[str], timeout: float) -> dict:
+def one(name: str, out: Path, parts: list[str], timeout: float, rows: int | None) -> dict:
     import torch
 
     work = out / "models" / name
@@ -240,9 +267,9 @@ def one(name: str, out: Path, parts: list[str], timeout: float) -> dict:
                   prepare_seconds=round(time.perf_counter() - started, 1),
                   f32=dict(own, rel=own["max_abs"] / float(np.abs(ref64).max()),
                            chaotic=own["max_abs"] / float(np.abs(ref64).max()) > CHAOTIC))
-    k = keys(name)
+    k = keys(name, rows)
     if "ours" in parts:
-        result["ours"] = dict(run_ours(name, work / "weights.safetensors", work / "export", timeout, x, ref64, own),
+        result["ours"] = dict(run_ours(name, work / "weights.safetensors", work / "export", timeout, rows, x, ref64, own),
                               key=k["ours"])
     if "peers" in parts:
         result["peers"] = dict(run_peers(model, n_bn, x, ref64, own, work), key=k["peers"])
@@ -253,12 +280,12 @@ def one(name: str, out: Path, parts: list[str], timeout: float) -> dict:
 
 # --- the whole zoo -----------------------------------------------------------------------------
 
-def run_zoo(names: list[str], out: Path, timeout: float, force: bool, lock: str | None) -> list[dict]:
+def run_zoo(names: list[str], out: Path, timeout: float, rows: int | None, force: bool, lock: str | None) -> list[dict]:
     from tqdm import tqdm
 
     results = []
     for name in (bar := tqdm(names, unit="model")):
-        k = keys(name)
+        k = keys(name, rows)
         path = out / "models" / f"{name}.json"
         cached = json.loads(path.read_text()) if path.exists() else {}
         parts = [p for p in ("ours", "peers") if force or cached.get(p, {}).get("key") != k[p]]
@@ -270,7 +297,7 @@ def run_zoo(names: list[str], out: Path, timeout: float, force: bool, lock: str 
                     fcntl.flock(held, fcntl.LOCK_EX)
                 load_before, waited = os.getloadavg(), time.perf_counter() - waited
                 cmd = [sys.executable, "-m", "bench.zoo", "--one", name, "--out", str(out), "--parts", ",".join(parts),
-                       "--timeout", str(timeout)]
+                       "--timeout", str(timeout)] + (["--rows", str(rows)] if rows else [])
                 try:
                     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=2 * timeout + 300)
                     error = None if proc.returncode == 0 else one_line(proc.stderr.strip().splitlines()[-1:] or "?")
@@ -292,6 +319,7 @@ def main(argv=None) -> int:
     p.add_argument("--out", type=Path, default=Path("artifacts/bench_zoo"))
     p.add_argument("--only", help=f"comma-separated subset of: {', '.join(MODELS)}")
     p.add_argument("--timeout", type=float, default=900, help="seconds per export (default: 900)")
+    p.add_argument("--rows", type=int, help="verify on this many seeded random rows (--sample) instead of the CLI's default")
     p.add_argument("--force", action="store_true", help="redo every model, cached or not")
     p.add_argument("--lock", help="flock this file around each model (the timing columns), e.g. /tmp/bnfold-cpu.lock")
     p.add_argument("--one", help=argparse.SUPPRESS)
@@ -304,7 +332,7 @@ def main(argv=None) -> int:
         return 2
     if args.one:
         try:
-            one(args.one, args.out, args.parts.split(","), args.timeout)
+            one(args.one, args.out, args.parts.split(","), args.timeout, args.rows)
         except Exception as e:
             traceback.print_exc()
             print(f"bench.zoo: {args.one}: {one_line(e)}", file=sys.stderr)
@@ -312,7 +340,7 @@ def main(argv=None) -> int:
         return 0
     from bench.zoo_report import write_report
 
-    results = run_zoo(names, args.out, args.timeout, args.force, args.lock)
+    results = run_zoo(names, args.out, args.timeout, args.rows, args.force, args.lock)
     write_report(results, args.out)
     return 0
 
