@@ -36,7 +36,7 @@ SIZE, SEED, CALIBRATION = 224, 0, (4, 8)  # input side; seed; calibration batche
 CHECK_ROWS, ATOL, RTOL, FACTOR = 8, 1e-5, 1e-5, 2.0
 CHAOTIC = 1e-3  # float32's own error vs float64, relative to max |logit|, above which a net is "chaotic"
 PEERS = ("fx fuse", "dynamo optimize", "onnxsim", "onnxslim", "onnxoptimizer")
-PEERS_VERSION = 2  # bump when run_peers or check changes what they measure (the peers' cache key)
+PEERS_VERSION = 3  # bump when run_peers or check changes what they measure (the peers' cache key)
 
 
 def digest(paths) -> str:
@@ -164,18 +164,20 @@ def run_ours(name: str, weights: Path, out: Path, timeout: float, rows: int | No
     reasons = {}
     for entry in fold.get("kept", []):
         reasons[entry.get("reason", "?")] = reasons.get(entry.get("reason", "?"), 0) + 1
-    f64 = parity.get("float64", {})
-    reference = parity.get("reference")
+    f64, variants = parity.get("float64", {}), parity.get("variants", {})
+    old_own = f64.get("variants", {}).get(parity.get("reference"), {})  # before parity.own_error (main 9a4d1a4)
     result.update(
         folded_fx=kinds.count(("fx", "batchnorm")), folded_onnx=kinds.count(("onnx", "batchnorm")),
         folded_affine=sum(k == "affine" for _, k in kinds), kept=len(fold.get("kept", [])), kept_reasons=reasons,
         untraceable=[f"{u.get('module')}: {u.get('reason')}" for u in fold.get("untraceable", [])],
         bn_left=report.get("bn_dropout_left_in_folded", {}).get("BatchNormalization", 0),
-        summary=report.get("summary"), passed=parity.get("passed"), rule=parity.get("rule"),
-        timings=report.get("timings"), diagnosis=f64.get("diagnosis") or f64.get("why"),
-        failing=[n for n, r in parity.get("variants", {}).items()
-                 if "within_tolerance" in r and not (r["within_tolerance"] and r.get("argmax_agreement") == 1.0)],
-        f32_err_report=f64.get("variants", {}).get(reference, {}).get("max_abs_diff"))
+        summary=report.get("summary"), passed=parity.get("passed"), failed_step=parity.get("failed_step"),
+        timings=report.get("timings"), exactness=parity.get("exactness"), float64=f64.get("available"),
+        diagnosis=parity.get("why") or f64.get("diagnosis") or f64.get("why"),
+        clauses={n: r.get("clause") for n, r in variants.items() if "clause" in r},
+        failing=[n for n, r in variants.items() if r.get("passed") is False or (  # new report, then old
+            "passed" not in r and "within_tolerance" in r and not (r["within_tolerance"] and r.get("argmax_agreement") == 1.0))],
+        f32_err_report=parity["own_error"] if "own_error" in parity else old_own.get("max_abs_diff"))
     result["published"] = code == 0 and (out / "model.onnx").exists()
     if result["published"]:
         result["check"] = check(run_onnx(onnx.load(out / "model.onnx"), x), ref64, own)
@@ -201,7 +203,10 @@ def run_peers(model, n_bn: int, x, ref64, own, work: Path) -> dict:
 
     fused = timed("fx fuse", lambda: fuse(model))
     if fused is not None:
-        left = sum(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in fused.modules())
+        modules = dict(fused.named_modules())  # BN modules still called, and functional batch_norm (BN subclasses
+        left = sum((n.op == "call_module" and isinstance(modules[n.target], torch.nn.modules.batchnorm._BatchNorm))
+                   or (n.op == "call_function" and "batch_norm" in getattr(n.target, "__name__", ""))
+                   for n in fused.graph.nodes)  # such as timm's BatchNormAct2d are traced into)
         with torch.no_grad():
             tools["fx fuse"].update(left=left, check=check(fused(torch.from_numpy(x)).numpy(), ref64, own))
 
@@ -322,6 +327,7 @@ def main(argv=None) -> int:
     p.add_argument("--rows", type=int, help="verify on this many seeded random rows (--sample) instead of the CLI's default")
     p.add_argument("--force", action="store_true", help="redo every model, cached or not")
     p.add_argument("--lock", help="flock this file around each model (the timing columns), e.g. /tmp/bnfold-cpu.lock")
+    p.add_argument("--report", action="store_true", help="only write the summary from the cached records")
     p.add_argument("--one", help=argparse.SUPPRESS)
     p.add_argument("--parts", default="ours,peers", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -340,7 +346,11 @@ def main(argv=None) -> int:
         return 0
     from bench.zoo_report import write_report
 
-    results = run_zoo(names, args.out, args.timeout, args.rows, args.force, args.lock)
+    if args.report:
+        records = [args.out / "models" / f"{name}.json" for name in names]
+        results = [json.loads(path.read_text()) for path in records if path.exists()]
+    else:
+        results = run_zoo(names, args.out, args.timeout, args.rows, args.force, args.lock)
     write_report(results, args.out)
     return 0
 

@@ -1,6 +1,7 @@
 """The bench-zoo summary: results.json (every model's record), results.md (the table and the
 reasons), bn_left.png (BNs left per model and tool). Written atomically."""
 import os
+import re
 import time
 from pathlib import Path
 
@@ -78,7 +79,10 @@ def markdown(results: list[dict], meta: dict) -> str:
     lines += [f"- **{r['name']}**: {why_not(r)}" for r in results if not r.get("ours", {}).get("published")] or ["- none"]
     lines += ["", "## BNs ours kept, with the reasons", ""]
     for r in results:
-        reasons = r.get("ours", {}).get("kept_reasons", {})
+        reasons = {}
+        for why, n in r.get("ours", {}).get("kept_reasons", {}).items():  # node names aside, one line per reason
+            why = re.sub(r"\b(node_)?[a-z]+(_[a-z]+)*_\d+\b", "…", why)
+            reasons[why] = reasons.get(why, 0) + n
         lines += [f"- **{r['name']}**: " + "; ".join(f"{n}x {why}" for why, n in reasons.items())] if reasons else []
     lines += ["", "## Peer failures", ""]
     for r in results:
