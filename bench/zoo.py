@@ -242,9 +242,6 @@ def run_peers(model, n_bn: int, x, ref64, own, work: Path) -> dict:
                 tools[tool]["check"] = check(run_onnx(graph, x), ref64, own)
             except Exception as e:
                 tools[tool]["check"] = {"error": one_line(e)}
-    for entry in tools.values():
-        if "left" in entry:
-            entry["folded"] = n_bn - entry["left"]
     return tools
 
 

@@ -11,6 +11,12 @@ from common.files import atomic_write, write_json, write_text
 TOOLS = ("ours", *PEERS)
 
 
+def bns(record: dict):
+    """BatchNorms the model runs in eval mode (the unfolded export's; GoogLeNet's and Inception's aux heads
+    hold BNs that only train mode runs), else its BN modules."""
+    return record.get("peers", {}).get("unfolded", {}).get("bn_nodes", record.get("bns"))
+
+
 def left(record: dict, tool: str):
     """BNs left by `tool` on this model (None: the tool failed or did not run), and whether its
     published output matches the float64 model (None: not checked)."""
@@ -19,7 +25,7 @@ def left(record: dict, tool: str):
         if "bn_left" not in ours:
             return None, None
         return ours["bn_left"] if ours.get("published") else ours.get("kept", ours["bn_left"]), \
-            ours.get("check", {}).get("matches") if ours.get("published") else False
+            ours.get("check", {}).get("matches")  # unpublished: not checked
     entry = record.get("peers", {}).get(tool, {})
     return entry.get("left"), entry.get("check", {}).get("matches")
 
@@ -57,7 +63,8 @@ def markdown(results: list[dict], meta: dict) -> str:
     lines = [f"# make bench-zoo, {meta['date']}", "",
              f"`{meta['command']}` on {meta['host']}; load average {meta['load_start']} at the start, "
              f"{meta['load_end']} at the end; {meta['versions']}.", "",
-             "BNs: BatchNorm modules in the model. ours: published = exit 0 (else the exit code), s = wall seconds of "
+             "BNs: BatchNormalization nodes in the model's eval-mode export (in brackets when its BN modules are more: aux heads "
+             "that only train mode runs). ours: published = exit 0 (else the exit code), s = wall seconds of "
              "`python -m export`, fx / onnx = BNs folded by each pass, kept = BNs left with a reason. Peers: "
              "BatchNormalization nodes (fx fuse: BN modules) left in what the tool publishes, and its seconds; "
              f"✗ = its output does not match the float64 model (within 1e-5 + 1e-5·|ref|, or at most {FACTOR:g}x float32's "
@@ -68,20 +75,21 @@ def markdown(results: list[dict], meta: dict) -> str:
         f32 = r.get("f32", {})
         rel = f"{f32['max_abs']:.1e} ({f32['rel']:.0e})" if f32 else "–"
         rel = f"**{rel}**" if f32.get("chaotic") else rel
-        lines.append("| " + " | ".join([r["name"], r.get("library", "?"), str(r.get("bns", "?")), *ours_cells(r), rel,
+        modules = f" ({r['bns']})" if r.get("bns") not in (None, bns(r)) else ""
+        lines.append("| " + " | ".join([r["name"], r.get("library", "?"), f"{bns(r)}{modules}", *ours_cells(r), rel,
                                         *[cell(r, t) for t in PEERS]]) + " |")
     published = sum(bool(r.get("ours", {}).get("published")) for r in results)
     lines += ["", f"Published by ours: **{published} of {len(results)}**. BNs left, all models "
               f"(failed runs not counted): " + ", ".join(
                   f"{t} {sum(left(r, t)[0] or 0 for r in results)} ({sum(left(r, t)[0] is None for r in results)} failed)"
-                  for t in TOOLS) + f", of {sum(r.get('bns', 0) for r in results)} BNs.", ""]
+                  for t in TOOLS) + f", of {sum(bns(r) or 0 for r in results)} BNs.", ""]
     lines += ["## Not published by ours, and why", ""]
     lines += [f"- **{r['name']}**: {why_not(r)}" for r in results if not r.get("ours", {}).get("published")] or ["- none"]
     lines += ["", "## BNs ours kept, with the reasons", ""]
     for r in results:
         reasons = {}
         for why, n in r.get("ours", {}).get("kept_reasons", {}).items():  # node names aside, one line per reason
-            why = re.sub(r"\b(node_)?[a-z]+(_[a-z]+)*_\d+\b", "…", why)
+            why = re.sub(r"\b\w+(\.\w+)+\b|\b(node_)?[a-z]+(_[a-z]+)*_\d+\b", "…", why)
             reasons[why] = reasons.get(why, 0) + n
         lines += [f"- **{r['name']}**: " + "; ".join(f"{n}x {why}" for why, n in reasons.items())] if reasons else []
     lines += ["", "## Peer failures", ""]
@@ -98,21 +106,24 @@ def plot(results: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
     import numpy as np
 
-    rows = [r for r in results if r.get("bns")]
+    rows = [r for r in results if bns(r)]
     frac = np.full((len(rows), len(TOOLS)), np.nan)
     fig, ax = plt.subplots(figsize=(9, 0.32 * len(rows) + 1.6))
     for i, r in enumerate(rows):
         for j, tool in enumerate(TOOLS):
             n, matches = left(r, tool)
             if n is not None:
-                frac[i, j] = n / r["bns"]
-            text = "fail" if n is None else f"{n}" + ("" if matches in (True, None) else " ✗")
+                frac[i, j] = n / bns(r)
+            failed = f"exit {r['ours'].get('exit')}" if tool == "ours" and "ours" in r else "fail"
+            text = failed if n is None else f"{n}" + ("" if matches in (True, None) else " ✗")
             if tool == "ours" and n is not None:
                 text += "" if r["ours"].get("published") else " (unpub.)"
             ax.text(j, i, text, ha="center", va="center", fontsize=7)
-    ax.imshow(frac, cmap="RdYlGn_r", vmin=0, vmax=1, aspect="auto")
+    cmap = matplotlib.colormaps["RdYlGn_r"].copy()
+    cmap.set_bad("lightgrey")
+    ax.imshow(frac, cmap=cmap, vmin=0, vmax=1, aspect="auto")
     ax.set_xticks(range(len(TOOLS)), TOOLS, fontsize=8)
-    ax.set_yticks(range(len(rows)), [f"{r['name']} ({r['bns']})" for r in rows], fontsize=7)
+    ax.set_yticks(range(len(rows)), [f"{r['name']} ({bns(r)})" for r in rows], fontsize=7)
     ax.xaxis.tick_top()
     ax.set_title("BatchNorms left (of the model's, in brackets); ✗ = output differs from float64; "
                  "unpub. = ours refused to publish", fontsize=8, pad=24)
