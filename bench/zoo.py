@@ -73,7 +73,7 @@ def prepare(name: str, weights: Path):
     torch.manual_seed(SEED)
     model = build(name)
     bns = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
-    g = torch.Generator().manual_seed(SEED)
+    g, momenta = torch.Generator().manual_seed(SEED), [bn.momentum for bn in bns]
     with torch.no_grad():
         for bn in bns:
             if bn.affine:  # non-trivial gamma/beta, so a fold that ignores them shows
@@ -85,8 +85,8 @@ def prepare(name: str, weights: Path):
         batches, batch = CALIBRATION
         for _ in range(batches):
             model(torch.rand(batch, 3, SIZE, SIZE, generator=g))
-    for bn in bns:
-        bn.momentum = 0.1
+    for bn, momentum in zip(bns, momenta):
+        bn.momentum = momentum
     model.eval()
     save_file({k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}, str(weights))
     return model, len(bns)
