@@ -165,7 +165,7 @@ def run_ours(name: str, weights: Path, out: Path, timeout: float, rows: int | No
     for entry in fold.get("kept", []):
         reasons[entry.get("reason", "?")] = reasons.get(entry.get("reason", "?"), 0) + 1
     f64, variants = parity.get("float64", {}), parity.get("variants", {})
-    old_own = f64.get("variants", {}).get(parity.get("reference"), {})  # before parity.own_error (main 9a4d1a4)
+    old_own = f64.get("variants", {}).get(parity.get("reference"), {})  # before parity.own (main 9a4d1a4)
     result.update(
         folded_fx=kinds.count(("fx", "batchnorm")), folded_onnx=kinds.count(("onnx", "batchnorm")),
         folded_affine=sum(k == "affine" for _, k in kinds), kept=len(fold.get("kept", [])), kept_reasons=reasons,
@@ -177,7 +177,8 @@ def run_ours(name: str, weights: Path, out: Path, timeout: float, rows: int | No
         clauses={n: r.get("clause") for n, r in variants.items() if "clause" in r},
         failing=[n for n, r in variants.items() if r.get("passed") is False or (  # new report, then old
             "passed" not in r and "within_tolerance" in r and not (r["within_tolerance"] and r.get("argmax_agreement") == 1.0))],
-        f32_err_report=parity["own_error"] if "own_error" in parity else old_own.get("max_abs_diff"))
+        f32_err_report=variants.get(parity.get("own"), old_own).get("max_abs_diff"),
+        worst_ratio=max([r["ratio"] for r in variants.values() if r.get("ratio") is not None], default=None))
     result["published"] = code == 0 and (out / "model.onnx").exists()
     if result["published"]:
         result["check"] = check(run_onnx(onnx.load(out / "model.onnx"), x), ref64, own)
