@@ -1,20 +1,11 @@
-"""python -m bench.zoo --out artifacts/bench_zoo [--only resnet50,mobilenet_v2] [--timeout S] [--rows N] [--force] [--lock F]
+"""python -m bench.zoo --out artifacts/bench_zoo [--only a,b] [--timeout S] [--rows N] [--force] [--lock F] [--report]
 
-Real torchvision/timm architectures (bench/zoo_models.py) through `python -m export --model`, and
-beside it what the peers leave: torch.fx's `fuse`, torch.onnx.export(dynamo=True, optimize=True),
-onnxsim, onnxslim and onnxoptimizer (the last three on the unfolded dynamo export, constant-folded). docs/zoo.md
-has the method. Per model, in its own process (`--one NAME`, killed after --timeout):
-
-1. build it (random init), draw its BN affine parameters (seeded), calibrate its BN statistics by
-   forward passes in train mode on uniform [0, 1) inputs (momentum=None: the plain mean of the
-   batches), save the weights as safetensors;
-2. ours: the export CLI in a subprocess, timed; its export_report.json read (contract 4);
-3. the peers, timed, BNs left counted; every published form (ours too) run on CHECK_ROWS inputs
-   and compared with the model in float64 (`check`).
-
-Results are cached per model (artifacts/bench_zoo/models/NAME.json): `ours` is redone when export/,
-common/ or the model's entry changed, `peers` when that entry or PEERS_VERSION did (--force: both). The summary:
-results.json, results.md, bn_left.png (written atomically).
+Torchvision/timm architectures (bench/zoo_models.py) through `python -m export --model`, and beside it
+what torch.fx `fuse`, torch.onnx.export(dynamo=True, optimize=True), onnxsim, onnxslim and onnxoptimizer
+leave. Per model, in its own process (`--one NAME`): random init with calibrated BN statistics saved
+as safetensors (`prepare`), our CLI in a subprocess (`run_ours`), the peers (`run_peers`), and every
+published form checked against the model in float64 (`check`). Cached per model in
+OUT/models/NAME.json (`keys`). Method and numbers: docs/zoo.md.
 """
 import argparse
 import copy

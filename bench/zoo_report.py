@@ -53,7 +53,10 @@ def why_not(record: dict) -> str:
     if record.get("error"):
         return f"benchmark error: {record['error']}"
     if ours.get("exit") == 1:
-        return f"verification failed ({', '.join(ours.get('failing', [])) or '?'}): {ours.get('diagnosis') or ours.get('stderr')}"
+        step = f" at {ours['failed_step']}" if ours.get("failed_step") else ""
+        return f"verification failed{step} ({', '.join(ours.get('failing', [])) or '?'}): {ours.get('diagnosis') or ours.get('stderr')}"
+    if ours.get("exit") is None and ours:
+        return ours.get("stderr", "timed out")
     return ours.get("stderr", "")
 
 
