@@ -24,6 +24,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 FACTORIES = Path(__file__).with_name("zoo_models.py")
 SIZE, SEED, CALIBRATION = 224, 0, (4, 8)  # input side; seed; calibration batches x batch size
+SIZES = {"inception_v3": 299}  # its aux head (run in train mode) needs 299x299
 CHECK_ROWS, ATOL, RTOL, FACTOR = 8, 1e-5, 1e-5, 2.0
 CHAOTIC = 1e-3  # float32's own error vs float64, relative to max |logit|, above which a net is "chaotic"
 PEERS = ("fx fuse", "dynamo optimize", "onnxsim", "onnxslim", "onnxoptimizer")
@@ -41,7 +42,7 @@ def keys(name: str, rows: int | None) -> dict:
     """What each part's result depends on: the model's entry, the set-up, and our code (and --rows) or the peers' version."""
     from bench.zoo_models import MODELS
 
-    setting = hashlib.sha256(repr((MODELS[name], SIZE, SEED, CALIBRATION, CHECK_ROWS)).encode()).hexdigest()[:8]
+    setting = hashlib.sha256(repr((MODELS[name], SIZES.get(name, SIZE), SEED, CALIBRATION, CHECK_ROWS)).encode()).hexdigest()[:8]
     code = digest([*ROOT.glob("export/*.py"), *ROOT.glob("common/*.py")])
     return {"ours": f"{setting}-{code}" + (f"-rows{rows}" if rows else ""),
             "peers": f"{setting}-v{PEERS_VERSION}"}
@@ -75,7 +76,7 @@ def prepare(name: str, weights: Path):
         model.train()
         batches, batch = CALIBRATION
         for _ in range(batches):
-            model(torch.rand(batch, 3, SIZE, SIZE, generator=g))
+            model(torch.rand(batch, 3, SIZES.get(name, SIZE), SIZES.get(name, SIZE), generator=g))
     for bn, momentum in zip(bns, momenta):
         bn.momentum = momentum
     model.eval()
@@ -127,11 +128,12 @@ def run_ours(name: str, weights: Path, out: Path, timeout: float, rows: int | No
     instead of its default verification inputs."""
     import onnx
 
+    side = SIZES.get(name, SIZE)
     cmd = [sys.executable, "-m", "export", "--model", f"{FACTORIES}:{name}", "--weights", str(weights),
-           "--input-shape", f"3,{SIZE},{SIZE}", "--out", str(out)]
+           "--input-shape", f"3,{side},{side}", "--out", str(out)]
     if rows:
         sample = out.parent / f"sample{rows}.npy"
-        np.save(sample, np.random.default_rng(SEED).uniform(0, 1, (rows, 3, SIZE, SIZE)).astype(np.float32))
+        np.save(sample, np.random.default_rng(SEED).uniform(0, 1, (rows, 3, side, side)).astype(np.float32))
         cmd += ["--sample", str(sample)]
     (out / "export_report.json").unlink(missing_ok=True)
     (out / "model.onnx").unlink(missing_ok=True)
@@ -246,7 +248,8 @@ def one(name: str, out: Path, parts: list[str], timeout: float, rows: int | None
     result = json.loads(path.read_text()) if path.exists() else {}
     started = time.perf_counter()
     model, n_bn = prepare(name, work / "weights.safetensors")
-    x = torch.rand(CHECK_ROWS, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(SEED + 1)).numpy()
+    side = SIZES.get(name, SIZE)
+    x = torch.rand(CHECK_ROWS, 3, side, side, generator=torch.Generator().manual_seed(SEED + 1)).numpy()
     with torch.no_grad():
         y32 = model(torch.from_numpy(x)).numpy()
         try:
