@@ -64,12 +64,12 @@ def markdown(results: list[dict], meta: dict) -> str:
     head = ["model", "lib", "BNs", "ours: published", "s", "fx", "onnx", "kept", "f32 vs f64 (rel)",
             *[f"{t}: left · s" for t in PEERS]]
     lines = [f"# make bench-zoo, {meta['date']}", "",
-             f"`{meta['command']}` on {meta['host']}; load average {meta['load_start']} at the start, "
-             f"{meta['load_end']} at the end; {meta['versions']}.", "",
+             f"`{meta['command']}` on {meta['host']}; models run {meta['dates']}, holding the benchmark lock; "
+             f"1-minute load average at each model's start {meta['load']} (other agents' work); {meta['versions']}.", "",
              "BNs: BatchNormalization nodes in the model's eval-mode export (in brackets when its BN modules are more: aux heads "
              "that only train mode runs). ours: published = exit 0 (else the exit code), s = wall seconds of "
              "`python -m export`, fx / onnx = BNs folded by each pass, kept = BNs left with a reason. Peers: "
-             "BatchNormalization nodes (fx fuse: BN modules) left in what the tool publishes, and its seconds; "
+             "BatchNormalization nodes (fx fuse: BN modules and batch_norm calls) left in what the tool publishes, and its seconds; "
              f"✗ = its output does not match the float64 model (within 1e-5 + 1e-5·|ref|, or at most {FACTOR:g}x float32's "
              "own error with argmax agreement no worse). f32 vs f64: the unfolded float32 model's max |error| against "
              f"the same model in float64, relative to max |logit|; **bold** = numerically chaotic (> {CHAOTIC:g}).", "",
@@ -88,6 +88,15 @@ def markdown(results: list[dict], meta: dict) -> str:
                   for t in TOOLS) + f", of {sum(bns(r) or 0 for r in results)} BNs.", ""]
     lines += ["## Not published by ours, and why", ""]
     lines += [f"- **{r['name']}**: {why_not(r)}" for r in results if not r.get("ours", {}).get("published")] or ["- none"]
+    lines += ["", "## How ours passed (the new verification: clause per float32 form, worst ratio to float32's own error)", ""]
+    for r in results:
+        ours = r.get("ours", {})
+        if ours.get("published") and ours.get("clauses"):
+            clauses = [c for c in ours["clauses"].values() if c]
+            counts = ", ".join(f"{clauses.count(c)}x {c}" for c in sorted(set(clauses)))
+            ratio = f"; worst ratio {ours['worst_ratio']:.2f}" if ours.get("worst_ratio") is not None else ""
+            steps = f"; export_report timings total {ours['timings']['total']:.0f} s" if "total" in (ours.get("timings") or {}) else ""
+            lines.append(f"- **{r['name']}**: {counts}{ratio}{steps}")
     lines += ["", "## BNs ours kept, with the reasons", ""]
     for r in results:
         reasons = {}
@@ -140,11 +149,11 @@ def write_report(results: list[dict], out: Path) -> None:
 
     import torch
 
+    loads = [r["load_before"][0] for r in results if r.get("load_before")]
+    dates = sorted(r["date"] for r in results if r.get("date"))
     meta = {"date": time.strftime("%Y-%m-%d %H:%M %Z"), "command": "python -m bench.zoo " + " ".join(sys.argv[1:]),
-            "host": f"{os.cpu_count()} cores", "load_start": [r.get("load_before") for r in results][:1],
-            "load_end": [round(v, 2) for v in os.getloadavg()],
-            "versions": f"torch {torch.__version__}"}
-    meta["load_start"] = meta["load_start"][0] if meta["load_start"] else None
+            "host": f"{os.cpu_count()} cores", "dates": f"{dates[0]} to {dates[-1]}" if dates else "?",
+            "load": f"{min(loads):.1f} to {max(loads):.1f}" if loads else "?", "versions": f"torch {torch.__version__}"}
     write_json(out / "results.json", {"meta": meta, "models": results})
     write_text(out / "results.md", markdown(results, meta))
     plot(results, out / "bn_left.png")
