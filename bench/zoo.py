@@ -55,16 +55,24 @@ def one_line(e: BaseException | str, limit: int = 400) -> str:
 
 # --- one model ---------------------------------------------------------------------------------
 
-def prepare(name: str, weights: Path):
-    """The model with calibrated BN statistics (eval mode), saved to `weights`."""
+def prepare(name: str, weights: Path, key: str):
+    """The model with calibrated BN statistics (eval mode), saved to `weights` (reused when its
+    stamp says it was made with this set-up: `key`)."""
     import torch
-    from safetensors.torch import save_file
+    from safetensors.torch import load_file, save_file
 
     from bench.zoo_models import build
 
     torch.manual_seed(SEED)
     model = build(name)
     bns = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    stamp = weights.with_suffix(".key")
+    if weights.exists() and stamp.exists() and stamp.read_text() == key:
+        state = load_file(str(weights))
+        with torch.no_grad():  # in place: load_state_dict would need the state dict's _metadata (MNASNet)
+            for k, v in model.state_dict().items():
+                v.copy_(state[k])
+        return model.eval(), len(bns)
     g, momenta = torch.Generator().manual_seed(SEED), [bn.momentum for bn in bns]
     with torch.no_grad():
         for bn in bns:
@@ -81,6 +89,7 @@ def prepare(name: str, weights: Path):
         bn.momentum = momentum
     model.eval()
     save_file({k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}, str(weights))
+    stamp.write_text(key)
     return model, len(bns)
 
 
@@ -247,7 +256,8 @@ def one(name: str, out: Path, parts: list[str], timeout: float, rows: int | None
     path = out / "models" / f"{name}.json"
     result = json.loads(path.read_text()) if path.exists() else {}
     started = time.perf_counter()
-    model, n_bn = prepare(name, work / "weights.safetensors")
+    k = keys(name, rows)
+    model, n_bn = prepare(name, work / "weights.safetensors", k["peers"].split("-")[0])
     side = SIZES.get(name, SIZE)
     x = torch.rand(CHECK_ROWS, 3, side, side, generator=torch.Generator().manual_seed(SEED + 1)).numpy()
     with torch.no_grad():
@@ -264,7 +274,6 @@ def one(name: str, out: Path, parts: list[str], timeout: float, rows: int | None
                   prepare_seconds=round(time.perf_counter() - started, 1),
                   f32=dict(own, rel=own["max_abs"] / float(np.abs(ref64).max()),
                            chaotic=own["max_abs"] / float(np.abs(ref64).max()) > CHAOTIC))
-    k = keys(name, rows)
     if "ours" in parts:
         result["ours"] = dict(run_ours(name, work / "weights.safetensors", work / "export", timeout, rows, x, ref64, own),
                               key=k["ours"])
