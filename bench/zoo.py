@@ -173,7 +173,7 @@ def run_ours(name: str, weights: Path, out: Path, timeout: float, rows: int | No
         folded_affine=sum(k == "affine" for _, k in kinds), kept=len(fold.get("kept", [])), kept_reasons=reasons,
         untraceable=[f"{u.get('module')}: {u.get('reason')}" for u in fold.get("untraceable", [])],
         bn_left=report.get("bn_dropout_left_in_folded", {}).get("BatchNormalization", 0),
-        summary=report.get("summary"), passed=parity.get("passed"), failed_step=parity.get("failed_step"),
+        summary=report.get("summary"), rows=parity.get("images"), passed=parity.get("passed"), failed_step=parity.get("failed_step"),
         timings=report.get("timings"), exactness=parity.get("exactness"), float64=f64.get("available"),
         diagnosis=parity.get("why") or f64.get("diagnosis") or f64.get("why"),
         clauses={n: r.get("clause") for n, r in variants.items() if "clause" in r},

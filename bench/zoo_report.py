@@ -44,7 +44,8 @@ def ours_cells(record: dict) -> list[str]:
     if not ours:
         return ["–"] * 5
     published = "yes" if ours.get("published") else f"no ({ours.get('exit')})"
-    return [published, f"{ours.get('seconds', 0):.0f}", str(ours.get("folded_fx", "–")), str(ours.get("folded_onnx", "–")),
+    rows = f" ({ours['rows']})" if ours.get("rows") else ""
+    return [published, f"{ours.get('seconds', 0):.0f}{rows}", str(ours.get("folded_fx", "–")), str(ours.get("folded_onnx", "–")),
             str(ours.get("kept", "–"))]
 
 
@@ -61,7 +62,7 @@ def why_not(record: dict) -> str:
 
 
 def markdown(results: list[dict], meta: dict) -> str:
-    head = ["model", "lib", "BNs", "ours: published", "s", "fx", "onnx", "kept", "f32 vs f64 (rel)",
+    head = ["model", "lib", "BNs", "ours: published", "s (rows)", "fx", "onnx", "kept", "f32 vs f64 (rel)",
             *[f"{t}: left · s" for t in PEERS]]
     lines = [f"# make bench-zoo, {meta['date']}", "",
              f"`{meta['command']}` on {meta['host']}; models run {meta['dates']}, holding the benchmark lock; "
