@@ -69,7 +69,7 @@ def markdown(results: list[dict], meta: dict) -> str:
              f"1-minute load average at each model's start {meta['load']} (other agents' work); {meta['versions']}.", "",
              "BNs: BatchNormalization nodes in the model's eval-mode export (in brackets when its BN modules are more: aux heads "
              "that only train mode runs). ours: published = exit 0 (else the exit code), s = wall seconds of "
-             "`python -m export`, fx / onnx = BNs folded by each pass, kept = BNs left with a reason. Peers: "
+             "`python -m export` (rows: the inputs it verified on), fx / onnx = BNs folded by each pass, kept = BNs left with a reason. Peers: "
              "BatchNormalization nodes (fx fuse: BN modules and batch_norm calls) left in what the tool publishes, and its seconds; "
              f"✗ = its output does not match the float64 model (within 1e-5 + 1e-5·|ref|, or at most {FACTOR:g}x float32's "
              "own error with argmax agreement no worse). f32 vs f64: the unfolded float32 model's max |error| against "
