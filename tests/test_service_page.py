@@ -153,7 +153,8 @@ def test_page_of_a_model_that_is_not_a_classifier(browser, tmp_path_factory, tmp
         message = refusal.json()["error"]
         browser.get(proc.url + "/")
         WebDriverWait(browser, 30).until(lambda d: d.find_element("id", "title").text == "detector")
-        assert "not a classifier: outputs boxes [null,4,256], scores [null,3,256]" in browser.find_element("id", "model-line").text
+        assert "not a classifier: outputs boxes [N,4,256], scores [N,3,256]" in browser.find_element("id", "model-line").text
+        assert browser.find_element("id", "label").text == "Not a classifier"
         notice = browser.find_element("id", "notice")
         assert notice.is_displayed() and message in notice.text
         png = tmp_path / "photo.png"

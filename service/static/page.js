@@ -6,6 +6,7 @@
 const $ = (id) => document.getElementById(id);
 const MAX_BARS = 20;
 let meta = null;
+const dims = (shape) => `[${shape.map((d) => (d === null ? "N" : d)).join(",")}]`;
 
 async function loadMetadata() {
   const response = await fetch("/metadata");
@@ -14,13 +15,14 @@ async function loadMetadata() {
   $("title").textContent = meta.model.name;
   const accuracy = meta.model.test_accuracy == null ? "" : ` · test accuracy ${(100 * meta.model.test_accuracy).toFixed(2)}%`;
   const what = meta.classifier ? `${meta.labels.length} classes`
-    : `not a classifier: outputs ${meta.outputs.map((o) => `${o.name} ${JSON.stringify(o.shape)}`).join(", ")}`;
+    : `not a classifier: outputs ${meta.outputs.map((o) => `${o.name} ${dims(o.shape)}`).join(", ")}`;
   $("model-line").textContent = `${input.layout} ${JSON.stringify(input.shape)} · ${what}` +
     (input.background ? ` · expects ${input.background === "dark" ? "light objects on a dark" : "dark objects on a light"} background` : "") +
     accuracy;
   const pictures = input.layout === "NCHW" || input.layout === "NHWC";
   if (!meta.classifier) {
     // The classify action stays for image models: /classify answers 422 with this same message.
+    $("label").textContent = "Not a classifier";
     $("notice").hidden = false;
     $("notice").textContent = `${meta.classify_refusal} (see the API docs).`;
     $("drop").hidden = !pictures;
