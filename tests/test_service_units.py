@@ -728,6 +728,17 @@ def test_importing_the_service_refuses_a_bad_model_in_one_line(models, tmp_path)
     assert len(result.stderr.strip().splitlines()) == 1
 
 
+def test_malformed_v3_outputs_are_refused_at_start_up_in_one_line(models, tmp_path):
+    model = onnx.load(models["detector"])
+    entry = next(p for p in model.metadata_props if p.key == "outputs")
+    entry.value = json.dumps([{**o, "dtype": "float64"} for o in json.loads(entry.value)])
+    write_with_checksum(tmp_path / "model.onnx", model.SerializeToString())
+    result = run_python("import service.service", tmp_path / "model.onnx")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines() == ["refusing to start: model metadata 'outputs'[0] (boxes) 'dtype' must be "
+                                                  "float32 (the contract's only output type), got 'float64'"]
+
+
 def test_settings_refuse_bad_values_in_one_line(models):
     result = run_python("import service.service", models["rgb32"], QUEUE_MAX="many")
     assert result.returncode != 0 and "QUEUE_MAX must be an integer, got 'many'" in result.stderr
