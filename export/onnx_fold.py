@@ -51,12 +51,13 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from export import fold  # the shared math, called as fold.X so that a test patching export.fold.X reaches both passes
+from export.fold import (CONV_TRANSPOSE_FORWARD, affine_of_bn, affine_of_elementwise, compose_affine,
+                         fold_backward_arrays, fold_forward_arrays)
 from export.onnx_graph import (FLOATS, Graph, attr, bn_derived_nodes, clean, describe, fuse_pad_into_conv,
                                node_counts, optimize_transposes, set_attr)
 
 LAYERS = ("Conv", "Gemm", "MatMul")  # a BN folds into these either way
-BACKWARD_ONLY = ("ConvTranspose",)    # and into these only from after them (fold.CONV_TRANSPOSE_FORWARD)
+BACKWARD_ONLY = ("ConvTranspose",)    # and into these only from after them (CONV_TRANSPOSE_FORWARD)
 AFFINE_BINARY = ("Add", "Sub", "Mul", "Div")
 
 
@@ -112,7 +113,7 @@ def _affine(graph: Graph, node):
         values = [graph.const(i) for i in node.input[1:5]]
         if any(v is None for v in values):
             return None
-        scale, shift = fold.affine_of_bn(*values, eps=attr(node, "epsilon", 1e-5))
+        scale, shift = affine_of_bn(*values, eps=attr(node, "epsilon", 1e-5))
         view = (1, -1) + (1,) * (rank - 2)
         return scale.reshape(view), shift.reshape(view)
     if node.op_type not in AFFINE_BINARY or len(node.input) != 2:
@@ -125,7 +126,7 @@ def _affine(graph: Graph, node):
     # batch-independent, and no broadcasting that would enlarge x
     if c.shape[0] != 1 or any(d != 1 and d != s for d, s in zip(c.shape[1:], shape[1:])):
         return None
-    return fold.affine_of_elementwise(node.op_type, c, const_first)
+    return affine_of_elementwise(node.op_type, c, const_first)
 
 
 def _kind(graph: Graph, node) -> str | None:
@@ -220,7 +221,7 @@ def _accumulate(graph: Graph, chain, forward: bool):
         kind = _kind(graph, node)
         if kind == "affine":
             own = _affine(graph, node)
-            st = fold.compose_affine(st, own) if forward else fold.compose_affine(own, st)
+            st = compose_affine(st, own) if forward else compose_affine(own, st)
             st = tuple(_compress(np.asarray(a)) for a in st)
         elif kind == "layout":
             st = _transport(graph, node, st, forward)
@@ -345,7 +346,7 @@ def _fold_backward(graph: Graph, chain, layer) -> str | None:
     s, t = (_per_axis(a, axis, n) for a in st)
     if s is None or t is None:
         return f"its scale/shift is not one value per output channel of {describe(layer)}"
-    _set_weights(graph, layer, *fold.fold_backward_arrays(w, b, s, t, out_axis=out_axis, groups=groups), new_bias_add=True)
+    _set_weights(graph, layer, *fold_backward_arrays(w, b, s, t, out_axis=out_axis, groups=groups), new_bias_add=True)
     return None
 
 
@@ -381,20 +382,23 @@ def _fold_backward_concat(graph: Graph, chain, concat) -> tuple[list, str | None
         return [], f"its scale/shift is not one value per channel of {describe(concat)}"
     start = 0
     for layer, (w, b), out_axis, n, groups in parts:
-        new = fold.fold_backward_arrays(w, b, s[start:start + n], t[start:start + n], out_axis=out_axis, groups=groups)
+        new = fold_backward_arrays(w, b, s[start:start + n], t[start:start + n], out_axis=out_axis, groups=groups)
         _set_weights(graph, layer, *new, new_bias_add=True)
         start += n
     return [layer for layer, *_ in parts], None
+
+
+def _padded(conv) -> bool:
+    return any(attr(conv, "pads", [])) or attr(conv, "auto_pad", b"NOTSET") not in (b"NOTSET", b"VALID", "NOTSET", "VALID")
 
 
 def _fold_forward(graph: Graph, chain, layer) -> str | None:
     """Fold the chain into the layer that reads its output. Returns why not, or None when done."""
     if layer.input[0] != chain[-1].output[0]:
         return f"its output is not the data input of {describe(layer)}"
-    if layer.op_type == "Conv":
-        if any(attr(layer, "pads", [])) or attr(layer, "auto_pad", b"NOTSET") not in (b"NOTSET", b"VALID", "NOTSET", "VALID"):
-            return (f"the next layer {describe(layer)} is zero-padded: its padded zeros would become the BN "
-                    f"shift after folding")
+    if layer.op_type == "Conv" and _padded(layer):
+        return (f"the next layer {describe(layer)} is zero-padded: its padded zeros would become the BN "
+                f"shift after folding")
     if layer.op_type == "Gemm" and attr(layer, "transA", 0):
         return f"the next layer {describe(layer)} transposes its input (transA=1)"
     (w, b), st, why = _weights_and_map(graph, chain, layer, forward=True)
@@ -412,7 +416,7 @@ def _fold_forward(graph: Graph, chain, layer) -> str | None:
     s, t = (_per_axis(a, axis, n) for a in st)
     if s is None or t is None:
         return f"its scale/shift does not line up with the input channels of {describe(layer)}"
-    new_w, new_b = fold.fold_forward_arrays(w, b, s, t, out_axis=out_axis, in_axis=in_axis, groups=groups)
+    new_w, new_b = fold_forward_arrays(w, b, s, t, out_axis=out_axis, in_axis=in_axis, groups=groups)
     _set_weights(graph, layer, new_w, new_b)
     return None
 
@@ -455,7 +459,7 @@ def _fold_affine_chains(graph: Graph, report: dict) -> None:
             why_forward = (f"{end} is a graph output" if end in graph.output_names else
                            f"{end} feeds {graph.uses(end)} consumers; a fold would change the others")
         elif target.op_type in BACKWARD_ONLY:
-            why_forward = f"{fold.CONV_TRANSPOSE_FORWARD} ({describe(target)})"
+            why_forward = f"{CONV_TRANSPOSE_FORWARD} ({describe(target)})"
         elif target.op_type not in LAYERS:
             why_forward = f"it is followed by {describe(target)}, which a per-channel affine map cannot pass through"
         else:

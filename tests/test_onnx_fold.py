@@ -9,6 +9,7 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 from onnx.reference.op_run import OpRun
 
+import export.onnx_fold
 from export import fold as fold_math
 from export.onnx_fold import fold_onnx
 from export.onnx_graph import bn_derived_nodes, node_counts
@@ -486,12 +487,12 @@ def test_float64_graph_stays_float64_and_folds_the_same():
     assert exact_error(m, f64) < 1e-12
 
 
-# Each new check can fail: the fold math patched (as issue 17's injected-error tests do, in
-# export.fold alone, which both passes call) gives errors far above float64 rounding.
+# Each new check can fail: the fold math patched (as issue 17's injected-error tests do) gives
+# errors far above float64 rounding.
 
 def test_one_channel_off_by_1e_4_is_caught_in_the_onnx_pass(monkeypatch):
     m = inception(relu=False)  # (a Relu may zero the one channel on these inputs)
-    right = fold_math.affine_of_bn
+    right = export.onnx_fold.affine_of_bn
 
     def off(*args, **kwargs):
         scale, shift = right(*args, **kwargs)
@@ -499,7 +500,7 @@ def test_one_channel_off_by_1e_4_is_caught_in_the_onnx_pass(monkeypatch):
         scale[-1] *= 1 + 1e-4
         return scale, shift
 
-    monkeypatch.setattr(fold_math, "affine_of_bn", off)
+    monkeypatch.setattr(export.onnx_fold, "affine_of_bn", off)
     assert exact_error(m) > 1e-9
 
 
