@@ -225,7 +225,8 @@ def _is_norm_module(m: nn.Module) -> bool:
 # --- the PyTorch (fx) pass: folding into modules ---
 
 def _with_weights(layer: nn.Module, weight: np.ndarray, bias: np.ndarray) -> nn.Module:
-    folded = copy.deepcopy(layer)
+    """A copy of `layer` with new weight and bias (the old ones are not copied, only replaced)."""
+    folded = copy.deepcopy(layer, {id(p): None for p in (layer.weight, layer.bias) if p is not None})
     dtype = layer.weight.dtype
     folded.weight = nn.Parameter(torch.from_numpy(weight).to(dtype))
     folded.bias = nn.Parameter(torch.from_numpy(bias).to(dtype))
@@ -600,16 +601,27 @@ def _clone(value):
     return value
 
 
-def _record_inputs(model: nn.Module, example: tuple) -> dict[str, tuple]:
-    """The (args, kwargs) every submodule receives on its first call while model(*example) runs."""
-    seen: dict[str, tuple] = {}
+def _record_calls(model: nn.Module, example: tuple) -> dict[str, tuple]:
+    """(args, kwargs, output) of the first call of each module _fold may trace while model(*example)
+    runs: the top level, and every module fx traces into that holds a BatchNorm."""
+    seen: dict[str, list] = {}
+    tracer = fx.Tracer()
+    traced = [(name, m) for name, m in model.named_modules() if not (name and tracer.is_leaf_module(m, name))
+              and any(isinstance(d, _BatchNorm) or _is_norm_module(d) for d in m.modules())]
 
-    def hook(name):
+    def before(name):
         def record(module, args, kwargs):
-            seen.setdefault(name, _clone((args, kwargs)))
+            seen.setdefault(name, [_clone(args), _clone(kwargs)])
         return record
 
-    handles = [m.register_forward_pre_hook(hook(name), with_kwargs=True) for name, m in model.named_modules()]
+    def after(name):
+        def record(module, args, kwargs, output):
+            if len(seen[name]) == 2:
+                seen[name].append(_clone(output))
+        return record
+
+    handles = [h for name, m in traced for h in (m.register_forward_pre_hook(before(name), with_kwargs=True),
+                                                 m.register_forward_hook(after(name), with_kwargs=True))]
     try:
         with torch.no_grad():
             model(*example)
@@ -618,7 +630,7 @@ def _record_inputs(model: nn.Module, example: tuple) -> dict[str, tuple]:
     finally:
         for h in handles:
             h.remove()
-    return seen
+    return {name: tuple(call) for name, call in seen.items() if len(call) == 3}
 
 
 class _ShapeRecorder(fx.Interpreter):
@@ -631,10 +643,10 @@ class _ShapeRecorder(fx.Interpreter):
         return out
 
 
-def _mistrace(gm: fx.GraphModule, module: nn.Module, args: tuple, kwargs: dict) -> str | None:
-    """How the traced graph differs from `module`'s own forward on these inputs (None: it does not)."""
+def _mistrace(gm: fx.GraphModule, args: tuple, kwargs: dict, want) -> str | None:
+    """How the traced graph's output on these inputs differs from `want`, what the module's forward
+    gave (None: it does not)."""
     with torch.no_grad():
-        want = module(*_clone(args), **_clone(kwargs))
         try:
             got = gm(*_clone(args), **_clone(kwargs)) if kwargs else _ShapeRecorder(gm).run(*_clone(args))
         except Exception as e:  # noqa: BLE001 -- any failure is the answer
@@ -685,23 +697,24 @@ def fold_batchnorm(model: nn.Module, example: tuple | None = None) -> tuple[nn.M
     a trace that does not (a Python branch on a leaf's output, say) is not used, and that module
     is folded inside its children only, as above."""
     model = copy.deepcopy(model).eval()
-    inputs = _record_inputs(model, tuple(example)) if example is not None else {}
+    example = (example,) if isinstance(example, torch.Tensor) else example
+    calls = _record_calls(model, tuple(example)) if example is not None else {}
     report = FoldReport()
-    return _fold(model, "", report, inputs).eval(), report
+    return _fold(model, "", report, calls).eval(), report
 
 
-def _fold(module: nn.Module, prefix: str, report: FoldReport, inputs: dict) -> nn.Module:
+def _fold(module: nn.Module, prefix: str, report: FoldReport, calls: dict) -> nn.Module:
     try:
         gm, leaves = _trace(module)
     except _Untraceable as e:
-        return _fold_inside(module, prefix, str(e), report, inputs)
-    if prefix.rstrip(".") in inputs:
-        why = _mistrace(gm, module, *inputs[prefix.rstrip(".")])
+        return _fold_inside(module, prefix, str(e), report, calls)
+    if prefix.rstrip(".") in calls:
+        why = _mistrace(gm, *calls[prefix.rstrip(".")])
         if why:
             reason = f"fx's trace of {_where(module, prefix)} does not compute what its forward does: {why}"
-            return _fold_inside(module, prefix, reason, report, inputs)
+            return _fold_inside(module, prefix, reason, report, calls)
     for name, reason in leaves.items():
-        _replace(gm, {}, name, _fold_inside(gm.get_submodule(name), f"{prefix}{name}.", reason, report, inputs))
+        _replace(gm, {}, name, _fold_inside(gm.get_submodule(name), f"{prefix}{name}.", reason, report, calls))
     _fold_graph(gm, module, prefix, report)
     return gm
 
@@ -710,7 +723,7 @@ def _where(module: nn.Module, prefix: str) -> str:
     return f"{prefix.rstrip('.') or '<top level>'} ({type(module).__name__})"
 
 
-def _fold_inside(module: nn.Module, prefix: str, reason: str, report: FoldReport, inputs: dict) -> nn.Module:
+def _fold_inside(module: nn.Module, prefix: str, reason: str, report: FoldReport, calls: dict) -> nn.Module:
     """`module`'s forward cannot be traced (or its trace is wrong): keep it, and fold inside each
     child on its own."""
     where = _where(module, prefix)
@@ -720,5 +733,5 @@ def _fold_inside(module: nn.Module, prefix: str, reason: str, report: FoldReport
             report.kept.append({"bn": f"{prefix}{name} ({type(child).__name__})", "kind": "batchnorm",
                                 "reason": f"called by the forward of {where}, which fx cannot trace: {reason}"})
         elif any(isinstance(m, _BatchNorm) or _is_norm_module(m) for m in child.modules()):
-            setattr(module, name, _fold(child, f"{prefix}{name}.", report, inputs))
+            setattr(module, name, _fold(child, f"{prefix}{name}.", report, calls))
     return module
