@@ -655,6 +655,8 @@ def _mistrace(gm: fx.GraphModule, args: tuple, kwargs: dict, want) -> str | None
 
 
 def _difference(got, want, where: str) -> str | None:
+    """How `got` differs from `want` in structure, shape, dtype or value beyond float rounding
+    (1000 ulp of the largest value); None when it does not."""
     if isinstance(want, torch.Tensor):
         if not isinstance(got, torch.Tensor):
             return f"{where} is a {type(got).__name__}, not a tensor"
@@ -664,7 +666,7 @@ def _difference(got, want, where: str) -> str | None:
             return None if torch.equal(got, want) else f"{where} differs"
         tol = 1e3 * torch.finfo(want.dtype).eps
         scale = float(want.abs().nan_to_num(0, 0, 0).max()) if want.numel() else 0.0
-        if not torch.allclose(got, want, rtol=tol, atol=tol * max(scale, 1.0), equal_nan=True):
+        if not torch.allclose(got, want, rtol=tol, atol=tol * scale, equal_nan=True):
             return f"{where} differs by up to {float((got - want).abs().nan_to_num(0, 0, 0).max()):.3g}"
         return None
     if type(got) is not type(want):

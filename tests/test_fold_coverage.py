@@ -439,6 +439,21 @@ def test_a_trace_that_returns_another_structure_is_not_used():
     assert "its output is a tuple, not a list" in report.untraceable[0]["reason"]
 
 
+def test_a_trace_that_computes_something_else_is_not_used():
+    class Doubler(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.bn = nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)
+
+        def forward(self, x):
+            y = self.bn(self.conv(x))
+            return y * 2 if isinstance(y, torch.Tensor) else y  # a Proxy is not a Tensor: the trace skips * 2
+
+    report, _ = assert_exact(randomize(Doubler()), torch.randn(2, 3, 8, 8))
+    assert "does not compute what its forward does: its output differs by up to" in report.untraceable[0]["reason"]
+    assert report.folded == [] and [k["bn"] for k in report.kept] == ["bn (BatchNorm2d)"]
+
+
 @pytest.mark.parametrize("factory", ["resnet", "mobilenet", "vgg", "preact", "conv1d", "mlp", "leafy"])
 def test_a_correct_trace_passes_the_check(factory):
     """No false alarm on the models users bring: float32, as the pipeline folds them."""
