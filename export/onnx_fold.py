@@ -334,11 +334,16 @@ def _out_channels(layer, w) -> tuple[int, int, int, int]:
     return 1, -1, w.shape[1], 1  # MatMul: a bias Add right after it is part of the chain, so the fold starts from no bias
 
 
+def _readers(graph: Graph, name: str) -> int:
+    """The readers of `name`'s values: a Shape node reads only its shape, which a fold keeps."""
+    return graph.uses(name) - sum(n.op_type == "Shape" for n in graph.consumers.get(name, []))
+
+
 def _fold_backward(graph: Graph, chain, layer) -> str | None:
     """Fold the chain into the layer that produces its input. Returns why not, or None when done."""
     x0 = layer.output[0]
-    if graph.uses(x0) != 1:
-        return f"the output of {describe(layer)} is read by {graph.uses(x0)} consumers; a fold would change the others"
+    if _readers(graph, x0) != 1:
+        return f"the output of {describe(layer)} is read by {_readers(graph, x0)} consumers; a fold would change the others"
     (w, b), st, why = _weights_and_map(graph, chain, layer, forward=False)
     if why:
         return why
@@ -354,8 +359,8 @@ def _fold_backward_concat(graph: Graph, chain, concat) -> tuple[list, str | None
     """Fold the chain into the layers whose outputs the Concat joins, each its slice of the channels:
     (the layers, None), or ([], why not)."""
     out, shape = concat.output[0], graph.shape(concat.output[0])
-    if graph.uses(out) != 1:
-        return [], f"the output of {describe(concat)} is read by {graph.uses(out)} consumers; a fold would change the others"
+    if _readers(graph, out) != 1:
+        return [], f"the output of {describe(concat)} is read by {_readers(graph, out)} consumers; a fold would change the others"
     if shape is None:
         return [], f"the shape of {out} is unknown"
     axis = attr(concat, "axis") % len(shape)
@@ -364,8 +369,8 @@ def _fold_backward_concat(graph: Graph, chain, concat) -> tuple[list, str | None
         layer = graph.producer.get(name)
         if layer is None or layer.op_type not in LAYERS + BACKWARD_ONLY or list(concat.input).count(name) > 1:
             return [], f"input {i} of {describe(concat)}, {name}, is not the output of a Conv/ConvTranspose/Gemm/MatMul"
-        if graph.uses(name) != 1:
-            return [], f"the output of {describe(layer)} is read by {graph.uses(name)} consumers; a fold would change the others"
+        if _readers(graph, name) != 1:
+            return [], f"the output of {describe(layer)} is read by {_readers(graph, name)} consumers; a fold would change the others"
         weights = _weights(graph, layer)
         if weights is None:
             return [], f"{describe(layer)} has no constant weights (or a bias that is not per output) to fold into"

@@ -260,6 +260,15 @@ def test_bn_output_with_two_consumers_is_kept():
     assert "2 consumers" in report["kept"][0]["reason"]
 
 
+def test_conv_output_whose_shape_is_also_read_folds_backward():
+    """A Shape node reads no values: conv → BN folds although Shape(conv output) feeds a Reshape."""
+    c, inits = conv("conv", "x", "c", 3, 4, pads=1)
+    nodes = [c, bn_node("bn", "c", "b"), helper.make_node("Shape", ["c"], ["shape"]),
+             helper.make_node("Reshape", ["b", "shape"], ["y"])]
+    folded, report = fold_and_check(model(nodes, inits + bn_stats("bn", 4), ["N", 3, 6, 6], ["N", 4, 6, 6]))
+    assert "BatchNormalization" not in node_counts(folded) and report["folded"][0]["into"] == "conv (Conv)"
+
+
 def test_conv_output_with_two_consumers_is_not_folded_backward():
     """conv → BN and conv → elsewhere: folding BN into the conv would change the other reader."""
     c, inits = conv("conv", "x", "c", 3, 4, pads=1)
