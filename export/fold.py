@@ -31,6 +31,7 @@ is a BatchNorm, and how to read its s and t).
 import copy
 import inspect
 import traceback
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -185,14 +186,26 @@ NORMS = {nn.BatchNorm1d: (2, 3), nn.BatchNorm2d: (4,), nn.BatchNorm3d: (5,), nn.
 _STATS = ("weight", "bias", "running_mean", "running_var")
 
 
+_PROBED: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionary()
+
+
 def _frozen_ranks(m: nn.Module) -> tuple[int, ...]:
     """The input ranks on which `m`'s forward is x·s + t with s, t from its weight/bias/running_mean/
-    running_var buffers and its eps (a FrozenBatchNorm2d), found on random probe inputs; () if none."""
+    running_var buffers and its eps (a FrozenBatchNorm2d), found on random probe inputs; () if none.
+    Remembered per module until its buffers or eps change."""
     buffers = dict(m.named_buffers(recurse=False))
     if isinstance(m, _BatchNorm) or list(m.children()) or list(m.parameters()) or not isinstance(getattr(m, "eps", None), float) \
             or not all(k in buffers and buffers[k].ndim == 1 and buffers[k].is_floating_point() for k in _STATS) \
             or len({buffers[k].numel() for k in _STATS}) != 1:
         return ()
+    stamp = (m.eps, type(m).forward, *((buffers[k].data_ptr(), buffers[k]._version, buffers[k].dtype) for k in _STATS))
+    if m in _PROBED and _PROBED[m][0] == stamp:
+        return _PROBED[m][1]
+    _PROBED[m] = (stamp, _probe(m, buffers))
+    return _PROBED[m][1]
+
+
+def _probe(m: nn.Module, buffers: dict) -> tuple[int, ...]:
     gamma, beta, mean, var = (buffers[k].detach().double() for k in _STATS)
     dtype, c, ranks = buffers["weight"].dtype, gamma.numel(), []
     for rank in (2, 3, 4, 5):
