@@ -436,9 +436,9 @@ def _is_flatten(modules, node) -> bool:
     m = _module(modules, node)
     if isinstance(m, nn.Flatten):
         return m.start_dim == 1 and m.end_dim == -1
-    if (node.op == "call_function" and node.target is torch.flatten) or (node.op == "call_method" and node.target == "flatten"):
-        args = list(node.args[1:]) + [None, None]
-        start, end = node.kwargs.get("start_dim", args[0] if args[0] is not None else 0), node.kwargs.get("end_dim", args[1] if args[1] is not None else -1)
+    if (node.op, node.target) in (("call_function", torch.flatten), ("call_method", "flatten")):
+        start = node.kwargs.get("start_dim", node.args[1] if len(node.args) > 1 else 0)
+        end = node.kwargs.get("end_dim", node.args[2] if len(node.args) > 2 else -1)
         return start == 1 and end == -1
     return False
 
