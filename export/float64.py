@@ -105,6 +105,9 @@ def _conv_transpose(torch, x, w, b=None, auto_pad=None, dilations=None, group=No
     rank = x.ndim - 2
     padding = _torch_pads(pads, rank)
     if output_shape or auto_pad not in (None, "NOTSET", b"NOTSET") or padding is None or rank not in (1, 2, 3):
+        if (group or 1) > 1:  # onnx 1.23's own ConvTranspose adds the first bias to every channel, or raises
+            raise Float64Unavailable("onnx.reference's ConvTranspose is wrong for group > 1, and torch does not "
+                                     "take these attributes as they are")
         return None
     conv = (torch.nn.functional.conv_transpose1d, torch.nn.functional.conv_transpose2d,
             torch.nn.functional.conv_transpose3d)[rank - 1]

@@ -1,32 +1,37 @@
-"""Fold eval-mode BatchNorm into the neighbouring Conv/Linear, and strip Dropout.
+"""Fold eval-mode BatchNorm into the neighbouring Conv/ConvTranspose/Linear, and strip Dropout.
 
 In eval mode a BatchNorm is a per-channel affine map  y = x·s + t  with
 
     s = γ / √(σ² + ε),   t = β − μ·s         (γ = 1, β = 0 when affine=False)
 
-Backward fold, BN right after a Conv/Linear (y = BN(W·x + b)):
+Backward fold, BN right after a layer (y = BN(W·x + b)):
 
-    W' = W·γ/√(σ²+ε)                 (scale each output channel / row)
-    b' = (b − μ)·γ/√(σ²+ε) + β       (b = 0 when the layer has no bias)
+    W' = W·s  (scale each output channel),   b' = b·s + t   (b = 0 when the layer has no bias)
 
-Forward fold, BN before the next Conv/Linear (z = W·BN(x) + b), as in Keras' Dense/Conv2D examples
+Forward fold, BN before the next layer (z = W·BN(x) + b), as in Keras' Dense/Conv2D examples
 where BN sits after the activation:
 
-    W' = W·s   (scale each input channel / column),   b' = b + W·t
+    W' = W·s  (scale each input channel),    b' = b + W·t
 
 It is exact through MaxPool only when every s > 0 (max commutes with a positive affine map; a
 negative scale swaps max for min), through Flatten by repeating s and t per spatial position, and
-never into a padded Conv (the padded zeros would become t after folding). Where no exact fold
-exists the BN stays and the report says why. A BN with track_running_stats=False normalizes with
-batch statistics even in eval mode: it is not an affine map and cannot be folded.
+never into a padded Conv (the padded zeros would become t after folding) nor into a ConvTranspose
+(see LAYERS). A BN after a torch.cat of several layers' outputs folds backward by splitting s and
+t across them. Where no exact fold exists the BN stays and the report says why. A BN with
+track_running_stats=False normalizes with batch statistics even in eval mode: it is not an affine
+map and cannot be folded.
 
 The math (affine_of_bn, affine_of_elementwise, compose_affine, fold_backward_arrays,
-fold_forward_arrays) runs in float64 on plain arrays, then casts back; the ONNX graph pass
-(export/onnx_fold.py) uses the same functions. The PyTorch pass is a short
-pattern match over an fx graph, in the manner of torch.fx.experimental.optimization.fuse.
+fold_forward_arrays) runs in float64 on plain arrays, then casts back to the model's dtype; the
+ONNX graph pass (export/onnx_fold.py) calls the same functions. The PyTorch pass is a short
+pattern match over an fx graph, in the manner of torch.fx.experimental.optimization.fuse, driven
+by two tables: LAYERS (what a BN folds into, and how its weight holds channels) and NORMS (what
+is a BatchNorm, and how to read its s and t).
 """
 import copy
+import inspect
 import traceback
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -37,8 +42,7 @@ from torch.nn import functional as F
 
 from export.errors import one_line
 
-_BN = (nn.BatchNorm1d, nn.BatchNorm2d)
-_CONV_LINEAR = (nn.Conv2d, nn.Conv1d, nn.Linear)
+_BatchNorm = nn.modules.batchnorm._BatchNorm
 
 
 class FoldError(ValueError):
@@ -47,8 +51,8 @@ class FoldError(ValueError):
 
 @dataclass
 class FoldReport:
-    folded: list[dict] = field(default_factory=list)     # {"bn", "into", "direction"}
-    kept: list[dict] = field(default_factory=list)       # {"bn", "reason"}
+    folded: list[dict] = field(default_factory=list)     # {"bn", "into", "direction", "kind"}
+    kept: list[dict] = field(default_factory=list)       # {"bn", "reason", "kind"}
     removed_dropout: list[str] = field(default_factory=list)
     untraceable: list[dict] = field(default_factory=list)  # {"module", "reason"}: called whole, not traced
 
@@ -66,15 +70,33 @@ def affine_of_bn(gamma, beta, mean, var, eps: float) -> tuple[np.ndarray, np.nda
     return scale, beta - mean * scale
 
 
-def fold_backward_arrays(weight, bias, scale, shift, out_axis: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """BN after the layer, y = (W·x + b)·s + t:  W' = W·s along the output axis, b' = b·s + t.
-    `bias` None means no bias. Returns float64 arrays."""
+def grouped_channels(n_major: int, n_minor: int, groups: int) -> np.ndarray:
+    """[n_major, n_minor] channel numbers along a grouped weight axis: index i of the major axis is
+    in group g = i // (n_major/groups), whose channels are g·n_minor … g·n_minor + n_minor − 1."""
+    group = np.arange(n_major) // (n_major // groups)
+    return group[:, None] * n_minor + np.arange(n_minor)[None, :]
+
+
+def fold_backward_arrays(weight, bias, scale, shift, out_axis: int = 0, groups: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """BN after the layer, y = (W·x + b)·s + t:  W' = W·s along the output channels, b' = b·s + t.
+    `bias` None means no bias. A ConvTranspose keeps its weight as [in, out/groups, k…]
+    (out_axis=1, groups > 1): the output channel of W[i, j] is g·(out/groups) + j for the group
+    g of input i. Returns float64 arrays."""
     weight = np.asarray(weight, dtype=np.float64)
     scale, shift = np.asarray(scale, dtype=np.float64), np.asarray(shift, dtype=np.float64)
-    bias = np.zeros(weight.shape[out_axis]) if bias is None else np.asarray(bias, dtype=np.float64)
-    view = [1] * weight.ndim
-    view[out_axis] = -1
-    return weight * scale.reshape(view), bias * scale + shift
+    if out_axis == 0 or groups == 1:
+        if scale.size != weight.shape[out_axis]:
+            raise ValueError(f"{scale.size} channels do not match weight axis {out_axis} of {weight.shape}")
+        view = [1] * weight.ndim
+        view[out_axis] = -1
+        s = scale.reshape(view)
+    else:
+        channel = grouped_channels(weight.shape[0], weight.shape[1], groups)
+        if scale.size != weight.shape[1] * groups:
+            raise ValueError(f"{scale.size} channels do not match {groups} groups of {weight.shape[1]}")
+        s = scale[channel].reshape(channel.shape + (1,) * (weight.ndim - 2))
+    bias = np.zeros(scale.size) if bias is None else np.asarray(bias, dtype=np.float64)
+    return weight * s, bias * scale + shift
 
 
 def fold_forward_arrays(weight, bias, scale, shift, out_axis: int = 0, in_axis: int = 1,
@@ -86,8 +108,7 @@ def fold_forward_arrays(weight, bias, scale, shift, out_axis: int = 0, in_axis: 
     weight = np.moveaxis(np.asarray(weight, dtype=np.float64), (out_axis, in_axis), (0, 1))  # [out, in/g, ...]
     scale, shift = np.asarray(scale, dtype=np.float64), np.asarray(shift, dtype=np.float64)
     out_channels, in_per_group = weight.shape[:2]
-    group = np.arange(out_channels) // (out_channels // groups)
-    channel = group[:, None] * in_per_group + np.arange(in_per_group)[None, :]  # [out, in/g]
+    channel = grouped_channels(out_channels, in_per_group, groups)  # [out, in/g]
     spatial = (1,) * (weight.ndim - 2)
     s, t = scale[channel].reshape(*channel.shape, *spatial), shift[channel].reshape(*channel.shape, *spatial)
     bias = np.zeros(out_channels) if bias is None else np.asarray(bias, dtype=np.float64)
@@ -118,55 +139,308 @@ def compose_affine(first, then) -> tuple[np.ndarray, np.ndarray]:
     return np.asarray(s1, dtype=np.float64) * s2, np.asarray(t1, dtype=np.float64) * s2 + t2
 
 
-# --- the PyTorch (fx) pass ---
+# --- coverage: what folds into what (both passes read these) ------------------------------------
 
-def bn_scale_shift(bn: nn.modules.batchnorm._BatchNorm) -> tuple[np.ndarray, np.ndarray]:
-    """s and t of a torch BatchNorm, in float64."""
+CONV_TRANSPOSE_FORWARD = ("a BN before a transposed conv does not fold into it: its kernel covers the output "
+                          "positions unevenly (at the borders and between strides), so the BN shift would not "
+                          "become one bias per output channel")
+
+
+@dataclass(frozen=True)
+class LayerRule:
+    """How a layer holds its per-channel linear map, for folding a BN into it."""
+    out_axis: int                # weight axis of the output channels (ConvTranspose: within a group)
+    in_axis: int                 # weight axis of the input channels
+    rank: int                    # rank of its output when the channel axis is 1 ([N, C, *spatial])
+    no_forward: str | None = None  # why a BN before it never folds into it (None: it does, unpadded)
+
+
+CONV = {n: LayerRule(0, 1, n + 2) for n in (1, 2, 3)}
+CONV_TRANSPOSE = {n: LayerRule(1, 0, n + 2, CONV_TRANSPOSE_FORWARD) for n in (1, 2, 3)}
+LAYERS = {nn.Linear: LayerRule(0, 1, 2),
+          nn.Conv1d: CONV[1], nn.Conv2d: CONV[2], nn.Conv3d: CONV[3],
+          nn.ConvTranspose1d: CONV_TRANSPOSE[1], nn.ConvTranspose2d: CONV_TRANSPOSE[2],
+          nn.ConvTranspose3d: CONV_TRANSPOSE[3]}
+# Exact types only: a subclass may do more in its forward (timm's Conv2dSame pads, StdConv2d
+# standardizes its weight); fx traces into those, and what they compute is left alone.
+
+
+def bn_scale_shift(bn: nn.Module) -> tuple[np.ndarray, np.ndarray]:
+    """s and t of a torch BatchNorm, or of a FrozenBatchNorm2d-style module, in float64."""
+    if getattr(bn, "running_mean", None) is None or getattr(bn, "running_var", None) is None:
+        raise FoldError(f"{type(bn).__name__} has track_running_stats=False: it normalizes with batch statistics "
+                        f"even in eval mode, so it cannot be folded into a fixed layer")
     var = bn.running_var.detach().double().numpy()
-    gamma = bn.weight.detach().double().numpy() if bn.affine else np.ones_like(var)
-    beta = bn.bias.detach().double().numpy() if bn.affine else np.zeros_like(var)
+    gamma = np.ones_like(var) if bn.weight is None else bn.weight.detach().double().numpy()
+    beta = np.zeros_like(var) if bn.bias is None else bn.bias.detach().double().numpy()
     return affine_of_bn(gamma, beta, bn.running_mean.detach().double().numpy(), var, bn.eps)
 
 
+# The BatchNorm modules, with the input ranks they take (channel axis 1), read by bn_scale_shift;
+# a subclass counts only if it keeps the forward of its torch base class. One that does more in
+# its forward (timm's BatchNormAct2d adds an activation) is traced into, and the F.batch_norm call
+# inside folds (_functional_norm) while the rest stays. FrozenBatchNorm2d-style modules
+# (torchvision.ops, detectron2) are recognized by their buffers and a probe of their forward
+# (_frozen_ranks). All of these are kept whole in the trace (fx leaves), so they fold as modules.
+NORMS = {nn.BatchNorm1d: (2, 3), nn.BatchNorm2d: (4,), nn.BatchNorm3d: (5,), nn.SyncBatchNorm: (2, 3, 4, 5)}
+_STATS = ("weight", "bias", "running_mean", "running_var")
+
+
+_PROBED: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionary()
+
+
+def _frozen_ranks(m: nn.Module) -> tuple[int, ...]:
+    """The input ranks on which `m`'s forward is x·s + t with s, t from its weight/bias/running_mean/
+    running_var buffers and its eps (a FrozenBatchNorm2d), found on random probe inputs; () if none.
+    Remembered per module until its buffers or eps change."""
+    buffers = dict(m.named_buffers(recurse=False))
+    if isinstance(m, _BatchNorm) or list(m.children()) or list(m.parameters()) or not isinstance(getattr(m, "eps", None), float) \
+            or not all(k in buffers and buffers[k].ndim == 1 and buffers[k].is_floating_point() for k in _STATS) \
+            or len({buffers[k].numel() for k in _STATS}) != 1:
+        return ()
+    stamp = (m.eps, type(m).forward, *((buffers[k].data_ptr(), buffers[k]._version, buffers[k].dtype) for k in _STATS))
+    if m in _PROBED and _PROBED[m][0] == stamp:
+        return _PROBED[m][1]
+    _PROBED[m] = (stamp, _probe(m, buffers))
+    return _PROBED[m][1]
+
+
+def _probe(m: nn.Module, buffers: dict) -> tuple[int, ...]:
+    gamma, beta, mean, var = (buffers[k].detach().double() for k in _STATS)
+    dtype, c, ranks = buffers["weight"].dtype, gamma.numel(), []
+    for rank in (2, 3, 4, 5):
+        x = torch.randn((2, c) + (3,) * (rank - 2), generator=torch.Generator().manual_seed(rank), dtype=torch.float64)
+        view = (1, c) + (1,) * (rank - 2)
+        want = (x - mean.view(view)) / torch.sqrt(var.view(view) + m.eps) * gamma.view(view) + beta.view(view)
+        try:
+            with torch.no_grad():
+                got = m(x.to(dtype)).double()
+        except Exception:  # noqa: BLE001 -- a rank it does not take
+            continue
+        if got.shape == want.shape and torch.allclose(got, want, rtol=1e3 * torch.finfo(dtype).eps, atol=1e3 * torch.finfo(dtype).eps):
+            ranks.append(rank)
+    return tuple(ranks)
+
+
+def _norm_ranks(m: nn.Module) -> tuple[int, ...] | None:
+    """The input ranks of a BatchNorm module (() any), None if `m` is not one: a NORMS type, a
+    subclass that keeps its forward, or a FrozenBatchNorm2d-style module."""
+    base = next((b for b in type(m).__mro__ if b in NORMS), None)
+    if base is not None and type(m).forward is base.forward:
+        return NORMS[base]
+    return _frozen_ranks(m) or None
+
+
+def _is_norm_module(m: nn.Module) -> bool:
+    return _norm_ranks(m) is not None
+
+
+# --- the PyTorch (fx) pass: folding into modules ---
+
 def _with_weights(layer: nn.Module, weight: np.ndarray, bias: np.ndarray) -> nn.Module:
-    folded = copy.deepcopy(layer)
+    """A copy of `layer` with new weight and bias (the old ones are not copied, only replaced)."""
+    folded = copy.deepcopy(layer, {id(p): None for p in (layer.weight, layer.bias) if p is not None})
     dtype = layer.weight.dtype
     folded.weight = nn.Parameter(torch.from_numpy(weight).to(dtype))
     folded.bias = nn.Parameter(torch.from_numpy(bias).to(dtype))
     return folded
 
 
-def _bias(layer: nn.Module):
-    return None if layer.bias is None else layer.bias.detach().double().numpy()
+def _weight_bias(layer: nn.Module):
+    return layer.weight.detach().double().numpy(), None if layer.bias is None else layer.bias.detach().double().numpy()
 
 
-def fold_backward(layer: nn.Module, bn) -> nn.Module:
-    """Conv/Linear followed by `bn` -> one Conv/Linear."""
-    scale, shift = bn_scale_shift(bn)
-    weight = layer.weight.detach().double().numpy()
-    return _with_weights(layer, *fold_backward_arrays(weight, _bias(layer), scale, shift, out_axis=0))
+def fold_backward(layer: nn.Module, scale, shift) -> nn.Module:
+    """A LAYERS layer followed by the per-channel map x·scale + shift -> one layer."""
+    rule = LAYERS[type(layer)]
+    return _with_weights(layer, *fold_backward_arrays(*_weight_bias(layer), scale, shift, out_axis=rule.out_axis,
+                                                      groups=getattr(layer, "groups", 1)))
 
 
 def fold_forward(layer: nn.Module, scale, shift) -> nn.Module:
     """`scale`/`shift` are given per input of `layer` (already repeated across spatial positions
-    when a Flatten sat in between)."""
-    weight = layer.weight.detach().double().numpy()
-    groups = 1 if isinstance(layer, nn.Linear) else layer.groups
-    return _with_weights(layer, *fold_forward_arrays(weight, _bias(layer), np.asarray(scale), np.asarray(shift),
-                                                     groups=groups))
+    when a Flatten sat in between). Conv and Linear only (LAYERS' no_forward)."""
+    rule = LAYERS[type(layer)]
+    return _with_weights(layer, *fold_forward_arrays(*_weight_bias(layer), np.asarray(scale), np.asarray(shift),
+                                                     out_axis=rule.out_axis, in_axis=rule.in_axis,
+                                                     groups=getattr(layer, "groups", 1)))
+
+
+def _channels(layer: nn.Module, side: str) -> int:
+    return getattr(layer, f"{side}_features", None) or getattr(layer, f"{side}_channels")
+
+
+# --- the fx pass: the pattern match ---
+
+@dataclass
+class _Norm:
+    """One BatchNorm in a traced graph: a call of a NORMS module, or a functional F.batch_norm."""
+    node: fx.Node
+    name: str                      # the module, for the report: "layer1.0.bn1 (BatchNorm2d)"
+    scale: np.ndarray | None = None
+    shift: np.ndarray | None = None
+    ranks: tuple[int, ...] = ()    # input ranks it is known to take; () any
+    why_not: str | None = None     # why it cannot fold at all
+
+
+_SHAPE_ONLY = {"ndim", "shape", "dtype", "device", "size", "dim", "numel"}
+_CATS = (torch.cat, torch.concat, torch.concatenate)
+_POOLS = (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d)
+_PASS = (nn.Identity, nn.modules.dropout._DropoutNd)  # the identity in eval mode
 
 
 def _module(modules: dict, node: fx.Node):
     return modules.get(node.target) if node.op == "call_module" else None
 
 
-def _only_user(node: fx.Node):
-    return next(iter(node.users)) if len(node.users) == 1 else None
+def _readers(node: fx.Node) -> list[fx.Node]:
+    """The nodes that read `node`'s values: not x.ndim / x.shape / x.size() (a fold keeps the shape)."""
+    return [u for u in node.users if not (
+        (u.op == "call_function" and u.target is getattr and len(u.args) > 1 and u.args[1] in _SHAPE_ONLY)
+        or (u.op == "call_method" and u.target in _SHAPE_ONLY))]
+
+
+def _only_reader(node: fx.Node):
+    readers = _readers(node)
+    return readers[0] if len(readers) == 1 else None
+
+
+def _rank(node: fx.Node) -> int | None:
+    """The rank of `node`'s output as it ran on the example (fold_batchnorm(example=…)), else None."""
+    shape = node.meta.get("fold_shape")
+    return len(shape) if shape is not None else None
+
+
+def _what(node: fx.Node) -> str:
+    return node.target if node.op == "call_module" else getattr(node.target, "__name__", str(node.target))
+
+
+def _norm_of(gm: fx.GraphModule, root: nn.Module, modules: dict, node: fx.Node, prefix: str) -> _Norm | None:
+    m = _module(modules, node)
+    if m is not None and _is_norm_module(m):
+        name = f"{prefix}{node.target} ({type(m).__name__})"
+        try:
+            scale, shift = bn_scale_shift(m)
+        except FoldError as e:
+            raise FoldError(f"BatchNorm {prefix + node.target!r}: {e}") from None
+        return _Norm(node, name, scale, shift, _norm_ranks(m))
+    if node.op == "call_function" and node.target is F.batch_norm:
+        return _functional_norm(gm, root, node, prefix)
+    return None
+
+
+def _functional_norm(gm: fx.GraphModule, root: nn.Module, node: fx.Node, prefix: str) -> _Norm:
+    """F.batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps) as fx
+    records it inside a traced BatchNorm subclass (timm's BatchNormAct2d): it folds when training
+    is False and every statistic is a constant of the model (a get_attr)."""
+    a = inspect.signature(F.batch_norm).bind(*node.args, **node.kwargs)
+    a.apply_defaults()
+    a = a.arguments
+    stats = [a["running_mean"], a["running_var"], a["weight"], a["bias"]]
+    constant = [s is None or (isinstance(s, fx.Node) and s.op == "get_attr") for s in stats]
+    owner = a["running_mean"].target.rpartition(".")[0] if constant[0] and a["running_mean"] is not None else None
+    try:  # named after the module that holds the statistics
+        name = _where(root.get_submodule(owner), prefix + owner)
+    except (AttributeError, TypeError):
+        name = f"{prefix}{node.name} (F.batch_norm)"
+    if a["training"] is True or a["running_mean"] is None or a["running_var"] is None:
+        raise FoldError(f"BatchNorm {name} normalizes with batch statistics even in eval mode (F.batch_norm with "
+                        f"training=True or no running statistics), so it cannot be folded into a fixed layer")
+    if a["training"] is not False or not all(constant) or not isinstance(a["eps"], float):
+        return _Norm(node, name, why_not="a functional batch_norm whose statistics, training flag or eps are "
+                                         "computed at run time, not constants of the model")
+    mean, var, gamma, beta = (None if s is None else _attr(gm, s.target).detach().double().numpy() for s in stats)
+    gamma = np.ones_like(var) if gamma is None else gamma
+    beta = np.zeros_like(var) if beta is None else beta
+    return _Norm(node, name, *affine_of_bn(gamma, beta, mean, var, a["eps"]))
+
+
+def _attr(gm: nn.Module, target: str):
+    owner, _, name = target.rpartition(".")
+    return getattr(gm.get_submodule(owner) if owner else gm, name)
+
+
+def _remove_norm(gm: fx.GraphModule, norm: _Norm) -> None:
+    node = norm.node
+    node.replace_all_uses_with(node.args[0])
+    gm.graph.erase_node(node)
+    for arg in list(node.args) + list(node.kwargs.values()):
+        if isinstance(arg, fx.Node) and arg.op == "get_attr" and not arg.users:
+            gm.graph.erase_node(arg)
+
+
+def _channel_axis_fits(layer: nn.Module, tensor: fx.Node, norm: _Norm) -> bool:
+    """Whether axis 1 of `tensor` (what runs between `layer` and `norm`) is the layer's channel axis:
+    its rank, when the example run recorded it, must be the layer's (a Linear's output is [N, C] only
+    when 2-D), else the norm must take that rank."""
+    rank, rule = _rank(tensor), LAYERS[type(layer)]
+    return rank == rule.rank if rank is not None else (not norm.ranks or rule.rank in norm.ranks)
+
+
+def _layer_fits(layer: nn.Module, layer_node: fx.Node, tensor: fx.Node, norm: _Norm, side: str) -> str | None:
+    """Why `norm`'s channels are not the output (side "out") / input (side "in") channels of `layer`."""
+    if _channels(layer, side) != norm.scale.size:
+        return f"its {norm.scale.size} channels do not line up with the {side}put channels of {layer_node.target}"
+    if not _channel_axis_fits(layer, tensor, norm):
+        return f"it normalizes axis 1 of a rank-{_rank(tensor)} tensor, not the channel axis of {layer_node.target}"
+    return None
+
+
+def _fold_backward(gm, modules, norm: _Norm) -> tuple[list[str] | None, str | None]:
+    """Fold into the layer (or the layers of a torch.cat) that produce the BN's input: (the layers
+    folded into, None), or (None, why not; None when nothing before it is a candidate)."""
+    source = norm.node.args[0]
+    if source.op == "call_function" and source.target in _CATS:
+        return _fold_into_concat(gm, modules, norm, source)
+    layer = _module(modules, source)
+    if type(layer) not in LAYERS:
+        return None, None
+    if len(_readers(source)) != 1:
+        return None, f"the output of {source.target} is read by {len(_readers(source))} nodes; a fold would change the others"
+    why = _layer_fits(layer, source, source, norm, "out")
+    if why:
+        return None, why
+    _replace(gm, modules, source.target, fold_backward(layer, norm.scale, norm.shift))
+    return [source.target], None
+
+
+def _fold_into_concat(gm, modules, norm: _Norm, cat: fx.Node) -> tuple[list[str] | None, str | None]:
+    """A BN after torch.cat([layer_a(x), layer_b(y), …], dim=1): each layer takes its slice of s and t."""
+    inputs = cat.args[0] if cat.args else cat.kwargs.get("tensors")
+    dim = cat.args[1] if len(cat.args) > 1 else cat.kwargs.get("dim", cat.kwargs.get("axis", 0))
+    what = f"{cat.name} (torch.cat)"
+    if len(_readers(cat)) != 1:
+        return None, f"the output of {what} is read by {len(_readers(cat))} nodes; a fold would change the others"
+    if not isinstance(inputs, (list, tuple)) or len(set(inputs)) != len(inputs) or not isinstance(dim, int):
+        return None, f"{what} does not join distinct layer outputs along a constant axis"
+    layers = [_module(modules, n) for n in inputs]
+    for i, (n, layer) in enumerate(zip(inputs, layers)):
+        if type(layer) not in LAYERS:
+            return None, f"input {i} of {what}, {n.name}, is not the output of a Conv/ConvTranspose/Linear"
+        if len(_readers(n)) != 1:
+            return None, f"the output of {n.target} is read by {len(_readers(n))} nodes; a fold would change the others"
+        if dim % (_rank(n) or LAYERS[type(layer)].rank) != 1 or not _channel_axis_fits(layer, n, norm):
+            return None, f"{what} does not join the channel axis of {n.target}"
+    sizes = [_channels(layer, "out") for layer in layers]
+    if sum(sizes) != norm.scale.size:
+        return None, f"its {norm.scale.size} channels are not the {sum(sizes)} channels {what} joins"
+    start = 0
+    for n, layer, size in zip(inputs, layers, sizes):
+        _replace(gm, modules, n.target, fold_backward(layer, norm.scale[start:start + size], norm.shift[start:start + size]))
+        start += size
+    return [n.target for n in inputs], None
 
 
 def _is_flatten(modules, node) -> bool:
-    return isinstance(_module(modules, node), nn.Flatten) or (
-        node.op == "call_function" and node.target is torch.flatten)
+    """A Flatten of every axis after the batch one."""
+    m = _module(modules, node)
+    if isinstance(m, nn.Flatten):
+        return m.start_dim == 1 and m.end_dim == -1
+    if (node.op, node.target) in (("call_function", torch.flatten), ("call_method", "flatten")):
+        start = node.kwargs.get("start_dim", node.args[1] if len(node.args) > 1 else 0)
+        end = node.kwargs.get("end_dim", node.args[2] if len(node.args) > 2 else -1)
+        return start == 1 and end == -1
+    return False
 
 
 def _padded(conv) -> bool:
@@ -175,37 +449,109 @@ def _padded(conv) -> bool:
     return any(p != 0 for p in conv.padding)
 
 
-def _forward_target(modules: dict, bn_node: fx.Node, scale: np.ndarray):
-    """Walk from the BN through MaxPool/Flatten to the next Conv/Linear.
+def _forward_target(modules: dict, norm: _Norm):
+    """Walk from the BN through MaxPool/Flatten/Identity/Dropout to the next layer.
     Returns (target node, whether a Flatten sat in between, None) or (None, False, why not)."""
-    node, flattened = bn_node, False
+    node, flattened = norm.node, False
     while True:
-        nxt = _only_user(node)
+        nxt = _only_reader(node)
         if nxt is None:
-            return None, False, f"{node.name} feeds {len(node.users)} consumers; a fold would change the others"
+            return None, False, f"{node.name} feeds {len(_readers(node))} consumers; a fold would change the others"
         layer = _module(modules, nxt)
-        if isinstance(layer, _CONV_LINEAR):
+        rule = LAYERS.get(type(layer))
+        if rule is not None:
+            if rule.no_forward:
+                return None, False, f"{rule.no_forward} ({nxt.target})"
             if not isinstance(layer, nn.Linear) and flattened:
                 return None, False, f"a Flatten sits between it and the conv {nxt.target}"
             if not isinstance(layer, nn.Linear) and _padded(layer):
                 return None, False, (f"the next layer {nxt.target} is zero-padded: its padded zeros would "
                                      f"become the BN shift after folding")
+            if nxt.args[0] is not node:
+                return None, False, f"it is not the input of {nxt.target}"
             return nxt, flattened, None
-        if isinstance(layer, (nn.MaxPool1d, nn.MaxPool2d)):
-            if not bool((scale > 0).all()):
-                return None, False, (f"{int((scale <= 0).sum())} of its per-channel scales are <= 0, so it "
+        if isinstance(layer, _POOLS):
+            if not bool((norm.scale > 0).all()):
+                return None, False, (f"{int((norm.scale <= 0).sum())} of its per-channel scales are <= 0, so it "
                                      f"does not commute with {nxt.target} (max would become min)")
         elif _is_flatten(modules, nxt):
             flattened = True
-        elif not isinstance(layer, (nn.Identity, nn.Dropout)):
-            what = nxt.target if nxt.op == "call_module" else getattr(nxt.target, "__name__", str(nxt.target))
-            return None, False, f"it is followed by {what}, which a per-channel affine map cannot pass through"
+        elif not isinstance(layer, _PASS):
+            return None, False, f"it is followed by {_what(nxt)}, which a per-channel affine map cannot pass through"
         node = nxt
 
 
+def _fold_forward(gm, modules, norm: _Norm) -> tuple[str | None, str | None]:
+    """Fold into the layer that reads the BN's output: (the layer, None) or (None, why not)."""
+    target, flattened, why = _forward_target(modules, norm)
+    if target is None:
+        return None, why
+    layer = modules[target.target]
+    scale, shift = norm.scale, norm.shift
+    if flattened:  # repeat s and t over the spatial positions, in Flatten's (C, H, W) order
+        per_channel = layer.in_features // scale.size
+        if per_channel * scale.size != layer.in_features:
+            return None, f"{target.target}.in_features is not a multiple of the {scale.size} BN channels"
+        scale, shift = np.repeat(scale, per_channel), np.repeat(shift, per_channel)
+    else:
+        why = _layer_fits(layer, target, norm.node, norm, "in")
+        if why:
+            return None, why
+    if scale.size != _channels(layer, "in"):
+        return None, f"its {scale.size} channels do not line up with the inputs of {target.target}"
+    _replace(gm, modules, target.target, fold_forward(layer, scale, shift))
+    return target.target, None
+
+
+def _fold_graph(gm: fx.GraphModule, root: nn.Module, prefix: str, report: FoldReport) -> None:
+    """The pattern match over one traced graph of `root`; module names in the report get `prefix`."""
+    modules = dict(gm.named_modules())
+
+    def describe(name: str) -> str:
+        return f"{prefix}{name} ({type(modules[name]).__name__})"
+
+    for node in list(gm.graph.nodes):
+        if isinstance(_module(modules, node), nn.modules.dropout._DropoutNd):
+            node.replace_all_uses_with(node.args[0])
+            gm.graph.erase_node(node)
+            report.removed_dropout.append(prefix + node.target)
+
+    for node in list(gm.graph.nodes):
+        norm = _norm_of(gm, root, modules, node, prefix)
+        if norm is None:
+            continue
+        if norm.why_not:
+            report.kept.append({"bn": norm.name, "reason": norm.why_not, "kind": "batchnorm"})
+            continue
+        into, why_back = _fold_backward(gm, modules, norm)
+        direction = "backward"
+        if into is None:
+            target, why_forward = _fold_forward(gm, modules, norm)
+            into, direction = ([target] if target else None), "forward"
+        if into is None:
+            reason = why_forward if why_back is None else f"backward: {why_back}; forward: {why_forward}"
+            report.kept.append({"bn": norm.name, "reason": reason, "kind": "batchnorm"})
+            continue
+        _remove_norm(gm, norm)
+        report.folded.append({"bn": norm.name, "into": ", ".join(describe(t) for t in into), "direction": direction,
+                              "kind": "batchnorm"})
+
+    gm.graph.lint()
+    gm.recompile()
+    gm.delete_all_unused_submodules()
+
+
+def _replace(gm: fx.GraphModule, modules: dict, name: str, new: nn.Module) -> None:
+    parent, _, attr = name.rpartition(".")
+    setattr(gm.get_submodule(parent) if parent else gm, attr, new)
+    modules[name] = new
+
+
+# --- tracing, and checking the trace against the forward ---
+
 class _LeafTracer(fx.Tracer):
-    """fx's tracer with the named submodules kept whole (called, not traced into). When tracing
-    fails it remembers the innermost submodule whose forward raised."""
+    """fx's tracer with the named submodules, and every BatchNorm-like module, kept whole (called,
+    not traced into). When tracing fails it remembers the innermost submodule whose forward raised."""
 
     def __init__(self, leaves: set[str]):
         super().__init__()
@@ -235,8 +581,9 @@ def _trace(module: nn.Module) -> tuple[fx.GraphModule, dict[str, str]]:
     innermost module whose forward raised a leaf, trace again. Returns the graph and the leaves
     with fx's reason. Raises _Untraceable when `module`'s own forward is what fails."""
     leaves: dict[str, str] = {}
+    norms = {name for name, m in module.named_modules() if name and _is_norm_module(m)}  # probed before tracing
     while True:
-        tracer = _LeafTracer(set(leaves))
+        tracer = _LeafTracer(set(leaves) | norms)
         try:
             graph = tracer.trace(module)
         except Exception as e:
@@ -256,101 +603,150 @@ def _user_line(error: Exception) -> str:
     return f" (at {Path(frames[-1].filename).name}:{frames[-1].lineno}: {frames[-1].line})" if frames else ""
 
 
-def fold_batchnorm(model: nn.Module) -> tuple[nn.Module, FoldReport]:
+def _clone(value):
+    if isinstance(value, torch.Tensor):
+        return value.clone()
+    if isinstance(value, (list, tuple)):
+        items = [_clone(v) for v in value]
+        return type(value)(*items) if hasattr(value, "_fields") else type(value)(items)
+    if isinstance(value, dict):
+        return type(value)((k, _clone(v)) for k, v in value.items())
+    return value
+
+
+def _record_calls(model: nn.Module, example: tuple) -> dict[str, tuple]:
+    """(args, kwargs, output) of the first call of each module _fold may trace while model(*example)
+    runs: the top level, and every module fx traces into that holds a BatchNorm."""
+    seen: dict[str, list] = {}
+    tracer = fx.Tracer()
+    traced = [(name, m) for name, m in model.named_modules() if not (name and tracer.is_leaf_module(m, name))
+              and any(isinstance(d, _BatchNorm) or _is_norm_module(d) for d in m.modules())]
+
+    def before(name):
+        def record(module, args, kwargs):
+            seen.setdefault(name, [_clone(args), _clone(kwargs)])
+        return record
+
+    def after(name):
+        def record(module, args, kwargs, output):
+            if len(seen[name]) == 2:
+                seen[name].append(_clone(output))
+        return record
+
+    handles = [h for name, m in traced for h in (m.register_forward_pre_hook(before(name), with_kwargs=True),
+                                                 m.register_forward_hook(after(name), with_kwargs=True))]
+    try:
+        with torch.no_grad():
+            model(*example)
+    except Exception as e:
+        raise FoldError(f"the model raises on the example input: {one_line(e)}") from None
+    finally:
+        for h in handles:
+            h.remove()
+    return {name: tuple(call) for name, call in seen.items() if len(call) == 3}
+
+
+class _ShapeRecorder(fx.Interpreter):
+    """Runs a traced graph node by node, noting each tensor's shape in node.meta["fold_shape"]."""
+
+    def run_node(self, n):
+        out = super().run_node(n)
+        if isinstance(out, torch.Tensor):
+            n.meta["fold_shape"] = tuple(out.shape)
+        return out
+
+
+def _mistrace(gm: fx.GraphModule, args: tuple, kwargs: dict, want) -> str | None:
+    """How the traced graph's output on these inputs differs from `want`, what the module's forward
+    gave (None: it does not)."""
+    with torch.no_grad():
+        try:
+            got = gm(*_clone(args), **_clone(kwargs)) if kwargs else _ShapeRecorder(gm).run(*_clone(args))
+        except Exception as e:  # noqa: BLE001 -- any failure is the answer
+            return f"it raises {type(e).__name__}: {one_line(e)}"
+    return _difference(got, want, "its output")
+
+
+def _difference(got, want, where: str) -> str | None:
+    """How `got` differs from `want` in structure, shape, dtype or value beyond float rounding
+    (1000 ulp of the largest value); None when it does not."""
+    if isinstance(want, torch.Tensor):
+        if not isinstance(got, torch.Tensor):
+            return f"{where} is a {type(got).__name__}, not a tensor"
+        if got.shape != want.shape or got.dtype != want.dtype:
+            return f"{where} is {got.dtype} {tuple(got.shape)}, not {want.dtype} {tuple(want.shape)}"
+        if not want.is_floating_point():
+            return None if torch.equal(got, want) else f"{where} differs"
+        tol = 1e3 * torch.finfo(want.dtype).eps
+        scale = float(want.abs().nan_to_num(0, 0, 0).max()) if want.numel() else 0.0
+        if not torch.allclose(got, want, rtol=tol, atol=tol * scale, equal_nan=True):
+            return f"{where} differs by up to {float((got - want).abs().nan_to_num(0, 0, 0).max()):.3g}"
+        return None
+    if type(got) is not type(want):
+        return f"{where} is a {type(got).__name__}, not a {type(want).__name__}"
+    if isinstance(want, (list, tuple)):
+        if len(got) != len(want):
+            return f"{where} has {len(got)} items, not {len(want)}"
+        return next((d for i, (g, w) in enumerate(zip(got, want)) if (d := _difference(g, w, f"{where}[{i}]"))), None)
+    if isinstance(want, dict):
+        if list(got) != list(want):
+            return f"{where} has the keys {list(got)}, not {list(want)}"
+        return next((d for k in want if (d := _difference(got[k], want[k], f"{where}[{k!r}]"))), None)
+    return None
+
+
+# --- the pass ---
+
+def fold_batchnorm(model: nn.Module, example: tuple | None = None) -> tuple[nn.Module, FoldReport]:
     """Returns an eval-mode copy of `model` with Dropout removed and every BatchNorm folded where
-    that is exact, and a report of what was folded into what and which BN stayed and why.
+    that is exact, and a report of what was folded into what and which BN stayed and why. The fold
+    works in the model's own dtype (float32 or float64).
 
     Where fx cannot trace a submodule's forward (data-dependent control flow, calls fx does not
     support) that submodule is called as a whole: the BNs its own forward uses stay (reported with
     fx's reason), and each of its children is folded on its own. When the top-level forward itself
-    cannot be traced, that is the case for the whole model: its children are folded one by one."""
+    cannot be traced, that is the case for the whole model: its children are folded one by one.
+
+    With `example` (a tuple of inputs in the model's dtype), every traced graph is run on the
+    inputs its module receives in model(*example) and must give what the module's forward gives:
+    a trace that does not (a Python branch on a leaf's output, say) is not used, and that module
+    is folded inside its children only, as above."""
+    model = copy.deepcopy(model).eval()
+    example = (example,) if isinstance(example, torch.Tensor) else example
+    calls = _record_calls(model, tuple(example)) if example is not None else {}
     report = FoldReport()
-    return _fold(copy.deepcopy(model).eval(), "", report).eval(), report
+    return _fold(model, "", report, calls).eval(), report
 
 
-def _fold(module: nn.Module, prefix: str, report: FoldReport) -> nn.Module:
+def _fold(module: nn.Module, prefix: str, report: FoldReport, calls: dict) -> nn.Module:
     try:
         gm, leaves = _trace(module)
     except _Untraceable as e:
-        return _fold_inside(module, prefix, str(e), report)
+        return _fold_inside(module, prefix, str(e), report, calls)
+    if prefix.rstrip(".") in calls:
+        why = _mistrace(gm, *calls[prefix.rstrip(".")])
+        if why:
+            reason = f"fx's trace of {_where(module, prefix)} does not compute what its forward does: {why}"
+            return _fold_inside(module, prefix, reason, report, calls)
     for name, reason in leaves.items():
-        _replace(gm, {}, name, _fold_inside(gm.get_submodule(name), f"{prefix}{name}.", reason, report))
-    _fold_graph(gm, prefix, report)
+        _replace(gm, {}, name, _fold_inside(gm.get_submodule(name), f"{prefix}{name}.", reason, report, calls))
+    _fold_graph(gm, module, prefix, report)
     return gm
 
 
-def _fold_inside(module: nn.Module, prefix: str, reason: str, report: FoldReport) -> nn.Module:
-    """`module`'s forward cannot be traced: keep it, and fold inside each child on its own."""
-    where = f"{prefix.rstrip('.') or '<top level>'} ({type(module).__name__})"
+def _where(module: nn.Module, prefix: str) -> str:
+    return f"{prefix.rstrip('.') or '<top level>'} ({type(module).__name__})"
+
+
+def _fold_inside(module: nn.Module, prefix: str, reason: str, report: FoldReport, calls: dict) -> nn.Module:
+    """`module`'s forward cannot be traced (or its trace is wrong): keep it, and fold inside each
+    child on its own."""
+    where = _where(module, prefix)
     report.untraceable.append({"module": where, "reason": reason})
     for name, child in list(module.named_children()):
-        if isinstance(child, _BN):
-            report.kept.append({"bn": f"{prefix}{name} ({type(child).__name__})",
+        if isinstance(child, _BatchNorm) or _is_norm_module(child):
+            report.kept.append({"bn": f"{prefix}{name} ({type(child).__name__})", "kind": "batchnorm",
                                 "reason": f"called by the forward of {where}, which fx cannot trace: {reason}"})
-        elif any(isinstance(m, _BN) for m in child.modules()):
-            setattr(module, name, _fold(child, f"{prefix}{name}.", report))
+        elif any(isinstance(m, _BatchNorm) or _is_norm_module(m) for m in child.modules()):
+            setattr(module, name, _fold(child, f"{prefix}{name}.", report, calls))
     return module
-
-
-def _fold_graph(gm: fx.GraphModule, prefix: str, report: FoldReport) -> None:
-    """The pattern match over one traced graph; module names in the report get `prefix`."""
-    modules = dict(gm.named_modules())
-
-    def describe(name: str) -> str:
-        return f"{prefix}{name} ({type(modules[name]).__name__})"
-
-    for node in list(gm.graph.nodes):
-        if isinstance(_module(modules, node), nn.Dropout):
-            node.replace_all_uses_with(node.args[0])
-            gm.graph.erase_node(node)
-            report.removed_dropout.append(prefix + node.target)
-        elif node.op == "call_function" and node.target is F.batch_norm:
-            report.kept.append({"bn": f"{prefix}{node.name} (F.batch_norm)",
-                                "reason": "a functional batch_norm call: this pass folds nn.BatchNorm modules"})
-
-    for node in list(gm.graph.nodes):
-        bn = _module(modules, node)
-        if not isinstance(bn, _BN):
-            continue
-        if bn.running_mean is None or bn.running_var is None:
-            raise FoldError(f"BatchNorm {prefix + node.target!r} has track_running_stats=False: it normalizes with "
-                            f"batch statistics even in eval mode, so it cannot be folded into a fixed layer")
-        source = node.args[0]
-        source_layer = _module(modules, source)
-        if isinstance(source_layer, _CONV_LINEAR) and len(source.users) == 1:
-            _replace(gm, modules, source.target, fold_backward(source_layer, bn))
-            node.replace_all_uses_with(source)
-            gm.graph.erase_node(node)
-            report.folded.append({"bn": describe(node.target), "into": describe(source.target), "direction": "backward"})
-            continue
-        scale, shift = bn_scale_shift(bn)
-        target, flattened, why_not = _forward_target(modules, node, scale)
-        if target is None:
-            report.kept.append({"bn": describe(node.target), "reason": why_not})
-            continue
-        layer = modules[target.target]
-        if flattened:  # repeat s and t over the spatial positions, in Flatten's (C, H, W) order
-            per_channel = layer.in_features // scale.size
-            if per_channel * scale.size != layer.in_features:
-                report.kept.append({"bn": describe(node.target), "reason": f"{target.target}.in_features is not a "
-                                    f"multiple of the {scale.size} BN channels"})
-                continue
-            scale, shift = np.repeat(scale, per_channel), np.repeat(shift, per_channel)
-        if scale.size != (layer.in_features if isinstance(layer, nn.Linear) else layer.in_channels):
-            report.kept.append({"bn": describe(node.target), "reason": f"its {scale.size} channels do not line up "
-                                f"with the inputs of {target.target}"})
-            continue
-        _replace(gm, modules, target.target, fold_forward(layer, scale, shift))
-        node.replace_all_uses_with(node.args[0])
-        gm.graph.erase_node(node)
-        report.folded.append({"bn": describe(node.target), "into": describe(target.target), "direction": "forward"})
-
-    gm.graph.lint()
-    gm.recompile()
-    gm.delete_all_unused_submodules()
-
-
-def _replace(gm: fx.GraphModule, modules: dict, name: str, new: nn.Module) -> None:
-    parent, _, attr = name.rpartition(".")
-    setattr(gm.get_submodule(parent) if parent else gm, attr, new)
-    modules[name] = new

@@ -1,5 +1,6 @@
 """The one fold report of both passes (the contract's `fold_report`): what the fx pass and the ONNX
-graph pass folded, and one `kept` entry per BatchNorm left in the published graph, with why."""
+graph pass folded, and one `kept` entry per BatchNorm left in the published graph, with why — the
+fx pass's reason and the ONNX pass's joined by the torch module the BN belongs to."""
 import ast
 
 import onnx
@@ -19,60 +20,86 @@ def torch_module_of(node: onnx.NodeProto) -> str | None:
     return None
 
 
+def _same_bn(scope: str | None, entry: dict) -> bool:
+    """Whether an exported node of torch module `scope` is the BN an fx entry names: that module, or
+    a module fx called whole that holds it (its nodes carry the caller's scope "3", not "3.bn")."""
+    module = entry["bn"].split(" (")[0]
+    return scope is not None and (module == scope or module.startswith(scope + "."))
+
+
 def merge_fold_reports(fx: dict | None, onnx_pass: dict, before: onnx.ModelProto, after: onnx.ModelProto) -> dict:
-    """One fold report for both passes (the contract's `fold_report`). `folded`: every fold,
-    tagged with the pass that made it. `kept`: one entry per BatchNormalization node still in
-    `after` ("node"), with the fx pass's reason (a BN it kept that the ONNX pass did not fold;
-    "onnx_reason" too when that pass said why it could not either), else the ONNX pass's, else
-    that neither pass explains it; then the ONNX pass's other kept entries (BN-like chains)."""
-    module_of = {n.name: torch_module_of(n) for n in before.graph.node if n.op_type in BN_OPS}
+    """One fold report for both passes. `folded`: every fold, tagged with the pass that made it
+    (`pass`), the torch module of an ONNX-pass fold (`module`) and what it is (`kind`: "batchnorm",
+    or "affine" for a per-channel map that is not a BatchNorm, such as a layer scale). `kept`: one
+    entry per BatchNorm left in `after`: the fx pass's entry (named after the module), with the ONNX
+    pass's reason as "onnx_reason" when that pass could not fold it either; "node" names its
+    BatchNormalization node. A BN the fx pass kept and the ONNX pass folded is in `folded` only."""
+    module_of = {n.name: torch_module_of(n) for n in before.graph.node}
+    op_of = {n.name: n.op_type for n in before.graph.node}
+    left = [n for n in after.graph.node if n.op_type in BN_OPS]
 
-    def node_of(entry: dict) -> str | None:  # the BN node an ONNX-pass entry names
+    def nodes_of(entry: dict) -> list[str]:  # the nodes an ONNX-pass entry names ("nodes", else its "bn" text)
         text = str(entry.get("bn", ""))
-        return next((name for name in module_of if text == name or text.startswith(name + " ")), None)
+        return entry.get("nodes") or [n for n in module_of if text == n or text.startswith(n + " ")][:1]
 
-    folded = [dict(e, **{"pass": "fx"}) for e in (fx or {}).get("folded", [])]
+    def scope_of(entry: dict) -> str | None:  # its BatchNormalization node's module, else its last node's
+        names = sorted(nodes_of(entry), key=lambda n: op_of.get(n) in BN_OPS)
+        return next((module_of[n] for n in reversed(names) if module_of.get(n)), None)
+
+    fx = fx or {}
+    fx_kept = [dict(e, **{"pass": "fx", "kind": e.get("kind", "batchnorm")}) for e in fx.get("kept", [])]
+    bn_modules = [e["bn"].split(" (")[0] for e in fx.get("folded", []) + fx.get("kept", [])]
+
+    def pop_fx(scope: str | None) -> dict | None:  # the fx kept entry of that module, taken off the list
+        at = next((i for i, e in enumerate(fx_kept) if e["bn"].split(" (")[0] == scope), None)
+        at = at if at is not None else next((i for i, e in enumerate(fx_kept) if _same_bn(scope, e)), None)
+        return fx_kept.pop(at) if at is not None else None
+
+    def kind(entry: dict, scope: str | None) -> str:  # the ONNX pass cannot tell a FrozenBatchNorm's Mul/Add from a layer scale; fx can
+        known = scope is not None and any(m == scope or m.startswith(scope + ".") for m in bn_modules)
+        return "batchnorm" if known else entry.get("kind", "batchnorm")
+
+    folded = [dict(e, **{"pass": "fx", "kind": e.get("kind", "batchnorm")}) for e in fx.get("folded", [])]
     for entry in onnx_pass.get("folded", []):
-        module = module_of.get(node_of(entry))
-        folded.append(dict(entry, **{"pass": "onnx"}, **({"module": module} if module else {})))
-    fx_kept = [dict(e, **{"pass": "fx"}) for e in (fx or {}).get("kept", [])]
-    onnx_kept = [(node_of(e), dict(e, **{"pass": "onnx"})) for e in onnx_pass.get("kept", [])]
-    kept = []
-    for node in after.graph.node:
-        if node.op_type not in BN_OPS:
+        scope = scope_of(entry)
+        pop_fx(scope)  # an fx-kept BN the ONNX pass folded: not kept
+        folded.append(dict(entry, **{"pass": "onnx", "kind": kind(entry, scope)}, **({"module": scope} if scope else {})))
+
+    kept, explained = [], set()
+    for entry in onnx_pass.get("kept", []):
+        scope = scope_of(entry)
+        node = next((n.name for n in left if n.name in nodes_of(entry)), None)
+        explained.add(node)
+        own = dict(entry, **{"pass": "onnx", "kind": kind(entry, scope)}, **({"module": scope} if scope else {}))
+        fx_entry = pop_fx(scope)
+        merged = dict(fx_entry, onnx_reason=entry.get("reason"), nodes=nodes_of(entry)) if fx_entry else own
+        kept.append(dict(merged, **({"node": node} if node else {})))
+    for node in left:
+        if node.name in explained:
             continue
-        # A node exported from inside a module fx called whole carries that module's scope ("3"),
-        # not the BN's ("3.bn").
-        scope = torch_module_of(node) or module_of.get(node.name)
-        modules = [e["bn"].split(" (")[0] for e in fx_kept]
-        at = next((i for i, m in enumerate(modules) if m == scope), None)
-        if at is None:
-            at = next((i for i, m in enumerate(modules) if scope is not None and m.startswith(scope + ".")), None)
-        onnx_at = next((i for i, (name, _) in enumerate(onnx_kept) if name == node.name), None)
-        onnx_entry = onnx_kept.pop(onnx_at)[1] if onnx_at is not None else None
-        if at is not None:
-            entry = fx_kept.pop(at)
-            if onnx_entry:
-                entry["onnx_reason"] = onnx_entry.get("reason")
-        elif onnx_entry:
-            entry = onnx_entry
-        else:
-            entry = {"bn": f"{node.name} ({node.op_type})", "pass": None,
-                     "reason": "left in the graph; " + ("neither pass reported why" if fx else "the ONNX graph pass did not say why")}
-        kept.append(dict(entry, node=node.name))
-    kept += [entry for _, entry in onnx_kept]
-    merged = {"folded": folded, "kept": kept, "removed_dropout": (fx or {}).get("removed_dropout", []),
-              "removed": onnx_pass.get("removed", []), "untraceable": (fx or {}).get("untraceable", []),
+        fx_entry = pop_fx(torch_module_of(node) or module_of.get(node.name))
+        kept.append(dict(fx_entry, node=node.name) if fx_entry else {
+            "bn": f"{node.name} ({node.op_type})", "pass": None, "kind": "batchnorm", "node": node.name,
+            "reason": "left in the graph; " + ("neither pass reported why" if fx else "the ONNX graph pass did not say why")})
+    kept += fx_kept  # kept by fx, seen by neither the ONNX pass nor as a BatchNormalization node
+    merged = {"folded": folded, "kept": kept, "removed_dropout": fx.get("removed_dropout", []),
+              "removed": onnx_pass.get("removed", []), "untraceable": fx.get("untraceable", []),
               "notes": onnx_pass.get("notes", [])}
     merged.update({f"onnx_{k}": v for k, v in onnx_pass.items() if k not in ("folded", "kept", "removed", "notes")})
     return merged
 
 
 def summary(fold_report: dict, torch_source: bool) -> str:
-    by_pass = {p: sum(e.get("pass") == p for e in fold_report["folded"]) for p in ("fx", "onnx")}
-    if not fold_report["folded"] and not fold_report["kept"] and not fold_report.get("removed"):
+    """One line: BatchNorms folded (per pass), other per-channel affine ops folded, what stayed."""
+    folded, kept = fold_report["folded"], fold_report["kept"]
+    if not folded and not kept and not fold_report.get("removed"):
         return "nothing to fold: no BatchNorm in the graph; exported and verified as is"
-    if not torch_source:
-        return f"folded {by_pass['onnx']} BatchNorm(s) with the ONNX graph pass, kept {len(fold_report['kept'])}"
-    return (f"folded {len(fold_report['folded'])} BatchNorm(s) ({by_pass['fx']} by the fx pass, {by_pass['onnx']} by "
-            f"the ONNX graph pass), kept {len(fold_report['kept'])}")
+    bns = [e for e in folded if e.get("kind", "batchnorm") == "batchnorm"]
+    affine = len(folded) - len(bns)
+    by_pass = {p: sum(e.get("pass") == p for e in bns) for p in ("fx", "onnx")}
+    kept_affine = sum(e.get("kind") == "affine" for e in kept)
+    text = f"folded {affine} per-channel affine op(s), " if affine else "folded "
+    text += (f"{len(bns)} BatchNorm(s) ({by_pass['fx']} by the fx pass, {by_pass['onnx']} by the ONNX graph pass)"
+             if torch_source else f"{len(bns)} BatchNorm(s) with the ONNX graph pass")
+    text += f", kept {len(kept) - kept_affine}"
+    return text + (f" and {kept_affine} per-channel affine op(s)" if kept_affine else "")

@@ -2,10 +2,13 @@
 
     fold_onnx(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict]
 
-returns a new model (the input is not modified) and a report:
+returns a new model (the input is not modified; float32 and float64 graphs alike, each folded in its
+own dtype) and a report:
 
-    folded              [{"bn", "into", "direction"}]  BN-like chains folded into a layer
-    kept                [{"bn", "reason"}]             BN-like chains left in place, and why
+    folded              [{"bn", "into", "direction",   per-channel affine chains folded into a layer (or,
+                          "kind", "nodes"}]            after a Concat, into several: "into" names them all)
+    kept                [{"bn", "reason", "kind",      per-channel affine chains left in place, and why
+                          "nodes"}]
     removed             [{"node", "op", "why"}]        Identity, Dropout, no-op Cast, merged bias Add, scalar
                                                        affine nodes folded (input scaling), Pad moved into a
                                                        Conv, Transpose folded into weights
@@ -16,6 +19,10 @@ returns a new model (the input is not modified) and a report:
     nodes_before / nodes_after                         {op_type: count}
     bn_derived_before / bn_derived_after               BatchNormalization + constant Sub/Mul/Div nodes
 
+`kind` is "batchnorm" for a chain with a BatchNormalization node or a per-channel Sub (the mean
+subtraction of Keras' Sub → Mul → Add), "affine" otherwise (ConvNeXt's layer scale, a per-channel
+Mul/Add: folded the same way, not a BatchNorm); `nodes` lists the chain's affine nodes.
+
 An *affine chain* is a run of nodes, each read by the next one only, made of per-channel affine
 maps — BatchNormalization, or Add/Sub/Mul/Div with a constant operand that does not vary along the
 batch axis (Keras writes a BatchNorm as Sub → Mul → Add in NHWC) — and of the ops such a map passes
@@ -24,15 +31,18 @@ element, so NHWC flattening is exact), and MaxPool when every scale is > 0 and c
 Identity, Dropout and float→float Casts are removed first. The whole chain is one map
 y = L(x)·S + T (L the layout ops); it is folded, with the math of export/fold.py:
 
-  backward into the Conv / Gemm / MatMul that produces the chain's input, when that output is read by
-           the chain alone (a MatMul keeps one Add for its bias);
+  backward into the Conv / ConvTranspose / Gemm / MatMul that produces the chain's input, when that
+           output is read by the chain alone (a MatMul keeps one Add for its bias); or, when the
+           input is a Concat of such layers' outputs (each read by the Concat alone) along their
+           channel axis, into each of them, its slice of S and T;
   forward  into the Conv / Gemm / MatMul that reads the chain's output, when nothing else reads it and
-           the Conv is not zero-padded (the padded zeros would become the shift).
+           the Conv is not zero-padded (the padded zeros would become the shift). Never into a
+           ConvTranspose (export/fold.py's CONV_TRANSPOSE_FORWARD says why).
 
 Otherwise it stays, and "kept" says why. A chain is *BN-like* when it holds a BatchNormalization
 node or a constant with more than one value (per channel); a chain of scalar constants only (input
 normalization, x/255) is folded by the same rules but reported under "removed" / "kept_affine",
-so that "folded" and "kept" speak of BatchNorms alone. Then Transposes are moved down through elementwise ops,
+so that "folded" and "kept" speak of per-channel maps alone. Then Transposes are moved down through elementwise ops,
 Pad and reductions until NHWC↔NCHW pairs meet and cancel; a Transpose right before a Flatten into a
 MatMul/Gemm becomes a row permutation of the weights; zero Pads move into the next Conv. Graph
 inputs and outputs keep their names, types and shapes; the result passes onnx.checker (full_check).
@@ -41,12 +51,13 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from export.fold import (affine_of_bn, affine_of_elementwise, compose_affine, fold_backward_arrays,
-                         fold_forward_arrays)
+from export.fold import (CONV_TRANSPOSE_FORWARD, affine_of_bn, affine_of_elementwise, compose_affine,
+                         fold_backward_arrays, fold_forward_arrays)
 from export.onnx_graph import (FLOATS, Graph, attr, bn_derived_nodes, clean, describe, fuse_pad_into_conv,
                                node_counts, optimize_transposes, set_attr)
 
-LAYERS = ("Conv", "Gemm", "MatMul")
+LAYERS = ("Conv", "Gemm", "MatMul")  # a BN folds into these either way
+BACKWARD_ONLY = ("ConvTranspose",)    # and into these only from after them (CONV_TRANSPOSE_FORWARD)
 AFFINE_BINARY = ("Add", "Sub", "Mul", "Div")
 
 
@@ -243,7 +254,7 @@ def _weights(graph: Graph, layer):
     b = graph.const(layer.input[2]) if len(layer.input) > 2 and layer.input[2] else None
     if len(layer.input) > 2 and layer.input[2] and b is None:
         return None
-    if layer.op_type == "Conv":
+    if layer.op_type in ("Conv", "ConvTranspose"):
         return w, b
     n = w.shape[0] if attr(layer, "transB", 0) else w.shape[1]
     if b is not None:
@@ -310,37 +321,89 @@ def _weights_and_map(graph: Graph, chain, layer, forward: bool):
     return (weights if st is not None else (None, None)), st, why
 
 
+def _out_channels(layer, w) -> tuple[int, int, int, int]:
+    """(weight axis of the output channels, channel axis of the output, output channels, groups)."""
+    if layer.op_type == "Conv":
+        return 0, 1, w.shape[0], 1
+    if layer.op_type == "ConvTranspose":  # weight [in, out/group, k…]: grouped along axis 1
+        group = attr(layer, "group", 1)
+        return 1, 1, w.shape[1] * group, group
+    if layer.op_type == "Gemm":
+        out_axis = 0 if attr(layer, "transB", 0) else 1
+        return out_axis, 1, w.shape[out_axis], 1
+    return 1, -1, w.shape[1], 1  # MatMul: a bias Add right after it is part of the chain, so the fold starts from no bias
+
+
+def _readers(graph: Graph, name: str) -> int:
+    """The readers of `name`'s values: a Shape node reads only its shape, which a fold keeps."""
+    return graph.uses(name) - sum(n.op_type == "Shape" for n in graph.consumers.get(name, []))
+
+
 def _fold_backward(graph: Graph, chain, layer) -> str | None:
     """Fold the chain into the layer that produces its input. Returns why not, or None when done."""
     x0 = layer.output[0]
-    if graph.uses(x0) != 1:
-        return f"the output of {describe(layer)} is read by {graph.uses(x0)} consumers; a fold would change the others"
+    if _readers(graph, x0) != 1:
+        return f"the output of {describe(layer)} is read by {_readers(graph, x0)} consumers; a fold would change the others"
     (w, b), st, why = _weights_and_map(graph, chain, layer, forward=False)
     if why:
         return why
-    if layer.op_type == "Conv":
-        out_axis, axis, n = 0, 1, w.shape[0]
-    elif layer.op_type == "Gemm":
-        out_axis, axis = (0, 1) if attr(layer, "transB", 0) else (1, 1)
-        n = w.shape[out_axis]
-    else:  # MatMul: a bias Add right after it is part of the chain, so the fold starts from no bias
-        out_axis, axis, n = 1, -1, w.shape[1]
+    out_axis, axis, n, groups = _out_channels(layer, w)
     s, t = (_per_axis(a, axis, n) for a in st)
     if s is None or t is None:
         return f"its scale/shift is not one value per output channel of {describe(layer)}"
-    new_w, new_b = fold_backward_arrays(w, b, s, t, out_axis=out_axis)
-    _set_weights(graph, layer, new_w, new_b, new_bias_add=True)
+    _set_weights(graph, layer, *fold_backward_arrays(w, b, s, t, out_axis=out_axis, groups=groups), new_bias_add=True)
     return None
+
+
+def _fold_backward_concat(graph: Graph, chain, concat) -> tuple[list, str | None]:
+    """Fold the chain into the layers whose outputs the Concat joins, each its slice of the channels:
+    (the layers, None), or ([], why not)."""
+    out, shape = concat.output[0], graph.shape(concat.output[0])
+    if _readers(graph, out) != 1:
+        return [], f"the output of {describe(concat)} is read by {_readers(graph, out)} consumers; a fold would change the others"
+    if shape is None:
+        return [], f"the shape of {out} is unknown"
+    axis = attr(concat, "axis") % len(shape)
+    parts = []
+    for i, name in enumerate(concat.input):
+        layer = graph.producer.get(name)
+        if layer is None or layer.op_type not in LAYERS + BACKWARD_ONLY or list(concat.input).count(name) > 1:
+            return [], f"input {i} of {describe(concat)}, {name}, is not the output of a Conv/ConvTranspose/Gemm/MatMul"
+        if _readers(graph, name) != 1:
+            return [], f"the output of {describe(layer)} is read by {_readers(graph, name)} consumers; a fold would change the others"
+        weights = _weights(graph, layer)
+        if weights is None:
+            return [], f"{describe(layer)} has no constant weights (or a bias that is not per output) to fold into"
+        out_axis, channel_axis, n, groups = _out_channels(layer, weights[0])
+        if channel_axis % len(shape) != axis:
+            return [], f"{describe(concat)} does not join the channel axis of {describe(layer)}"
+        parts.append((layer, weights, out_axis, n, groups))
+    st, why = _accumulate(graph, chain, forward=False)
+    if why:
+        return [], why
+    total = sum(n for *_, n, _ in parts)
+    s, t = (_per_axis(a, axis, total) for a in st)
+    if s is None or t is None:
+        return [], f"its scale/shift is not one value per channel of {describe(concat)}"
+    start = 0
+    for layer, (w, b), out_axis, n, groups in parts:
+        new = fold_backward_arrays(w, b, s[start:start + n], t[start:start + n], out_axis=out_axis, groups=groups)
+        _set_weights(graph, layer, *new, new_bias_add=True)
+        start += n
+    return [layer for layer, *_ in parts], None
+
+
+def _padded(conv) -> bool:
+    return any(attr(conv, "pads", [])) or attr(conv, "auto_pad", b"NOTSET") not in (b"NOTSET", b"VALID", "NOTSET", "VALID")
 
 
 def _fold_forward(graph: Graph, chain, layer) -> str | None:
     """Fold the chain into the layer that reads its output. Returns why not, or None when done."""
     if layer.input[0] != chain[-1].output[0]:
         return f"its output is not the data input of {describe(layer)}"
-    if layer.op_type == "Conv":
-        if any(attr(layer, "pads", [])) or attr(layer, "auto_pad", b"NOTSET") not in (b"NOTSET", b"VALID", "NOTSET", "VALID"):
-            return (f"the next layer {describe(layer)} is zero-padded: its padded zeros would become the BN "
-                    f"shift after folding")
+    if layer.op_type == "Conv" and _padded(layer):
+        return (f"the next layer {describe(layer)} is zero-padded: its padded zeros would become the BN "
+                f"shift after folding")
     if layer.op_type == "Gemm" and attr(layer, "transA", 0):
         return f"the next layer {describe(layer)} transposes its input (transA=1)"
     (w, b), st, why = _weights_and_map(graph, chain, layer, forward=True)
@@ -382,32 +445,38 @@ def _fold_affine_chains(graph: Graph, report: dict) -> None:
         if bias_only and len(chain) == 1 and source is not None and source.op_type == "MatMul":
             continue  # the MatMul's own bias: already the form a fold would produce
         why_back = why_forward = None
-        if source is not None and source.op_type in LAYERS:
-            why_back = _fold_backward(graph, chain, source)
+        if source is not None and source.op_type in LAYERS + BACKWARD_ONLY + ("Concat",):
+            if source.op_type == "Concat":
+                layers, why_back = _fold_backward_concat(graph, chain, source)
+            else:
+                layers, why_back = [source], _fold_backward(graph, chain, source)
             if why_back is None:
                 _remove(graph, affine)
-                if bias_only:
+                if bias_only and source.op_type != "Concat":
                     report["removed"] += [{"node": n.name or n.output[0], "op": "Add",
                                            "why": f"bias merged into {describe(source)}"} for n in affine]
                 else:
-                    _report_fold(report, affine, bn_like, source, "backward")
+                    _report_fold(graph, report, affine, bn_like, layers, "backward")
                 continue
         end = chain[-1].output[0]
         target = graph.only_consumer(end)
         if target is None:
             why_forward = (f"{end} is a graph output" if end in graph.output_names else
                            f"{end} feeds {graph.uses(end)} consumers; a fold would change the others")
+        elif target.op_type in BACKWARD_ONLY:
+            why_forward = f"{CONV_TRANSPOSE_FORWARD} ({describe(target)})"
         elif target.op_type not in LAYERS:
             why_forward = f"it is followed by {describe(target)}, which a per-channel affine map cannot pass through"
         else:
             why_forward = _fold_forward(graph, chain, target)
             if why_forward is None:
                 _remove(graph, affine)
-                _report_fold(report, affine, bn_like, target, "forward")
+                _report_fold(graph, report, affine, bn_like, [target], "forward")
                 continue
         reason = why_forward if why_back is None else f"backward: {why_back}; forward: {why_forward}"
         if bn_like:
-            report["kept"].append({"bn": _names(affine), "reason": reason})
+            report["kept"].append({"bn": _names(affine), "reason": reason, "kind": _bn_kind(graph, affine),
+                                   "nodes": [n.name or n.output[0] for n in affine]})
         else:
             report["kept_affine"].append({"nodes": _names(affine), "reason": reason})
 
@@ -420,12 +489,21 @@ def _bn_like(graph: Graph, node) -> bool:
     return graph.const(other).size > 1
 
 
-def _report_fold(report: dict, affine, bn_like: bool, layer, direction: str) -> None:
+def _bn_kind(graph: Graph, affine) -> str:
+    """"batchnorm" for a chain that is a BatchNorm: a BatchNormalization node, or the per-channel
+    mean subtraction exporters write for one (Keras: Sub → Mul → Add); else "affine" (a layer scale,
+    a per-channel Mul/Add: folded the same way, but not a BatchNorm)."""
+    return "batchnorm" if any(n.op_type == "BatchNormalization" or (n.op_type == "Sub" and _bn_like(graph, n))
+                              for n in affine) else "affine"
+
+
+def _report_fold(graph: Graph, report: dict, affine, bn_like: bool, layers, direction: str) -> None:
     if bn_like:
-        report["folded"].append({"bn": _names(affine), "into": describe(layer), "direction": direction})
+        report["folded"].append({"bn": _names(affine), "into": _names(layers), "direction": direction,
+                                 "kind": _bn_kind(graph, affine), "nodes": [n.name or n.output[0] for n in affine]})
     else:
         report["removed"] += [{"node": n.name or n.output[0], "op": n.op_type,
-                               "why": f"scalar affine map (input scaling) folded {direction} into {describe(layer)}"}
+                               "why": f"scalar affine map (input scaling) folded {direction} into {_names(layers)}"}
                               for n in affine]
 
 

@@ -90,7 +90,7 @@ def test_bn_after_activation_folds_forward_into_linear():
     model = nn.Sequential(nn.Flatten(), randomize_layer(nn.Linear(49, 32), gen), nn.ReLU(),
                           randomize_bn(nn.BatchNorm1d(32), gen), nn.Dropout(0.2), randomize_layer(nn.Linear(32, 10), gen))
     report = assert_folded_matches(model, torch.rand(9, 1, 7, 7, generator=gen))
-    assert report.folded == [{"bn": "3 (BatchNorm1d)", "into": "5 (Linear)", "direction": "forward"}]
+    assert report.folded == [{"bn": "3 (BatchNorm1d)", "into": "5 (Linear)", "direction": "forward", "kind": "batchnorm"}]
 
 
 def keras_conv_model(gen, negative_scale=False, bias=True):
