@@ -163,14 +163,15 @@ def run_ours(name: str, weights: Path, out: Path, timeout: float, rows: int | No
     fold, parity = report.get("fold", {}), report.get("parity", {})
     folded = fold.get("folded", [])
     kinds = [(e.get("pass"), e.get("kind", "batchnorm")) for e in folded]
-    reasons = {}
-    for entry in fold.get("kept", []):
+    reasons, kept = {}, [e for e in fold.get("kept", []) if e.get("kind", "batchnorm") == "batchnorm"]
+    for entry in kept:
         reasons[entry.get("reason", "?")] = reasons.get(entry.get("reason", "?"), 0) + 1
     f64, variants = parity.get("float64", {}), parity.get("variants", {})
     old_own = f64.get("variants", {}).get(parity.get("reference"), {})  # before parity.own (main 9a4d1a4)
     result.update(
         folded_fx=kinds.count(("fx", "batchnorm")), folded_onnx=kinds.count(("onnx", "batchnorm")),
-        folded_affine=sum(k == "affine" for _, k in kinds), kept=len(fold.get("kept", [])), kept_reasons=reasons,
+        folded_affine=sum(k == "affine" for _, k in kinds), kept=len(kept), kept_reasons=reasons,
+        kept_affine=len(fold.get("kept", [])) - len(kept),
         untraceable=[f"{u.get('module')}: {u.get('reason')}" for u in fold.get("untraceable", [])],
         bn_left=report.get("bn_dropout_left_in_folded", {}).get("BatchNormalization", 0),
         summary=report.get("summary"), rows=parity.get("images"), passed=parity.get("passed"), failed_step=parity.get("failed_step"),
