@@ -15,7 +15,10 @@ the numbers of deploy/k8s/bnfold.yaml (deploy.k8s.pod_spec):
     then what the kubelet does to the old one: preStop (`sleep`), then SIGTERM with the grace
     period (`docker stop`). The balancer learns about the old one only through /readyz.
     Goal: 0 failed requests, 0 wrong answers.
-  - then one replica SIGKILLed under the same load: what HAProxy and the clients see, in numbers.
+  - then one replica SIGKILLed under the same load: what HAProxy and the clients see, in numbers;
+  - and, without a balancer, what clients that open a connection per request see when one replica
+    gets SIGTERM: as a pod (non-root, no capabilities), as root with CAP_NET_ADMIN (the guard's
+    listening-socket filter allowed), and behind `docker run -p` (docker's userland proxy).
 Report: artifacts/deploy/deploy_check.json (exit 1 when a goal is missed, 2 when it cannot run).
 Everything it starts (containers, network, HAProxy) is removed at the end.
 """
@@ -51,8 +54,12 @@ def haproxy_config(port: int, stats_socket: Path) -> str:
     return f"""global
     maxconn 2000
     stats socket {stats_socket} mode 600 level admin
+    log stdout format raw local0
 defaults
     mode http
+    log global
+    option httplog
+    option dontlog-normal  # only requests that went wrong are logged (with their termination state)
     timeout connect 1s
     timeout client 30s
     timeout server 30s
@@ -76,6 +83,7 @@ class Balancer:
     """HAProxy in the foreground (-db), its stats socket polled for each server's state."""
 
     def __init__(self, out: Path) -> None:
+        out = out.resolve()
         self.port, self.socket = free_port(), out / "haproxy.sock"
         self.cfg = out / "haproxy.cfg"
         self.cfg.write_text(haproxy_config(self.port, self.socket))
@@ -110,6 +118,8 @@ class Balancer:
         while time.monotonic() - t0 < timeout:
             if self.status.get(server) == status:
                 return time.monotonic()
+            if self.proc.poll() is not None:
+                raise SystemExit(f"deploy-check: haproxy exited ({self.proc.returncode}); see {self.cfg.with_name('haproxy.log')}")
             await asyncio.sleep(0.02)
         return None
 
@@ -220,9 +230,9 @@ async def scenario(docker: str, image: str, spec: dict, out: Path, rate: float, 
         ready = {slot: await asyncio.to_thread(replicas.start, slot) for slot in ("r1", "r2")}
         balancer = Balancer(out)
         watcher = asyncio.ensure_future(balancer.watch(watch_stop))
-        for slot in ("r1", "r2"):
-            if await balancer.until(slot, "UP") is None:
-                raise SystemExit(f"deploy-check: HAProxy never saw {slot} up (log {out / 'haproxy.log'})")
+        for slot, status in (("r1", "UP"), ("r2", "UP"), ("r3", "DOWN"), ("r4", "DOWN")):  # empty slots start UP
+            if await balancer.until(slot, status) is None:
+                raise SystemExit(f"deploy-check: HAProxy never saw {slot} {status} (log {out / 'haproxy.log'})")
         bodies, labels, target = requests_for(balancer.port, model, data_dir)
         traffic = Traffic(balancer.port, bodies, labels, rate)
         loading = asyncio.ensure_future(traffic.run())
@@ -240,6 +250,7 @@ async def scenario(docker: str, image: str, spec: dict, out: Path, rate: float, 
                           "sigterm_to_balancer_down_s": round(down - stopped["t_sigterm"], 2) if down else None})
         t_rolled = time.monotonic()
         await asyncio.sleep(2)
+        in_flight = int((await balancer.stats())["r3"]["scur"])
         t_kill = time.monotonic()
         run([docker, "kill", "-s", "KILL", replicas.names["r3"]])
         down = await balancer.until("r3", "DOWN", timeout=15)
@@ -250,12 +261,17 @@ async def scenario(docker: str, image: str, spec: dict, out: Path, rate: float, 
         counters = {name: {k: row.get(k) for k in ("status", "stot", "hrsp_2xx", "hrsp_5xx", "econ", "eresp", "wretr", "wredis", "chkfail", "chkdown")}
                     for name, row in (await balancer.stats()).items()}
         rolling = traffic.stats.window(t_start, t_rolled + 2).summary()
+        steady = traffic.stats.window(t_start, t_start + 3).summary()
         killed = traffic.stats.window(t_kill, t_end).summary()
+        failures = [(round(t - t_start, 2), status or error, round(1000 * latency, 1))
+                    for t, status, error, latency, _, _ in traffic.stats.rows if status != 200]
         return {"image": image, "rate_rps": rate, "pod": spec, "first_ready_s": {k: round(v, 2) for k, v in ready.items()},
                 "model": target.name, "labels_checked": labels is not None, "wrong_labels": traffic.wrong,
+                "steady_first_3s": steady,
                 "rolling": {"seconds": round(t_rolled + 2 - t_start, 1), "steps": steps, **rolling, "failed": failed(rolling)},
                 "kill": {"balancer_down_after_s": round(down - t_kill, 2) if down else None, "seconds": round(t_end - t_kill, 1),
-                         **killed, "failed": failed(killed)},
+                         "victim_sessions_in_flight": in_flight, **killed, "failed": failed(killed)},
+                "failures": failures,
                 "balancer_events": [(round(t - t_start, 2), s, st) for t, s, st in balancer.events],
                 "haproxy_counters": counters}
     finally:
@@ -264,6 +280,57 @@ async def scenario(docker: str, image: str, spec: dict, out: Path, rate: float, 
             balancer.stop()
         replicas.remove_all()
         run([docker, "network", "rm", network])
+
+
+LATE_VARIANTS = {
+    # name: (docker run options, what it stands for)
+    "pod (non-root, no capabilities), own network namespace": (["--network", "host"], "a pod: no proxy in front"),
+    "root + CAP_NET_ADMIN, own network namespace": (["--network", "host", "--user", "0", "--cap-add", "NET_ADMIN",
+                                                     "--cap-add", "DAC_OVERRIDE"],
+                                                    "where the listening-socket filter is allowed"),
+    "pod behind `docker run -p` (docker-proxy)": (["-p"], "docker's userland proxy in front"),
+}
+
+
+async def late_connections(docker: str, image: str, spec: dict, conns: int = 8) -> dict:
+    """No balancer: `conns` clients each sending one request per new connection straight at one
+    replica while it gets SIGTERM (no preStop), until it exited; outcomes after the SIGTERM."""
+    results = {}
+    for variant, (options, meaning) in LATE_VARIANTS.items():
+        port, name = free_port(), f"bnfold-late-{os.getpid()}"
+        net = ["-p", f"127.0.0.1:{port}:3000"] if options == ["-p"] else [*options, "-e", f"PORT={port}"]
+        done = run([docker, *run_args(image, name, spec, *net)])
+        if done.returncode != 0:
+            raise SystemExit(f"deploy-check: docker run failed: {done.stderr.strip()[-300:]}")
+        try:
+            t0 = time.monotonic()
+            while http(f"http://127.0.0.1:{port}/readyz", timeout=1)[0] != 200:
+                if time.monotonic() - t0 > 60:
+                    raise SystemExit(f"deploy-check: {variant}: not ready after 60 s:\n"
+                                     + run([docker, "logs", "--tail", "10", name]).stderr)
+                await asyncio.sleep(0.1)
+            raw = http_request("GET", "/metadata", close=True)
+            stop, stats = asyncio.Event(), Stats()
+            async with Load(port, timeout=10, connect_timeout=3) as load:
+                loading = asyncio.ensure_future(load.closed_loop(raw, conns, 120, stats, until=stop))
+                await asyncio.sleep(2)
+                t_term = time.monotonic()
+                await asyncio.to_thread(run, [docker, "stop", name], timeout=spec["grace_s"] + 30)
+                exit_s = time.monotonic() - t_term
+                await asyncio.sleep(1)
+                stop.set()
+                await loading
+            after = stats.window(t_term, float("inf")).summary()
+            logs = run([docker, "logs", name])
+            results[variant] = {"stands_for": meaning, "answered_200": after["statuses"].get("200", 0),
+                                "other_answers": {k: v for k, v in after["statuses"].items() if k != "200"},
+                                "refused": after["errors"].get("refused", 0),
+                                "lost_after_sending": after["errors"].get("reset", 0) + after["errors"].get("timeout", 0),
+                                "connect_timeouts": after["errors"].get("connect_timeout", 0), "exit_s": round(exit_s, 2),
+                                "socket_filter": "refused (EPERM)" if "cannot filter" in logs.stdout + logs.stderr else "attached"}
+        finally:
+            run([docker, "rm", "-f", name])
+    return results
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -289,6 +356,7 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.monotonic()
     figures = asyncio.run(scenario(docker, built["image"], k8s.pod_spec(), args.out, args.rate,
                                    Path(built.get("model", "")), args.data_dir))
+    figures["late_connections"] = asyncio.run(late_connections(docker, built["image"], k8s.pod_spec()))
     goals = {"rolling replace: failed requests": (figures["rolling"]["failed"], 0),
              "rolling replace: wrong labels": (figures["wrong_labels"], 0),
              "old replicas exit 0 within the grace period": (
@@ -307,9 +375,14 @@ def main(argv: list[str] | None = None) -> int:
     for s in r["steps"]:
         print(f"  {s['old']} -> {s['new']}: new ready {s['new_ready_s']} s; old: preStop {s['pre_stop_s']} s, "
               f"SIGTERM -> balancer DOWN {s['sigterm_to_balancer_down_s']} s, -> exit {s['sigterm_to_exit_s']} s (code {s['exit_code']})")
-    print(f"SIGKILL of one replica: HAProxy marked it down after {k['balancer_down_after_s']} s; "
+    print(f"SIGKILL of one replica ({k['victim_sessions_in_flight']} requests in flight on it): "
+          f"HAProxy marked it down after {k['balancer_down_after_s']} s; "
           f"{k['requests']} requests in the {k['seconds']} s after: {k['failed']} failed {k['errors'] or ''} "
           f"statuses {k['statuses']}, p99 {k['p99_ms']} ms, max {k['max_ms']} ms")
+    print("no balancer, one replica SIGTERMed under 8 clients opening a connection per request (outcomes after SIGTERM):")
+    for variant, v in figures["late_connections"].items():
+        print(f"  {variant}: {v['answered_200']} answered, {v['refused']} refused, {v['lost_after_sending']} lost after "
+              f"sending, {v['connect_timeouts']} connect timeouts; filter {v['socket_filter']}; exit after {v['exit_s']} s")
     for name, g in report["goals"].items():
         print(f"  {'PASS' if g['pass'] else 'FAIL'}  {name}: {g['value']} (goal {g['goal']})")
     print(f"report {args.out / 'deploy_check.json'}")
