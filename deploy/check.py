@@ -162,6 +162,15 @@ class Traffic:
                 await asyncio.wait(tasks)
 
 
+def timeline(stats: Stats, t0: float) -> list[list]:
+    """[second since t0, requests done in it, their p99 ms, failed] for every second of the run."""
+    by_second: dict[int, list] = {}
+    for t, status, _, latency, _, _ in stats.rows:
+        by_second.setdefault(int(t - t0), []).append((latency, status != 200))
+    return [[sec, len(v), round(1000 * sorted(x for x, _ in v)[int(0.99 * (len(v) - 1))], 1), sum(f for _, f in v)]
+            for sec, v in sorted(by_second.items())]
+
+
 def failed(summary: dict) -> int:
     return sum(summary["errors"].values()) + sum(n for s, n in summary["statuses"].items() if s != "200")
 
@@ -271,7 +280,7 @@ async def scenario(docker: str, image: str, spec: dict, out: Path, rate: float, 
                 "rolling": {"seconds": round(t_rolled + 2 - t_start, 1), "steps": steps, **rolling, "failed": failed(rolling)},
                 "kill": {"balancer_down_after_s": round(down - t_kill, 2) if down else None, "seconds": round(t_end - t_kill, 1),
                          "victim_sessions_in_flight": in_flight, **killed, "failed": failed(killed)},
-                "failures": failures,
+                "failures": failures, "timeline": timeline(traffic.stats, t_start),
                 "balancer_events": [(round(t - t_start, 2), s, st) for t, s, st in balancer.events],
                 "haproxy_counters": counters}
     finally:
