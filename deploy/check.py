@@ -249,12 +249,15 @@ async def scenario(docker: str, image: str, spec: dict, out: Path, rate: float, 
         await asyncio.sleep(3)
         steps = []
         for old, new in (("r1", "r3"), ("r2", "r4")):
+            t_new = time.monotonic()
             ready[new] = await asyncio.to_thread(replicas.start, new)
             t_up = await balancer.until(new, "UP")
             memory = replicas.memory_mib(old)
             stopped = await asyncio.to_thread(replicas.terminate, old)
             down = next((t for t, s, st in balancer.events if s == old and st == "DOWN" and t >= stopped["t_sigterm"]), None)
-            steps.append({"old": old, "new": new, "new_ready_s": round(ready[new], 2), "new_in_balancer": t_up is not None,
+            steps.append({"old": old, "new": new, "new_started_at_s": round(t_new - t_start, 2),
+                          "sigterm_at_s": round(stopped["t_sigterm"] - t_start, 2),
+                          "new_ready_s": round(ready[new], 2), "new_in_balancer": t_up is not None,
                           "old_memory_mib_under_load": memory, **{k: v for k, v in stopped.items() if k != "t_sigterm"},
                           "sigterm_to_balancer_down_s": round(down - stopped["t_sigterm"], 2) if down else None})
         t_rolled = time.monotonic()
@@ -278,7 +281,8 @@ async def scenario(docker: str, image: str, spec: dict, out: Path, rate: float, 
                 "model": target.name, "labels_checked": labels is not None, "wrong_labels": traffic.wrong,
                 "steady_first_3s": steady,
                 "rolling": {"seconds": round(t_rolled + 2 - t_start, 1), "steps": steps, **rolling, "failed": failed(rolling)},
-                "kill": {"balancer_down_after_s": round(down - t_kill, 2) if down else None, "seconds": round(t_end - t_kill, 1),
+                "kill": {"at_s": round(t_kill - t_start, 2), "balancer_down_after_s": round(down - t_kill, 2) if down else None,
+                         "seconds": round(t_end - t_kill, 1),
                          "victim_sessions_in_flight": in_flight, **killed, "failed": failed(killed)},
                 "failures": failures, "timeline": timeline(traffic.stats, t_start),
                 "balancer_events": [(round(t - t_start, 2), s, st) for t, s, st in balancer.events],
