@@ -229,7 +229,17 @@ def requests_for(port: int, model: Path, data_dir: Path, n: int = 64):
     return bodies, (truth.tolist() if truth is not None else None), target
 
 
+def sweep_leftovers(docker: str) -> None:
+    """Containers and networks of an earlier run that was killed before it could clean up (ours by name)."""
+    names = run([docker, "ps", "-aq", "--filter", "name=^bnfold-(deploy|late|smoke)-"]).stdout.split()
+    if names:
+        run([docker, "rm", "-f", *names])
+    for network in run([docker, "network", "ls", "-q", "--filter", "name=^bnfold-deploy-"]).stdout.split():
+        run([docker, "network", "rm", network])
+
+
 async def scenario(docker: str, image: str, spec: dict, out: Path, rate: float, model: Path, data_dir: Path) -> dict:
+    sweep_leftovers(docker)
     network = f"bnfold-deploy-{os.getpid()}"
     made = run([docker, "network", "create", "--subnet", SUBNET, network])
     if made.returncode != 0:
