@@ -262,7 +262,7 @@ async def scenario(docker: str, image: str, spec: dict, out: Path, rate: float, 
             t_new = time.monotonic()
             ready[new] = await asyncio.to_thread(replicas.start, new)
             t_up = await balancer.until(new, "UP")
-            memory = replicas.memory_mib(old)
+            memory = await asyncio.to_thread(replicas.memory_mib, old)  # docker stats takes ~1-2 s: not on the loop
             stopped = await asyncio.to_thread(replicas.terminate, old)
             down = next((t for t, s, st in balancer.events if s == old and st == "DOWN" and t >= stopped["t_sigterm"]), None)
             steps.append({"old": old, "new": new, "new_started_at_s": round(t_new - t_start, 2),
@@ -274,7 +274,7 @@ async def scenario(docker: str, image: str, spec: dict, out: Path, rate: float, 
         await asyncio.sleep(2)
         in_flight = int((await balancer.stats())["r3"]["scur"])
         t_kill = time.monotonic()
-        run([docker, "kill", "-s", "KILL", replicas.names["r3"]])
+        await asyncio.to_thread(run, [docker, "kill", "-s", "KILL", replicas.names["r3"]])
         down = await balancer.until("r3", "DOWN", timeout=15)
         await asyncio.sleep(5)
         traffic.stop.set()
