@@ -55,8 +55,14 @@ def build_parser() -> argparse.ArgumentParser:
                      "inputs are drawn from it and the service refuses values outside it (default: 0,1)")
     byo.add_argument("--labels", metavar="FILE", help="class names, .txt (one per line) or .json (a list) "
                      "(default: class_0 ... class_{K-1})")
-    byo.add_argument("--sample", metavar="X.npy", help="a batch [N, *input shape] to verify parity on (read with "
-                     "allow_pickle=False) (default: 256 seeded random rows from --input-range)")
+    byo.add_argument("--sample", metavar="X.npy", help="a batch [N, *input shape] to verify on (read with "
+                     "allow_pickle=False) (default: seeded random rows from --input-range; see --samples)")
+    byo.add_argument("--samples", metavar="N", help="verify on N rows: N seeded random rows, or the first N of --sample "
+                     "(default: all of --sample; else as many random rows as 1.2e11 FLOPs of the model allow, 16 to 256: "
+                     "256 for small nets, 16 for ResNet-50 at 224x224)")
+    byo.add_argument("--class-output", metavar="NAME", help="a model with several outputs: the one that holds [N, K] class "
+                     "scores, so it is served as a classifier (default: a model with one [N, K] output is a "
+                     "classifier, any other is not)")
     byo.add_argument("--name", help="the model's name in the service (/v2/models/<name>) (default: the file's stem)")
     byo.add_argument("--background", choices=("dark", "light"), help="image models: dark = light object on a dark "
                      "background, as in Fashion-MNIST (default: not recorded)")
@@ -81,12 +87,11 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def make_source(args: argparse.Namespace):
-    given = {flag for flag in ("weights", "input_shape", "layout", "input_range", "labels", "sample", "name",
-                               "background") if getattr(args, flag) is not None}
+    byo_flags = {"layout", "input_range", "labels", "sample", "samples", "class_output", "name", "background"}
+    given = {flag for flag in ("weights", "input_shape", *sorted(byo_flags)) if getattr(args, flag) is not None}
     if args.data_dir != DEFAULT_DATA_DIR:
         given.add("data_dir")
-    allowed = ({"weights", "input_shape", "layout", "input_range", "labels", "sample", "name", "background"} if args.model
-               else {"layout", "input_range", "labels", "sample", "name", "background"} if args.onnx else {"data_dir"})
+    allowed = ({"weights", "input_shape", *byo_flags} if args.model else byo_flags if args.onnx else {"data_dir"})
     for flag in sorted(given - allowed):
         users = {"weights": "--model", "input_shape": "--model", "data_dir": "--run"}.get(flag, "--model and --onnx")
         raise BadInput(f"--{flag.replace('_', '-')} applies to {users} only")
@@ -98,9 +103,10 @@ def make_source(args: argparse.Namespace):
 
     if args.model:
         return from_pytorch(args.model, args.weights, args.input_shape, args.layout, args.input_range, args.labels,
-                            args.sample, args.name, args.background)
+                            args.sample, args.name, args.background, args.samples, args.class_output)
     if args.onnx:
-        return from_onnx(args.onnx, args.labels, args.input_range, args.sample, args.layout, args.name, args.background)
+        return from_onnx(args.onnx, args.labels, args.input_range, args.sample, args.layout, args.name, args.background,
+                         args.samples, args.class_output)
     return from_run(args.run or DEFAULT_RUN, args.data_dir)
 
 

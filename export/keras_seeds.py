@@ -22,9 +22,9 @@ from training.data import DEFAULT_DATA_DIR, DataError, load_split
 
 
 def measure(raw: Path, published: Path, trained: dict, keras_probs, images, labels) -> dict:
-    reference = run_ort(ort_session(onnx.load(raw), optimize=False), images)
+    reference = run_ort(ort_session(onnx.load(raw), optimize=False), images)[0]
     before, after = onnx.load(raw), onnx.load(published)
-    folded = run_ort(ort_session(after, optimize=True), images)
+    folded = run_ort(ort_session(after, optimize=True), images)[0]
     return {
         **trained,
         "ort_unfolded_test_accuracy": float((reference.argmax(1) == labels).mean()),

@@ -26,10 +26,11 @@ BN_OPS = ("BatchNormalization",)
 
 
 def export_to_proto(module: torch.nn.Module, example_shape=(2, 1, 28, 28), input_name: str = "image",
-                    output_name: str = "logits") -> onnx.ModelProto:
+                    output_names: list[str] = ("logits",)) -> onnx.ModelProto:
     """torch.onnx (dynamo) with optimize=False: our fold pass, not the exporter's optimizer, removes
     BatchNormalization (with optimize=True it folds BN on its own and the unfolded reference would
-    not be one). external_data=False keeps the weights inside the one file. Axis 0 is dynamic."""
+    not be one). external_data=False keeps the weights inside the one file. Axis 0 is dynamic.
+    `output_names`: one per tensor the module returns, in pytree order (tuples, lists, dicts)."""
     logging.getLogger("torch.onnx").setLevel(logging.ERROR)  # "torchvision is not installed" noise
     module = module.eval()
     example = torch.rand(*example_shape)
@@ -38,7 +39,7 @@ def export_to_proto(module: torch.nn.Module, example_shape=(2, 1, 28, 28), input
         warnings.simplefilter("ignore")
         path = Path(tmp) / "model.onnx"
         try:
-            torch.onnx.export(module, (example,), path, input_names=[input_name], output_names=[output_name],
+            torch.onnx.export(module, (example,), path, input_names=[input_name], output_names=list(output_names),
                               dynamic_shapes=({0: batch},), opset_version=OPSET, dynamo=True,
                               external_data=False, optimize=False, verbose=False)
         except Exception as e:  # torch.export could not capture the model: say why, in one line

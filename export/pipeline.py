@@ -1,13 +1,17 @@
-"""One path for every source: fold -> export -> verify -> publish.
+"""One path for every source: fold -> check -> export -> verify -> publish.
 
-Torch sources (`--run`, `--model`): the fx pass folds the module (export/fold.py), torch.onnx
-exports the unfolded model (the reference, model_unfolded.onnx) and the folded one, which is
-cleaned up (constant folding; no BN fusion) and given to the ONNX graph pass (export/onnx_fold.py)
-to fold what fx could not reach.
+Torch sources (`--run`, `--model`): the fx pass folds the module (export/fold.py) and the same pass
+on a float64 copy proves the folds exact before anything is exported; torch.onnx exports the
+unfolded model (the reference, model_unfolded.onnx) and the folded one (one export when the fx
+pass folded nothing), which is cleaned up (constant folding; no BN fusion) and given to the ONNX
+graph pass (export/onnx_fold.py) to fold what fx could not reach; that pass is proven exact the
+same way, on its input graph in float64, when it changed anything.
 ONNX sources: the ONNX graph pass alone, on the input graph (which is the reference).
-Then every variant is checked against the reference (export/verify.py), and only when all pass
-are model.onnx, model_unfolded.onnx (+ .sha256) and export_report.json written, atomically.
+Then every float32 form is checked against the float64 model (export/verify.py), and only when
+every check passes are model.onnx, model_unfolded.onnx (+ .sha256) and export_report.json
+written, atomically. A failure stops at the step where it happened and the report says which.
 """
+import contextlib
 import copy
 import json
 import time
@@ -18,16 +22,47 @@ import onnx
 import torch
 
 from common.files import sha256_file, write_json
-from export.errors import BadInput
+from export.errors import BadInput, one_line
+from export.float64 import Float64Graph, Float64Unavailable, to_float64
 from export.fold import fold_batchnorm
 from export.fold_report import merge_fold_reports, summary
 from export.onnx_export import (BN_OPS, contract_metadata, export_to_proto, node_counts, output_kind, read_metadata,
                                 rename_value, save_model, simplify, with_metadata)
 from export.onnx_fold import fold_onnx
 from export.sources import Source
-from export.verify import format_table, ort_session, parity, run_ort, run_torch
+from export.verify import (ATOL, EXACT_RTOL, FACTOR, RTOL, batch_plan, exactness, fidelity, format_table, ort_session,
+                           run_ort, run_torch)
 
 FOLDED, UNFOLDED, REPORT = "model.onnx", "model_unfolded.onnx", "export_report.json"
+# The exactness checks run on the first EXACT_ROWS verification rows (all of them for --model and
+# --onnx, whose default is at most 256): a wrong fold shows on every input, and float64 is slow on
+# CPU (the 10k test images of a --run are for float32 error statistics and accuracy).
+EXACT_ROWS = 1000
+
+
+class VerificationFailed(Exception):
+    def __init__(self, step: str, why: str):
+        super().__init__(f"{step}: {why}")
+        self.step, self.why = step, why
+
+
+class Steps:
+    """Each step's wall time: a line when it starts (flushed, so a slow step shows what it is doing)
+    and its seconds when it ends; `times` goes into the report."""
+
+    def __init__(self):
+        self.times = {}
+
+    @contextlib.contextmanager
+    def __call__(self, name: str):
+        print(f"  {name} ...", end="", flush=True)
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            seconds = time.perf_counter() - started
+            self.times[name] = round(seconds, 2)
+            print(f" {seconds:.1f} s", flush=True)
 
 
 def is_current(source: Source, out: Path) -> bool:
@@ -41,37 +76,172 @@ def is_current(source: Source, out: Path) -> bool:
         return False
 
 
+# --- the float64 ground truth and the exactness checks -------------------------------------------
+
+class Checks:
+    """What verification has found so far: the float64 reference, the exactness checks, the float32
+    forms to judge. Filled step by step by the build; judged at the end (or at the first failure)."""
+
+    def __init__(self, source: Source, steps: Steps):
+        self.source, self.steps = source, steps
+        self.names = [o["name"] for o in source.outputs]
+        self.inputs64 = source.inputs.astype(np.float64)
+        self.exact_rows = self.inputs64[:EXACT_ROWS]
+        self.ref64, self.why64 = None, None
+        self.exact, self.variants, self.own, self.notes = {}, {}, None, []
+
+    def float64_reference(self, run, what: str) -> None:
+        with self.steps(f"float64 reference ({what}, {len(self.inputs64)} rows)"):
+            try:
+                self.ref64 = run()
+            except Float64Unavailable as e:
+                self.why64 = str(e)
+            except Exception as e:  # a forward that makes float32 tensors of its own, ...
+                self.why64 = f"the model cannot run in float64: {type(e).__name__}: {one_line(e, 200)}"
+
+    def exact_or_fail(self, step: str, run_folded, reference: list[np.ndarray]) -> None:
+        """The folded float64 model against the unfolded one in float64; a failure stops the export here."""
+        try:
+            result = exactness(run_folded(), [r[:len(self.exact_rows)] for r in reference], self.names)
+        except Float64Unavailable:
+            raise
+        except Exception as e:
+            result = {"error": f"{type(e).__name__}: {one_line(e)}", "passed": False}
+        self.exact[step] = result
+        if not result["passed"]:
+            raise VerificationFailed(step, result.get("error") or (
+                f"the folded float64 model is {result['relative']:.2e} of the output's scale from the unfolded one "
+                f"(exact folds agree to {EXACT_RTOL:g}): a wrong fold"))
+
+    def onnx_pass(self, before: onnx.ModelProto, report: dict, published: onnx.ModelProto) -> None:
+        """The ONNX pass's exactness: the same pass on `before` in float64, run against `before` in float64."""
+        if not changed_numerics(report):
+            self.exact["ONNX pass"] = {"skipped": "it changed nothing but Identity/Dropout nodes", "passed": True}
+            return
+        if self.ref64 is None:
+            self.exact["ONNX pass"] = {"skipped": f"no float64 copy runs ({self.why64})", "passed": True}
+            return
+        with self.steps("ONNX pass exactness (float64)"):
+            try:
+                folded64 = fold_onnx(to_float64(before))[0]
+                if node_counts(folded64) != node_counts(published):
+                    raise VerificationFailed("ONNX pass", "the float64 copy was folded differently "
+                                             f"({node_counts(folded64)} vs {node_counts(published)})")
+                # an ONNX source's input graph is the reference itself; a torch source's is the exported fx-folded graph
+                reference = self.ref64 if self.source.module is None else Float64Graph(before)(self.exact_rows)
+                self.exact_or_fail("ONNX pass", lambda: Float64Graph(folded64)(self.exact_rows), reference)
+            except Float64Unavailable as e:
+                self.exact["ONNX pass"] = {"skipped": str(e), "passed": True}
+                self.notes.append(f"the ONNX pass's folds are not proven exact: {e}")
+
+    def judge(self) -> dict:
+        s = self.source
+        available = self.ref64 is not None
+        with self.steps(f"deployment fidelity ({len(self.variants)} float32 forms)"):
+            if available:
+                result = fidelity(self.variants, self.ref64, self.own, s.scores, s.targets)
+            else:  # no float64 copy runs: the float32 clause alone, against the unfolded float32 model
+                own = self.variants[self.own]
+                reference = own() if callable(own) else own
+                result = fidelity({**self.variants, self.own: reference}, reference, self.own, s.scores, s.targets,
+                                  against_float64=False)
+        result.pop("passed")
+        failing = [n for n, r in result["variants"].items() if not r.get("passed")]
+        return self.result(passed=not failing, **({} if not failing else {
+            "failed_step": "deployment fidelity",
+            "why": "; ".join(f"{n}: {_miss(r) if 'max_abs_diff' in r else r['error']}"
+                             for n, r in result["variants"].items() if n in failing)}), **result)
+
+    def result(self, passed: bool, **fields) -> dict:
+        s = self.source
+        return {"passed": passed, "images": int(len(s.inputs)), "inputs": s.inputs_desc,
+                "batch_sizes": sorted(set(batch_plan(len(s.inputs)))),
+                "rule": {"exact_rtol": EXACT_RTOL, "atol": ATOL, "rtol": RTOL, "factor": FACTOR},
+                "reference": "the unfolded model in float64" if self.ref64 is not None else "the unfolded float32 model",
+                "float64": {"available": self.ref64 is not None, **({"why": self.why64} if self.why64 else {})},
+                "exactness": self.exact, "notes": self.notes, **fields}
+
+
+def _miss(row: dict) -> str:
+    text = f"{row['max_abs_diff']:.2e} from the reference ({row['tol_error']:.1f}x the tolerance"
+    text += f", {row['ratio']:.1f}x float32's own error)" if "ratio" in row else ")"
+    if row.get("argmax_disagreements"):
+        text += f", {row['argmax_disagreements']} argmax disagreements"
+    return text
+
+
+def changed_numerics(onnx_report: dict) -> bool:
+    """Whether the ONNX pass did more than drop Identity/Dropout nodes."""
+    return bool(onnx_report.get("folded") or onnx_report.get("transposes_removed")
+                or any(r.get("op") not in ("Identity", "Dropout") for r in onnx_report.get("removed", [])))
+
+
 # --- building the graphs -----------------------------------------------------------------------
 
-def build_torch(source: Source, out: Path, verify_only: bool):
-    """fx fold, both exports, clean-up, the ONNX pass on the folded graph. Returns the two graphs,
-    the merged fold report and the folded torch module."""
-    folded_module, fx_report = fold_batchnorm(source.module)
+def build_torch(source: Source, out: Path, verify_only: bool, checks: Checks):
+    """fx fold, its float64 proof, both exports, clean-up, the ONNX pass (and its proof). Returns the
+    two graphs and the merged fold report; fills `checks` with the float32 forms to judge."""
+    steps, inputs, module = checks.steps, source.inputs, source.module
+    with steps("fx pass"):
+        folded_module, fx_report = fold_batchnorm(module)
+    module64 = copy.deepcopy(module).double()
+    checks.float64_reference(lambda: run_torch(module64, checks.inputs64, dtype=torch.float64), "torch, double")
+    if checks.ref64 is not None:
+        with steps("fx pass exactness (float64)"):
+            folded64, report64 = fold_batchnorm(module64)
+            if [e["bn"] for e in report64.folded] != [e["bn"] for e in fx_report.folded]:
+                raise VerificationFailed("fx pass", "the float64 copy was folded differently")
+            checks.exact_or_fail("fx pass", lambda: run_torch(folded64, checks.exact_rows, dtype=torch.float64),
+                                 checks.ref64)
+    checks.own = "torch eval (float32)"
+    with steps("torch forms (float32)"):
+        checks.variants[checks.own] = run_torch(module, inputs)
+        try:
+            checks.variants["torch folded"] = run_torch(folded_module, inputs)
+        except Exception as e:
+            raise VerificationFailed("fx pass", f"the folded module does not run: {type(e).__name__}: {one_line(e)}")
     if verify_only:
-        return (*_published(source, out), folded_module)
-    example = (2, *source.input_shape[1:])
-    try:
-        unfolded = export_to_proto(source.module, example, source.input_name, source.output_name)
-    except BadInput as e:
-        untraceable = "; ".join(f"{u['module']}: {u['reason']}" for u in fx_report.untraceable)
-        raise BadInput(f"{e}; nor can fx trace {untraceable}" if untraceable else str(e)) from None
-    folded_raw = export_to_proto(folded_module, example, source.input_name, source.output_name)
-    if source.kind == "pytorch" and output_kind(unfolded, source.output_name) == "probabilities":
-        for graph in (unfolded, folded_raw):
-            rename_value(graph, source.output_name, "probabilities")
-        source.output_name = "probabilities"
-    print(f"nodes of our folded module as exported: {node_counts(folded_raw)}")
-    cleaned = simplify(folded_raw)  # constant folding first: exporter artefacts (zero biases made at run time, ...) go
-    folded_graph, onnx_report = fold_onnx(cleaned)
-    fold_report = merge_fold_reports(fx_report.as_dict(), onnx_report, cleaned, folded_graph)
-    return unfolded, folded_graph, fold_report, folded_module
+        checks.exact["ONNX pass"] = {"skipped": "not re-run by --verify-only (the published graph is judged below)",
+                                     "passed": True}
+        return _published(source, out)
+    example, names = (2, *source.input_shape[1:]), checks.names
+    with steps("torch.onnx.export, unfolded"):
+        try:
+            unfolded = export_to_proto(module, example, source.input_name, names)
+        except BadInput as e:
+            untraceable = "; ".join(f"{u['module']}: {u['reason']}" for u in fx_report.untraceable)
+            raise BadInput(f"{e}; nor can fx trace {untraceable}" if untraceable else str(e)) from None
+    if fx_report.folded:
+        with steps("torch.onnx.export, folded"):
+            folded_raw = export_to_proto(folded_module, example, source.input_name, names)
+    else:  # the fx pass folded nothing: the unfolded export is the folded module's too (Dropout is Identity in eval)
+        folded_raw = unfolded
+    if source.kind == "pytorch" and names == ["logits"] and output_kind(unfolded, "logits") == "probabilities":
+        for graph in {id(g): g for g in (unfolded, folded_raw)}.values():
+            rename_value(graph, "logits", "probabilities")
+        source.output_name = source.outputs[0]["name"] = checks.names[0] = "probabilities"
+    print(f"  nodes of our folded module as exported: {node_counts(folded_raw)}")
+    with steps("clean-up and ONNX pass"):
+        cleaned = simplify(folded_raw)  # constant folding first: exporter artefacts (zero biases made at run time, ...) go
+        folded_graph, onnx_report = fold_onnx(cleaned)
+    checks.onnx_pass(cleaned, onnx_report, folded_graph)
+    return unfolded, folded_graph, merge_fold_reports(fx_report.as_dict(), onnx_report, cleaned, folded_graph)
 
 
-def build_onnx(source: Source, out: Path, verify_only: bool):
+def build_onnx(source: Source, out: Path, verify_only: bool, checks: Checks):
+    graph = source.graph
+    checks.float64_reference(lambda: Float64Graph(graph)(checks.inputs64), "the graph with float64 initializers")
+    checks.own = "input graph (float32, DISABLE_ALL)"
+    reference, step = ort_session(source.reference_graph, optimize=False), source.reference_batch or 1000
+    checks.variants[checks.own] = lambda: run_ort(reference, source.inputs, plan=[step] * -(-len(source.inputs) // step))
     if verify_only:
-        return (*_published(source, out), None)
-    folded_graph, onnx_report = fold_onnx(source.graph)
-    return source.graph, folded_graph, merge_fold_reports(None, onnx_report, source.graph, folded_graph), None
+        checks.exact["ONNX pass"] = {"skipped": "not re-run by --verify-only (the published graph is judged below)",
+                                     "passed": True}
+        return _published(source, out)
+    with checks.steps("ONNX pass"):
+        folded_graph, onnx_report = fold_onnx(graph)
+    checks.onnx_pass(graph, onnx_report, folded_graph)
+    return graph, folded_graph, merge_fold_reports(None, onnx_report, graph, folded_graph)
 
 
 def _published(source: Source, out: Path):
@@ -84,62 +254,47 @@ def _published(source: Source, out: Path):
     recorded = json.loads(meta["source"])["sha256"] if "source" in meta else meta.get("weights_sha256")
     if recorded != source.sha256:
         raise BadInput(f"{out / FOLDED} was not exported from {source.path}")
-    source.output_name = meta.get("output_name", source.output_name)
+    if "outputs" in meta:
+        source.outputs = json.loads(meta["outputs"])
+    source.output_name = meta.get("output_name") if "outputs" in meta else meta.get("output_name", source.output_name)
+    if source.outputs and source.output_name and len(source.outputs) == 1:
+        source.outputs[0]["name"] = source.output_name
     return unfolded, folded, json.loads(meta["fold_report"])
 
 
-# --- verification ------------------------------------------------------------------------------
-
-def verify_source(source: Source, unfolded: onnx.ModelProto, folded: onnx.ModelProto, folded_module) -> dict:
-    inputs, name = source.inputs, source.output_name
-    variants = {}
-    if source.module is not None:
-        reference_name = "torch eval (reference)"
-        reference = run_torch(source.module, inputs)
-        variants["torch folded"] = lambda: run_torch(folded_module, inputs)
-
-        def reference64():
-            return run_torch(copy.deepcopy(source.module).double(), inputs.astype(np.float64), dtype=torch.float64)
-    else:
-        reference_name = "input graph, DISABLE_ALL (reference)"
-        session = ort_session(source.reference_graph, optimize=False)
-        feed, output = session.get_inputs()[0].name, source.reference_graph.graph.output[0].name
-        step = source.reference_batch or 1000
-        reference = np.concatenate([session.run([output], {feed: inputs[i:i + step]})[0] for i in range(0, len(inputs), step)])
-        reference64 = None
-    variants["ORT folded"] = lambda: run_ort(ort_session(folded, optimize=True), inputs, name)
-    variants["ORT folded (DISABLE_ALL)"] = lambda: run_ort(ort_session(folded, optimize=False), inputs, name)
-    variants["ORT unfolded (DISABLE_ALL)"] = lambda: run_ort(ort_session(unfolded, optimize=False), inputs, name)
-    result = parity(reference_name, reference, variants, source.targets, reference64)
-    result["inputs"] = source.inputs_desc
-    return result
+def onnx_forms(checks: Checks, unfolded: onnx.ModelProto, folded: onnx.ModelProto) -> None:
+    inputs, names = checks.source.inputs, checks.names
+    checks.variants["ORT folded"] = lambda: run_ort(ort_session(folded, optimize=True), inputs, names)
+    checks.variants["ORT folded (DISABLE_ALL)"] = lambda: run_ort(ort_session(folded, optimize=False), inputs, names)
+    checks.variants["ORT unfolded (DISABLE_ALL)"] = lambda: run_ort(ort_session(unfolded, optimize=False), inputs, names)
 
 
 # --- the whole path ----------------------------------------------------------------------------
 
 def export(source: Source, out: str | Path, verify_only: bool = False) -> int:
-    """Fold, export, verify, publish. Returns 0, or 1 when parity fails (nothing published).
+    """Fold, check, export, verify, publish. Returns 0, or 1 when a check fails (nothing published).
     Raises BadInput for input that cannot be exported as given (nothing written)."""
     out = Path(out)
     for note in source.notes:
         print(f"note: {note}")
     started = time.perf_counter()
+    steps = Steps()
+    checks = Checks(source, steps)
     build = build_torch if source.module is not None else build_onnx
-    unfolded, folded, fold_report, folded_module = build(source, out, verify_only)
+    try:
+        unfolded, folded, fold_report = build(source, out, verify_only, checks)
+    except VerificationFailed as e:
+        result = checks.result(passed=False, failed_step=e.step, why=e.why, variants={})
+        print(format_table(result))
+        write_json(out / REPORT, {"name": source.name, "request": source.request, "parity": result,
+                                  "timings": steps.times, "versions": versions()})
+        return 1
     if not verify_only:
         print(f"{'exported' if source.module is not None else 'folded'} in {time.perf_counter() - started:.1f}s")
-        kind = output_kind(unfolded, source.output_name)
-        fields = {
-            "name": source.name, "input_name": source.input_name, "input_shape": source.input_shape,
-            "input_layout": source.layout, "input_range": source.input_range, "image_background": source.background,
-            "output_name": source.output_name, "output_kind": kind, "labels": source.labels,
-            "source": {"kind": source.kind, "path": source.path, "sha256": source.sha256,
-                       **{k: v for k, v in source.source_extra.items() if v is not None}},
-            "fold_report": fold_report, "producer": "bnfold (python -m export)", **source.extra_metadata}
-        if source.module is not None:
-            fields["torch_version"] = torch.__version__
-        unfolded = with_metadata(unfolded, contract_metadata({**fields, "folded": "false"}))
-        folded = with_metadata(folded, contract_metadata({**fields, "folded": "true"}))
+        unfolded = with_metadata(unfolded, contract_metadata({**contract_fields(source, unfolded, fold_report),
+                                                              "folded": "false"}))
+        folded = with_metadata(folded, contract_metadata({**contract_fields(source, unfolded, fold_report),
+                                                          "folded": "true"}))
 
     before, after = node_counts(unfolded), node_counts(folded)
     print(f"nodes before folding: {before}\nnodes after folding{' (and clean-up)' if source.module is not None else ''}: {after}")
@@ -153,7 +308,8 @@ def export(source: Source, out: str | Path, verify_only: bool = False) -> int:
         print(f"  ONNX graph pass: {note}")
     print(summary(fold_report, source.module is not None))
 
-    result = verify_source(source, unfolded, folded, folded_module)
+    onnx_forms(checks, unfolded, folded)
+    result = checks.judge()
     print(format_table(result))
     meta = read_metadata(folded)
     report = {
@@ -162,11 +318,12 @@ def export(source: Source, out: str | Path, verify_only: bool = False) -> int:
         "request": source.request,
         "input": {"name": source.input_name, "shape": source.input_shape, "layout": source.layout,
                   "range": source.input_range, "background": source.background},
-        "output": {"name": source.output_name, "kind": meta.get("output_kind", "logits"), "classes": len(source.labels)},
-        "labels": source.labels, "notes": source.notes,
-        "fold": fold_report, "summary": summary(fold_report, source.module is not None), "nodes_unfolded": before, "nodes_folded": after,
-        "bn_dropout_left_in_folded": {op: n for op, n in after.items() if op in (*BN_OPS, "Dropout")},
-        "parity": result, "versions": versions(),
+        "output": ({"name": source.output_name, "kind": meta.get("output_kind", "logits"), "classes": len(source.labels)}
+                   if source.output_name else None),
+        "outputs": source.outputs, "labels": source.labels, "notes": source.notes,
+        "fold": fold_report, "summary": summary(fold_report, source.module is not None), "nodes_unfolded": before,
+        "nodes_folded": after, "bn_dropout_left_in_folded": {op: n for op, n in after.items() if op in (*BN_OPS, "Dropout")},
+        "parity": result, "timings": steps.times, "versions": versions(),
     }
     if source.kind == "run":  # kept from version 1 (python -m export.report reads them)
         report.update(run=source.path, arch=source.extra_metadata["arch"], weights_sha256=source.sha256,
@@ -175,11 +332,29 @@ def export(source: Source, out: str | Path, verify_only: bool = False) -> int:
         report["files"] = {name: {"sha256": save_model(m, out / name)} for name, m in ((UNFOLDED, unfolded), (FOLDED, folded))}
     elif result["passed"]:  # the files on disk are the ones just verified
         report["files"] = {name: {"sha256": sha256_file(out / name)} for name in (UNFOLDED, FOLDED)}
+    report["timings"]["total"] = round(time.perf_counter() - started, 2)
     write_json(out / REPORT, report)
     if not result["passed"]:
         return 1
     print(f"wrote {out / FOLDED}, {out / UNFOLDED}, {out / REPORT}" if not verify_only else f"verified {out / FOLDED}")
     return 0
+
+
+def contract_fields(source: Source, unfolded: onnx.ModelProto, fold_report: dict) -> dict:
+    """The metadata of docs/onnx-contract.md for this source (None values are left out)."""
+    classifier = source.output_name is not None
+    fields = {
+        "name": source.name, "input_name": source.input_name, "input_shape": source.input_shape,
+        "input_layout": source.layout, "input_range": source.input_range, "image_background": source.background,
+        "outputs": source.outputs, "output_name": source.output_name,
+        "output_kind": output_kind(unfolded, source.output_name) if classifier else None,
+        "labels": source.labels if classifier else None,
+        "source": {"kind": source.kind, "path": source.path, "sha256": source.sha256,
+                   **{k: v for k, v in source.source_extra.items() if v is not None}},
+        "fold_report": fold_report, "producer": "bnfold (python -m export)", **source.extra_metadata}
+    if source.module is not None:
+        fields["torch_version"] = torch.__version__
+    return fields
 
 
 def versions() -> dict:

@@ -11,6 +11,7 @@ Without a dataset, parity runs on `--sample X.npy` or on seeded uniform random i
 input range. Everything a user can get wrong is checked here, before anything is written, and
 raised as BadInput (one line, exit 2).
 """
+import collections
 import copy
 import hashlib
 import importlib
@@ -19,6 +20,7 @@ import json
 import pickle
 import re
 import sys
+import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -32,7 +34,11 @@ from export.contract import DEFAULT_RANGE, IMAGE_LAYOUTS, LAYOUT_RANK, MIN_OPSET
 from export.errors import BadInput, one_line
 from export.onnx_export import feeds
 
-RANDOM_ROWS, RANDOM_SEED = 256, 0
+RANDOM_SEED = 0
+# Random verification rows: as many as FLOP_BUDGET floating-point operations of one forward pass
+# allow, between MIN_ROWS and MAX_ROWS (a small net gets 256, ResNet-50 at 224x224 gets 16);
+# --samples N overrides. A wrong fold shows on any input; the rows are for float32 error statistics.
+MIN_ROWS, MAX_ROWS, FLOP_BUDGET = 16, 256, 1.2e11
 
 
 @dataclass
@@ -42,12 +48,12 @@ class Source:
     sha256: str                    # of the weights file (run, pytorch) or of the ONNX file (onnx)
     name: str
     input_name: str
-    output_name: str
+    output_name: str | None        # the class-score output; None: not a classifier
     input_shape: list              # [None, d1, d2, ...]
     layout: str
     input_range: list[float] | None
     background: str | None
-    labels: list[str]
+    labels: list[str] | None       # classifiers only
     inputs: np.ndarray             # the rows parity runs on, float32 [N, *input_shape[1:]]
     inputs_desc: str               # how they were made, for the report
     targets: np.ndarray | None = None        # class ids (run: the test labels), for accuracy
@@ -59,6 +65,12 @@ class Source:
     source_extra: dict = field(default_factory=dict)    # more for the contract's `source` JSON
     request: dict = field(default_factory=dict)         # everything the export depends on (--if-stale)
     notes: list[str] = field(default_factory=list)      # what was inferred or changed, printed and reported
+    outputs: list[dict] = field(default_factory=list)   # every output: {name, shape, dtype, path} (contract v3)
+
+    @property
+    def scores(self) -> int | None:
+        """Index of the class-score output among `outputs`, None when the model is not a classifier."""
+        return next((i for i, o in enumerate(self.outputs) if o["name"] == self.output_name), None)
 
 
 # --- flags ---------------------------------------------------------------------------------------
@@ -177,17 +189,74 @@ def read_sample(path: str | Path, dims: list | None, input_range: list[float] | 
     return sample
 
 
-def random_inputs(dims: list[int], input_range: list[float]) -> tuple[np.ndarray, str]:
+def parse_samples(text: str | None) -> int | None:
+    if text is None:
+        return None
+    try:
+        rows = int(text)
+    except ValueError:
+        raise BadInput(f"--samples {text!r}: want a whole number of rows, 1 to 100000") from None
+    if not 1 <= rows <= 100_000:
+        raise BadInput(f"--samples {rows}: want 1 to 100000 rows")
+    return rows
+
+
+def rows_for(flops_per_row: float | None) -> int:
+    """The default number of random verification rows for a model of this cost."""
+    if not flops_per_row:
+        return MAX_ROWS
+    return int(np.clip(FLOP_BUDGET // flops_per_row, MIN_ROWS, MAX_ROWS))
+
+
+def random_inputs(dims: list[int], input_range: list[float], rows: int) -> tuple[np.ndarray, str]:
     rng = np.random.default_rng(RANDOM_SEED)
-    inputs = rng.uniform(input_range[0], input_range[1], size=(RANDOM_ROWS, *dims)).astype(np.float32)
+    inputs = rng.uniform(input_range[0], input_range[1], size=(rows, *dims)).astype(np.float32)
     return inputs, f"random inputs (uniform in [{input_range[0]:g}, {input_range[1]:g}], seed {RANDOM_SEED})"
 
 
-def verification_inputs(sample: str | None, dims: list, input_range: list[float]) -> tuple[np.ndarray, str]:
+def verification_inputs(sample: str | None, dims: list, input_range: list[float], samples: int | None,
+                        flops) -> tuple[np.ndarray, str]:
+    """--sample's rows (the first --samples of them), else seeded random rows: --samples of them, or as
+    many as the model's cost allows (`flops()`: floating-point operations of one row's forward)."""
     if sample is None:
-        return random_inputs(dims, input_range)
+        rows = samples or rows_for(flops())
+        inputs, desc = random_inputs(dims, input_range, rows)
+        return inputs, desc + ("" if samples else f"; {rows} rows for a model of {_gflops(flops())} per row "
+                                                  f"(--samples N to change)")
     inputs = read_sample(sample, dims, input_range)
+    if samples is not None and samples < len(inputs):
+        return inputs[:samples], f"the first {samples} rows of --sample {sample}"
     return inputs, f"rows of --sample {sample}"
+
+
+def _gflops(flops: float | None) -> str:
+    return "unknown cost" if not flops else f"{flops / 1e9:.3g} GFLOP"
+
+
+def torch_flops(model: nn.Module, dims: list[int]) -> float | None:
+    """Floating-point operations of one row's forward pass through the model's Conv, ConvTranspose and
+    Linear modules (from the shapes they see; torch's FlopCounterMode is ~50x slower on ResNet-50),
+    None if the model cannot run on one row of zeros."""
+    total = 0.0
+
+    def count(module, inputs, output):
+        nonlocal total
+        if isinstance(module, nn.modules.conv._ConvTransposeNd):  # each input element meets out/g·k weights
+            total += 2.0 * inputs[0].numel() * module.weight[0].numel()
+        elif isinstance(output, torch.Tensor):  # each output element sums in/g·k (Conv) or in (Linear) products
+            total += 2.0 * output.numel() * module.weight[0].numel()
+
+    hooks = [m.register_forward_hook(count) for m in model.modules()
+             if isinstance(m, (nn.modules.conv._ConvNd, nn.Linear))]
+    try:
+        with torch.no_grad():
+            model(torch.zeros(1, *dims))
+    except Exception:
+        return None
+    finally:
+        for h in hooks:
+            h.remove()
+    return total or None
 
 
 def _shape_text(shape) -> str:
@@ -207,6 +276,7 @@ def from_run(run_dir: str, data_dir: str) -> Source:
         input_name="image", output_name="logits", input_shape=[None, 1, 28, 28], layout="NCHW",
         input_range=[0.0, 1.0], background="dark", labels=list(config["labels"]),
         inputs=images, inputs_desc="Fashion-MNIST test images", targets=targets, module=module,
+        outputs=[{"name": "logits", "shape": [None, len(config["labels"])], "dtype": "float32", "path": ""}],
         extra_metadata={"arch": config["arch"], "test_accuracy": f"{config['metrics']['test_accuracy']:.4f}",
                         "normalization": config["normalization"], "weights_sha256": config["weights_sha256"]},
         request={"kind": "run", "weights_sha256": config["weights_sha256"]})
@@ -310,11 +380,34 @@ def load_state(model: nn.Module, state: dict[str, torch.Tensor], path: str) -> N
             problems.append(f"{len(keys)} {what}: {', '.join(keys[:5])}{more}")
     if problems:
         raise BadInput(f"--weights {path} does not match the model: " + "; ".join(problems))
-    model.load_state_dict(state, strict=False)
+    # A state dict from model.state_dict() carries each module's version in `_metadata`, which some
+    # modules' _load_from_state_dict checks (torchvision's MNASNet); safetensors files carry none,
+    # so the fresh module's own versions stand in: the file was saved from this architecture.
+    state = collections.OrderedDict(state)
+    state._metadata = getattr(expected, "_metadata", None)
+    try:
+        model.load_state_dict(state, strict=False)
+    except Exception as e:
+        raise BadInput(f"--weights {path}: loading it into {_raising_module(model, e)} raised {type(e).__name__}: "
+                       f"{one_line(e)}") from None
 
 
-def probe(run, inputs: np.ndarray, what: str) -> int:
-    """Run the model once on two rows; it must give finite [N, K] scores. Returns K."""
+def _raising_module(model: nn.Module, error: Exception) -> str:
+    """The innermost submodule of `model` whose method the error passed through ("features.3 (MNASNet)")."""
+    names = {id(m): n for n, m in model.named_modules()}
+    found = None
+    for frame, _ in traceback.walk_tb(error.__traceback__):
+        owner = frame.f_locals.get("self")
+        if isinstance(owner, nn.Module) and id(owner) in names:
+            found = owner
+    if found is None:
+        return type(model).__name__
+    return f"{names[id(found)] or '<top level>'} ({type(found).__name__})"
+
+
+def probe(run, inputs: np.ndarray, what: str) -> list[tuple[str, np.ndarray]]:
+    """Run the model once on two rows. Returns its outputs as (path, array) in pytree order: the path
+    says where each sits in the return value ("" for a plain tensor, "[0]", "['boxes']")."""
     batch = inputs[:2]
     try:
         out = run(batch)
@@ -322,27 +415,86 @@ def probe(run, inputs: np.ndarray, what: str) -> int:
         raise
     except Exception as e:
         raise BadInput(f"{what} cannot run on inputs of shape {list(batch.shape)}: {type(e).__name__}: {one_line(e)}") from None
-    if isinstance(out, torch.Tensor):
-        out = out.detach().numpy()
-    if not isinstance(out, np.ndarray):
-        raise BadInput(f"{what} returns a {type(out).__name__}; the contract needs one [N, K] tensor of class scores")
-    if out.ndim != 2 or out.shape[0] != len(batch):
-        raise BadInput(f"{what} outputs shape {list(out.shape)} for a batch of {len(batch)}; the contract needs "
-                       f"[N, K] class scores")
-    if not np.isfinite(out).all():
-        raise BadInput(f"{what} outputs NaN or inf on these inputs; check the weights and --input-range")
-    return int(out.shape[1])
+    if isinstance(out, list) and all(isinstance(a, np.ndarray) for a in out):  # an ONNX graph's outputs
+        return [(str(i), a) for i, a in enumerate(out)]
+    from torch.utils._pytree import keystr, tree_flatten_with_path
+
+    leaves = []
+    for path, leaf in tree_flatten_with_path(out)[0]:
+        if not isinstance(leaf, torch.Tensor):
+            raise BadInput(f"{what} returns a {type(leaf).__name__} at {keystr(path) or 'the top'}; every output must be "
+                           f"a tensor (tuples, lists and dicts of tensors are fine)")
+        leaves.append((keystr(path), leaf.detach().numpy()))
+    if not leaves:
+        raise BadInput(f"{what} returns no tensor")
+    return leaves
+
+
+def _output_name(path: str) -> str:
+    """"[1][0]" -> output_1_0, "['boxes']" -> boxes, ".pred" -> pred."""
+    parts = [p for p in re.split(r"[\[\]'\".]+", path) if p]
+    name = re.sub(r"[^A-Za-z0-9_.-]+", "_", "_".join(parts)) or "output"
+    return f"output_{name}" if name[0].isdigit() else name
+
+
+def describe_outputs(leaves: list[tuple[str, np.ndarray]], what: str, names: list[str] | None = None,
+                     class_output: str | None = None) -> tuple[list[dict], str | None]:
+    """The contract's `outputs` ({name, shape, dtype, path}) from the probe, and the class-score
+    output's name (or None: not a classifier). Every output must be float32, batch first, finite."""
+    outputs, seen = [], set()
+    for i, (path, a) in enumerate(leaves):
+        plain = len(leaves) == 1 and path == ""
+        name = names[i] if names else ("logits" if plain and a.ndim == 2 else "output" if plain else _output_name(path))
+        while name in seen:
+            name += "_"
+        seen.add(name)
+        where = f"output {name!r}" + (f" ({path})" if path and not names else "")
+        if a.dtype != np.float32:
+            raise BadInput(f"{what}: {where} is {a.dtype}; the contract carries float32 outputs")
+        if a.ndim < 1 or a.shape[0] != 2:
+            raise BadInput(f"{what}: {where} has shape {list(a.shape)} for a batch of 2; every output must have the "
+                           f"batch as its first axis")
+        if not np.isfinite(a).all():
+            raise BadInput(f"{what}: {where} is NaN or inf on these inputs; check the weights and --input-range")
+        outputs.append({"name": name, "shape": [None, *a.shape[1:]], "dtype": "float32", "path": "" if names else path})
+    listing = ", ".join(f"{o['name']} {_shape_text(o['shape'])}" for o in outputs)
+    if class_output is not None:
+        chosen = next((o for o in outputs if o["name"] == class_output), None)
+        if chosen is None:
+            raise BadInput(f"--class-output {class_output!r}: {what} has no such output (its outputs: {listing})")
+        if len(chosen["shape"]) != 2:
+            raise BadInput(f"--class-output {class_output!r} has shape {_shape_text(chosen['shape'])}; class scores "
+                           f"are [N, K]")
+        return outputs, class_output
+    if len(outputs) == 1 and len(outputs[0]["shape"]) == 2:
+        return outputs, outputs[0]["name"]
+    return outputs, None
+
+
+def classifier_labels(labels: list[str] | None, outputs: list[dict], scores: str | None, what: str) -> list[str] | None:
+    """The labels of a classifier (given, or class_0 ...); None for a model that is not one."""
+    if scores is None:
+        if labels is not None:
+            listing = ", ".join(f"{o['name']} {_shape_text(o['shape'])}" for o in outputs)
+            raise BadInput(f"--labels: {what} is not a classifier (its outputs: {listing}); pass --class-output NAME "
+                           f"to say which output holds the class scores")
+        return None
+    classes = next(o for o in outputs if o["name"] == scores)["shape"][1]
+    return check_labels(labels, classes, what)
 
 
 def from_pytorch(spec: str, weights: str, input_shape: str, layout: str | None, input_range: str | None,
-                 labels: str | None, sample: str | None, name: str | None, background: str | None) -> Source:
+                 labels: str | None, sample: str | None, name: str | None, background: str | None,
+                 samples: str | None = None, class_output: str | None = None) -> Source:
     dims = parse_shape(input_shape)
     shape = [None, *dims]
     layout = layout or infer_layout(shape)
     check_layout(layout, shape, background)
     value_range = parse_range(input_range) or list(DEFAULT_RANGE)
+    rows = parse_samples(samples)
     label_list = read_labels(labels) if labels else None
-    inputs, inputs_desc = verification_inputs(sample, dims, value_range)
+    if sample is not None:
+        read_sample(sample, dims, value_range)  # a bad --sample is refused before the model is built
     model = load_factory(spec)
     state = load_weights(weights)
     load_state(model, state, weights)
@@ -352,7 +504,9 @@ def from_pytorch(spec: str, weights: str, input_shape: str, layout: str | None, 
         with torch.no_grad():
             return model(torch.from_numpy(batch))
 
-    classes = probe(run, inputs, f"the model from {spec}")
+    what = f"the model from {spec}"
+    inputs, inputs_desc = verification_inputs(sample, dims, value_range, rows, lambda: torch_flops(model, dims))
+    outputs, scores = describe_outputs(probe(run, inputs, what), what, class_output=class_output)
     target = spec.rpartition(":")[0]
     code_path = Path(target) if target.endswith(".py") or "/" in target else None
     weights_sha = sha256_file(weights)
@@ -360,12 +514,12 @@ def from_pytorch(spec: str, weights: str, input_shape: str, layout: str | None, 
     default_name = code_path.stem if code_path else target.rpartition(".")[2]
     return Source(
         kind="pytorch", path=str(weights), sha256=weights_sha, name=model_name(name, default_name),
-        input_name="input", output_name="logits", input_shape=shape, layout=layout, input_range=value_range,
-        background=background, labels=check_labels(label_list, classes, "the model"), inputs=inputs,
-        inputs_desc=inputs_desc, module=model, source_extra=source_extra,
+        input_name="input", output_name=scores, input_shape=shape, layout=layout, input_range=value_range,
+        background=background, labels=classifier_labels(label_list, outputs, scores, "the model"), inputs=inputs,
+        inputs_desc=inputs_desc, module=model, source_extra=source_extra, outputs=outputs,
         request={"kind": "pytorch", "weights_sha256": weights_sha, **source_extra, "shape": shape, "layout": layout,
                  "range": value_range, "labels": label_list, "sample_sha256": sha256_file(sample) if sample else None,
-                 "name": name, "background": background},
+                 "name": name, "background": background, "samples": rows, "class_output": class_output},
         notes=[] if input_range else ["input range [0, 1] (the default; pass --input-range LO,HI to change it)"])
 
 
@@ -428,12 +582,44 @@ def _set_dims(value: onnx.ValueInfoProto, dims: list) -> None:
             dim.dim_value = d
 
 
+def onnx_flops(model: onnx.ModelProto) -> float | None:
+    """Floating-point operations of one row through the graph's Conv/ConvTranspose/Gemm/MatMul nodes
+    (shapes from ONNX shape inference with the batch set to 1), None when shapes are unknown."""
+    try:
+        one = copy.deepcopy(model)
+        for d in one.graph.input[0].type.tensor_type.shape.dim[:1]:
+            d.Clear()
+            d.dim_value = 1
+        inferred = onnx.shape_inference.infer_shapes(one)
+    except Exception:
+        return None
+    shapes = {v.name: _dims(v) for v in [*inferred.graph.input, *inferred.graph.value_info, *inferred.graph.output]}
+    shapes.update({t.name: list(t.dims) for t in inferred.graph.initializer})
+    total = 0.0
+    for node in inferred.graph.node:
+        if node.op_type not in ("Conv", "ConvTranspose", "Gemm", "MatMul"):
+            continue
+        out, w = shapes.get(node.output[0]), shapes.get(node.input[1])
+        x = shapes.get(node.input[0])
+        if not out or not w or None in out or None in w or (node.op_type == "ConvTranspose" and (not x or None in x)):
+            continue
+        if node.op_type == "Conv":
+            total += 2 * np.prod(out) * np.prod(w[1:])
+        elif node.op_type == "ConvTranspose":
+            total += 2 * np.prod(x) * np.prod(w[1:])
+        else:
+            total += 2 * np.prod(out) * (x[-1] if x and x[-1] else w[0])
+    return total or None
+
+
 def from_onnx(path: str, labels: str | None, input_range: str | None, sample: str | None, layout: str | None,
-              name: str | None, background: str | None) -> Source:
+              name: str | None, background: str | None, samples: str | None = None,
+              class_output: str | None = None) -> Source:
     from export.verify import ort_session, run_ort
 
     model = load_onnx(path)
     value_range = parse_range(input_range) or list(DEFAULT_RANGE)
+    rows = parse_samples(samples)
     label_list = read_labels(labels) if labels else None
     inputs_ = feeds(model)
     if len(inputs_) != 1:
@@ -444,7 +630,6 @@ def from_onnx(path: str, labels: str | None, input_range: str | None, sample: st
     if elem != onnx.TensorProto.FLOAT:
         kind = onnx.TensorProto.DataType.Name(elem) if elem else "not a tensor"
         raise BadInput(f"--onnx {path}: its input {feed.name!r} is {kind}; the contract needs a float32 input")
-    output = model.graph.output[0]
     dims = _dims(feed)
     sample_rows = None
     if sample is not None:
@@ -466,9 +651,7 @@ def from_onnx(path: str, labels: str | None, input_range: str | None, sample: st
         raise BadInput(f"--onnx {path}: input {feed.name!r} has a fixed batch of {fixed_batch}; the contract needs a "
                        f"dynamic batch (re-export with a dynamic axis 0)")
     shape = [None, *dims[1:]]
-    out_dims = _dims(output)
-    if out_dims is not None and len(out_dims) != 2:
-        raise BadInput(f"--onnx {path}: output {output.name!r} has rank {len(out_dims)}; the contract needs [N, K] class scores")
+    out_names = [o.name for o in model.graph.output]
     layout_given = layout is not None
     layout = layout or infer_layout(shape)
     check_layout(layout, shape, background)
@@ -476,9 +659,6 @@ def from_onnx(path: str, labels: str | None, input_range: str | None, sample: st
         notes.append(f"input layout {layout}, inferred from {_shape_text(shape)} (pass --layout to override)")
     if not input_range:
         notes.append("input range [0, 1] (the default; pass --input-range LO,HI to change it)")
-    inputs, inputs_desc = ((sample_rows, f"rows of --sample {sample}") if sample_rows is not None
-                           else random_inputs(shape[1:], value_range))
-
     graph = copy.deepcopy(model)
     names = {n.name for n in graph.graph.node}
     for i, node in enumerate(graph.graph.node):  # unnamed nodes get a name, so reports can point at them
@@ -489,23 +669,34 @@ def from_onnx(path: str, labels: str | None, input_range: str | None, sample: st
     _set_dims(next(i for i in graph.graph.input if i.name == feed.name), shape)
     if fixed_batch == 1:
         del graph.graph.value_info[:]  # shapes inferred for batch 1; onnxruntime infers them again
-        if out_dims is not None:
-            _set_dims(graph.graph.output[0], [None, out_dims[1]])
+        for out in graph.graph.output:
+            if (out_dims := _dims(out)) is not None and out_dims:
+                _set_dims(out, [None, *out_dims[1:]])
+    if sample_rows is not None:
+        inputs = sample_rows[:rows] if rows else sample_rows
+        inputs_desc = (f"the first {rows} rows of --sample {sample}" if rows and rows < len(sample_rows)
+                       else f"rows of --sample {sample}")
+    else:
+        inputs, inputs_desc = verification_inputs(None, shape[1:], value_range, rows, lambda: onnx_flops(graph))
     try:
         reference = ort_session(model, optimize=False)
     except Exception as e:
         raise BadInput(f"--onnx {path}: onnxruntime cannot load it: {one_line(e)}") from None
 
     def run_given(batch):
-        return np.concatenate([reference.run([output.name], {feed.name: batch[i:i + 1]})[0] for i in range(len(batch))]) \
-            if fixed_batch == 1 else reference.run([output.name], {feed.name: batch})[0]
+        if fixed_batch != 1:
+            return reference.run(out_names, {feed.name: batch})
+        rows_ = [reference.run(out_names, {feed.name: batch[i:i + 1]}) for i in range(len(batch))]
+        return [np.concatenate(parts) for parts in zip(*rows_)]
 
-    classes = probe(run_given, inputs, f"--onnx {path}")
+    what = f"--onnx {path}"
+    outputs, scores = describe_outputs(probe(run_given, inputs, what), what, names=out_names, class_output=class_output)
     if fixed_batch == 1:  # make the batch dynamic only if the graph really computes the same at other sizes
-        rows = inputs[:8]
+        few = inputs[:8]
         try:
-            dynamic = run_ort(ort_session(graph, optimize=False), rows, output.name)
-            same = dynamic.shape == (len(rows), classes) and np.allclose(dynamic, run_given(rows), atol=1e-5, rtol=1e-5)
+            dynamic = run_ort(ort_session(graph, optimize=False), few)
+            same = all(a.shape == b.shape and np.allclose(a, b, atol=1e-5, rtol=1e-5)
+                       for a, b in zip(dynamic, run_given(few)))
         except Exception as e:
             raise BadInput(f"--onnx {path}: its batch is fixed at 1 and the graph does not run at other batch sizes "
                            f"({one_line(e, 200)}); re-export it with a dynamic batch axis") from None
@@ -516,11 +707,11 @@ def from_onnx(path: str, labels: str | None, input_range: str | None, sample: st
     file_sha = sha256_file(path)
     return Source(
         kind="onnx", path=str(path), sha256=file_sha, name=model_name(name, Path(path).stem),
-        input_name=feed.name, output_name=output.name, input_shape=shape, layout=layout, input_range=value_range,
-        background=background, labels=check_labels(label_list, classes, "the graph"), inputs=inputs,
-        inputs_desc=inputs_desc, graph=graph, reference_graph=model, reference_batch=fixed_batch,
+        input_name=feed.name, output_name=scores, input_shape=shape, layout=layout, input_range=value_range,
+        background=background, labels=classifier_labels(label_list, outputs, scores, "the graph"), inputs=inputs,
+        inputs_desc=inputs_desc, graph=graph, reference_graph=model, reference_batch=fixed_batch, outputs=outputs,
         source_extra={"producer": " ".join(filter(None, (model.producer_name, model.producer_version))) or None},
         request={"kind": "onnx", "sha256": file_sha, "shape": shape, "layout": layout, "range": value_range,
                  "labels": label_list, "sample_sha256": sha256_file(sample) if sample else None, "name": name,
-                 "background": background},
+                 "background": background, "samples": rows, "class_output": class_output},
         notes=notes)

@@ -1,20 +1,40 @@
-"""Numeric parity of every form of the model against its reference.
+"""Verification: every fold is exact, and every float32 form is as close to the model as float32 allows.
 
-Tolerance: |a − b| ≤ ATOL + RTOL·|b| against the reference (the unfolded torch model in eval
-mode, or for an ONNX input the input graph run with ORT_DISABLE_ALL), and the same argmax on
-every input. Folding rounds W·s to float32 once instead of applying BN at run time, and ORT sums
-in another order, so each output can move by a few float32 ulps times the length of the dot
-products behind it (≈1e-6 on logits of magnitude ~10). 1e-5 leaves room for that and nothing
-more: a wrong fold (a missed ε, a transposed scale, BN in train mode) moves logits by 1e-2 or more.
+The ground truth is the unfolded model in float64: the torch module in double, or an ONNX graph
+with float64 initializers (export/float64.py). float32 arithmetic itself does not meet a fixed
+tolerance on deep nets (ResNet-50's own float32 outputs are ~1.5e-4 from float64), so a rule that
+compares float32 forms with each other either refuses exact folds or lets wrong ones through.
+Two checks instead, each where it can decide (docs/export.md, "What verified means"):
 
-When a variant misses the tolerance, the unfolded model is run again in float64 and every
-variant, the float32 reference included, is compared with that: it tells a wrong fold (the
-float32 reference is close to float64, the variant is not) from a model whose float32 arithmetic
-cannot meet 1e-5 at all. The verdict does not change: it still fails.
+1. Fold exactness. The same fold passes run on the float64 copy of the model, so no weight is
+   rounded to float32 in this check; the folded float64 model and the unfolded one must agree to
+   EXACT_RTOL of the output's scale (max |a − b| ≤ 1e-9 · max |b|, per output). float64 rounding
+   is ~1e-16 per operation, amplified by the depth and conditioning of the net: ~1e-13 on
+   ResNet-50, so 1e-9 has orders of magnitude of room; a wrong fold (a channel's scale off by
+   1e-4, a dropped bias, two channels swapped, a shift folded through zero padding) is 1e-6 or
+   more. Each pass is checked on its own: the fx pass (torch module in double, before any ONNX
+   export) and the ONNX graph pass (its input graph in float64, when it changed anything).
+2. Deployment fidelity. Each float32 form (torch folded, ORT folded, ORT folded with
+   ORT_DISABLE_ALL, the unfolded graph with ORT_DISABLE_ALL) is compared with the float64
+   reference. It passes when every output is within ATOL + RTOL·|ref| (1e-5 + 1e-5·|ref|, the rule
+   `make export` always had), or when its error adds at most FACTOR (2x) over the unfolded float32
+   model's own error against float64 (the torch module in float32; for an ONNX source the input
+   graph in float32) and it has at most FACTOR times that model's argmax disagreements with
+   float64. Error is measured in units of the tolerance: max |v − ref| / (ATOL + RTOL·|ref|).
+   Two float32 programs that sum in different orders have errors of the same size, not the same
+   errors; 2x leaves room for that and for nothing a wrong fold does (check 1 catches those).
 
-ONNX variants run in batches of 1, then 7 (an odd size), then up to 1000, so every check also
-exercises the dynamic batch axis.
+When no float64 copy can run (a forward that makes float32 tensors of its own, an op without a
+float64 implementation), the float32 clause alone decides: every form within 1e-5 of the
+unfolded float32 model and every argmax the same, and the report says that exactness was not
+proven and why.
+
+ONNX forms run in batches of 1, then 7 (an odd size), then the rest, so every check also
+exercises the dynamic batch axis. Outputs are lists of arrays, one per model output (a model
+may return tuples, lists or dicts of tensors; they are flattened in torch's pytree order).
 """
+import time
+
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -24,6 +44,8 @@ from export.errors import one_line
 
 ATOL = 1e-5
 RTOL = 1e-5
+EXACT_RTOL = 1e-9
+FACTOR = 2.0
 FIRST_BATCHES = (1, 7)
 
 
@@ -53,23 +75,36 @@ def batch_plan(n: int, size: int = 1000) -> list[int]:
     return plan
 
 
-def run_torch(module: torch.nn.Module, inputs: np.ndarray, batch: int = 1000, dtype=torch.float32) -> np.ndarray:
+def flat_outputs(out) -> list[torch.Tensor]:
+    """A model's return value (a tensor, or tuples/lists/dicts of them) as a flat list, in pytree order."""
+    return torch.utils._pytree.tree_leaves(out)
+
+
+def run_torch(module: torch.nn.Module, inputs: np.ndarray, batch: int = 1000, dtype=torch.float32) -> list[np.ndarray]:
     module.eval()
+    parts = []
     with torch.no_grad():
-        return np.concatenate([module(torch.from_numpy(inputs[i:i + batch]).to(dtype)).numpy()
-                               for i in range(0, len(inputs), batch)])
+        for i in range(0, len(inputs), batch):
+            parts.append([t.numpy() for t in flat_outputs(module(torch.from_numpy(inputs[i:i + batch]).to(dtype)))])
+    return [np.concatenate(p) for p in zip(*parts)]
 
 
-def run_ort(session: ort.InferenceSession, inputs: np.ndarray, output_name: str | None = None) -> np.ndarray:
-    name = session.get_inputs()[0].name
-    outputs, start = [], 0
-    for size in batch_plan(len(inputs)):
-        outputs.append(session.run([output_name] if output_name else None, {name: inputs[start:start + size]})[0])
+def run_ort(session: ort.InferenceSession, inputs: np.ndarray, names: list[str] | None = None,
+            plan: list[int] | None = None) -> list[np.ndarray]:
+    """Every output (or the named ones), in batches of `plan` (default: 1, 7, the rest)."""
+    feed = session.get_inputs()[0].name
+    parts, start = [], 0
+    for size in plan or batch_plan(len(inputs)):
+        parts.append(session.run(names, {feed: inputs[start:start + size]}))
         start += size
-    return np.concatenate(outputs)
+    return [np.concatenate(p) for p in zip(*parts)]
 
+
+# --- comparing ------------------------------------------------------------------------------------
 
 def compare(outputs: np.ndarray, reference: np.ndarray) -> dict:
+    """One array against a reference with the fixed tolerance (float32 forms against each other:
+    the ONNX pass tests and the Keras seeds use it)."""
     if outputs.shape != reference.shape:
         return failed(f"outputs of shape {list(outputs.shape)}, the reference's are {list(reference.shape)}")
     diff = np.abs(outputs.astype(np.float64) - reference.astype(np.float64))
@@ -83,70 +118,143 @@ def compare(outputs: np.ndarray, reference: np.ndarray) -> dict:
 
 
 def failed(why: str) -> dict:
-    return {"error": why, "within_tolerance": False, "argmax_agreement": 0.0}
+    return {"error": why, "within_tolerance": False, "argmax_agreement": 0.0, "passed": False}
 
 
-def parity(reference_name: str, reference: np.ndarray, variants: dict, targets: np.ndarray | None = None,
-           reference64=None) -> dict:
-    """Every variant (outputs, or a function computing them) against the reference; passes when
-    each is within tolerance and agrees on every argmax. A variant that raises fails with the
-    error. `reference64()` (the unfolded model in float64) is called only on a failure."""
-    def accuracy(outputs):
-        return {} if targets is None else {"accuracy": float((outputs.argmax(1) == targets).mean())}
-
-    rows, computed = {reference_name: accuracy(reference)}, {}
-    for name, outputs in variants.items():
-        try:
-            computed[name] = outputs() if callable(outputs) else outputs
-        except Exception as e:
-            rows[name] = failed(f"{type(e).__name__}: {one_line(e)}")
-            continue
-        rows[name] = {**accuracy(computed[name]), **compare(computed[name], reference)}
-    passed = all(r["within_tolerance"] and r["argmax_agreement"] == 1.0 for r in rows.values() if "within_tolerance" in r)
-    result = {"images": int(len(reference)), "atol": ATOL, "rtol": RTOL, "passed": passed,
-              "batch_sizes": sorted(set(batch_plan(len(reference)))), "reference": reference_name, "variants": rows}
-    if not passed and reference64 is not None:
-        result["float64"] = float64_diagnosis(reference64, reference_name, reference, computed)
-    return result
+def _shapes_differ(outputs: list, reference: list) -> str | None:
+    if len(outputs) != len(reference):
+        return f"{len(outputs)} outputs, the reference has {len(reference)}"
+    for i, (a, b) in enumerate(zip(outputs, reference)):
+        if a.shape != b.shape:
+            return f"output {i} of shape {list(a.shape)}, the reference's is {list(b.shape)}"
+    return None
 
 
-def float64_diagnosis(reference64, reference_name: str, reference: np.ndarray, variants: dict[str, np.ndarray]) -> dict:
-    """Each float32 output against the unfolded model run in float64, and what that says."""
+def exactness(folded: list[np.ndarray], unfolded: list[np.ndarray], names: list[str]) -> dict:
+    """A fold in float64 against the unfolded model in float64: max |a − b| ≤ EXACT_RTOL · max |b| per output."""
+    if (why := _shapes_differ(folded, unfolded)) is not None:
+        return failed(why)
+    outputs = {}
+    for name, a, b in zip(names, folded, unfolded):
+        diff, scale = float(np.abs(a - b).max(initial=0.0)), float(np.abs(b).max(initial=0.0))
+        outputs[name] = {"max_abs_diff": diff, "scale": scale, "relative": diff / scale if scale else diff,
+                         "passed": bool(diff <= EXACT_RTOL * scale) if scale else diff == 0.0}
+    worst = max(outputs.values(), key=lambda r: r["relative"])
+    return {"relative": worst["relative"], "max_abs_diff": max(r["max_abs_diff"] for r in outputs.values()),
+            "passed": all(r["passed"] for r in outputs.values()), "outputs": outputs}
+
+
+def _error(outputs: list[np.ndarray], reference: list[np.ndarray]) -> tuple[float, float]:
+    """(max |v − ref|, the same in units of ATOL + RTOL·|ref|) over every output."""
+    abs_diff = tol_units = 0.0
+    for a, b in zip(outputs, reference):
+        b = b.astype(np.float64)
+        diff = np.abs(a.astype(np.float64) - b)
+        abs_diff = max(abs_diff, float(diff.max(initial=0.0)))
+        tol_units = max(tol_units, float((diff / (ATOL + RTOL * np.abs(b))).max(initial=0.0)))
+    return abs_diff, tol_units
+
+
+def measure(outputs, reference: list[np.ndarray], scores: int | None, targets: np.ndarray | None) -> dict:
+    """One form's outputs (or a function computing them) against the reference: its max |diff|, its
+    error in tolerance units, argmax disagreements (class scores only), accuracy (with targets)."""
+    started = time.perf_counter()
     try:
-        exact = reference64()
-    except Exception as e:  # a model that cannot run in float64 (float32 constants made in forward, ...)
-        return {"available": False, "why": f"the model cannot run in float64: {type(e).__name__}: {e}"[:300]}
-    rows = {name: compare(outputs, exact) for name, outputs in {reference_name: reference, **variants}.items()}
-    own = rows[reference_name]
-    failing = [name for name, r in rows.items() if name != reference_name and not r["within_tolerance"]]
-    if not own["within_tolerance"]:
-        verdict = (f"float32 itself misses the tolerance on this model (the unfolded float32 model is "
-                   f"{own['max_abs_diff']:.2e} from float64): 1e-5 cannot be met in float32 here")
-    elif failing:
-        verdict = f"the float32 reference is within tolerance of float64 but {', '.join(failing)} is not: a real error"
-    else:
-        verdict = "every variant is within tolerance of float64; they differ from the float32 reference by float32 rounding"
-    return {"available": True, "reference": "the unfolded model in float64", "variants": rows, "diagnosis": verdict}
+        outputs = outputs() if callable(outputs) else outputs
+    except Exception as e:
+        return failed(f"{type(e).__name__}: {one_line(e)}")
+    if (why := _shapes_differ(outputs, reference)) is not None:
+        return failed(why)
+    abs_diff, error = _error(outputs, reference)
+    row = {"max_abs_diff": abs_diff, "tol_error": error, "seconds": round(time.perf_counter() - started, 2)}
+    if scores is not None:
+        wrong = int((outputs[scores].argmax(1) != reference[scores].argmax(1)).sum())
+        row.update(argmax_disagreements=wrong, argmax_agreement=1.0 - wrong / len(reference[scores]))
+        if targets is not None:
+            row["accuracy"] = float((outputs[scores].argmax(1) == targets).mean())
+    return row
 
+
+def judge(row: dict, own: dict | None) -> dict:
+    """The verdict on one measured form, given float32's own row (None: `row` was measured against
+    the float32 model itself, so the plain clause alone applies)."""
+    own_wrong = (own or {}).get("argmax_disagreements") or 0
+    argmax_ok = row.get("argmax_disagreements", 0) <= FACTOR * own_wrong
+    verdict = {"within_tolerance": row["tol_error"] <= 1.0}
+    if own and own["tol_error"] > 0:
+        verdict["ratio"] = row["tol_error"] / own["tol_error"]
+    if verdict["within_tolerance"] and argmax_ok:
+        clause = "within 1e-5"
+    elif own and verdict.get("ratio", np.inf) <= FACTOR and argmax_ok:
+        clause = f"<= {FACTOR:g}x float32's own"
+    else:
+        clause = None
+    return {**verdict, "clause": clause, "passed": clause is not None}
+
+
+def fidelity(variants: dict, reference: list[np.ndarray], own: str, scores: int | None,
+             targets: np.ndarray | None = None, against_float64: bool = True) -> dict:
+    """Every float32 form against `reference`: the float64 model, or (against_float64=False, when no
+    float64 copy runs) the outputs of the float32 model `own` itself, with the plain clause only.
+    `variants` maps a name to outputs or to a function computing them, `own` among them; `scores` is
+    the index of the class-score output (argmax checked) or None."""
+    rows = {name: measure(outputs, reference, scores, targets) for name, outputs in variants.items()}
+    base = rows[own] if "max_abs_diff" in rows[own] else None
+    for name, row in rows.items():
+        if name == own:
+            if base is not None:
+                row.update(passed=True, clause=None, role="float32's own error (not judged)" if against_float64
+                           else "the reference (float32)")
+        elif "max_abs_diff" in row:
+            row.update(judge(row, base if against_float64 else None))
+    return {"variants": rows, "own": own, "own_error": base["tol_error"] if base else None,
+            "passed": all(r.get("passed") for r in rows.values())}
+
+
+# --- the report's table -----------------------------------------------------------------------------
 
 def format_table(result: dict) -> str:
-    rows = [result["variants"]] + ([result["float64"]["variants"]] if result.get("float64", {}).get("available") else [])
-    with_accuracy = any("accuracy" in r for table in rows for r in table.values())
-    acc_head = f" {'accuracy':>9s}" if with_accuracy else ""
-    lines = [f"parity on {result['images']} {result.get('inputs', 'inputs')} (atol {ATOL:g} + rtol {RTOL:g}, "
-             f"vs {result.get('reference', 'the reference')}; batches {result.get('batch_sizes', '')}):",
-             f"  {'variant':40s}{acc_head} {'max |diff|':>11s} {'max rel':>10s} {'argmax agree':>13s}  ok"]
-    for prefix, table in zip(("", "vs float64: "), rows):
-        for name, r in table.items():
-            acc = (f" {r['accuracy']:9.4f}" if "accuracy" in r else f" {'':9s}") if with_accuracy else ""
-            if "error" in r:
-                lines.append(f"  {prefix + name:40s}{acc} FAILED: {r['error']}")
-            elif "max_abs_diff" in r:
-                lines.append(f"  {prefix + name:40s}{acc} {r['max_abs_diff']:11.2e} {r['max_rel_diff']:10.2e} "
-                             f"{r['argmax_agreement']:13.4%}  {'yes' if r['within_tolerance'] else 'NO'}")
+    """The verification as people read it: the exactness checks, then every float32 form."""
+    lines = [f"verified on {result['images']} {result.get('inputs', 'inputs')}; batches "
+             f"{', '.join(map(str, result.get('batch_sizes', [])))}"]
+    exact = result.get("exactness", {})
+    if exact:
+        lines.append(f"fold exactness, float64 (max |folded - unfolded| <= {EXACT_RTOL:g} x max |unfolded|):")
+        for name, r in exact.items():
+            if "skipped" in r:
+                lines.append(f"  {name:34s} not checked: {r['skipped']}")
+            elif "error" in r:
+                lines.append(f"  {name:34s} FAILED: {r['error']}")
             else:
-                lines.append(f"  {prefix + name:40s}{acc} {'reference':>11s}")
-    if "float64" in result:
-        lines.append("  float64: " + result["float64"].get("diagnosis", result["float64"].get("why", "")))
-    lines.append("PARITY PASSED" if result["passed"] else "PARITY FAILED")
+                lines.append(f"  {name:34s} {r['relative']:10.2e} of the output's scale  "
+                             f"{'exact' if r['passed'] else 'NOT EXACT: a wrong fold'}")
+    f64 = result.get("float64", {})
+    against = "the unfolded model in float64" if f64.get("available") else "the unfolded float32 model"
+    lines.append(f"deployment fidelity vs {against} (pass: within {ATOL:g} + {RTOL:g}|ref|, or at most "
+                 f"{FACTOR:g}x float32's own error):")
+    rows = result.get("variants", {})
+    with_accuracy = any("accuracy" in r for r in rows.values())
+    with_argmax = any("argmax_agreement" in r for r in rows.values())
+    head = f"  {'variant':30s} {'max |diff|':>10s} {'err/tol':>8s} {'ratio':>6s}"
+    head += f" {'argmax':>8s}" if with_argmax else ""
+    head += f" {'accuracy':>9s}" if with_accuracy else ""
+    lines.append(head + "  verdict")
+    for name, r in rows.items():
+        if "max_abs_diff" not in r:
+            lines.append(f"  {name:30s} FAILED: {r['error']}")
+            continue
+        ratio = f"{r['ratio']:6.2f}" if "ratio" in r and np.isfinite(r["ratio"]) else f"{'':6s}"
+        line = f"  {name:30s} {r['max_abs_diff']:10.2e} {r['tol_error']:8.2f} {ratio}"
+        line += f" {r['argmax_agreement']:8.2%}" if with_argmax else ""
+        line += f" {r['accuracy']:9.4f}" if with_accuracy else ""
+        verdict = r.get("role") or (f"ok ({r['clause']})" if r.get("passed") else "FAILED")
+        lines.append(f"{line}  {verdict}")
+    if not f64.get("available", True):
+        lines.append(f"  float64: not available ({f64.get('why')}); fold exactness not proven, the float32 clause decided")
+    for note in result.get("notes", []):
+        lines.append(f"  {note}")
+    if not result["passed"]:
+        lines.append(f"VERIFICATION FAILED at {result.get('failed_step', '?')}: {result.get('why', '')}")
+    else:
+        lines.append("VERIFICATION PASSED")
     return "\n".join(lines)

@@ -252,8 +252,8 @@ def parse_contract(meta: Mapping[str, str], sha256: str = "", path: str = "", he
     if missing:
         raise ModelLoadError(f"model metadata lacks {', '.join(missing)} (see docs/onnx-contract.md)")
     raw_version = meta.get("contract_version", "1")
-    if raw_version not in ("1", "2"):
-        raise ModelLoadError(f"model metadata 'contract_version' must be 1 or 2, got {raw_version!r}")
+    if raw_version not in ("1", "2", "3"):
+        raise ModelLoadError(f"model metadata 'contract_version' must be 1, 2 or 3, got {raw_version!r}")
     version = int(raw_version)
     defaults = V1_DEFAULTS if version == 1 else {}
 

@@ -258,3 +258,121 @@ class Cancelling(nn.Module):
 
 def cancelling() -> nn.Module:
     return Cancelling()
+
+
+# --- a detection-style model: two heads, a tuple (with a nested list) out --------------------------
+
+class TwoHeads(nn.Module):
+    """A backbone with BNs and two heads, returning (boxes [N, 4, A], [scores [N, 3, A], objectness [N, 1, A]])."""
+
+    def __init__(self):
+        super().__init__()
+        self.backbone = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.SiLU(),
+                                      nn.Conv2d(8, 16, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(16), nn.SiLU())
+        self.box = nn.Sequential(nn.Conv2d(16, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16), nn.SiLU(),
+                                 nn.Conv2d(16, 4, 1))
+        self.cls = nn.Sequential(nn.Conv2d(16, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16), nn.SiLU(),
+                                 nn.Conv2d(16, 4, 1))
+
+    def forward(self, x):
+        f = self.backbone(x)
+        boxes, cls = self.box(f).flatten(2), self.cls(f).flatten(2)
+        return boxes, [cls[:, :3].sigmoid(), cls[:, 3:]]
+
+
+def two_heads() -> nn.Module:
+    return TwoHeads()
+
+
+class NamedHeads(TwoHeads):
+    def forward(self, x):
+        boxes, (scores, objectness) = super().forward(x)
+        return {"boxes": boxes, "logits": scores.mean(2), "objectness": objectness}
+
+
+def named_heads() -> nn.Module:
+    return NamedHeads()
+
+
+# --- state-dict versions, as torchvision's MNASNet checks them -------------------------------------
+
+class Versioned(nn.Module):
+    """Refuses a state dict without its `_metadata` version, like torchvision.models.MNASNet."""
+    _version = 2
+
+    def __init__(self):
+        super().__init__()
+        self.layers = nn.Sequential(nn.Linear(6, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 3))
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+        version = local_metadata.get("version", None)
+        if version not in [1, 2]:
+            raise ValueError(f"version should be set to 1 or 2 instead of {version}")
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
+
+    def forward(self, x):
+        return self.layers(x)
+
+
+def versioned() -> nn.Module:
+    return Versioned()
+
+
+class PickyLoad(nn.Module):
+    """Its child refuses any state dict: the error must name the child."""
+
+    class Refuses(nn.Linear):
+        def _load_from_state_dict(self, *args, **kwargs):
+            raise ValueError("this checkpoint predates the new head")
+
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(6, 8), nn.BatchNorm1d(8), nn.ReLU())
+        self.head = PickyLoad.Refuses(8, 3)
+
+    def forward(self, x):
+        return self.head(self.body(x))
+
+
+def picky_load() -> nn.Module:
+    return PickyLoad()
+
+
+# --- models whose float64 copy cannot run, or whose outputs the contract cannot carry -------------
+
+class Float32Inside(nn.Module):
+    """Makes a float32 tensor in forward: the double copy fails (float64 @ float32)."""
+
+    def __init__(self):
+        super().__init__()
+        self.layers = nn.Sequential(nn.Linear(6, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 3))
+
+    def forward(self, x):
+        return self.layers(x) @ torch.eye(3)
+
+
+def float32_inside() -> nn.Module:
+    return Float32Inside()
+
+
+class NotBatchFirst(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc, self.bn = nn.Linear(6, 4), nn.BatchNorm1d(4)
+
+    def forward(self, x):
+        return self.bn(self.fc(x)), torch.ones(5, 2)  # the second output ignores the batch
+
+
+def not_batch_first() -> nn.Module:
+    return NotBatchFirst()
+
+
+class IntOutput(NotBatchFirst):
+    def forward(self, x):
+        y = self.bn(self.fc(x))
+        return y, y.argmax(1)
+
+
+def int_output() -> nn.Module:
+    return IntOutput()

@@ -33,7 +33,8 @@ def test_block_is_rebuilt_from_the_reports_that_exist(tmp_path):
         "Command: `python -m loadtest bench`\n\n| a |\n|---|\n\nGoals:\n- speed: 3x (goal ≥2x) — met\n"
         "- p99: 80 ms (goal ≤50 ms) — SHORT\n- errors: 0 (goal 0) — met\n")
     readme = repo / "README.md"
-    readme.write_text(f"# x\n\nbefore\n{script.BEGIN}\nold text\n{script.END}\nafter\n")
+    readme.write_text(f"# x\n\nbefore\n{script.BEGIN}\nold text\n\n### Fault battery\n\n`make faults`, 2026-11-23: "
+                      f"the old figures\n\n### Soak\n\nthe old soak\n{script.END}\nafter\n")
 
     assert script.main(["--artifacts", str(artifacts), "--readme", str(readme)]) == 0
     text = readme.read_text()
@@ -44,7 +45,10 @@ def test_block_is_rebuilt_from_the_reports_that_exist(tmp_path):
     assert "![recipes](docs/img/results/recipes-recipes.png)" in text
     assert "**FAIL: p99 80 ms > 50**" in text
     assert "Goals: p99: 80 ms (goal ≤50 ms) — **short**; 2 of 3 met." in text and "— met" not in text
-    assert "Not measured yet: `make faults`" in text and "Not measured yet: `make keras-seeds`" in text
+    assert "Not measured yet: `make keras-seeds`" in text  # never measured
+    # a report missing from artifacts/ keeps the section the README had (its own command and date) ...
+    assert "`make faults`, 2026-11-23: the old figures" in text and "Not measured yet: `make faults`" not in text
+    assert "the old soak" not in text  # ... and a report that exists replaces it
 
 
 def test_readme_without_the_markers_is_refused(tmp_path, capsys):

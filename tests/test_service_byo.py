@@ -60,7 +60,7 @@ def test_served_like_onnxruntime_in_its_own_shape(exported):
     name, shape, kind, proc, session = exported
     with httpx.Client(base_url=proc.url, timeout=30) as c:
         meta = c.get("/metadata").json()
-        assert meta["model"]["name"] == name and meta["model"]["contract_version"] == 2
+        assert meta["model"]["name"] == name and meta["model"]["contract_version"] == 3
         assert meta["input"]["shape"] == [None, *shape] and meta["output"]["kind"] == kind
         lo, hi = meta["input"]["range"]
         x = np.random.default_rng(3).uniform(lo, hi, (6, *shape)).astype(np.float32)

@@ -98,7 +98,7 @@ def test_metadata_follows_the_contract(client, model_dir):
     doc = client.get("/metadata").json()
     assert doc["model"]["sha256"] == (Path(model_dir) / "model.onnx.sha256").read_text().split()[0]
     # a --run export carries every version-1 key and, since export-byo, contract_version 2
-    assert doc["model"]["name"] == "fashion-mnist" and doc["model"]["contract_version"] == 2
+    assert doc["model"]["name"] == "fashion-mnist" and doc["model"]["contract_version"] == 3
     assert doc["labels"][9] == "Ankle boot" and len(doc["labels"]) == 10
     assert doc["input"] | {"max_images_per_request": 0, "max_body_bytes": 0} == {
         "name": "image", "layout": "NCHW", "shape": [None, 1, 28, 28], "accepted_shapes": [[None, 28, 28], [None, 1, 28, 28]],

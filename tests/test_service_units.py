@@ -113,7 +113,7 @@ def test_contract_layout_defaults_by_rank():
     ({"output_kind": "scores"}, "logits or probabilities"),
     ({"image_background": "grey"}, "dark or light"),
     ({"name": "bad name"}, "name"),
-    ({"contract_version": "3"}, "1 or 2"),
+    ({"contract_version": "4"}, "1, 2 or 3"),
 ])
 def test_contract_rejects_what_it_cannot_serve(overrides, message):
     with pytest.raises(ModelLoadError, match=message):

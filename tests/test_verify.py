@@ -1,0 +1,233 @@
+"""The verification rule (export/verify.py, docs/export.md "What verified means"): float64 is the
+ground truth; a wrong fold fails the exactness check of the pass that made it (exit 1, nothing
+written, the step named); float32 noise that no float32 program can avoid does not fail an exact fold.
+"""
+import json
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+import byo_models
+from export.__main__ import main
+from export.float64 import Float64Graph, to_float64
+from export.onnx_export import export_to_proto
+from export.verify import EXACT_RTOL, FACTOR, exactness, fidelity
+
+RNG = np.random.default_rng(0)
+
+
+# --- the rule, on plain arrays ----------------------------------------------------------------------
+
+def test_exactness_tells_float64_rounding_from_a_wrong_fold():
+    ref = [RNG.normal(size=(32, 10)) * 5]
+    scale = np.abs(ref[0]).max()
+    assert exactness([ref[0] + 1e-13 * scale], ref, ["y"])["passed"]
+    assert exactness([ref[0] + 0.5 * EXACT_RTOL * scale], ref, ["y"])["passed"]
+    assert not exactness([ref[0] + 2 * EXACT_RTOL * scale], ref, ["y"])["passed"]
+    wrong = ref[0].copy()
+    wrong[:, 3] *= 1 + 1e-4  # one channel's scale off by 1e-4 relative
+    result = exactness([wrong], ref, ["y"])
+    assert not result["passed"] and result["relative"] > 1e-6
+
+
+def test_fidelity_clauses():
+    """Within 1e-5 passes; beyond it, at most 2x float32's own error (and at most 2x its argmax
+    disagreements) passes; 3x fails; a form that raises fails with its error."""
+    ref = RNG.normal(size=(200, 6))
+    tol = 1e-5 + 1e-5 * np.abs(ref)
+    noise = RNG.choice([-1.0, 1.0], size=ref.shape)
+    own = ref + 20 * tol * noise  # float32 itself: 20x the tolerance away (a deep net)
+    forms = {"own": [own], "close": [ref + 0.5 * tol * noise], "as noisy": [ref + 30 * tol * noise],
+             "too noisy": [ref + 60 * tol * noise]}
+    result = fidelity(forms, [ref], "own", scores=0)
+    rows = result["variants"]
+    assert rows["own"]["role"].startswith("float32's own") and rows["own"]["tol_error"] == pytest.approx(20, rel=1e-6)
+    assert rows["close"]["clause"] == "within 1e-5"
+    assert rows["as noisy"]["clause"] == f"<= {FACTOR:g}x float32's own" and rows["as noisy"]["ratio"] == pytest.approx(1.5)
+    assert rows["too noisy"]["clause"] is None and not rows["too noisy"]["passed"] and not result["passed"]
+
+
+def test_fidelity_counts_argmax_disagreements_against_float32s_own():
+    ref = np.tile(np.arange(4.0), (10, 1))  # argmax 3 everywhere, far from a tie
+    own = ref.copy()
+    flip_one, flip_three = ref.copy(), ref.copy()
+    flip_one[0, 0] = own[0, 0] = 10  # float32's own flips row 0 too
+    flip_three[:3, 0] = 10
+    result = fidelity({"own": [own], "one": [flip_one], "three": [flip_three]}, [ref], "own", scores=0)
+    assert result["variants"]["own"]["argmax_disagreements"] == 1
+    assert result["variants"]["one"]["passed"] and result["variants"]["one"]["clause"] == f"<= {FACTOR:g}x float32's own"
+    assert not result["variants"]["three"]["passed"]  # 3 disagreements > 2x float32's 1
+    no_flip = fidelity({"own": [ref.copy()], "one": [flip_one]}, [ref], "own", scores=0)
+    assert not no_flip["variants"]["one"]["passed"]  # float32 itself disagrees nowhere: neither may a fold
+
+
+# --- the float64 ONNX evaluator -----------------------------------------------------------------------
+
+class Mixed(nn.Module):
+    """Conv (grouped, strided, padded), BN, pools, ConvTranspose, Gemm: the ops float64.py computes with torch (GELU is left out: its
+    exported constants, 1/sqrt(2) in float32, are not the float64 ones torch uses)."""
+
+    def __init__(self):
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                                      nn.Conv2d(8, 8, 3, stride=2, padding=1, groups=4), nn.MaxPool2d(2, ceil_mode=True),
+                                      nn.ConvTranspose2d(8, 4, 2, stride=2), nn.AvgPool2d(3, 1, 1), nn.SiLU())
+        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3))
+
+    def forward(self, x):
+        return self.head(self.features(x))
+
+
+def test_float64_graph_computes_what_torch_computes_in_float64():
+    model = byo_models.randomize(Mixed())
+    graph = export_to_proto(model, (2, 3, 10, 10), "x", ["y"])
+    double = to_float64(graph)
+    assert not any(t.data_type == onnx.TensorProto.FLOAT for t in double.graph.initializer)
+    x = RNG.uniform(0, 1, (5, 3, 10, 10))
+    got = Float64Graph(graph)(x)[0]
+    with torch.no_grad():
+        want = model.double()(torch.from_numpy(x)).numpy()
+    assert got.dtype == np.float64
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-12 * np.abs(want).max())
+
+
+# --- wrong folds, injected into each pass: exit 1, the step named, nothing written ----------------------
+
+class Injected(nn.Module):
+    """A conv with a bias before a BN (backward fold), a BN before a padded conv (kept: a forward fold
+    there would be wrong), and a BN before an unpadded conv (forward fold)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8)
+        self.bn2, self.conv2 = nn.BatchNorm2d(8), nn.Conv2d(8, 8, 3, padding=1)
+        self.bn3, self.conv3 = nn.BatchNorm2d(8), nn.Conv2d(8, 6, 1)
+        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(6, 4))
+
+    def forward(self, x):
+        x = self.bn2(torch.relu(self.bn1(self.conv1(x))))
+        x = self.bn3(torch.relu(self.conv2(x)))
+        return self.head(self.conv3(x))
+
+
+def injected() -> nn.Module:
+    return Injected()
+
+
+def scale_off(real):
+    def wrong(*args, **kwargs):
+        scale, shift = real(*args, **kwargs)
+        scale = scale.copy()
+        scale[1] *= 1 + 1e-4
+        return scale, shift
+    return wrong
+
+
+def bias_dropped(real):
+    return lambda weight, bias, scale, shift, *a, **k: real(weight, None, scale, shift, *a, **k)
+
+
+def channels_swapped(real):
+    def wrong(*args, **kwargs):
+        w, b = real(*args, **kwargs)
+        w = w.copy()
+        w[[0, 1]] = w[[1, 0]]
+        return w, b
+    return wrong
+
+
+FX = {  # what to patch in export.fold, and how
+    "one channel's scale off by 1e-4": ("affine_of_bn", scale_off),
+    "a dropped bias": ("fold_backward_arrays", bias_dropped),
+    "two channels swapped": ("fold_backward_arrays", channels_swapped),
+    "a forward fold through a padded conv": ("_padded", lambda real: lambda conv: False),
+}
+
+
+@pytest.fixture(scope="module")
+def injected_files(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("injected")
+    model = byo_models.randomize(Injected())
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, tmp / "w.safetensors")
+    onnx.save(export_to_proto(model, (2, 3, 12, 12), "x", ["y"]), tmp / "injected.onnx")  # the BNs still in
+    return tmp
+
+
+def run_export(args, out, capsys):
+    code = main([*args, "--out", str(out)])
+    captured = capsys.readouterr()
+    return code, captured, json.loads((out / "export_report.json").read_text()) if (out / "export_report.json").exists() else None
+
+
+def test_the_unbroken_passes_publish(injected_files, tmp_path, capsys):
+    """The control: without injected errors both sources publish, every fold exact."""
+    code, captured, report = run_export(["--model", f"{__file__}:injected", "--weights",
+                                         str(injected_files / "w.safetensors"), "--input-shape", "3,12,12"],
+                                        tmp_path / "torch", capsys)
+    assert code == 0, captured.err
+    assert report["parity"]["exactness"]["fx pass"]["passed"]
+    assert [e["bn"].split(" ")[0] for e in report["fold"]["kept"] if e["pass"] == "fx"] == ["bn2"]
+    code, captured, report = run_export(["--onnx", str(injected_files / "injected.onnx")], tmp_path / "onnx", capsys)
+    assert code == 0, captured.err
+    assert report["parity"]["exactness"]["ONNX pass"]["passed"] and report["fold"]["folded"]
+
+
+@pytest.mark.parametrize("error", list(FX))
+def test_a_wrong_fold_in_the_fx_pass_fails_before_any_export(error, injected_files, tmp_path, capsys, monkeypatch):
+    import export.fold
+    import export.pipeline
+
+    name, make_wrong = FX[error]
+    monkeypatch.setattr(export.fold, name, make_wrong(getattr(export.fold, name)))
+    exported = []
+    monkeypatch.setattr(export.pipeline, "export_to_proto", lambda *a, **k: exported.append(a) or export_to_proto(*a, **k))
+    out = tmp_path / "out"
+    code, captured, report = run_export(["--model", f"{__file__}:injected", "--weights",
+                                         str(injected_files / "w.safetensors"), "--input-shape", "3,12,12"], out, capsys)
+    assert code == 1, captured.err
+    assert report["parity"]["failed_step"] == "fx pass" and "a wrong fold" in report["parity"]["why"]
+    assert report["parity"]["exactness"]["fx pass"]["relative"] > 1e3 * EXACT_RTOL
+    assert "VERIFICATION FAILED at fx pass" in captured.out and "no model written" in captured.err
+    assert exported == [] and not (out / "model.onnx").exists()
+
+
+ONNX = {  # what to patch in export.onnx_fold
+    "one channel's scale off by 1e-4": ("affine_of_bn", scale_off),
+    "a dropped bias": ("fold_backward_arrays", bias_dropped),
+    "two channels swapped": ("fold_backward_arrays", channels_swapped),
+    "a forward fold through a padded conv": (
+        "attr", lambda real: lambda node, name, default=None: [] if name == "pads" else real(node, name, default)),
+}
+
+
+@pytest.mark.parametrize("error", list(ONNX))
+def test_a_wrong_fold_in_the_onnx_pass_fails(error, injected_files, tmp_path, capsys, monkeypatch):
+    import export.onnx_fold
+
+    name, make_wrong = ONNX[error]
+    monkeypatch.setattr(export.onnx_fold, name, make_wrong(getattr(export.onnx_fold, name)))
+    out = tmp_path / "out"
+    code, captured, report = run_export(["--onnx", str(injected_files / "injected.onnx")], out, capsys)
+    assert code == 1, captured.err
+    assert report["parity"]["failed_step"] == "ONNX pass" and "a wrong fold" in report["parity"]["why"]
+    assert "VERIFICATION FAILED at ONNX pass" in captured.out and not (out / "model.onnx").exists()
+
+
+# --- when no float64 copy runs -----------------------------------------------------------------------
+
+def test_a_model_without_a_float64_copy_is_judged_by_the_float32_clause_and_says_so(tmp_path, capsys):
+    model = byo_models.randomize(byo_models.float32_inside())
+    save_file(model.state_dict(), tmp_path / "w.safetensors")
+    code, captured, report = run_export(["--model", f"{byo_models.__file__}:float32_inside", "--weights",
+                                         str(tmp_path / "w.safetensors"), "--input-shape", "6"], tmp_path / "out", capsys)
+    assert code == 0, captured.err
+    parity = report["parity"]
+    assert not parity["float64"]["available"] and "cannot run in float64" in parity["float64"]["why"]
+    assert parity["reference"] == "the unfolded float32 model" and parity["exactness"] == {
+        "ONNX pass": {"skipped": parity["exactness"]["ONNX pass"]["skipped"], "passed": True}}
+    assert all(r["clause"] == "within 1e-5" for n, r in parity["variants"].items() if n != parity["own"])
+    assert "fold exactness not proven, the float32 clause decided" in captured.out
