@@ -7,7 +7,7 @@ Steps: the model into BentoML's store (`python -m service.store`), `bentoml buil
 the base image as a build argument), then a smoke test of the image as the Deployment runs it
 (non-root, no capabilities, 1 CPU): seconds until /readyz answers, /metadata's sha256 is the
 model's, one /predict, `docker stop` seconds and exit code. Report: artifacts/container.json;
-the Kubernetes manifests rendered with the new tag: artifacts/k8s/bnfold.yaml.
+the Kubernetes manifests rendered with the new tag beside it: artifacts/k8s/bnfold.yaml.
 
 Base image: --base-image / BASE_IMAGE when given; else python:3.11-slim when it is here or can be
 pulled; else bnfold/python:3.11-bookworm, made by deploy/base-image.sh when missing. A base without
@@ -207,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"container: {image}: {size_mb:.0f} MB, user {user}, base {base} (Python {python}), {build_s:.0f} s; smoke test",
           flush=True)
     checks = smoke(docker, image, sha256)
-    manifests = k8s.render(image, REPO / "artifacts" / "k8s" / "bnfold.yaml")
+    manifests = k8s.render(image, args.out.parent / "k8s" / "bnfold.yaml")
     report = {"image": image, "bento": bento, "model_tag": model_tag, "model_sha256": sha256, "model": str(args.model),
               "base_image": base, "base_python": python, "size_mb": round(size_mb, 1), "user": user,
               "build_s": round(build_s, 1), "date": time.strftime("%Y-%m-%d %H:%M:%S"),
