@@ -58,8 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
     byo.add_argument("--sample", metavar="X.npy", help="a batch [N, *input shape] to verify on (read with "
                      "allow_pickle=False) (default: seeded random rows from --input-range; see --samples)")
     byo.add_argument("--samples", metavar="N", help="verify on N rows: N seeded random rows, or the first N of --sample "
-                     "(default: all of --sample; else as many random rows as 1.2e11 FLOPs of the model allow, 16 to 256: "
-                     "256 for small nets, 16 for ResNet-50 at 224x224)")
+                     "(default: all of --sample; else as many random rows as the model's cost allows, 16 to 256: 256 for "
+                     "small nets, 16 for ImageNet-sized ones; docs/export.md)")
     byo.add_argument("--class-output", metavar="NAME", help="a model with several outputs: the one that holds [N, K] class "
                      "scores, so it is served as a classifier (default: a model with one [N, K] output is a "
                      "classifier, any other is not)")

@@ -35,10 +35,14 @@ from export.errors import BadInput, one_line
 from export.onnx_export import feeds
 
 RANDOM_SEED = 0
-# Random verification rows: as many as FLOP_BUDGET floating-point operations of one forward pass
-# allow, between MIN_ROWS and MAX_ROWS (a small net gets 256, ResNet-50 at 224x224 gets 16);
-# --samples N overrides. A wrong fold shows on any input; the rows are for float32 error statistics.
-MIN_ROWS, MAX_ROWS, FLOP_BUDGET = 16, 256, 1.2e11
+# Random verification rows, by what one row costs in its Conv/ConvTranspose/Linear (Gemm/MatMul)
+# layers: as many as FLOP_BUDGET floating-point operations and ELEMENT_BUDGET output elements allow,
+# between MIN_ROWS and MAX_ROWS; --samples N overrides. A wrong fold shows on any input; the rows are
+# for float32 error statistics. Elements count because float64 on CPU (the ground truth) costs
+# ~0.05-0.2 s per million output elements whatever the FLOPs (measured 2026-12-01, torch 2.14:
+# MNASNet 0.63 GFLOP and 5.5 M elements per row, 0.66 s per row in float64; ResNet-50 8.2 GFLOP,
+# 11 M elements, 0.64 s). The seed models get 256 rows, ImageNet-sized nets 16.
+MIN_ROWS, MAX_ROWS, FLOP_BUDGET, ELEMENT_BUDGET = 16, 256, 1.2e11, 8e7
 
 
 @dataclass
@@ -201,11 +205,12 @@ def parse_samples(text: str | None) -> int | None:
     return rows
 
 
-def rows_for(flops_per_row: float | None) -> int:
-    """The default number of random verification rows for a model of this cost."""
-    if not flops_per_row:
+def rows_for(cost: tuple[float, float] | None) -> int:
+    """The default number of random verification rows for a model whose row costs (FLOPs, output elements)."""
+    if not cost or not all(cost):
         return MAX_ROWS
-    return int(np.clip(FLOP_BUDGET // flops_per_row, MIN_ROWS, MAX_ROWS))
+    flops, elements = cost
+    return int(np.clip(min(FLOP_BUDGET // flops, ELEMENT_BUDGET // elements), MIN_ROWS, MAX_ROWS))
 
 
 def random_inputs(dims: list[int], input_range: list[float], rows: int) -> tuple[np.ndarray, str]:
@@ -215,13 +220,14 @@ def random_inputs(dims: list[int], input_range: list[float], rows: int) -> tuple
 
 
 def verification_inputs(sample: str | None, dims: list, input_range: list[float], samples: int | None,
-                        flops) -> tuple[np.ndarray, str]:
+                        cost) -> tuple[np.ndarray, str]:
     """--sample's rows (the first --samples of them), else seeded random rows: --samples of them, or as
-    many as the model's cost allows (`flops()`: floating-point operations of one row's forward)."""
+    many as the model's cost allows (`cost()`: FLOPs and output elements of one row, see rows_for)."""
     if sample is None:
-        rows = samples or rows_for(flops())
+        row_cost = None if samples else cost()
+        rows = samples or rows_for(row_cost)
         inputs, desc = random_inputs(dims, input_range, rows)
-        return inputs, desc + ("" if samples else f"; {rows} rows for a model of {_gflops(flops())} per row "
+        return inputs, desc + ("" if samples else f"; {rows} rows for a model of {_cost_text(row_cost)} per row "
                                                   f"(--samples N to change)")
     inputs = read_sample(sample, dims, input_range)
     if samples is not None and samples < len(inputs):
@@ -229,22 +235,25 @@ def verification_inputs(sample: str | None, dims: list, input_range: list[float]
     return inputs, f"rows of --sample {sample}"
 
 
-def _gflops(flops: float | None) -> str:
-    return "unknown cost" if not flops else f"{flops / 1e9:.3g} GFLOP"
+def _cost_text(cost: tuple[float, float] | None) -> str:
+    return "unknown cost" if not cost else f"{cost[0] / 1e9:.3g} GFLOP, {cost[1] / 1e6:.3g} M output elements"
 
 
-def torch_flops(model: nn.Module, dims: list[int]) -> float | None:
-    """Floating-point operations of one row's forward pass through the model's Conv, ConvTranspose and
-    Linear modules (from the shapes they see; torch's FlopCounterMode is ~50x slower on ResNet-50),
+def torch_cost(model: nn.Module, dims: list[int]) -> tuple[float, float] | None:
+    """(FLOPs, output elements) of one row's forward pass through the model's Conv, ConvTranspose and
+    Linear modules, from the shapes they see (torch's FlopCounterMode is ~50x slower on ResNet-50);
     None if the model cannot run on one row of zeros."""
-    total = 0.0
+    flops = elements = 0.0
 
     def count(module, inputs, output):
-        nonlocal total
+        nonlocal flops, elements
+        if not isinstance(output, torch.Tensor):
+            return
+        elements += output.numel()
         if isinstance(module, nn.modules.conv._ConvTransposeNd):  # each input element meets out/g·k weights
-            total += 2.0 * inputs[0].numel() * module.weight[0].numel()
-        elif isinstance(output, torch.Tensor):  # each output element sums in/g·k (Conv) or in (Linear) products
-            total += 2.0 * output.numel() * module.weight[0].numel()
+            flops += 2.0 * inputs[0].numel() * module.weight[0].numel()
+        else:  # each output element sums in/g·k (Conv) or in (Linear) products
+            flops += 2.0 * output.numel() * module.weight[0].numel()
 
     hooks = [m.register_forward_hook(count) for m in model.modules()
              if isinstance(m, (nn.modules.conv._ConvNd, nn.Linear))]
@@ -256,7 +265,7 @@ def torch_flops(model: nn.Module, dims: list[int]) -> float | None:
     finally:
         for h in hooks:
             h.remove()
-    return total or None
+    return (flops, elements) if flops else None
 
 
 def _shape_text(shape) -> str:
@@ -505,7 +514,7 @@ def from_pytorch(spec: str, weights: str, input_shape: str, layout: str | None, 
             return model(torch.from_numpy(batch))
 
     what = f"the model from {spec}"
-    inputs, inputs_desc = verification_inputs(sample, dims, value_range, rows, lambda: torch_flops(model, dims))
+    inputs, inputs_desc = verification_inputs(sample, dims, value_range, rows, lambda: torch_cost(model, dims))
     outputs, scores = describe_outputs(probe(run, inputs, what), what, class_output=class_output)
     target = spec.rpartition(":")[0]
     code_path = Path(target) if target.endswith(".py") or "/" in target else None
@@ -582,8 +591,8 @@ def _set_dims(value: onnx.ValueInfoProto, dims: list) -> None:
             dim.dim_value = d
 
 
-def onnx_flops(model: onnx.ModelProto) -> float | None:
-    """Floating-point operations of one row through the graph's Conv/ConvTranspose/Gemm/MatMul nodes
+def onnx_cost(model: onnx.ModelProto) -> tuple[float, float] | None:
+    """(FLOPs, output elements) of one row through the graph's Conv/ConvTranspose/Gemm/MatMul nodes
     (shapes from ONNX shape inference with the batch set to 1), None when shapes are unknown."""
     try:
         one = copy.deepcopy(model)
@@ -595,21 +604,21 @@ def onnx_flops(model: onnx.ModelProto) -> float | None:
         return None
     shapes = {v.name: _dims(v) for v in [*inferred.graph.input, *inferred.graph.value_info, *inferred.graph.output]}
     shapes.update({t.name: list(t.dims) for t in inferred.graph.initializer})
-    total = 0.0
+    flops = elements = 0.0
     for node in inferred.graph.node:
         if node.op_type not in ("Conv", "ConvTranspose", "Gemm", "MatMul"):
             continue
-        out, w = shapes.get(node.output[0]), shapes.get(node.input[1])
-        x = shapes.get(node.input[0])
+        out, w, x = shapes.get(node.output[0]), shapes.get(node.input[1]), shapes.get(node.input[0])
         if not out or not w or None in out or None in w or (node.op_type == "ConvTranspose" and (not x or None in x)):
             continue
+        elements += np.prod(out)
         if node.op_type == "Conv":
-            total += 2 * np.prod(out) * np.prod(w[1:])
+            flops += 2 * np.prod(out) * np.prod(w[1:])
         elif node.op_type == "ConvTranspose":
-            total += 2 * np.prod(x) * np.prod(w[1:])
+            flops += 2 * np.prod(x) * np.prod(w[1:])
         else:
-            total += 2 * np.prod(out) * (x[-1] if x and x[-1] else w[0])
-    return total or None
+            flops += 2 * np.prod(out) * (x[-1] if x and x[-1] else w[0])
+    return (float(flops), float(elements)) if flops else None
 
 
 def from_onnx(path: str, labels: str | None, input_range: str | None, sample: str | None, layout: str | None,
@@ -677,7 +686,7 @@ def from_onnx(path: str, labels: str | None, input_range: str | None, sample: st
         inputs_desc = (f"the first {rows} rows of --sample {sample}" if rows and rows < len(sample_rows)
                        else f"rows of --sample {sample}")
     else:
-        inputs, inputs_desc = verification_inputs(None, shape[1:], value_range, rows, lambda: onnx_flops(graph))
+        inputs, inputs_desc = verification_inputs(None, shape[1:], value_range, rows, lambda: onnx_cost(graph))
     try:
         reference = ort_session(model, optimize=False)
     except Exception as e:

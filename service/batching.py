@@ -11,13 +11,16 @@ nothing and under load the batch grows with the load. The batch runs on the even
 from __future__ import annotations
 
 import asyncio
-from typing import Callable
+from typing import Callable, Sequence
 
 import numpy as np
 
 
 class MicroBatcher:
-    def __init__(self, infer: Callable[[np.ndarray], np.ndarray], max_batch: int = 32) -> None:
+    """infer(batch) returns the model's outputs for it, a sequence of arrays with one row per input
+    each; every caller gets its own rows of every output."""
+
+    def __init__(self, infer: Callable[[np.ndarray], Sequence[np.ndarray]], max_batch: int = 32) -> None:
         self._infer = infer
         self.max_batch = max(1, max_batch)
         self._pending: list[tuple[np.ndarray, asyncio.Future]] = []
@@ -29,8 +32,8 @@ class MicroBatcher:
         return {"max_batch": self.max_batch, "onnx_calls": self.calls, "inputs": self.inputs,
                 "mean_batch": round(self.inputs / self.calls, 3) if self.calls else 0.0}
 
-    async def __call__(self, batch: np.ndarray) -> np.ndarray:
-        """batch: validated [n, ...] with n <= max_batch; returns infer()'s rows for it."""
+    async def __call__(self, batch: np.ndarray) -> Sequence[np.ndarray]:
+        """batch: validated [n, ...] with n <= max_batch; returns infer()'s rows for it, per output."""
         loop = asyncio.get_running_loop()
         future = loop.create_future()
         self._pending.append((batch, future))
@@ -61,9 +64,13 @@ class MicroBatcher:
                 if not future.done():
                     future.set_exception(exc)
             return
+        if len(items) == 1:  # alone in this pass: the outputs are all its own
+            if not items[0][1].done():
+                items[0][1].set_result(outputs)
+            return
         start = 0
         for batch, future in items:
             stop = start + batch.shape[0]
             if not future.done():  # the client may have gone away
-                future.set_result(outputs[start:stop])
+                future.set_result([output[start:stop] for output in outputs])
             start = stop

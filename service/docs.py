@@ -37,12 +37,25 @@ def components(contract: Contract, max_images: int, max_body: int) -> dict:
     shape_text = " or ".join("[" + ", ".join(["N", *map(str, s)]) + "]" for s in shapes)
     range_text = f"values in {list(contract.input_range)}" if contract.input_range else "any finite values"
     k = contract.classes
-    probs = {"type": "array", "minItems": k, "maxItems": k, "items": {"type": "number", "minimum": 0, "maximum": 1}}
-    prediction = {"type": "object", "required": ["label", "class_id", "probabilities"], "properties": {
-        "label": {"type": "string", "enum": list(dict.fromkeys(contract.labels))},
-        "class_id": {"type": "integer", "minimum": 0, "maximum": k - 1},
-        "probabilities": {**probs, "description": "softmax of the logits, or the model's own probabilities "
-                                                  "(output_kind), in label order"}}}
+    if contract.classifier:
+        probs = {"type": "array", "minItems": k, "maxItems": k, "items": {"type": "number", "minimum": 0, "maximum": 1}}
+        prediction = {"type": "object", "required": ["label", "class_id", "probabilities"], "properties": {
+            "label": {"type": "string", "enum": list(dict.fromkeys(contract.labels))},
+            "class_id": {"type": "integer", "minimum": 0, "maximum": k - 1},
+            "probabilities": {**probs, "description": "softmax of the logits, or the model's own probabilities "
+                                                      "(output_kind), in label order"}}}
+        predict_answer = {"$ref": "#/components/schemas/Predictions"}
+        response_text = f"one FP32 tensor {contract.output_name!r} [N, {k}]: the graph's {contract.output_kind} as they are"
+    else:
+        prediction = {"type": "object", "description": f"not served: {contract.classify_refusal}"}
+        float32 = {"type": "number", "format": "float"}
+        predict_answer = {"type": "object", "required": ["outputs"], "properties": {"outputs": {
+            "type": "object", "required": list(contract.output_names),
+            "description": "every output of the model by name, batch first (row i belongs to input i)",
+            "properties": {o.name: {**_nested(list(o.shape[1:]), float32, max_images),
+                                    "description": f"{o} (at {o.path or 'the return value'!r} of the model's output)"}
+                           for o in contract.outputs}}}}
+        response_text = f"FP32 tensors {contract.outputs_text} (every output, or the requested ones), batch first"
     tensor_v2 = {"type": "object", "required": ["name", "shape", "datatype"], "properties": {
         "name": {"type": "string", "enum": [contract.input_name]},
         "shape": {"type": "array", "items": {"type": "integer"}, "example": [1, *contract.sample_shape]},
@@ -62,12 +75,25 @@ def components(contract: Contract, max_images: int, max_body: int) -> dict:
         "Prediction": prediction,
         "Predictions": {"type": "object", "required": ["predictions"], "properties": {
             "predictions": {"type": "array", "items": {"$ref": "#/components/schemas/Prediction"}}}},
+        "PredictAnswer": predict_answer,
         "Error": {"type": "object", "required": ["error"], "properties": {"error": {"type": "string"}}},
-        "Metadata": {"type": "object", "required": ["model", "labels", "input", "output"], "description":
-                     "the served model (docs/onnx-contract.md): clients build their requests from this",
-                     "properties": {"model": {"type": "object"}, "labels": {"type": "array", "items": {"type": "string"}},
-                                    "input": {"type": "object"}, "output": {"type": "object"},
-                                    "limits": {"type": "object"}, "runtime": {"type": "object"}}},
+        "Metadata": {"type": "object", "required": ["model", "labels", "input", "output", "outputs", "classifier"],
+                     "description": "the served model (docs/onnx-contract.md): clients build their requests from this",
+                     "properties": {"model": {"type": "object"},
+                                    "labels": {"type": "array", "items": {"type": "string"}, "nullable": True,
+                                               "description": "classifiers: one per class; null otherwise"},
+                                    "input": {"type": "object"},
+                                    "output": {"type": "object", "nullable": True,
+                                               "description": "classifiers: the class-score output; null otherwise"},
+                                    "outputs": {"type": "array", "description": "every output: name, shape, dtype, path",
+                                                "example": [o.describe() for o in contract.outputs], "items": {
+                                                    "type": "object", "properties": {
+                                                        "name": {"type": "string"}, "shape": {"type": "array"},
+                                                        "dtype": {"type": "string"}, "path": {"type": "string"}}}},
+                                    "classifier": {"type": "boolean"},
+                                    "classify_refusal": {"type": "string", "nullable": True,
+                                                         "description": "why /classify answers 422 (null: it serves)"},
+                                    "runtime": {"type": "object"}, "settings": {"type": "object"}}},
         "Ready": {"type": "object", "properties": {"ready": {"type": "boolean"}}},
         "Live": {"type": "object", "properties": {"live": {"type": "boolean"}}},
         "ServerMetadataV2": {"type": "object", "properties": {"name": {"type": "string"}, "version": {"type": "string"},
@@ -77,12 +103,13 @@ def components(contract: Contract, max_images: int, max_body: int) -> dict:
                                                              "inputs": {"type": "array"}, "outputs": {"type": "array"}}},
         "InferRequestV2": {"type": "object", "required": ["inputs"], "properties": {
             "id": {"type": "string"}, "inputs": {"type": "array", "minItems": 1, "maxItems": 1, "items": tensor_v2},
-            "outputs": {"type": "array", "items": {"type": "object", "properties": {"name": {"enum": [contract.output_name]}}}},
+            "outputs": {"type": "array", "items": {"type": "object", "properties": {
+                "name": {"type": "string", "enum": list(contract.output_names)},
+                "parameters": {"type": "object", "description": "binary_data: true for the binary tensor extension"}}}},
             "parameters": {"type": "object"}}},
         "InferResponseV2": {"type": "object", "properties": {
             "model_name": {"type": "string"}, "model_version": {"type": "string"}, "id": {"type": "string"},
-            "outputs": {"type": "array", "description": f"one FP32 tensor {contract.output_name!r} [N, {k}]: "
-                                                        f"the graph's {contract.output_kind} as they are"}}},
+            "outputs": {"type": "array", "description": response_text}}},
         "Binary": {"type": "string", "format": "binary"},
         "Text": {"type": "string"},
     }
@@ -130,7 +157,8 @@ def openapi(routes: tuple[Route, ...], contract: Contract, service_name: str, ma
         "openapi": "3.0.2",
         "info": {"title": f"{service_name}: {contract.name}", "version": contract.sha256[:12] or "unknown",
                  "description": f"Serves the ONNX model {contract.name!r} ({contract.layout} {list(contract.input_shape)}, "
-                                f"{contract.classes} classes) by docs/onnx-contract.md. Every mistake is a 4xx "
+                                f"{f'{contract.classes} classes' if contract.classifier else 'not a classifier: outputs ' + contract.outputs_text}"
+                                f") by docs/onnx-contract.md. Every mistake is a 4xx "
                                 f"with a JSON body {{\"error\": \"...\"}}. Bodies over {max_body} bytes are refused (413)."},
         "paths": paths,
         "components": {"schemas": components(contract, max_images, max_body)},

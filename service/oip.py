@@ -24,7 +24,7 @@ HEADER_LENGTH = "inference-header-content-length"
 class InferRequest:
     id: str | None
     images: np.ndarray  # validated float32 [N, *sample_shape]
-    binary_output: bool  # answer `logits` with the binary tensor extension
+    outputs: tuple[tuple[int, bool], ...]  # what to answer, in order: (index into contract.outputs, binary?)
 
 
 def model_metadata(contract: Contract) -> dict:
@@ -33,7 +33,7 @@ def model_metadata(contract: Contract) -> dict:
         "versions": [MODEL_VERSION],
         "platform": "onnxruntime_onnx",
         "inputs": [{"name": contract.input_name, "datatype": "FP32", "shape": [-1, *contract.sample_shape]}],
-        "outputs": [{"name": contract.output_name, "datatype": "FP32", "shape": [-1, contract.classes]}],
+        "outputs": [{"name": o.name, "datatype": "FP32", "shape": [-1, *o.shape[1:]]} for o in contract.outputs],
     }
 
 
@@ -53,23 +53,37 @@ def _split_body(body: bytes, header_length: str | None) -> tuple[bytes, bytes]:
     return body[:n], body[n:]
 
 
-def _wants_binary(request: dict, output_name: str) -> bool:
+def _names(contract: Contract) -> str:
+    names = ", ".join(f'"{name}"' for name in contract.output_names)
+    return f"one output {names}" if len(contract.outputs) == 1 else f"the outputs {names}"
+
+
+def _wanted_outputs(request: dict, contract: Contract) -> tuple[tuple[int, bool], ...]:
+    """Every output (none requested) or the requested ones, each in binary or JSON (per output,
+    else the request's binary_data_output, else JSON)."""
     outputs = request.get("outputs")
     params = request.get("parameters") or {}
     if not isinstance(params, dict):
         raise unprocessable('"parameters" must be an object')
+    binary = bool(params.get("binary_data_output", False))
+    names = contract.output_names
     if outputs is None:
-        return bool(params.get("binary_data_output", False))
+        return tuple((i, binary) for i in range(len(names)))
     if not isinstance(outputs, list) or not outputs:
         raise unprocessable('"outputs" must be a non-empty list of {"name": ...}')
-    wanted = False
+    wanted: list[tuple[int, bool]] = []
     for output in outputs:
-        if not isinstance(output, dict) or output.get("name") != output_name:
-            name = output.get("name") if isinstance(output, dict) else output
-            raise unprocessable(f'unknown output {name!r}; this model has one output "{output_name}"')
+        name = output.get("name") if isinstance(output, dict) else output
+        if not isinstance(output, dict) or not isinstance(name, str) or name not in names:
+            raise unprocessable(f"unknown output {name!r}; this model has {_names(contract)}")
         out_params = output.get("parameters") or {}
-        wanted = bool(out_params.get("binary_data", params.get("binary_data_output", False)))
-    return wanted
+        if not isinstance(out_params, dict):
+            raise unprocessable(f'"parameters" of output "{name}" must be an object')
+        index = names.index(name)
+        if any(i == index for i, _ in wanted):
+            raise unprocessable(f'output "{name}" is requested twice')
+        wanted.append((index, bool(out_params.get("binary_data", binary))))
+    return tuple(wanted)
 
 
 def parse_infer_request(body: bytes, header_length: str | None, info: Contract, spec: InputSpec) -> InferRequest:
@@ -115,21 +129,28 @@ def parse_infer_request(body: bytes, header_length: str | None, info: Contract, 
     return InferRequest(
         id=str(request_id) if request_id is not None else None,
         images=images,
-        binary_output=_wants_binary(request, info.output_name),
+        outputs=_wanted_outputs(request, info),
     )
 
 
-def infer_response(request: InferRequest, logits: np.ndarray, output_name: str, model_name: str) -> tuple[bytes, dict[str, str]]:
-    """Body and extra headers of the v2 response (`logits`: the graph's output as it is)."""
-    output: dict = {"name": output_name, "shape": list(logits.shape), "datatype": "FP32"}
-    head: dict = {"model_name": model_name, "model_version": MODEL_VERSION}
+def infer_response(request: InferRequest, outputs: list[np.ndarray], contract: Contract) -> tuple[bytes, dict[str, str]]:
+    """Body and extra headers of the v2 response (`outputs`: every graph output as it is, in the
+    contract's order): the requested ones, binary ones after the JSON header in the same order."""
+    head: dict = {"model_name": contract.name, "model_version": MODEL_VERSION}
     if request.id is not None:
         head["id"] = request.id
-    head["outputs"] = [output]
-    if request.binary_output:
-        raw = np.ascontiguousarray(logits, dtype="<f4").tobytes()
-        output["parameters"] = {"binary_data_size": len(raw)}
-        header = orjson.dumps(head)
-        return header + raw, {HEADER_LENGTH: str(len(header)), "content-type": "application/octet-stream"}
-    output["data"] = np.ascontiguousarray(logits.reshape(-1))  # orjson writes float32 as is
-    return orjson.dumps(head, option=orjson.OPT_SERIALIZE_NUMPY), {"content-type": "application/json"}
+    answered, raw = [], []
+    for index, binary in request.outputs:
+        array = outputs[index]
+        output: dict = {"name": contract.outputs[index].name, "shape": list(array.shape), "datatype": "FP32"}
+        if binary:
+            raw.append(np.ascontiguousarray(array, dtype="<f4").tobytes())
+            output["parameters"] = {"binary_data_size": len(raw[-1])}
+        else:
+            output["data"] = np.ascontiguousarray(array.reshape(-1))  # orjson writes float32 as is
+        answered.append(output)
+    head["outputs"] = answered
+    header = orjson.dumps(head, option=orjson.OPT_SERIALIZE_NUMPY)
+    if raw:
+        return header + b"".join(raw), {HEADER_LENGTH: str(len(header)), "content-type": "application/octet-stream"}
+    return header, {"content-type": "application/json"}

@@ -148,9 +148,10 @@ class Classifier:
             # so a full collection under load walks only request garbage (a latency tail otherwise).
             gc.collect()
             gc.freeze()
-        logger.info("serving %s (%s %s, %d classes, sha256 %s…) on %s; %.3f ms per input; inline up to %d "
+        logger.info("serving %s (%s %s, %s, sha256 %s…) on %s; %.3f ms per input; inline up to %d "
                     "inputs per call; worker pid %d", contract.name, contract.layout, list(contract.input_shape),
-                    contract.classes, contract.sha256[:12], self.model.device.upper(),
+                    f"{contract.classes} classes" if contract.classifier else f"outputs {contract.outputs_text}",
+                    contract.sha256[:12], self.model.device.upper(),
                     1000 * self.model.seconds_per_sample, self.inline_samples, os.getpid())
 
     def describe(self) -> dict:
@@ -160,14 +161,17 @@ class Classifier:
                       "arch": c.metadata.get("arch"), "folded": c.metadata.get("folded"),
                       "test_accuracy": float(c.metadata["test_accuracy"]) if c.metadata.get("test_accuracy", "").replace(".", "", 1).isdigit() else None,
                       "onnx_metadata": {k: v for k, v in c.metadata.items() if k != "fold_report"}},
-            "labels": list(c.labels),
+            "labels": list(c.labels) if c.classifier else None,
             "input": {"name": c.input_name, "layout": c.layout, "shape": list(c.input_shape),
                       "accepted_shapes": c.accepted_shapes, "channels": c.channels, "height": c.height,
                       "width": c.width, "range": list(c.input_range) if c.input_range else None,
                       "background": c.background, "dtype": "float32", "max_images_per_request": s.max_images,
                       "max_body_bytes": s.max_body_bytes, "content_types": [JSON, RAW_FLOAT32, NPY],
                       "classify": c.classify_refusal is None},
-            "output": {"name": c.output_name, "kind": c.output_kind, "shape": [None, c.classes]},
+            "output": {"name": c.output_name, "kind": c.output_kind, "shape": [None, c.classes]} if c.classifier else None,
+            "outputs": [o.describe() for o in c.outputs],
+            "classifier": c.classifier,
+            "classify_refusal": c.classify_refusal,
             "runtime": {"providers": m.providers, "device": m.device, "intra_op_threads": m.intra_op_threads,
                         "ms_per_input": round(1000 * m.seconds_per_sample, 4), "inline_max_inputs": self.inline_samples,
                         "batch_max_inputs": self.batcher.max_batch,
@@ -175,25 +179,25 @@ class Classifier:
             "settings": s.public(),
         }
 
-    async def run(self, batch: np.ndarray) -> np.ndarray:
-        """The model's output for a validated batch: small ones coalesce with the other requests
+    async def run(self, batch: np.ndarray) -> list[np.ndarray]:
+        """The model's outputs for a validated batch (every output, in the contract's order): small ones coalesce with the other requests
         of this loop pass into one call on the event loop (no thread hop); a batch bigger than the
         inline budget runs in this worker's inference thread so the loop keeps answering."""
         if batch.shape[0] <= self.batcher.max_batch:
             return await self.batcher(batch)
         return await asyncio.get_running_loop().run_in_executor(self.executor, self.model.run, batch)
 
-    def predictions(self, output: np.ndarray) -> list[dict]:
-        probabilities = self.model.probabilities(output)
+    def predictions(self, outputs: list[np.ndarray]) -> list[dict]:
+        probabilities = self.model.probabilities(outputs[self.contract.class_index])
         labels = self.contract.labels
         return [{"label": labels[c], "class_id": c, "probabilities": row}
                 for c, row in zip(probabilities.argmax(axis=1).tolist(), probabilities)]
 
     # --- the model --------------------------------------------------------------------------
 
-    @route("POST", "/predict", "Classify a batch of inputs of the model's own shape",
-           body={JSON: "Images", RAW_FLOAT32: "RawFloat32", NPY: "Npy"},
-           answers={200: "Predictions", **TENSOR_ERRORS}, client=True)
+    @route("POST", "/predict", "Run the model on a batch of inputs of its own shape: a classifier's predictions, "
+           "else every output by name", body={JSON: "Images", RAW_FLOAT32: "RawFloat32", NPY: "Npy"},
+           answers={200: "PredictAnswer", **TENSOR_ERRORS}, client=True)
     async def predict(self, request: Request) -> Response:
         media_type = media_type_of(request)
         parse = {"": images_from_json, JSON: images_from_json, RAW_FLOAT32: images_from_raw_float32,
@@ -202,7 +206,10 @@ class Classifier:
             raise unsupported_media(f"Content-Type {media_type!r} is not supported by /predict; "
                                     f"use {JSON}, {RAW_FLOAT32} (raw float32) or {NPY}")
         batch = parse(await read_body(request, self.settings.max_body_bytes), self.spec)
-        return json_response({"predictions": self.predictions(await self.run(batch))})
+        outputs = await self.run(batch)
+        if self.contract.classifier:
+            return json_response({"predictions": self.predictions(outputs)})
+        return json_response({"outputs": dict(zip(self.contract.output_names, map(np.ascontiguousarray, outputs)))})
 
     @route("POST", "/classify", "Classify one uploaded PNG/JPEG (image models)", body={MULTIPART: "Upload"},
            answers={200: "Prediction", **TENSOR_ERRORS}, client=True)
@@ -234,7 +241,7 @@ class Classifier:
         batch = upload_to_input(data, self.contract, invert, self.settings.classify_margin)
         return json_response(self.predictions(await self.run(batch))[0])
 
-    @route("GET", "/metadata", "The served model: labels, input shape/layout/range, output, limits",
+    @route("GET", "/metadata", "The served model: input shape/layout/range, outputs, labels (classifiers), limits",
            answers={200: "Metadata"})
     async def metadata(self, request: Request) -> Response:
         return json_response({**self.about, "runtime": {**self.about["runtime"], "pid": os.getpid(),
@@ -332,8 +339,7 @@ class Classifier:
             raise unsupported_media(f"Content-Type {media_type!r} is not supported; use {JSON}")
         body = await read_body(request, self.settings.max_body_bytes)
         infer = oip.parse_infer_request(body, request.headers.get(oip.HEADER_LENGTH), self.contract, self.spec)
-        content, headers = oip.infer_response(infer, await self.run(infer.images), self.contract.output_name,
-                                              self.contract.name)
+        content, headers = oip.infer_response(infer, await self.run(infer.images), self.contract)
         return Response(content, 200, headers={k: v for k, v in headers.items() if k != "content-type"},
                         media_type=headers["content-type"])
 

@@ -7,6 +7,11 @@ Stand-ins (`build_model(out_dir, kind)`), each a small seeded network with the c
 - "nhwc28": [N,28,28,1] NHWC, Keras-like (Transpose to NCHW inside), ends in Softmax:
   output_kind probabilities, image_background dark, range [0, 255];
 - "features": [N,20] NC flat features, 3 classes, range [-5, 5] (/classify refuses it).
+Contract version 3 (`outputs` describes every graph output):
+- "detector": a detection-style head, not a classifier: [N,3,32,32] NCHW in [0, 1] -> boxes
+  [N,4,256] and scores [N,3,256] (a sigmoid per class and anchor), paths "[0]" and "[1]";
+- "features-v3": a classifier with a second output: [N,20] -> class scores [N,3] ("scores",
+  output_name) and their maximum "top" [N] (a rank-1 output).
 """
 
 from __future__ import annotations
@@ -44,7 +49,6 @@ def _conv_net(rng, in_channels: int, size: int, classes: int, nodes: list, inits
 
 def build_model(out_dir: Path, kind: str = "fmnist-v1", seed: int = 0) -> Path:
     """Write out_dir/model.onnx (+ .sha256) of the given kind (module docstring); returns its path."""
-    import onnx
     from onnx import TensorProto, helper, numpy_helper
 
     rng = np.random.default_rng(seed)
@@ -73,6 +77,8 @@ def build_model(out_dir: Path, kind: str = "fmnist-v1", seed: int = 0) -> Path:
         nodes.append(helper.make_node("Softmax", [logits], ["output_0"], axis=-1))
         meta.update(contract_version="2", name="keras-nhwc", input_layout="NHWC", input_range="[0.0, 255.0]",
                     image_background="dark", output_kind="probabilities")
+    elif kind in ("detector", "features-v3"):
+        return _build_v3(out_dir, kind, rng)
     elif kind == "features":
         shape, labels, in_name, out_name = ["batch", 20], ["low", "mid", "high"], "x", "scores"
         inits += [numpy_helper.from_array((rng.standard_normal((20, 3))).astype(np.float32), "w"),
@@ -90,6 +96,12 @@ def build_model(out_dir: Path, kind: str = "fmnist-v1", seed: int = 0) -> Path:
     model.ir_version = 10
     meta.update(labels=json.dumps(labels), input_name=in_name, output_name=out_name,
                 input_shape=json.dumps([None, *shape[1:]]))
+    return _save(model, meta, out_dir)
+
+
+def _save(model, meta: dict[str, str], out_dir: Path) -> Path:
+    import onnx
+
     for key, value in meta.items():
         entry = model.metadata_props.add()
         entry.key, entry.value = key, value
@@ -97,6 +109,57 @@ def build_model(out_dir: Path, kind: str = "fmnist-v1", seed: int = 0) -> Path:
     path = Path(out_dir) / "model.onnx"
     write_with_checksum(path, model.SerializeToString())
     return path
+
+
+def _build_v3(out_dir: Path, kind: str, rng) -> Path:
+    """The contract-version-3 stand-ins (module docstring)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    def init(name: str, array, dtype=np.float32) -> None:
+        inits.append(numpy_helper.from_array(np.asarray(array, dtype), name))
+
+    nodes: list = []
+    inits: list = []
+    meta = {"contract_version": "3", "arch": f"standin-{kind}", "folded": "true"}
+    if kind == "detector":
+        in_name, in_shape = "image", ["n", 3, 32, 32]
+        init("stem_w", rng.standard_normal((8, 3, 3, 3)) * 0.4)
+        init("stem_b", rng.standard_normal(8) * 0.1)
+        init("box_w", rng.standard_normal((4, 8, 1, 1)) * 0.5)
+        init("box_b", rng.standard_normal(4))
+        init("cls_w", rng.standard_normal((3, 8, 1, 1)) * 0.5)
+        init("cls_b", rng.standard_normal(3) * 0.3)
+        init("box_shape", [0, 4, -1], np.int64)
+        init("cls_shape", [0, 3, -1], np.int64)
+        nodes += [helper.make_node("Conv", ["image", "stem_w", "stem_b"], ["stem"], kernel_shape=[3, 3], strides=[2, 2], pads=[1, 1, 1, 1]),
+                  helper.make_node("Relu", ["stem"], ["features"]),
+                  helper.make_node("Conv", ["features", "box_w", "box_b"], ["box_map"], kernel_shape=[1, 1]),
+                  helper.make_node("Reshape", ["box_map", "box_shape"], ["boxes"]),
+                  helper.make_node("Conv", ["features", "cls_w", "cls_b"], ["cls_map"], kernel_shape=[1, 1]),
+                  helper.make_node("Sigmoid", ["cls_map"], ["cls_prob"]),
+                  helper.make_node("Reshape", ["cls_prob", "cls_shape"], ["scores"])]
+        outputs = [("boxes", [4, 256], "[0]"), ("scores", [3, 256], "[1]")]
+        meta.update(name="detector", input_layout="NCHW", input_range="[0.0, 1.0]")
+    else:
+        in_name, in_shape = "x", ["batch", 20]
+        init("w", rng.standard_normal((20, 3)))
+        init("b", rng.standard_normal(3) * 0.1)
+        init("top_axes", [1], np.int64)
+        nodes += [helper.make_node("MatMul", ["x", "w"], ["xw"]), helper.make_node("Add", ["xw", "b"], ["scores"]),
+                  helper.make_node("ReduceMax", ["scores", "top_axes"], ["top"], keepdims=0)]
+        outputs = [("scores", [3], "[0]"), ("top", [], "[1]")]
+        meta.update(name="tabular-v3", input_layout="NC", input_range="[-5.0, 5.0]", output_name="scores",
+                    labels=json.dumps(["low", "mid", "high"]))
+    graph = helper.make_graph(nodes, f"standin_{kind}".replace("-", "_"),
+                              [helper.make_tensor_value_info(in_name, TensorProto.FLOAT, in_shape)],
+                              [helper.make_tensor_value_info(name, TensorProto.FLOAT, [in_shape[0], *dims])
+                               for name, dims, _ in outputs], initializer=inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    model.ir_version = 10
+    meta.update(input_name=in_name, input_shape=json.dumps([None, *in_shape[1:]]),
+                outputs=json.dumps([{"name": name, "shape": [None, *dims], "dtype": "float32", "path": path}
+                                    for name, dims, path in outputs]))
+    return _save(model, meta, out_dir)
 
 
 def serve(model_path: Path, log_path: Path, port: int | None = None, **env: str) -> ServerProcess:

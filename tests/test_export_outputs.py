@@ -98,9 +98,10 @@ def test_a_load_failure_names_the_module(tmp_path, capsys):
 
 
 def test_samples_sets_the_rows_and_the_default_is_sized_to_the_model(tmp_path, capsys):
-    assert rows_for(None) == MAX_ROWS and rows_for(3.5e6) == MAX_ROWS  # small nets: 256 rows
-    assert rows_for(8.2e9) == MIN_ROWS  # ResNet-50 at 224x224
-    assert MIN_ROWS < rows_for(6e8) < MAX_ROWS  # MobileNetV2-sized
+    assert rows_for(None) == MAX_ROWS and rows_for((3.5e6, 2.5e4)) == MAX_ROWS  # the seed models: 256 rows
+    assert rows_for((8.2e9, 1.1e7)) == MIN_ROWS  # ResNet-50 at 224x224
+    assert rows_for((6.3e8, 5.5e6)) == MIN_ROWS  # MNASNet: few FLOPs, but float64 pays per element
+    assert MIN_ROWS < rows_for((3e8, 2e6)) < MAX_ROWS  # ShuffleNetV2-sized
     code, _, out = export(tmp_path, "two_heads", "--samples", "9")
     assert code == 0, capsys.readouterr().err
     parity = json.loads((out / "export_report.json").read_text())["parity"]

@@ -107,6 +107,8 @@ def test_metadata_follows_the_contract(client, model_dir):
                                                                              "application/x-npy"], "classify": True}
     assert doc["input"]["max_body_bytes"] == MAX_BODY_BYTES and doc["input"]["max_images_per_request"] == 1024
     assert doc["output"] == {"name": "logits", "kind": "logits", "shape": [None, 10]}
+    assert doc["outputs"] == [{"name": "logits", "shape": [None, 10], "dtype": "float32", "path": ""}]
+    assert doc["classifier"] is True and doc["classify_refusal"] is None
     assert doc["runtime"]["providers"] == ["CPUExecutionProvider"] and doc["runtime"]["guard"]["draining"] is False
 
 

@@ -135,6 +135,35 @@ def test_page_of_a_model_that_takes_no_pictures(browser, tmp_path_factory):
         proc.wait_ready(120)
         browser.get(proc.url + "/")
         WebDriverWait(browser, 30).until(lambda d: d.find_element("id", "title").text == "tabular")
-        note = browser.find_element("id", "not-image")
+        note = browser.find_element("id", "notice")
         assert note.is_displayed() and "/predict" in note.text
         assert not browser.find_element("id", "canvas").is_displayed()
+
+
+def test_page_of_a_model_that_is_not_a_classifier(browser, tmp_path_factory, tmp_path):
+    """A detection-style model (two outputs): the page says what it is up front, and its classify
+    action shows /classify's own 422 message, which names the outputs and the routes that serve them."""
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    root = tmp_path_factory.mktemp("detector-page")
+    with serve(build_model(root, "detector"), root / "serve.log", SERVICE_WORKERS="1") as proc:
+        proc.wait_ready(120)
+        refusal = httpx.post(proc.url + "/classify", files={"image": ("x.png", b"", "image/png")})
+        assert refusal.status_code == 422
+        message = refusal.json()["error"]
+        browser.get(proc.url + "/")
+        WebDriverWait(browser, 30).until(lambda d: d.find_element("id", "title").text == "detector")
+        assert "not a classifier: outputs boxes [N,4,256], scores [N,3,256]" in browser.find_element("id", "model-line").text
+        assert browser.find_element("id", "label").text == "Not a classifier"
+        notice = browser.find_element("id", "notice")
+        assert notice.is_displayed() and message in notice.text
+        png = tmp_path / "photo.png"
+        Image.new("RGB", (64, 48), (200, 40, 40)).save(png)
+        browser.find_element("id", "file").send_keys(str(png))
+        WebDriverWait(browser, 30).until(lambda d: d.find_element("id", "result").get_attribute("data-state") == "error")
+        assert browser.find_element("id", "error").text == f"422: {message}"
+        assert not browser.find_elements("css selector", "#bars .bar")
+        errors = [e for e in browser.get_log("browser") if e["level"] == "SEVERE" and "/classify" not in e["message"]]
+        assert not errors, "\n".join(e["message"] for e in errors)
+        SHOTS.mkdir(parents=True, exist_ok=True)
+        browser.save_screenshot(str(SHOTS / "page_not_a_classifier.png"))

@@ -1,7 +1,9 @@
-"""Service pieces without a server: the ONNX header reader and the contract (v1 and v2), checksum
-refusals, providers, the model (probabilities never softmaxed twice), request parsing for every
-layout, upload preprocessing (channels, polarity, crop, range, layout), OIP v2 parsing, batching,
-the guard's decisions, the generated docs, and the no-torch rule."""
+"""Service pieces without a server: the ONNX header reader and the contract (v1, v2 and v3 with
+several outputs), checksum refusals, providers, the model (every output batch first, checked
+against onnxruntime; probabilities never softmaxed twice), request parsing for every layout,
+upload preprocessing (channels, polarity, crop, range, layout), OIP v2 parsing and answers (every
+output or the requested ones, JSON and binary), batching (each output split per request), the
+guard's decisions, the generated docs, and the no-torch rule."""
 
 from __future__ import annotations
 
@@ -29,9 +31,10 @@ from service.guard import Guard, canned, is_work
 from service.images import crop_to_object, upload_to_input
 from service.inputs import InputSpec, images_from_json, images_from_npy, images_from_raw_float32, parse_bool
 from service.model import CPU, CUDA, Model, active_device, choose_providers, softmax
+from common.files import write_with_checksum
 from service_helpers import LABELS, REPO, build_model
 
-KINDS = ("fmnist-v1", "rgb32", "nhwc28", "features")
+KINDS = ("fmnist-v1", "rgb32", "nhwc28", "features", "detector", "features-v3")
 
 
 @pytest.fixture(scope="module")
@@ -67,6 +70,8 @@ def test_header_reader_agrees_with_onnx(models, kind):
     dims = lambda vi: tuple(d.dim_value if d.HasField("dim_value") else d.dim_param for d in vi.type.tensor_type.shape.dim)
     assert dict(header.inputs) == {vi.name: dims(vi) for vi in model.graph.input}
     assert dict(header.outputs) == {vi.name: dims(vi) for vi in model.graph.output}
+    assert list(header.outputs) == [vi.name for vi in model.graph.output]  # graph order
+    assert dict(header.types) == {vi.name: vi.type.tensor_type.elem_type for vi in [*model.graph.input, *model.graph.output]}
 
 
 def test_contract_v1_defaults_and_v2_keys(models):
@@ -114,10 +119,87 @@ def test_contract_layout_defaults_by_rank():
     ({"image_background": "grey"}, "dark or light"),
     ({"name": "bad name"}, "name"),
     ({"contract_version": "4"}, "1, 2 or 3"),
+    ({"contract_version": "3"}, "lacks outputs"),
 ])
 def test_contract_rejects_what_it_cannot_serve(overrides, message):
     with pytest.raises(ModelLoadError, match=message):
         parse_contract(meta(**overrides))
+
+
+def meta_v3(**overrides) -> dict[str, str]:
+    base = {"contract_version": "3", "input_name": "x", "input_shape": json.dumps([None, 4]), "outputs": json.dumps([
+        {"name": "boxes", "shape": [None, 4, 6], "dtype": "float32", "path": "[0]"},
+        {"name": "scores", "shape": [None, 2, 6], "dtype": "float32", "path": "[1]"}])}
+    base.update(overrides)
+    return {k: v for k, v in base.items() if v is not None}
+
+
+def test_contract_v3_outputs_and_who_is_a_classifier(models):
+    det = contract_of(models, "detector")
+    assert (det.version, det.classifier, det.output_name, det.labels, det.class_index) == (3, False, None, (), None)
+    assert [o.describe() for o in det.outputs] == [
+        {"name": "boxes", "shape": [None, 4, 256], "dtype": "float32", "path": "[0]"},
+        {"name": "scores", "shape": [None, 3, 256], "dtype": "float32", "path": "[1]"}]
+    assert det.classify_refusal == ("this model is not a classifier (it has no class-score output), so /classify cannot "
+                                    "serve it: its outputs boxes [N,4,256] and scores [N,3,256] are served by "
+                                    "POST /predict and POST /v2/models/detector/infer")
+    v3 = contract_of(models, "features-v3")
+    assert (v3.classifier, v3.output_name, v3.class_index, v3.classes) == (True, "scores", 0, 3)
+    assert [o.shape for o in v3.outputs] == [(None, 3), (None,)] and "image model" in v3.classify_refusal
+    v2 = contract_of(models, "rgb32")  # a version-2 file is a classifier with one output
+    assert [o.describe() for o in v2.outputs] == [{"name": "logits", "shape": [None, 10], "dtype": "float32", "path": ""}]
+    assert v2.classifier and v2.class_index == 0
+    second = parse_contract(meta_v3(outputs=json.dumps([{"name": "emb", "shape": [None, 5]}, {"name": "y", "shape": [None, 2]}]),
+                                    output_name="y", labels=json.dumps(["a", "b"])))
+    assert second.class_index == 1 and (second.outputs[0].path, second.outputs[0].dtype) == ("", "float32")
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"outputs": None}, "lacks outputs"),
+    ({"outputs": "{"}, "not JSON"),
+    ({"outputs": "[]"}, "non-empty JSON list"),
+    ({"outputs": json.dumps({"name": "y"})}, "non-empty JSON list"),
+    ({"outputs": json.dumps(["y"])}, r"'outputs'\[0\] must be an object"),
+    ({"outputs": json.dumps([{"name": "a b", "shape": [None, 2]}])}, "'name' must match"),
+    ({"outputs": json.dumps([{"shape": [None, 2]}])}, "'name' must match"),
+    ({"outputs": json.dumps([{"name": "y", "shape": [2, 2]}])}, "batch first"),
+    ({"outputs": json.dumps([{"name": "y", "shape": [None, 0]}])}, "batch first"),
+    ({"outputs": json.dumps([{"name": "y", "shape": []}])}, "batch first"),
+    ({"outputs": json.dumps([{"name": "y", "shape": [None, 2.5]}])}, "batch first"),
+    ({"outputs": json.dumps([{"name": "y"}])}, "batch first"),
+    ({"outputs": json.dumps([{"name": "y", "shape": [None, 2], "dtype": "float16"}])}, "must be float32"),
+    ({"outputs": json.dumps([{"name": "y", "shape": [None, 2], "path": 0}])}, "'path' must be a string"),
+    ({"outputs": json.dumps([{"name": "y", "shape": [None, 2]}, {"name": "y", "shape": [None, 3]}])}, "twice"),
+    ({"labels": json.dumps(["a", "b"])}, "'labels' but no 'output_name'"),
+    ({"output_name": "boxes"}, "lacks labels"),
+    ({"output_name": "nope", "labels": json.dumps(["a", "b"])}, "not one of the outputs"),
+    ({"output_name": "boxes", "labels": json.dumps(["a", "b"])}, r"must be \[N, K\]"),
+    ({"outputs": json.dumps([{"name": "y", "shape": [None, 3]}]), "output_name": "y", "labels": json.dumps(["a", "b"])},
+     "K = 2 labels"),
+])
+def test_contract_v3_refuses_malformed_outputs(overrides, message):
+    with pytest.raises(ModelLoadError, match=message):
+        parse_contract(meta_v3(**overrides))
+
+
+def test_v3_graph_must_match_its_outputs(models, tmp_path):
+    """Every graph output described, in graph order, with the graph's shapes, float32."""
+    base = onnx.load(models["detector"])
+    described = json.loads(next(p.value for p in base.metadata_props if p.key == "outputs"))
+    cases = [(list(reversed(described)), None, "in graph order"),
+             (described[:1], None, "in graph order"),
+             ([described[0], {**described[1], "shape": [None, 3, 255]}], None, r"'scores' has shape \['n', 3, 256\]"),
+             ([described[0], {**described[1], "shape": [None, 3, 256, 1]}], None, "'scores' has shape"),
+             (described, onnx.TensorProto.DOUBLE, "'scores' has ONNX element type 11")]
+    for outputs, scores_type, message in cases:
+        model = onnx.ModelProto()
+        model.CopyFrom(base)
+        next(p for p in model.metadata_props if p.key == "outputs").value = json.dumps(outputs)
+        if scores_type is not None:
+            model.graph.output[1].type.tensor_type.elem_type = scores_type
+        write_with_checksum(tmp_path / "model.onnx", model.SerializeToString())
+        with pytest.raises(ModelLoadError, match=message):
+            load_contract(tmp_path / "model.onnx")
 
 
 def test_graph_must_match_the_metadata(models, tmp_path):
@@ -160,7 +242,7 @@ def test_tampered_missing_and_corrupt_models_are_refused(models, tmp_path):
 def test_probabilities_output_is_not_softmaxed_again(models):
     m = model_of(models, "nhwc28")
     x = np.random.default_rng(0).uniform(0, 255, (3, 28, 28, 1)).astype(np.float32)
-    out = m.run(x)
+    (out,) = m.run(x)
     reference = ort.InferenceSession(str(models["nhwc28"]), providers=[CPU]).run(None, {"input_1": x})[0]
     np.testing.assert_allclose(m.probabilities(out), reference, atol=1e-7)
     np.testing.assert_allclose(out.sum(axis=1), 1.0, atol=1e-5)
@@ -171,10 +253,38 @@ def test_logits_get_softmax_and_chunks_equal_one_call(models):
     x = np.random.default_rng(1).random((70, 3, 32, 32), dtype=np.float32)
     whole = model_of(models, "rgb32", chunk_images=1000)
     chunked = model_of(models, "rgb32", chunk_images=16)
-    np.testing.assert_allclose(chunked.run(x), whole.run(x), atol=1e-5, rtol=0)
-    p = whole.probabilities(whole.run(x))
+    np.testing.assert_allclose(chunked.run(x)[0], whole.run(x)[0], atol=1e-5, rtol=0)
+    p = whole.probabilities(whole.run(x)[0])
     np.testing.assert_allclose(p.sum(axis=1), 1.0, rtol=1e-5)
     assert whole.seconds_per_sample > 0
+
+
+def test_every_output_like_onnxruntime_and_chunks_equal_one_call(models):
+    x = np.random.default_rng(8).random((70, 3, 32, 32), dtype=np.float32)
+    reference = ort.InferenceSession(str(models["detector"]), providers=[CPU]).run(["boxes", "scores"], {"image": x})
+    for chunk in (1000, 16):
+        got = model_of(models, "detector", chunk_images=chunk).run(x)
+        assert [(a.shape, a.dtype) for a in got] == [((70, 4, 256), np.float32), ((70, 3, 256), np.float32)]
+        for array, want in zip(got, reference):
+            np.testing.assert_allclose(array, want, atol=1e-5, rtol=0)
+    scores, top = model_of(models, "features-v3").run(np.random.default_rng(9).uniform(-5, 5, (4, 20)).astype(np.float32))
+    assert scores.shape == (4, 3) and top.shape == (4,)
+    np.testing.assert_array_equal(top, scores.max(axis=1))
+
+
+def test_an_output_that_is_not_batch_first_is_refused(models, tmp_path):
+    """scores averaged over the batch are [1, 3, 256] whatever N is, though the graph says [n, 3, 256]."""
+    from onnx import helper, numpy_helper
+
+    model = onnx.load(models["detector"])
+    next(n for n in model.graph.node if n.output[0] == "scores").output[0] = "scores_per_row"
+    model.graph.initializer.append(numpy_helper.from_array(np.array([0], np.int64), "batch_axis"))
+    model.graph.node.append(helper.make_node("ReduceMean", ["scores_per_row", "batch_axis"], ["scores"], keepdims=1))
+    write_with_checksum(tmp_path / "model.onnx", model.SerializeToString())
+    contract, data = load_contract(tmp_path / "model.onnx")  # the header can't tell
+    with pytest.raises(ModelLoadError, match=r"output 'scores' of 2 input\(s\) is float32 \[1, 3, 256\], the contract "
+                                             r"wants float32 \[2, 3, 256\]"):
+        Model(contract, data, "cpu")
 
 
 def test_softmax_is_stable():
@@ -230,7 +340,7 @@ def test_cuda_used_when_there_and_cpu_fallback_when_not(models):
     assert Model(contract, data, "auto", ort=fake).device == "cuda" and fake.requested == [CUDA, CPU]
     fake = FakeOrt([CUDA, CPU], gpu_present=False)
     m = Model(contract, data, "auto", ort=fake)
-    assert m.device == "cpu" and m.providers == [CPU] and m.run(np.zeros((2, 1, 28, 28), np.float32)).shape == (2, 10)
+    assert m.device == "cpu" and m.providers == [CPU] and m.run(np.zeros((2, 1, 28, 28), np.float32))[0].shape == (2, 10)
     with pytest.raises(ModelLoadError, match="no GPU is usable"):
         Model(contract, data, "cuda", ort=FakeOrt([CUDA, CPU], gpu_present=False))
 
@@ -408,15 +518,60 @@ def test_oip_json_and_binary(models):
                                                "data": x.ravel().tolist()}]}).encode()
     req = oip.parse_infer_request(body, None, contract, spec)
     np.testing.assert_array_equal(req.images, x)
-    doc = json.loads(oip.infer_response(req, np.ones((2, 10), np.float32), "logits", contract.name)[0])
+    doc = json.loads(oip.infer_response(req, [np.ones((2, 10), np.float32)], contract)[0])
     assert doc["model_name"] == "cifar-standin" and doc["outputs"][0]["shape"] == [2, 10]
     head = json.dumps({"inputs": [{"name": "pixels", "shape": [2, 3, 32, 32], "datatype": "FP32",
                                    "parameters": {"binary_data_size": x.nbytes}}],
                        "outputs": [{"name": "logits", "parameters": {"binary_data": True}}]}).encode()
     req = oip.parse_infer_request(head + x.tobytes(), str(len(head)), contract, spec)
-    assert req.binary_output and np.array_equal(req.images, x)
+    assert req.outputs == ((0, True),) and np.array_equal(req.images, x)
     meta_doc = oip.model_metadata(contract)
     assert meta_doc["inputs"][0] == {"name": "pixels", "datatype": "FP32", "shape": [-1, 3, 32, 32]}
+
+
+def test_oip_every_output_or_the_requested_ones_json_and_binary(models):
+    """A two-output model: every output when none is named, else the named ones in the asked order,
+    each as JSON or binary; the binary answer is read back with tritonclient's own parser."""
+    from tritonclient.http import InferResult
+
+    contract = contract_of(models, "detector")
+    spec = InputSpec.of(contract, 8)
+    rng = np.random.default_rng(10)
+    boxes, scores = rng.random((2, 4, 256), dtype=np.float32), rng.random((2, 3, 256), dtype=np.float32)
+    x = rng.random((2, 3, 32, 32), dtype=np.float32).ravel().tolist()
+
+    def answer(**request):
+        doc = {"inputs": [{"name": "image", "shape": [2, 3, 32, 32], "datatype": "FP32", "data": x}], **request}
+        req = oip.parse_infer_request(json.dumps(doc).encode(), None, contract, spec)
+        body, headers = oip.infer_response(req, [boxes, scores], contract)
+        length = headers.get(oip.HEADER_LENGTH)
+        return InferResult.from_response_body(body, header_length=int(length) if length else None), headers
+
+    result, headers = answer()
+    assert headers["content-type"] == "application/json"
+    assert [o["name"] for o in result.get_response()["outputs"]] == ["boxes", "scores"]
+    np.testing.assert_array_equal(result.as_numpy("boxes"), boxes)
+    np.testing.assert_array_equal(result.as_numpy("scores"), scores)
+    result, headers = answer(parameters={"binary_data_output": True})
+    assert headers["content-type"] == "application/octet-stream"
+    assert [o["parameters"]["binary_data_size"] for o in result.get_response()["outputs"]] == [boxes.nbytes, scores.nbytes]
+    np.testing.assert_array_equal(result.as_numpy("boxes"), boxes)
+    np.testing.assert_array_equal(result.as_numpy("scores"), scores)
+    result, _ = answer(outputs=[{"name": "scores", "parameters": {"binary_data": True}}, {"name": "boxes"}])
+    outputs = result.get_response()["outputs"]
+    assert [o["name"] for o in outputs] == ["scores", "boxes"] and "data" in outputs[1] and "data" not in outputs[0]
+    np.testing.assert_array_equal(result.as_numpy("scores"), scores)
+    np.testing.assert_array_equal(result.as_numpy("boxes"), boxes)
+    result, _ = answer(outputs=[{"name": "boxes"}])
+    assert [o["name"] for o in result.get_response()["outputs"]] == ["boxes"] and result.as_numpy("scores") is None
+    assert oip.model_metadata(contract)["outputs"] == [{"name": "boxes", "datatype": "FP32", "shape": [-1, 4, 256]},
+                                                       {"name": "scores", "datatype": "FP32", "shape": [-1, 3, 256]}]
+    for outputs, message in (([{"name": "logits"}], 'unknown output \'logits\'; this model has the outputs "boxes", "scores"'),
+                             ([{"name": "boxes"}, {"name": "boxes"}], "requested twice"),
+                             ([{"name": "boxes", "parameters": [1]}], "must be an object"),
+                             (["boxes"], "unknown output 'boxes'"), ([], "non-empty list")):
+        with pytest.raises(ClientError, match=message):
+            answer(outputs=outputs)
 
 
 @pytest.mark.parametrize("doc, message", [
@@ -439,9 +594,9 @@ def test_oip_rejects_bad_requests(models, doc, message):
 def test_batcher_coalesces_caps_and_keeps_order():
     calls: list[int] = []
 
-    def infer(batch):
+    def infer(batch):  # two outputs, like a detection head: [n, 2] and [n]
         calls.append(batch.shape[0])
-        return batch.reshape(batch.shape[0], -1)[:, :2] * 2
+        return [batch.reshape(batch.shape[0], -1)[:, :2] * 2, batch.sum(axis=(1, 2, 3))]
 
     async def main():
         batcher = MicroBatcher(infer, max_batch=8)
@@ -449,8 +604,9 @@ def test_batcher_coalesces_caps_and_keeps_order():
         return inputs, await asyncio.gather(*(batcher(x) for x in inputs)), batcher.stats()
 
     inputs, outputs, stats = asyncio.run(main())
-    for x, y in zip(inputs, outputs):
+    for x, (y, total) in zip(inputs, outputs):
         np.testing.assert_array_equal(y, x.reshape(x.shape[0], -1)[:, :2] * 2)
+        np.testing.assert_array_equal(total, np.full(x.shape[0], 4.0 * x[0, 0, 0, 0]))
     assert sum(calls) == sum(1 + i % 3 for i in range(10)) and max(calls) <= 8 and len(calls) < 10
     assert stats["onnx_calls"] == len(calls)
 
@@ -461,7 +617,7 @@ def test_batcher_failure_reaches_every_waiter_and_it_keeps_working():
     def infer(batch):
         if state["fail"]:
             raise RuntimeError("boom")
-        return batch
+        return [batch]
 
     async def main():
         batcher = MicroBatcher(infer)
@@ -470,7 +626,7 @@ def test_batcher_failure_reaches_every_waiter_and_it_keeps_working():
         return failed, await batcher(np.ones((1, 2), np.float32))
 
     failed, ok = asyncio.run(main())
-    assert all(isinstance(r, RuntimeError) for r in failed) and ok.tolist() == [[1.0, 1.0]]
+    assert all(isinstance(r, RuntimeError) for r in failed) and ok[0].tolist() == [[1.0, 1.0]]
 
 
 # --- the guard -----------------------------------------------------------------------------
@@ -530,6 +686,17 @@ def test_docs_describe_every_route_with_the_models_shapes(models, monkeypatch):
     assert infer["parameters"][0]["schema"]["enum"] == ["cifar-standin"]
     features = openapi(ROUTES, contract_of(models, "features"), "bnfold", 8, 1 << 20)
     assert "Not available" in features["paths"]["/classify"]["post"]["description"]
+    assert doc["components"]["schemas"]["PredictAnswer"] == {"$ref": "#/components/schemas/Predictions"}
+    detector = openapi(ROUTES, contract_of(models, "detector"), "bnfold", 8, 1 << 20)
+    schemas = detector["components"]["schemas"]
+    outputs = schemas["PredictAnswer"]["properties"]["outputs"]
+    assert outputs["required"] == ["boxes", "scores"]
+    assert outputs["properties"]["boxes"]["maxItems"] == 8 and outputs["properties"]["boxes"]["items"]["minItems"] == 4
+    assert outputs["properties"]["scores"]["items"]["items"]["maxItems"] == 256
+    assert "POST /predict and POST /v2/models/detector/infer" in detector["paths"]["/classify"]["post"]["description"]
+    assert schemas["InferRequestV2"]["properties"]["outputs"]["items"]["properties"]["name"]["enum"] == ["boxes", "scores"]
+    assert "boxes [N,4,256] and scores [N,3,256]" in schemas["InferResponseV2"]["properties"]["outputs"]["description"]
+    assert "not a classifier" in detector["info"]["description"]
     schema = client_schema(ROUTES, "bnfold")
     assert {r["name"]: r["route"] for r in schema["routes"]} == {"predict": "/predict", "classify": "/classify"}
 
@@ -559,6 +726,17 @@ def test_importing_the_service_refuses_a_bad_model_in_one_line(models, tmp_path)
     assert result.returncode == 2
     assert result.stderr.strip().startswith("refusing to start: model file") and "Traceback" not in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_malformed_v3_outputs_are_refused_at_start_up_in_one_line(models, tmp_path):
+    model = onnx.load(models["detector"])
+    entry = next(p for p in model.metadata_props if p.key == "outputs")
+    entry.value = json.dumps([{**o, "dtype": "float64"} for o in json.loads(entry.value)])
+    write_with_checksum(tmp_path / "model.onnx", model.SerializeToString())
+    result = run_python("import service.service", tmp_path / "model.onnx")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines() == ["refusing to start: model metadata 'outputs'[0] (boxes) 'dtype' must be "
+                                                  "float32 (the contract's only output type), got 'float64'"]
 
 
 def test_settings_refuse_bad_values_in_one_line(models):

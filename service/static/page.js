@@ -1,10 +1,12 @@
 // The page at "/": reads /metadata, sends an uploaded, dropped, pasted or drawn picture to
-// /classify and shows the label and a bar chart of the probabilities. Nothing external.
+// /classify and shows the label and a bar chart of the probabilities, or the error /classify
+// answers (a model that is not a classifier: 422 naming its outputs and routes). Nothing external.
 "use strict";
 
 const $ = (id) => document.getElementById(id);
 const MAX_BARS = 20;
 let meta = null;
+const dims = (shape) => `[${shape.map((d) => (d === null ? "N" : d)).join(",")}]`;
 
 async function loadMetadata() {
   const response = await fetch("/metadata");
@@ -12,14 +14,24 @@ async function loadMetadata() {
   const input = meta.input;
   $("title").textContent = meta.model.name;
   const accuracy = meta.model.test_accuracy == null ? "" : ` · test accuracy ${(100 * meta.model.test_accuracy).toFixed(2)}%`;
-  $("model-line").textContent = `${input.layout} ${JSON.stringify(input.shape)} · ${meta.labels.length} classes` +
+  const what = meta.classifier ? `${meta.labels.length} classes`
+    : `not a classifier: outputs ${meta.outputs.map((o) => `${o.name} ${dims(o.shape)}`).join(", ")}`;
+  $("model-line").textContent = `${input.layout} ${JSON.stringify(input.shape)} · ${what}` +
     (input.background ? ` · expects ${input.background === "dark" ? "light objects on a dark" : "dark objects on a light"} background` : "") +
     accuracy;
-  if (!input.classify) {
+  const pictures = input.layout === "NCHW" || input.layout === "NHWC";
+  if (!meta.classifier) {
+    // The classify action stays for image models: /classify answers 422 with this same message.
+    $("label").textContent = "Not a classifier";
+    $("notice").hidden = false;
+    $("notice").textContent = `${meta.classify_refusal} (see the API docs).`;
+    $("drop").hidden = !pictures;
+    $("draw").hidden = !pictures;
+  } else if (!input.classify) {
     $("drop").hidden = true;
     $("draw").hidden = true;
-    $("not-image").hidden = false;
-    $("not-image").textContent = `This model takes ${input.layout} tensors of shape ${JSON.stringify(input.shape)}, ` +
+    $("notice").hidden = false;
+    $("notice").textContent = `This model takes ${input.layout} tensors of shape ${JSON.stringify(input.shape)}, ` +
       "not pictures: send them to POST /predict (see the API docs).";
   }
 }
