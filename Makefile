@@ -196,3 +196,24 @@ readme-results:
 
 clean:
 	rm -rf $(ARTIFACTS)
+
+# --- deployment: container image, Kubernetes manifests, rolling replace (docs/deploy.md) ---------
+# `make container` uses MODEL_PATH as serve does; BASE_IMAGE= overrides the base image (default:
+# python:3.11-slim when it can be pulled, else bnfold/python:3.11-bookworm from `make base-image`).
+# They install docker.io/debootstrap/haproxy and start dockerd when missing (deploy/tools.py).
+.PHONY: base-image lock container deploy-check
+base-image:
+	@$(PYTHON) -m deploy.tools docker debootstrap
+	DOCKER=$$($(PYTHON) -c 'from deploy.tools import docker_client; print(docker_client())') bash deploy/base-image.sh
+
+# deploy/requirements.lock: what the image installs, pinned with hashes (commit the result)
+lock: setup-serve
+	$(PY) deploy/lock.py
+
+container: setup-serve
+	$(NEED_MODEL)
+	$(PY) -m deploy.container --model "$(MODEL_PATH)" $(if $(BASE_IMAGE),--base-image "$(BASE_IMAGE)")
+
+# two replicas behind HAProxy, each replaced under load, then one SIGKILLed (RATE=100 req/s)
+deploy-check: setup-dev
+	$(LOCK) $(PY) -m deploy.check --data-dir "$(DATA_DIR)" $(if $(RATE),--rate $(RATE))
