@@ -38,6 +38,11 @@ help:
 	@echo "  make bench-serve     ours vs naive baselines, side by side (QUICK=1: ~5 min)"
 	@echo "  make soak            fixed load for SOAK_TIME=10m, RSS growth and errors"
 	@echo "  make faults          killed worker, SIGTERM, 3x overload, stalled clients, oversize bodies (ONLY=...)"
+	@echo "Beyond one machine (docs/deploy.md; MODEL_PATH as for serve):"
+	@echo "  make container       the model into an image (bentoml containerize, lean, non-root), manifests in artifacts/k8s"
+	@echo "  make base-image      the local Python 3.11 base image (debootstrap; used when Docker Hub is unreachable)"
+	@echo "  make deploy-check    2 replicas behind HAProxy: each replaced under load, one SIGKILLed; 0 failed is the goal"
+	@echo "  make lock            re-pin deploy/requirements.lock (the image's packages, with hashes)"
 	@echo "Other:"
 	@echo "  make readme-results  rewrite the README's results block from the latest reports in artifacts/"
 	@echo "  make clean           remove artifacts/"
@@ -196,6 +201,27 @@ readme-results:
 
 clean:
 	rm -rf $(ARTIFACTS)
+
+# --- deployment: container image, Kubernetes manifests, rolling replace (docs/deploy.md) ---------
+# `make container` uses MODEL_PATH as serve does; BASE_IMAGE= overrides the base image (default:
+# python:3.11-slim when it can be pulled, else bnfold/python:3.11-bookworm from `make base-image`).
+# They install docker.io/debootstrap/haproxy and start dockerd when missing (deploy/tools.py).
+.PHONY: base-image lock container deploy-check
+base-image:
+	@$(PYTHON) -m deploy.tools docker debootstrap
+	DOCKER=$$($(PYTHON) -c 'from deploy.tools import docker_client; print(docker_client())') bash deploy/base-image.sh
+
+# deploy/requirements.lock: what the image installs, pinned with hashes (commit the result)
+lock: setup-serve
+	$(PY) deploy/lock.py
+
+container: setup-serve
+	$(NEED_MODEL)
+	$(PY) -m deploy.container --model "$(MODEL_PATH)" $(if $(BASE_IMAGE),--base-image "$(BASE_IMAGE)")
+
+# two replicas behind HAProxy, each replaced under load, then one SIGKILLed (RATE=100 req/s)
+deploy-check: setup-dev
+	$(LOCK) $(PY) -m deploy.check --data-dir "$(DATA_DIR)" $(if $(RATE),--rate $(RATE))
 
 # --- bench-zoo (docs/zoo.md): 25+ torchvision/timm architectures through python -m export and the peers ---
 # Its own venv: torchvision needs torch 2.14.x (from this machine's disk, ~5.5 GB, runs on CPU); timm and the

@@ -83,7 +83,7 @@ def _torch_op(name: str, run):
 
 
 def _tensor(torch, a: np.ndarray):
-    return torch.from_numpy(np.require(a, requirements="W"))  # the evaluator may hand over read-only arrays
+    return torch.from_numpy(np.require(a, requirements=("C", "W")))  # the evaluator may hand over read-only or strided arrays
 
 
 def _conv(torch, x, w, b=None, auto_pad=None, dilations=None, group=None, kernel_shape=None, pads=None,

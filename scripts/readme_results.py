@@ -31,6 +31,7 @@ SECTIONS = [
      ["bench_serve/throughput_vs_users.png", "bench_serve/latency_vs_users.png"]),
     ("Soak", "soak/soak.json", "make soak", ["soak/soak.png"]),
     ("Fault battery", "faults/faults.json", "make faults", []),
+    ("Container image and rolling replace", "deploy/deploy_check.json", "make deploy-check", []),
 ]
 
 
@@ -53,6 +54,25 @@ def render(path: Path, command: str) -> str:
         return "\n".join([f"`{f['command']}`, {f['date']}, {f['workers']} workers, load average before "
                           f"{f['load_average_before'][0]:.1f} (the load generator shares the 2 cores); every goal "
                           "in docs/service.md:", "", "| scenario | figures | |", "|---|---|---|", *rows])
+    if path.name == "deploy_check.json":  # with the image make container built (artifacts/container.json)
+        d, image = json.loads(path.read_text()), path.parent.parent / "container.json"
+        lines = []
+        if image.exists():
+            c = json.loads(image.read_text())
+            lines.append(f"`make container` (`{c['command']}`), {c['date']}, load average {c['load_average'][0]:.1f}: "
+                         f"image {c['image']}, **{c['size_mb']:.0f} MB** (goal ≤ 500), user `{c['user']}`, ready in "
+                         f"{c['ready_s']:.1f} s, `docker stop` drained and exited {c['exit_code']} after {c['stop_s']:.1f} s.")
+        r, k = d["rolling"], d["kill"]
+        out_after = " and ".join(f"{step['sigterm_to_balancer_down_s']:.2f}" for step in r["steps"])
+        lines.append(f"`make deploy-check` (`{d['command']}`), {d['date']}, load average before "
+                     f"{d['load_average_before'][0]:.1f}: {d['pod']['replicas']} replicas behind HAProxy at "
+                     f"{d['rate_rps']:.0f} req/s. Rolling replace: **{r['failed']} failed of {r['requests']:,}**, "
+                     f"{d['wrong_labels']} wrong labels, p99 {r['p99_ms']:.0f} ms; the balancer took each old replica out "
+                     f"{out_after} s after its SIGTERM. One replica SIGKILLed: {k['failed']} failed of {k['requests']:,} "
+                     f"(requests in flight on it: {k['victim_sessions_in_flight']}), marked down after "
+                     f"{k['balancer_down_after_s']:.2f} s, p99 {k['p99_ms']:.0f} ms (1 s connect timeouts before a retry). "
+                     f"{'PASS' if d['passed'] else '**FAIL**'}.")
+        return "\n\n".join(lines)
     if path.parent.name == "bench_onnx_fold":  # one row per model: ours against the original and the best tool
         b = json.loads(path.read_text())
         rows = []

@@ -18,6 +18,9 @@ Three pieces, each installed where it has to run:
   workers, for ACCEPT_GRACE_S more, still accept and serve what the kernel already queued. Without
   it, connections queued after the last worker stopped accepting are reset when the socket closes;
   with it, a late client's SYN is retried by its kernel and then refused: a clean refusal.
+  Where the filter is not allowed (no CAP_NET_ADMIN, e.g. a non-root container), the backlog is cut
+  to 0 instead; behind a balancer, readiness (503 from SIGTERM on) is what keeps connections away
+  before the socket closes (docs/deploy.md).
 """
 
 from __future__ import annotations
@@ -398,7 +401,16 @@ def refuse_new_connections_later(arbiter, drain_s: float) -> None:
             drop_all_packets(sock)
             logger.info("drain window over: the listening socket takes no new connections")
         except OSError as exc:
-            logger.warning("cannot filter the listening socket (%s): late connections may be reset", exc)
+            # Attaching a socket filter needs CAP_NET_ADMIN on some kernels (measured: EPERM as the
+            # image's non-root user, and as root without NET_ADMIN; docs/deploy.md). Next best, with
+            # no privilege: a backlog of 0, so the kernel drops new SYNs while one connection waits to
+            # be accepted (at most that one is reset when the socket closes, instead of all queued).
+            try:
+                sock.listen(0)
+            except OSError:
+                pass
+            logger.warning("cannot filter the listening socket (%s): its backlog is now 0 instead; a balancer "
+                           "must stop sending within DRAIN_S (readiness), or late connections may be reset", exc)
 
     if arbiter.loop is not None:
         arbiter.loop.call_later(drain_s, refuse)
