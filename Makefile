@@ -30,6 +30,7 @@ help:
 	@echo "  make recipes         seed-cnn training recipes side by side: epochs, seconds, test accuracy (~20 min)"
 	@echo "  make keras-seeds     the two seed Keras models: train, Keras' ONNX export, fold, verify"
 	@echo "  make bench-onnx-fold our ONNX pass vs onnxoptimizer/onnxsim/onnxslim (installs them first)"
+	@echo "  make bench-zoo       28 torchvision/timm nets through python -m export, beside torch.fx/torch.onnx/onnxsim/... (own venv)"
 	@echo "Serving and load (MODEL_PATH=$(MODEL_PATH); never trains or exports):"
 	@echo "  make serve           serve MODEL_PATH on PORT=$(PORT): page at /, Swagger UI at /docs"
 	@echo "  make bento           MODEL_PATH into BentoML's model store, then bentoml build"

@@ -127,8 +127,12 @@ def export_and_check(tmp_path, run, factory, shape, layout, fx_kept, untraceable
     # every float32 form within 1e-5 of the float64 model (these small nets need no float32 clause).
     parity = report["parity"]
     assert parity["passed"] and {1, 7} <= set(parity["batch_sizes"])
-    assert parity["float64"]["available"] and parity["exactness"]["fx pass"]["passed"]
-    assert parity["exactness"]["fx pass"]["relative"] < 1e-12
+    fx_exact = parity["exactness"]["fx pass"]
+    assert parity["float64"]["available"] and fx_exact["passed"]
+    if n_batchnorms(model) > len(fx_kept):  # the fx pass folded something: proven exact
+        assert fx_exact["relative"] < 1e-12, fx_exact
+    else:
+        assert fx_exact == {"skipped": "it folded nothing", "passed": True}
     judged = {n: r for n, r in parity["variants"].items() if n != parity["own"]}
     assert len(judged) == 4 and all(r["clause"] == "within 1e-5" for r in judged.values()), judged
     assert parity["images"] == (40 if options.get("sample") else 256)
