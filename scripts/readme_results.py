@@ -31,8 +31,11 @@ SECTIONS = [
      ["bench_serve/throughput_vs_users.png", "bench_serve/latency_vs_users.png"]),
     ("Soak", "soak/soak.json", "make soak", ["soak/soak.png"]),
     ("Fault battery", "faults/faults.json", "make faults", []),
+    ("Real models: torchvision and timm through `python -m export`, beside the tools people use instead",
+     "bench_zoo/results.json", "make bench-zoo", ["bench_zoo/bn_left.png"]),
     ("Container image and rolling replace", "deploy/deploy_check.json", "make deploy-check", []),
 ]
+PEERS = ("dynamo optimize", "onnxsim", "onnxslim", "onnxoptimizer", "fx fuse")  # bench/zoo.py's names
 
 
 def date_of(path: Path) -> str:
@@ -54,6 +57,31 @@ def render(path: Path, command: str) -> str:
         return "\n".join([f"`{f['command']}`, {f['date']}, {f['workers']} workers, load average before "
                           f"{f['load_average_before'][0]:.1f} (the load generator shares the 2 cores); every goal "
                           "in docs/service.md:", "", "| scenario | figures | |", "|---|---|---|", *rows])
+    if path.parent.name == "bench_zoo":  # one paragraph: published, BNs left per tool, what we keep and why
+        z = json.loads(path.read_text())
+        models = [m for m in z["models"] if m.get("ours", {}).get("exit") is not None]
+        ours = [m["ours"] for m in models]
+        total = sum(m.get("peers", {}).get("unfolded", {}).get("bn_nodes", m["bns"]) for m in models)
+        left = {"ours": sum(o["bn_left"] if o.get("published") else o.get("kept", o["bn_left"]) for o in ours)}
+        wrong = {"ours": sum(o.get("check", {}).get("matches") is False for o in ours)}
+        for tool in PEERS:
+            entries = [m.get("peers", {}).get(tool, {}) for m in models]
+            left[tool] = sum(e.get("left") or 0 for e in entries)
+            wrong[tool] = sum(e.get("check", {}).get("matches") is False for e in entries)
+        kept = "; ".join(f"{m['name']} {m['ours'].get('kept')}" for m in models if m["ours"].get("kept"))
+        r50 = next((m["ours"] for m in models if m["name"] == "resnet50"), None)
+        meta = z["meta"]
+        text = (f"`make bench-zoo`, {meta['dates']}, each model holding the benchmark lock, load average "
+                f"{meta['load']}, {meta['versions']}: **{sum(o.get('published', False) for o in ours)} of {len(models)} "
+                f"published**. BatchNorms left of the {total:,} the models run: **ours {left['ours']}**, "
+                + ", ".join(f"{t} {left[t]}" for t in PEERS) + ". Outputs that no longer match the float64 model "
+                f"(within 1e-5, or ≤ 2x float32's own error): ours {wrong['ours']}, "
+                + ", ".join(f"{t} {wrong[t]}" for t in PEERS) + " (the peers publish without checking).")
+        if kept:
+            text += f" Kept by us, each with its reason in the report: {kept}."
+        if r50:
+            text += f" ResNet-50 at 224x224 exported and verified in {r50['seconds']:.0f} s ({r50['rows']} rows)."
+        return text + " Every model, tool and reason: [docs/zoo.md](docs/zoo.md)."
     if path.name == "deploy_check.json":  # with the image make container built (artifacts/container.json)
         d, image = json.loads(path.read_text()), path.parent.parent / "container.json"
         lines = []

@@ -56,3 +56,48 @@ def test_readme_without_the_markers_is_refused(tmp_path, capsys):
     readme.write_text("# no block\n")
     assert load_script().main(["--artifacts", str(tmp_path), "--readme", str(readme)]) == 2
     assert readme.read_text() == "# no block\n" and "no <!-- results:begin -->" in capsys.readouterr().err
+
+
+def test_zoo_and_deployment_reports_are_summed_up_not_copied(tmp_path):
+    """bench-zoo's records become one paragraph (published, BNs left per tool, what we keep); the
+    rolling replace and the image one each; their numbers come from the reports."""
+    script = load_script()
+    artifacts = tmp_path / "artifacts"
+    (artifacts / "bench_zoo").mkdir(parents=True)
+    (artifacts / "deploy").mkdir()
+    peer = {"left": 3, "check": {"matches": True}}
+    models = [
+        {"name": "resnet50", "bns": 53, "peers": {"unfolded": {"bn_nodes": 53}, **{t: dict(peer, left=0) for t in script.PEERS}},
+         "ours": {"exit": 0, "published": True, "bn_left": 0, "kept": 0, "seconds": 31.1, "rows": 16, "check": {"matches": True}}},
+        {"name": "mixnet_s", "bns": 49, "peers": {"unfolded": {"bn_nodes": 49}, **{t: dict(peer, left=34) for t in script.PEERS},
+                                                 "onnxsim": {"left": 34, "check": {"matches": False}}},
+         "ours": {"exit": 0, "published": True, "bn_left": 0, "kept": 0, "seconds": 32, "rows": 16, "check": {"matches": True}}},
+        {"name": "densenet121", "bns": 121, "peers": {t: dict(peer, left=62) for t in script.PEERS},
+         "ours": {"exit": 1, "published": False, "bn_left": 62, "kept": 62, "seconds": 80, "rows": 16}},
+        {"name": "never_run", "bns": 7, "ours": {}},
+    ]
+    (artifacts / "bench_zoo" / "results.json").write_text(json.dumps(
+        {"meta": {"dates": "2026-12-02 00:36 to 01:00", "load": "0.4 to 1.2", "versions": "torch 2.14.1"}, "models": models}))
+    (artifacts / "deploy" / "deploy_check.json").write_text(json.dumps({
+        "command": "python -m deploy.check", "date": "2026-12-01 23:39", "load_average_before": [3.7, 4, 5],
+        "pod": {"replicas": 2}, "rate_rps": 100, "wrong_labels": 0, "passed": True,
+        "rolling": {"failed": 0, "requests": 4953, "p99_ms": 30.2, "steps": [{"sigterm_to_balancer_down_s": 0.25},
+                                                                          {"sigterm_to_balancer_down_s": 0.5}]},
+        "kill": {"failed": 1, "requests": 579, "victim_sessions_in_flight": 1, "balancer_down_after_s": 0.82,
+                 "p99_ms": 1015.6}}))
+    (artifacts / "container.json").write_text(json.dumps({
+        "command": "python -m deploy.container", "date": "2026-12-01 23:49", "load_average": [5.3, 5, 5],
+        "image": "bnfold-classifier:abc", "size_mb": 382.4, "user": "bentoml", "ready_s": 4.9, "exit_code": 0,
+        "stop_s": 6.87}))
+    readme = tmp_path / "README.md"
+    readme.write_text(f"{script.BEGIN}\n{script.END}\n")
+    assert script.main(["--artifacts", str(artifacts), "--readme", str(readme)]) == 0
+    text = readme.read_text()
+    assert "**2 of 3 published**" in text and "of the 223 the models run: **ours 62**" in text  # 53 + 49 + 121
+    assert "dynamo optimize 96" in text and "onnxsim 96" in text  # 0 + 34 + 62
+    assert "ours 0, dynamo optimize 0, onnxsim 1" in text  # onnxsim's mixnet_s no longer matches
+    assert "Kept by us, each with its reason in the report: densenet121 62." in text
+    assert "ResNet-50 at 224x224 exported and verified in 31 s (16 rows)" in text
+    assert "**382 MB** (goal ≤ 500)" in text and "user `bentoml`" in text
+    assert "Rolling replace: **0 failed of 4,953**" in text and "0.25 and 0.50 s after its SIGTERM" in text
+    assert "One replica SIGKILLed: 1 failed of 579 (requests in flight on it: 1)" in text and "PASS." in text
