@@ -374,6 +374,10 @@ def parse_args(argv=None) -> argparse.Namespace:
         print(f"error: {args.model} is missing: run `make pipeline` (or `python -m export --run <run dir> --out "
               f"{Path(args.model).parent}`)", file=sys.stderr)
         raise SystemExit(2)
+    if args.mode == "bench" and not describe(metadata_of(args.model)).classifier:
+        print(f"error: {args.model} is not a classifier: the benchmark's baselines answer class labels; "
+              f"load-test it with `make loadtest` (python -m loadtest run)", file=sys.stderr)
+        raise SystemExit(2)
     if args.mode == "bench":
         args.setups = [x.strip() for x in args.setups.split(",") if x.strip()]
         args.users = [int(u) for u in args.users or ([8, 32] if args.quick else [1, 8, 32, 64])]

@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # locust adds o
 
 from common.files import write_json  # noqa: E402
 from loadtest.core import CLIENT_ERROR_TAG, LoadTargetError, judge, require_local_host  # noqa: E402
-from loadtest.workload import (DEFAULT_DATA_DIR, SCENARIOS, DataError, build, describe, fetch_metadata,  # noqa: E402
+from loadtest.workload import (DEFAULT_DATA_DIR, SCENARIOS, DataError, build, check, describe, fetch_metadata,  # noqa: E402
                                load)
 
 log = logging.getLogger("loadtest")
@@ -106,31 +106,6 @@ def _judge(environment, **_kwargs):
                                        "errors": errors})
 
 
-def check(answer: dict, sample, oip: bool = False) -> str | None:
-    """None when the answer is right, else what is wrong with it."""
-    t, n, k = STATE["target"], sample.n, len(STATE["target"].labels)
-    if oip:
-        out = answer["outputs"][0]
-        if (answer.get("model_name"), out["shape"], out["datatype"], len(out["data"])) != (t.name, [n, k], "FP32", n * k):
-            return f"{answer.get('model_name')!r} {out['datatype']} {out['shape']}, expected {t.name!r} FP32 [{n}, {k}]"
-        got = [max(range(k), key=out["data"][i * k:(i + 1) * k].__getitem__) for i in range(n)]
-    else:
-        preds = answer["predictions"] if "predictions" in answer else [answer]  # /classify: one
-        if len(preds) != n:
-            return f"{len(preds)} predictions for {n} inputs"
-        for i, p in enumerate(preds):
-            probs = p["probabilities"]
-            if len(probs) != k or abs(sum(probs) - 1.0) > 1e-3:
-                return f"prediction {i}: {len(probs)} probabilities summing to {sum(probs):.4f}, expected {k} and 1"
-            if p["label"] != t.labels[p["class_id"]] or probs[p["class_id"]] != max(probs):
-                return f"prediction {i}: class_id {p['class_id']}, label {p['label']!r} do not match the probabilities"
-        got = [p["class_id"] for p in preds]
-    if sample.expected is not None and got != sample.expected:
-        i = next(i for i, (a, b) in enumerate(zip(got, sample.expected)) if a != b)
-        return f"wrong label at {i}: got {got[i]}, expected {sample.expected[i]}"
-    return None
-
-
 class ModelUser(FastHttpUser):
     tasks = {tag(s)(lambda user, s=s: user.post(s)): weight for s, (weight, _, _) in SCENARIOS.items()}
     connection_timeout = 10.0  # kept-alive connections; a closed-loop user sends as soon as one returns
@@ -164,7 +139,7 @@ class ModelUser(FastHttpUser):
                 detail = (resp.text or "")[:200] if status else repr(resp.error)
                 return resp.failure(f"{CLIENT_ERROR_TAG + ' ' if 400 <= status < 500 else ''}HTTP {status}: {detail}")
             try:
-                problem = check(json.loads(resp.content), sample, oip=scenario == "oip")
+                problem = check(STATE["target"], json.loads(resp.content), sample, oip=scenario == "oip")
             except (ValueError, KeyError, TypeError, IndexError) as e:
                 problem = f"unreadable answer: {type(e).__name__}: {e}"
             if problem:

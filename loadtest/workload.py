@@ -5,12 +5,15 @@ with Fashion-MNIST's labels gets the real test set; with its ONNX file at hand, 
 same model, run in-process, classifies correctly with a logit margin >= 2 are sent, and their true
 labels are expected: a wrong label under load means the server scrambled something (batch order,
 preprocessing), not that the model was unsure. Any other model gets seeded random inputs in its
-declared range. Every body is encoded once, up front: on 2 cores the load generator is the
-bottleneck and must not spend its CPU on encoding.
+declared range. A model that is not a classifier (contract v3: several outputs, no labels) gets the
+same bodies, no /classify, and every answer is checked for each output's name and shape. Every body
+is encoded once, up front: on 2 cores the load generator is the bottleneck and must not spend its
+CPU on encoding.
 """
 import base64
 import io
 import json
+import math
 import urllib.request
 import uuid
 from collections import namedtuple
@@ -38,7 +41,7 @@ SCENARIOS = {"single": (8, "/predict", "/predict [1 image]"), "batch64": (1, "/p
 class Target:
     """The served model, as its /metadata document describes it."""
     name: str
-    labels: list[str]
+    labels: list[str] | None  # None: not a classifier
     input_name: str
     shape: tuple[int, ...]  # one input, without the batch axis
     layout: str
@@ -50,10 +53,15 @@ class Target:
     output_kind: str
     max_images: int
     sha256: str
+    outputs: tuple = ()  # ((name, shape without the batch axis), ...), every output the model has
+
+    @property
+    def classifier(self) -> bool:
+        return self.labels is not None
 
     @property
     def image(self) -> bool:  # /classify takes uploads only for these
-        return self.layout in ("NCHW", "NHWC") and self.channels in (1, 3)
+        return self.classifier and self.layout in ("NCHW", "NHWC") and self.channels in (1, 3)
 
     @property
     def fashion_mnist(self) -> bool:
@@ -63,15 +71,18 @@ class Target:
 def describe(doc: dict) -> Target:
     """A /metadata document -> Target. Fields the service on main does not send yet (layout
     defaults, channels/height/width, output kind) are derived from input.shape as the contract says."""
-    inp, out, model = doc["input"], doc.get("output", {}), doc.get("model", {})
+    inp, out, model = doc["input"], doc.get("output") or {}, doc.get("model", {})
     shape = tuple(int(d) for d in inp["shape"][1:])
     layout = inp.get("layout") or {3: "NCHW", 1: "NC"}.get(len(shape), "other")
     chw = {"NCHW": shape, "NHWC": shape[2:] + shape[:2]}.get(layout, (None, None, None))
     value_range = inp.get("range")
-    return Target(model.get("name") or "model", list(doc["labels"]), inp["name"], shape, layout,
+    labels = doc.get("labels")
+    outputs = tuple((o["name"], tuple(o["shape"][1:])) for o in doc.get("outputs") or [])
+    return Target(model.get("name") or "model", None if labels is None else list(labels), inp["name"], shape, layout,
                   inp.get("channels", chw[0]), inp.get("height", chw[1]), inp.get("width", chw[2]),
                   tuple(value_range) if value_range else None, out.get("name", "logits"),
-                  out.get("kind", "logits"), int(inp.get("max_images_per_request", 1024)), model.get("sha256", ""))
+                  out.get("kind", "logits"), int(inp.get("max_images_per_request", 1024)), model.get("sha256", ""),
+                  outputs)
 
 
 def fetch_metadata(base_url: str, timeout: float = 10.0) -> dict:
@@ -84,11 +95,13 @@ def metadata_of(model_path: str | Path) -> dict:
     import onnx
 
     meta = {p.key: p.value for p in onnx.load(str(model_path), load_external_data=False).metadata_props}
+    classifier = "output_name" in meta  # contract v3: absent for a model that is not a classifier
     return {"model": {"name": meta.get("name", "model"), "sha256": sha256_file(model_path)},
-            "labels": json.loads(meta["labels"]),
+            "labels": json.loads(meta["labels"]) if classifier else None,
             "input": {"name": meta["input_name"], "shape": json.loads(meta["input_shape"]),
                       "layout": meta.get("input_layout"), "range": json.loads(meta.get("input_range", "null"))},
-            "output": {"name": meta["output_name"], "kind": meta.get("output_kind", "logits")}}
+            "output": {"name": meta["output_name"], "kind": meta.get("output_kind", "logits")} if classifier else None,
+            "outputs": json.loads(meta.get("outputs", "[]"))}
 
 
 def session(model_path: str | Path):
@@ -201,6 +214,55 @@ def build(t: Target, model: str | Path | None = None, data_dir=DEFAULT_DATA_DIR,
         few = pick[:NPY_BATCH]
         work["npy"].append(Sample(npy_body(x[few]), len(few), exp(few), "application/x-npy"))
     return work
+
+
+# --- what a right answer looks like -----------------------------------------------------------
+
+def _shape(nested) -> list[int]:
+    """The shape of a nested JSON list, read along its first elements (cheap: the generator's CPU is scarce)."""
+    shape = []
+    while isinstance(nested, list):
+        shape.append(len(nested))
+        nested = nested[0] if nested else None
+    return shape
+
+
+def check_outputs(t: Target, answer: dict, n: int, oip: bool) -> str | None:
+    """A model that is not a classifier: every output, by name, with n rows of its shape."""
+    if oip:
+        got = {o["name"]: (o["shape"], len(o["data"])) for o in answer["outputs"]}
+        want = {name: ([n, *shape], n * math.prod(shape)) for name, shape in t.outputs}
+    else:
+        got = {name: (_shape(v), None) for name, v in answer["outputs"].items()}
+        want = {name: ([n, *shape], None) for name, shape in t.outputs}
+    return None if got == want else f"outputs {got}, expected {want}"
+
+
+def check(t: Target, answer: dict, sample, oip: bool = False) -> str | None:
+    """None when the server's answer to `sample` is right, else what is wrong with it."""
+    if not t.classifier:
+        return check_outputs(t, answer, sample.n, oip)
+    n, k = sample.n, len(t.labels)
+    if oip:
+        out = answer["outputs"][0]
+        if (answer.get("model_name"), out["shape"], out["datatype"], len(out["data"])) != (t.name, [n, k], "FP32", n * k):
+            return f"{answer.get('model_name')!r} {out['datatype']} {out['shape']}, expected {t.name!r} FP32 [{n}, {k}]"
+        got = [max(range(k), key=out["data"][i * k:(i + 1) * k].__getitem__) for i in range(n)]
+    else:
+        preds = answer["predictions"] if "predictions" in answer else [answer]  # /classify: one
+        if len(preds) != n:
+            return f"{len(preds)} predictions for {n} inputs"
+        for i, p in enumerate(preds):
+            probs = p["probabilities"]
+            if len(probs) != k or abs(sum(probs) - 1.0) > 1e-3:
+                return f"prediction {i}: {len(probs)} probabilities summing to {sum(probs):.4f}, expected {k} and 1"
+            if p["label"] != t.labels[p["class_id"]] or probs[p["class_id"]] != max(probs):
+                return f"prediction {i}: class_id {p['class_id']}, label {p['label']!r} do not match the probabilities"
+        got = [p["class_id"] for p in preds]
+    if sample.expected is not None and got != sample.expected:
+        i = next(i for i, (a, b) in enumerate(zip(got, sample.expected)) if a != b)
+        return f"wrong label at {i}: got {got[i]}, expected {sample.expected[i]}"
+    return None
 
 
 def save(path: str | Path, doc: dict, model=None, data_dir=DEFAULT_DATA_DIR, **kw) -> tuple[str, dict]:

@@ -19,11 +19,13 @@ from common.files import write_text  # noqa: E402 -- stdlib only, like this scri
 
 BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
 
-# (title, report, command that writes it, plots to copy)
+# (title, report, command that writes it, plots to copy); `make recipes` (the training recipes side by
+# side) is kept in docs/training.md, not here
 SECTIONS = [
     ("Model: accuracy, fold parity, onnxruntime speed", "results.md", "make pipeline", []),
     ("`make pipeline`: wall seconds per stage", "pipeline_times.tsv", "make pipeline", []),
-    ("seed-cnn training recipes, side by side", "recipes/results.md", "make recipes", ["recipes/recipes.png"]),
+    ("Real models: torchvision and timm through `python -m export`, beside the tools people use instead",
+     "bench_zoo/results.json", "make bench-zoo", ["bench_zoo/bn_left.png"]),
     ("Keras seed models through the ONNX pass", "keras/results.md", "make keras-seeds", []),
     ("ONNX fold pass vs onnxoptimizer / onnxsim / onnxslim", "bench_onnx_fold/results.json", "make bench-onnx-fold",
      ["bench_onnx_fold/throughput.png"]),
@@ -31,8 +33,6 @@ SECTIONS = [
      ["bench_serve/throughput_vs_users.png", "bench_serve/latency_vs_users.png"]),
     ("Soak", "soak/soak.json", "make soak", ["soak/soak.png"]),
     ("Fault battery", "faults/faults.json", "make faults", []),
-    ("Real models: torchvision and timm through `python -m export`, beside the tools people use instead",
-     "bench_zoo/results.json", "make bench-zoo", ["bench_zoo/bn_left.png"]),
     ("Container image and rolling replace", "deploy/deploy_check.json", "make deploy-check", []),
 ]
 PEERS = ("dynamo optimize", "onnxsim", "onnxslim", "onnxoptimizer", "fx fuse")  # bench/zoo.py's names

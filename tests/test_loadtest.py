@@ -7,6 +7,7 @@ the tools work against a contract model that is not Fashion-MNIST (3x32x32, 5 cl
 import csv
 import io
 import json
+from types import SimpleNamespace
 import subprocess
 import sys
 from pathlib import Path
@@ -19,7 +20,7 @@ from common.procs import REPO, ServerProcess, free_port, port_open, probe
 from loadtest.__main__ import capacity_from_bench, goals_report, markdown_table, parse_args, rss_growth
 from loadtest.core import CLIENT_ERROR_TAG, LoadTargetError, LocustRun, judge, parse_duration, require_local_host, \
     run_locust
-from loadtest.workload import BATCH, LABELS, DataError, build, describe, load, metadata_of, save
+from loadtest.workload import BATCH, LABELS, DataError, build, check, describe, load, metadata_of, save
 from training.data import DEFAULT_DATA_DIR, load_split
 
 SCENARIO_NAMES = {"/predict [1 image]", "/predict [64 images]", "/predict [64 images, raw f32]",
@@ -241,6 +242,32 @@ def test_loadtest_against_a_3x32x32_contract_model(tmp_path):
     stats = _stats(tmp_path / "out" / "loadtest")
     for name in SCENARIO_NAMES - {"/classify [png]"}:
         assert int(stats[name]["Request Count"]) > 0 and int(stats[name]["Failure Count"]) == 0, (name, tail)
+
+
+@pytest.mark.timeout(180)
+def test_loadtest_against_a_model_that_is_not_a_classifier(tmp_path):
+    """A detector (two outputs, no labels; contract v3): /predict, raw, npy and OIP answers are checked
+    for every output's name and shape, /classify is not sent, and nothing fails; the benchmark, whose
+    baselines answer class labels, refuses it in one line."""
+    from service_helpers import build_model
+
+    path = build_model(tmp_path / "det", "detector")
+    t = describe(metadata_of(path))
+    assert not t.classifier and not t.image and [name for name, _ in t.outputs] == ["boxes", "scores"]
+    proc, _ = _loadtest(str(path), tmp_path / "out")
+    tail = (proc.stdout + proc.stderr)[-4000:]
+    assert proc.returncode == 0 and "PASS" in tail and "label checks off" in tail, tail
+    stats = _stats(tmp_path / "out" / "loadtest")
+    assert "/classify [png]" not in stats, tail
+    for name in SCENARIO_NAMES - {"/classify [png]"}:
+        assert int(stats[name]["Request Count"]) > 0 and int(stats[name]["Failure Count"]) == 0, (name, tail)
+    good = {"outputs": {name: [[[0.0] * shape[-1] for _ in range(shape[0])]] for name, shape in t.outputs}}
+    assert check(t, good, SimpleNamespace(n=1)) is None
+    assert "expected" in check(t, {"outputs": {"boxes": good["outputs"]["boxes"]}}, SimpleNamespace(n=1))  # one missing
+    assert "expected" in check(t, good, SimpleNamespace(n=2))  # rows of another request
+    bench = subprocess.run([sys.executable, "-m", "loadtest", "bench", "--model", str(path), "--out", str(tmp_path / "b")],
+                           cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert bench.returncode == 2 and bench.stderr.count("\n") == 1 and "is not a classifier" in bench.stderr, bench.stderr
 
 
 @pytest.mark.timeout(90)
