@@ -20,13 +20,12 @@ from common.files import write_text  # noqa: E402 -- stdlib only, like this scri
 BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
 
 # (title, report, command that writes it, plots to copy); `make recipes` (the training recipes side by
-# side) is kept in docs/training.md, not here
+# side) and `make keras-seeds` are kept in docs/training.md and docs/onnx-fold.md, not here
 SECTIONS = [
     ("Model: accuracy, fold parity, onnxruntime speed", "results.md", "make pipeline", []),
     ("`make pipeline`: wall seconds per stage", "pipeline_times.tsv", "make pipeline", []),
     ("Real models: torchvision and timm through `python -m export`, beside the tools people use instead",
      "bench_zoo/results.json", "make bench-zoo", ["bench_zoo/bn_left.png"]),
-    ("Keras seed models through the ONNX pass", "keras/results.md", "make keras-seeds", []),
     ("ONNX fold pass vs onnxoptimizer / onnxsim / onnxslim", "bench_onnx_fold/results.json", "make bench-onnx-fold",
      ["bench_onnx_fold/throughput.png"]),
     ("Serving benchmark: our service vs naive baselines", "bench_serve/results.md", "make bench-serve",
@@ -124,13 +123,14 @@ def render(path: Path, command: str) -> str:
                 f"{s['warmup_s']:.0f} s of warm-up.")
     text = path.read_text().strip()
     text = re.sub(r"^!\[.*$", "", text, flags=re.M).strip()  # plots are linked from docs/img/results below
-    text = re.sub(r"^(Folded|Unfolded) graph nodes: .*\n", "", text, flags=re.M)  # in export_report.json
+    text = re.sub(r"^(Folded|Unfolded) graph nodes: .*(\n|$)", "", text, flags=re.M).strip()  # in export_report.json
     goals = re.findall(r"^- (.*) — (met|SHORT)$", text, flags=re.M)  # goal lists: one line, name what is short
     if goals:
         short = [g for g, verdict in goals if verdict == "SHORT"]
         text = re.sub(r"^Goals:\n(- .* — (met|SHORT)\n?)+", "", text, flags=re.M).rstrip()
         text += "\n\nGoals: " + "".join(f"{g} — **short**; " for g in short) + f"{len(goals) - len(short)} of {len(goals)} met."
-    if command not in text and "Command:" not in text and "`" not in text.splitlines()[0]:
+    first = text.splitlines()[0]
+    if command not in first and "Command:" not in first and not first.startswith("`"):  # say what made it, and when
         text = f"`{command}`, {date_of(path)}:\n\n{text}"
     return text
 

@@ -18,11 +18,12 @@ def load_script():
 def test_block_is_rebuilt_from_the_reports_that_exist(tmp_path):
     script = load_script()
     repo, artifacts = tmp_path / "repo", tmp_path / "artifacts"
-    (artifacts / "keras").mkdir(parents=True)
+    (artifacts / "faults").mkdir(parents=True)
     repo.mkdir()
     (artifacts / "pipeline_times.tsv").write_text("set-up\t22.4\ndata\t0.1\ntrain\t169.1\nexport+verify\t17.7\n")
-    (artifacts / "keras" / "results.md").write_text(
-        "`python -m training.keras_seeds --out artifacts/keras`, 2026-11-23:\n\n| model | epochs |\n|---|---|\n| keras3-mlp | 3 |\n")
+    (artifacts / "results.md").write_text(
+        "Model `seed-cnn` (artifacts/runs/seed-cnn):\n\n| form | test accuracy |\n|---|---|\n| torch folded | 0.92 |\n"
+        "\nFolded graph nodes: {'Conv': 1}\n")
     (artifacts / "soak").mkdir()
     (artifacts / "soak" / "soak.json").write_text(json.dumps({"ok": False, "reasons": ["p99 80 ms > 50"], "time": "1m",
         "offered_rps": 100, "achieved_rps": 99, "requests": 6000, "failures": 0, "p50_ms": 4, "p99_ms": 80,
@@ -40,7 +41,7 @@ def test_block_is_rebuilt_from_the_reports_that_exist(tmp_path):
     text = readme.read_text()
     assert text.startswith("# x\n\nbefore\n") and text.endswith("after\n") and "old text" not in text
     assert "set-up 22 · data 0 · train 169 · export+verify 18 → **total 209 s**" in text
-    assert "| keras3-mlp | 3 |" in text and "python -m training.keras_seeds --out artifacts/keras" in text
+    assert "| torch folded | 0.92 |" in text and "`make pipeline`" in text and "Folded graph nodes" not in text
     assert (repo / "docs" / "img" / "results" / "bench_serve-throughput_vs_users.png").read_bytes() == PNG
     assert "![throughput_vs_users](docs/img/results/bench_serve-throughput_vs_users.png)" in text
     assert "**FAIL: p99 80 ms > 50**" in text
