@@ -19,7 +19,8 @@ never into a padded Conv (the padded zeros would become t after folding) nor int
 (see LAYERS). A BN after a torch.cat of several layers' outputs folds backward by splitting s and
 t across them. Where no exact fold exists the BN stays and the report says why. A BN with
 track_running_stats=False normalizes with batch statistics even in eval mode: it is not an affine
-map and cannot be folded.
+map and cannot be folded (F.batch_norm on a weight, as in the weight standardization of timm's
+StdConv2d/ScaledStdConv2d, is no BatchNorm of activations and is left as it is).
 
 The math (affine_of_bn, affine_of_elementwise, compose_affine, fold_backward_arrays,
 fold_forward_arrays) runs in float64 on plain arrays, then casts back to the model's dtype; the
@@ -325,8 +326,25 @@ def _norm_of(gm: fx.GraphModule, root: nn.Module, modules: dict, node: fx.Node, 
             raise FoldError(f"BatchNorm {prefix + node.target!r}: {e}") from None
         return _Norm(node, name, scale, shift, _norm_ranks(m))
     if node.op == "call_function" and node.target is F.batch_norm:
+        if not _reads_input(node.args[0] if node.args else node.kwargs["input"]):
+            return None  # it normalizes a weight, not activations: weight standardization (timm's StdConv2d)
         return _functional_norm(gm, root, node, prefix)
     return None
+
+
+def _reads_input(node) -> bool:
+    """Whether fx value `node` depends on the traced function's inputs (else it is a function of the
+    model's parameters alone, the same for every batch)."""
+    seen, todo = set(), [node]
+    while todo:
+        n = todo.pop()
+        if not isinstance(n, fx.Node) or n in seen:
+            continue
+        if n.op == "placeholder":
+            return True
+        seen.add(n)
+        todo.extend(n.all_input_nodes)
+    return False
 
 
 def _functional_norm(gm: fx.GraphModule, root: nn.Module, node: fx.Node, prefix: str) -> _Norm:
@@ -394,7 +412,7 @@ def _fold_backward(gm, modules, norm: _Norm) -> tuple[list[str] | None, str | No
         return _fold_into_concat(gm, modules, norm, source)
     layer = _module(modules, source)
     if type(layer) not in LAYERS:
-        return None, None
+        return None, _not_a_layer(source, layer)
     if len(_readers(source)) != 1:
         return None, f"the output of {source.target} is read by {len(_readers(source))} nodes; a fold would change the others"
     why = _layer_fits(layer, source, source, norm, "out")
@@ -402,6 +420,13 @@ def _fold_backward(gm, modules, norm: _Norm) -> tuple[list[str] | None, str | No
         return None, why
     _replace(gm, modules, source.target, fold_backward(layer, norm.scale, norm.shift))
     return [source.target], None
+
+
+def _not_a_layer(node: fx.Node, module: nn.Module | None) -> str:
+    if node.op == "placeholder":
+        return "its input is the input of the traced module, not a layer's output"
+    what = f"{node.target} ({type(module).__name__})" if module is not None else f"{node.name} ({_what(node)})"
+    return f"its input comes from {what}, not from a Conv/ConvTranspose/Linear module"
 
 
 def _fold_into_concat(gm, modules, norm: _Norm, cat: fx.Node) -> tuple[list[str] | None, str | None]:

@@ -236,7 +236,7 @@ def verification_inputs(sample: str | None, dims: list, input_range: list[float]
 
 
 def _cost_text(cost: tuple[float, float] | None) -> str:
-    return "unknown cost" if not cost else f"{cost[0] / 1e9:.3g} GFLOP, {cost[1] / 1e6:.3g} M output elements"
+    return "unknown cost" if not cost else f"{cost[0] / 1e9:.3g} GFLOP, {cost[1] / 1e6:.3g} M elements out of its conv/linear layers"
 
 
 def torch_cost(model: nn.Module, dims: list[int]) -> tuple[float, float] | None:

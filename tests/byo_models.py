@@ -157,6 +157,21 @@ def mlp() -> nn.Module:
         nn.Linear(32, 6), nn.Softmax(dim=1))
 
 
+# --- weight standardization (timm's StdConv2d, NF-Nets, BiT): F.batch_norm of a weight --------
+
+class StdConv2d(nn.Conv2d):
+    def forward(self, x):
+        w = F.batch_norm(self.weight.reshape(1, self.out_channels, -1), None, None, training=True,
+                         momentum=0.0, eps=1e-6).reshape_as(self.weight)
+        return F.conv2d(x, w, self.bias, self.stride, self.padding)
+
+
+def std_conv() -> nn.Module:
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), StdConv2d(8, 8, 3), nn.BatchNorm2d(8), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 5))
+
+
 # --- fx cannot trace one submodule ----------------------------------------------------------------
 
 class PadToEven(nn.Module):

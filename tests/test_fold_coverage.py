@@ -217,6 +217,34 @@ def test_frozen_look_alike_that_is_not_a_batchnorm_is_left_alone():
     assert report.folded == [] and error == 0.0
 
 
+class StdConv2d(nn.Conv2d):
+    """timm's StdConv2d: the weight standardized with F.batch_norm in training mode at every call."""
+
+    def forward(self, x):
+        w = F.batch_norm(self.weight.reshape(1, self.out_channels, -1), None, None, training=True,
+                         momentum=0.0, eps=1e-6).reshape_as(self.weight)
+        return F.conv2d(x, w, self.bias, self.stride, self.padding)
+
+
+def test_weight_standardization_is_no_batchnorm_and_the_bn_after_it_still_folds():
+    """F.batch_norm on a weight (batch statistics of the weight, the same for every input) is left as
+    it is and not reported; a BN of activations with batch statistics is still refused."""
+    model = randomize(nn.Sequential(nn.Conv2d(3, 6, 3), nn.BatchNorm2d(6), nn.ReLU(), StdConv2d(6, 4, 1),
+                                    nn.BatchNorm2d(4), nn.ReLU()))
+    error, report, folded = fold_error(model, torch.randn(2, 3, 8, 8))
+    assert error < EXACT and [f["bn"] for f in report.folded] == ["1 (BatchNorm2d)"]
+    # a BN after a StdConv2d does not fold into it (the standardization would undo its scale): kept, both reasons
+    assert [k["bn"] for k in report.kept] == ["4 (BatchNorm2d)"], report.kept
+    assert report.kept[0]["reason"].startswith("backward: its input comes from conv2d"), report.kept
+
+    class BatchStats(nn.Module):
+        def forward(self, x):
+            return F.batch_norm(x, None, None, training=True)
+
+    with pytest.raises(export.fold.FoldError, match="batch statistics even in eval mode"):
+        fold_batchnorm(nn.Sequential(nn.Conv2d(3, 6, 3), BatchStats()).double(), (torch.randn(2, 3, 8, 8).double(),))
+
+
 # --- forward folds, and the ones that are refused ----------------------------------------------------------
 
 @pytest.mark.parametrize("dims, groups", [(1, 1), (2, 2), (3, 1), (2, 4)])
@@ -234,7 +262,7 @@ def test_bn_before_conv_transpose_is_kept_and_that_fold_would_be_wrong(groups):
                                     nn.ConvTranspose2d(4, 6, 3, stride=2, groups=groups)))
     x = torch.randn(2, 2, 6, 6)
     report, _ = assert_exact(model, x)
-    assert report.folded == [] and report.kept[0]["reason"] == f"{CONV_TRANSPOSE_FORWARD} (3)"
+    assert report.folded == [] and report.kept[0]["reason"].endswith(f"forward: {CONV_TRANSPOSE_FORWARD} (3)")
     if groups == 1:  # the refused fold, done as for a conv (input axis 0, shift summed over the kernel): wrong
         model = model.double()
         scale, shift = export.fold.bn_scale_shift(model[2])
