@@ -33,6 +33,7 @@ from export.onnx_export import (BN_OPS, contract_metadata, export_to_proto, node
 from export.onnx_fold import fold_onnx
 from export.sources import Source
 from export.verify import (ATOL, EXACT_RTOL, FACTOR, RTOL, batch_plan, exactness, fidelity, format_table, ort_session,
+                           ulp_perturbed,
                            run_ort, run_torch)
 
 FOLDED, UNFOLDED, REPORT = "model.onnx", "model_unfolded.onnx", "export_report.json"
@@ -92,6 +93,7 @@ class Checks:
         self.exact_rows = self.inputs64[:EXACT_ROWS]
         self.ref64, self.why64 = None, None
         self.exact, self.variants, self.own, self.notes = {}, {}, None, []
+        self.runs = None  # k -> outputs of the k-th ulp-perturbed float32 run of the unfolded model
 
     def float64_reference(self, run, what: str) -> None:
         with self.steps(f"float64 reference ({what}, {len(self.inputs64)} rows)"):
@@ -142,7 +144,7 @@ class Checks:
         available = self.ref64 is not None
         with self.steps(f"deployment fidelity ({len(self.variants)} float32 forms)"):
             if available:
-                result = fidelity(self.variants, self.ref64, self.own, s.scores, s.targets)
+                result = fidelity(self.variants, self.ref64, self.own, s.scores, s.targets, runs=self.runs)
             else:  # no float64 copy runs: the float32 clause alone, against the unfolded float32 model
                 own = self.variants[self.own]
                 reference = own() if callable(own) else own
@@ -205,6 +207,7 @@ def build_torch(source: Source, out: Path, verify_only: bool, checks: Checks):
         with steps("fx pass (each trace checked on 2 rows)"):
             folded_module, fx_report = fold_batchnorm(module, (torch.from_numpy(inputs[:2]),))
     checks.own = "torch eval (float32)"
+    checks.runs = lambda k: run_torch(ulp_perturbed(module, k), inputs)
     with steps("torch forms (float32)"):
         checks.variants[checks.own] = run_torch(module, inputs)
         try:
@@ -245,6 +248,8 @@ def build_onnx(source: Source, out: Path, verify_only: bool, checks: Checks):
     checks.own = "input graph (float32, DISABLE_ALL)"
     reference, step = ort_session(source.reference_graph, optimize=False), source.reference_batch or 1000
     checks.variants[checks.own] = lambda: run_ort(reference, source.inputs, plan=[step] * -(-len(source.inputs) // step))
+    checks.runs = lambda k: run_ort(ort_session(ulp_perturbed(source.reference_graph, k), optimize=False), source.inputs,
+                                    plan=[step] * -(-len(source.inputs) // step))
     if verify_only:
         checks.exact["ONNX pass"] = {"skipped": "not re-run by --verify-only (the published graph is judged below)",
                                      "passed": True}
