@@ -756,6 +756,9 @@ def _fold(module: nn.Module, prefix: str, report: FoldReport, calls: dict) -> nn
     for name, reason in leaves.items():
         _replace(gm, {}, name, _fold_inside(gm.get_submodule(name), f"{prefix}{name}.", reason, report, calls))
     _fold_graph(gm, module, prefix, report)
+    for key, value in vars(module).items():  # plain attributes a caller may read (ultralytics' m.f, m.i)
+        if not key.startswith("_") and key != "training" and not hasattr(gm, key):
+            setattr(gm, key, value)
     return gm
 
 
@@ -763,15 +766,27 @@ def _where(module: nn.Module, prefix: str) -> str:
     return f"{prefix.rstrip('.') or '<top level>'} ({type(module).__name__})"
 
 
-def _fold_inside(module: nn.Module, prefix: str, reason: str, report: FoldReport, calls: dict) -> nn.Module:
+_CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
+
+
+def _fold_inside(module: nn.Module, prefix: str, reason: str, report: FoldReport, calls: dict,
+                 owner: str | None = None) -> nn.Module:
     """`module`'s forward cannot be traced (or its trace is wrong): keep it, and fold inside each
-    child on its own."""
-    where = _where(module, prefix)
-    report.untraceable.append({"module": where, "reason": reason})
+    child on its own. A child container (Sequential, ModuleList, ModuleDict) that the forward does
+    not call — it iterates or indexes it, as ultralytics' DetectionModel does its layers — stays
+    the same object, folded inside in the same way (`owner`: the forward that uses it)."""
+    where = owner or _where(module, prefix)
+    if owner is None:
+        report.untraceable.append({"module": where, "reason": reason})
     for name, child in list(module.named_children()):
+        path = f"{prefix}{name}"
         if isinstance(child, _BatchNorm) or _is_norm_module(child):
-            report.kept.append({"bn": f"{prefix}{name} ({type(child).__name__})", "kind": "batchnorm",
+            report.kept.append({"bn": f"{path} ({type(child).__name__})", "kind": "batchnorm",
                                 "reason": f"called by the forward of {where}, which fx cannot trace: {reason}"})
-        elif any(isinstance(m, _BatchNorm) or _is_norm_module(m) for m in child.modules()):
-            setattr(module, name, _fold(child, f"{prefix}{name}.", report, calls))
+        elif not any(isinstance(m, _BatchNorm) or _is_norm_module(m) for m in child.modules()):
+            continue
+        elif isinstance(child, _CONTAINERS) and path not in calls:
+            _fold_inside(child, f"{path}.", reason, report, calls, owner=where)
+        else:
+            setattr(module, name, _fold(child, f"{path}.", report, calls))
     return module

@@ -56,7 +56,9 @@ def merge_fold_reports(fx: dict | None, onnx_pass: dict, before: onnx.ModelProto
         return fx_kept.pop(at) if at is not None else None
 
     def kind(entry: dict, scope: str | None) -> str:  # the ONNX pass cannot tell a FrozenBatchNorm's Mul/Add from a layer scale; fx can
-        known = scope is not None and any(m == scope or m.startswith(scope + ".") for m in bn_modules)
+        # the node lies in a BN module (not merely in a module that holds one: YOLO's Detect decodes its boxes
+        # with per-position Sub/Add/Mul beside the BNs of its convs)
+        known = scope is not None and any(scope == m or scope.startswith(m + ".") for m in bn_modules)
         return "batchnorm" if known else entry.get("kind", "batchnorm")
 
     folded = [dict(e, **{"pass": "fx", "kind": e.get("kind", "batchnorm")}) for e in fx.get("folded", [])]

@@ -493,8 +493,9 @@ def _bn_kind(graph: Graph, affine) -> str:
     """"batchnorm" for a chain that is a BatchNorm: a BatchNormalization node, or the per-channel
     mean subtraction exporters write for one (Keras: Sub → Mul → Add); else "affine" (a layer scale,
     a per-channel Mul/Add: folded the same way, but not a BatchNorm)."""
-    return "batchnorm" if any(n.op_type == "BatchNormalization" or (n.op_type == "Sub" and _bn_like(graph, n))
-                              for n in affine) else "affine"
+    return "batchnorm" if any(n.op_type == "BatchNormalization" or (
+        n.op_type == "Sub" and n.input[0] == _data_input(graph, n) and _bn_like(graph, n))  # x - mean, not c - x
+        for n in affine) else "affine"
 
 
 def _report_fold(graph: Graph, report: dict, affine, bn_like: bool, layers, direction: str) -> None:

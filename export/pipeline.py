@@ -201,7 +201,7 @@ def build_torch(source: Source, out: Path, verify_only: bool, checks: Checks):
             with steps("fx pass exactness (float64)"):
                 checks.exact_or_fail("fx pass", lambda: run_torch(folded64, checks.exact_rows, dtype=torch.float64),
                                      checks.ref64)
-        folded_module = copy.deepcopy(folded64).float()
+        folded_module = folded64.float()  # in place: GraphModule.__deepcopy__ drops plain attributes (ultralytics m.f)
         del module64, folded64
     else:
         with steps("fx pass (each trace checked on 2 rows)"):

@@ -172,6 +172,46 @@ def std_conv() -> nn.Module:
         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 5))
 
 
+# --- ultralytics-style: the forward iterates its layers and routes by each layer's `f` ---------------
+
+class ConvBN(nn.Module):
+    def __init__(self, cin, cout, k=3):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(cin, cout, k, padding=k // 2, bias=False), nn.BatchNorm2d(cout)
+
+    def forward(self, x):
+        return F.silu(self.bn(self.conv(x)))
+
+
+class Cat(nn.Module):
+    def forward(self, xs):
+        return torch.cat(xs, 1)
+
+
+class Routed(nn.Module):
+    """Like ultralytics' DetectionModel: `for m in self.model`, inputs picked by m.f (plain
+    attributes on each layer), and a forward fx cannot trace."""
+
+    def __init__(self):
+        super().__init__()
+        layers = [ConvBN(3, 8), ConvBN(8, 8), Cat(), ConvBN(16, 4, 1), nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten())]
+        for i, (m, f) in enumerate(zip(layers, [-1, -1, [-1, 0], -1, -1])):
+            m.f, m.i = f, i
+        self.model = nn.Sequential(*layers)
+
+    def forward(self, x):
+        y = []
+        for m in self.model:
+            x = m(x if m.f == -1 else [x if j == -1 else y[j] for j in m.f])
+            y.append(x)
+        boxes, scores = list(x.chunk(2, 1))  # as C2f does: fx cannot trace this forward (torch.onnx.export can)
+        return torch.cat([boxes, scores.sigmoid()], 1)
+
+
+def routed() -> nn.Module:
+    return Routed()
+
+
 # --- fx cannot trace one submodule ----------------------------------------------------------------
 
 class PadToEven(nn.Module):

@@ -54,6 +54,8 @@ ARCHS = [
     ("mlp", "20", "NC", [], [], {"labels": "json", "name": "tiny-mlp"}),
     # the BN after the StdConv2d stays in the fx pass; once exported the standardized weight is a constant
     ("std_conv", "3,10,10", "NCHW", ["4"], [], {}),
+    # folded layer by layer inside a forward that iterates its Sequential (ultralytics' DetectionModel)
+    ("routed", "3,8,8", "NCHW", [], ["<top level> (Routed)"], {}),
     # with a stand-in for the ONNX graph pass (below), which folds a BN right after a Conv
     ("leafy", "1,7,7", "NCHW", ["3.bn"], ["3 (PadToEven)"], {"stand_in": True}),
     ("shape_branch", "3,8,8", "NCHW", ["bn"], ["<top level> (ShapeBranchNet)"], {"stand_in": True}),
