@@ -38,7 +38,7 @@ help:
 	@echo "  make loadtest        locust scenarios with checks (USERS=16 RUN_TIME=30s P99_MS=1000 TAGS=...)"
 	@echo "  make bench-serve     ours vs naive baselines, side by side (QUICK=1: ~5 min)"
 	@echo "  make soak            fixed load for SOAK_TIME=10m, RSS growth and errors"
-	@echo "  make faults          killed worker, SIGTERM, 3x overload, stalled clients, oversize bodies (ONLY=...)"
+	@echo "  make faults          killed worker, SIGTERM, 3x overload, stalled clients, oversize bodies (ONLY=...; IMAGE=tag: on the image)"
 	@echo "Beyond one machine (docs/deploy.md; MODEL_PATH as for serve):"
 	@echo "  make container       the model into an image (bentoml containerize, lean, non-root), manifests in artifacts/k8s"
 	@echo "  make base-image      the local Python 3.11 base image (debootstrap; used when Docker Hub is unreachable)"
@@ -153,9 +153,9 @@ bento: setup-serve
 	$(VENV)/bin/bentoml build --arg model_tag=$$tag
 
 faults: setup-dev
-	$(NEED_MODEL)
-	$(LOCK) $(PY) -m loadtest.faults --model "$(MODEL_PATH)" --out $(ARTIFACTS)/faults $(if $(ONLY),--only $(ONLY)) \
-		$(if $(OVERLOAD_TIME),--overload-time $(OVERLOAD_TIME))
+	$(if $(IMAGE),,$(NEED_MODEL))
+	$(LOCK) $(PY) -m loadtest.faults $(if $(IMAGE),--image $(IMAGE) --out $(ARTIFACTS)/faults-image,--model "$(MODEL_PATH)" --out $(ARTIFACTS)/faults) \
+		$(if $(ONLY),--only $(ONLY)) $(if $(OVERLOAD_TIME),--overload-time $(OVERLOAD_TIME))
 
 loadtest: setup-dev data
 	$(NEED_MODEL)

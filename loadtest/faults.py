@@ -2,6 +2,7 @@
 
     python -m loadtest.faults --model artifacts/model.onnx             # ~3 min, all scenarios
     python -m loadtest.faults --only overload --overload-time 10s
+    python -m loadtest.faults --image bnfold-classifier:TAG             # the same against the image
 
 Scenarios (each on its own `bentoml serve` with SERVICE_WORKERS workers; requests are built from
 the server's /metadata, so any contract model works):
@@ -17,6 +18,11 @@ the server's /metadata, so any contract model works):
   stalled         200 connections stalled mid-headers: all closed by the server within 15 s
   oversize        a declared 1 GB body and a 30 MB JSON body: 413, connection closed, body not read
 
+With --image, each scenario runs on a container of that image instead (`make container` builds
+it), started as its pod runs it (non-root, no capabilities, no new privileges) on the host's
+network: the worker killed is one inside the container, SIGTERM goes to the container's init
+process (what `docker stop` and the kubelet send), and kill-container is kill itself.
+
 The load generator is ours (asyncio protocols, no locust): bounded in connections, time and rate,
 and it only talks to 127.0.0.1. Exit 1 when a figure misses its goal, 2 when the run could not
 happen. JSON report written atomically to --out/faults.json.
@@ -29,8 +35,10 @@ import asyncio
 import json
 import os
 import select
+import shutil
 import signal
 import socket
+import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
@@ -297,6 +305,66 @@ def start_server(model: Path, log: Path, workers: int = 2, **env: str) -> Server
         raise
 
 
+class ContainerServer(ServerProcess):
+    """A container of `image` in the foreground (`docker run --rm`: the client exits when the
+    container does, with its exit code), the pod's restrictions, on the host's network at `port`.
+    `pid` is the container's init process as the host sees it (BentoML's arbiter), so signals,
+    worker lookups and kills work as they do for `bentoml serve`."""
+
+    def __init__(self, docker: str, image: str, port: int, log: Path, workers: int) -> None:
+        self.docker, self.container = docker, f"bnfold-faults-{os.getpid()}-{port}"
+        super().__init__([docker, "run", "--rm", "--name", self.container, "--network", "host", "--cap-drop", "ALL",
+                          "--security-opt", "no-new-privileges", "-e", f"PORT={port}", "-e", f"SERVICE_WORKERS={workers}",
+                          image], port, log, name=f"container of {image}")
+        self._pid: int | None = None
+
+    @property
+    def pid(self) -> int:
+        if self._pid is None:
+            out = subprocess.run([self.docker, "inspect", "-f", "{{.State.Pid}}", self.container],
+                                 capture_output=True, text=True).stdout.strip()
+            if not out.isdigit() or out == "0":
+                raise ProcessError(f"{self.container} is not running")
+            self._pid = int(out)
+        return self._pid
+
+    def signal(self, signum: int) -> None:
+        os.kill(self.pid, signum)
+
+    @staticmethod
+    def inner_pid(pid: int) -> int:
+        """A host pid as the container sees it (what the service's /metadata reports)."""
+        try:
+            line = next(ln for ln in Path(f"/proc/{pid}/status").read_text().splitlines() if ln.startswith("NSpid:"))
+            return int(line.split()[-1])
+        except (OSError, StopIteration, ValueError):
+            return pid
+
+    def stop(self, timeout: float = 20.0) -> int | None:
+        subprocess.run([self.docker, "rm", "-f", self.container], capture_output=True)
+        return super().stop(timeout)
+
+
+def docker_client() -> str:
+    """A docker client whose daemon answers (Debian's /usr/bin/docker first: it builds without buildx)."""
+    client = "/usr/bin/docker" if os.access("/usr/bin/docker", os.X_OK) else shutil.which("docker")
+    if client is None:
+        raise ProcessError("no docker client: `make container` installs docker.io and starts dockerd")
+    if subprocess.run([client, "info"], capture_output=True).returncode != 0:
+        raise ProcessError("no docker daemon answers: `make container` (or `python -m deploy.tools docker`) starts one")
+    return client
+
+
+def start_container(docker: str, image: str, log: Path, workers: int) -> ContainerServer:
+    server = ContainerServer(docker, image, free_port(), log, workers)
+    server.start()
+    try:
+        return server.wait_ready(120)
+    except BaseException:
+        server.stop()
+        raise
+
+
 def worker_pids(server: ServerProcess) -> list[int]:
     try:
         return sorted(p.pid for p in psutil.Process(server.pid).children()
@@ -374,6 +442,7 @@ def kill_worker(server: ServerProcess, raw: bytes, rate: float = 200.0, seconds:
             stats = Stats()
             loading = asyncio.ensure_future(load.open_loop(raw, rate, seconds, stats))
             await asyncio.sleep(kill_at)
+            seen = {getattr(server, "inner_pid", lambda p: p)(p) for p in before}  # the pids /metadata reports
             victim = before[0]
             victim_conns = open_connections(victim, server.port)
             os.kill(victim, signal.SIGKILL)
@@ -381,7 +450,7 @@ def kill_worker(server: ServerProcess, raw: bytes, rate: float = 200.0, seconds:
             new_pid, t_new = None, None
             while time.monotonic() - t_kill < 15:
                 status, _, body = await probe.request(http_request("GET", "/metadata", close=True))
-                if status == 200 and json.loads(body)["runtime"]["pid"] not in before:
+                if status == 200 and json.loads(body)["runtime"]["pid"] not in seen:
                     new_pid, t_new = json.loads(body)["runtime"]["pid"], time.monotonic()
                     break
                 await asyncio.sleep(0.05)
@@ -616,6 +685,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="python -m loadtest.faults", description=__doc__.splitlines()[0],
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     ap.add_argument("--model", type=Path, default=Path("artifacts/model.onnx"), help="the exported model.onnx to serve")
+    ap.add_argument("--image", default=None, help="run each scenario on a container of this image instead "
+                                                   "(its own model; --model is not used)")
     ap.add_argument("--out", type=Path, default=Path("artifacts/faults"), help="report directory (faults.json, server logs)")
     ap.add_argument("--only", default=",".join(SCENARIOS), help="comma list from: " + ", ".join(SCENARIOS))
     ap.add_argument("--workers", type=int, default=2, help="SERVICE_WORKERS of the served service")
@@ -639,19 +710,28 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    if not args.model.is_file():
+    docker = None
+    if args.image:
+        try:
+            docker = docker_client()
+        except ProcessError as exc:
+            print(f"faults: {exc}", file=sys.stderr)
+            return 2
+        args.only = [s for s in args.only if s != "kill-container"]  # in the image, kill is kill-container
+    elif not args.model.is_file():
         print(f"faults: {args.model} not found; run `make export` (or pass --model)", file=sys.stderr)
         return 2
     args.out.mkdir(parents=True, exist_ok=True)
     report = {"command": "python -m loadtest.faults " + " ".join(sys.argv[1:] if argv is None else argv),
               "date": time.strftime("%Y-%m-%d %H:%M:%S"), "load_average_before": os.getloadavg(),
-              "workers": args.workers, "scenarios": {}}
+              "workers": args.workers, **({"image": args.image} if args.image else {}), "scenarios": {}}
     checks_all: list[tuple[str, Check]] = []
     for name in args.only:
         env = {"BENTOML_CONTAINERIZED": "true"} if name == "kill-container" else {}
         log = args.out / f"server_{name}.log"
         try:
-            server = start_server(args.model, log, args.workers, **env)
+            server = (start_container(docker, args.image, log, args.workers) if args.image
+                      else start_server(args.model, log, args.workers, **env))
         except ProcessError as exc:
             print(f"faults: cannot start the service for {name}: {exc}", file=sys.stderr)
             return 2

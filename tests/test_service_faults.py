@@ -141,3 +141,18 @@ def test_connections_over_the_cap_get_503_and_close(strict_server, raw_request):
 
     answers = faults.run(main())
     assert answers.count(b"503") >= 10 and answers.count(b"200") + answers.count(b"503") == 40, answers
+
+
+def test_image_mode_without_a_docker_daemon_is_one_line_exit_2(tmp_path, monkeypatch, capsys):
+    """`--image` needs a docker daemon: without one, one line saying how to get it, exit 2, no report."""
+    monkeypatch.setattr(faults.subprocess, "run", lambda *a, **k: type("Done", (), {"returncode": 1, "stdout": ""})())
+    assert faults.main(["--image", "bnfold-classifier:none", "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("faults: no docker") and "make container" in err[0]
+    assert not (tmp_path / "out" / "faults.json").exists()
+
+
+def test_a_container_pid_is_mapped_to_the_pid_the_container_reports():
+    """/metadata inside a container reports pids of its own namespace; the kill scenario compares
+    those, not host pids (else a "new worker" is seen at once). Outside a namespace: the same pid."""
+    assert faults.ContainerServer.inner_pid(os.getpid()) == os.getpid()
