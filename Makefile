@@ -31,6 +31,7 @@ help:
 	@echo "  make keras-seeds     the two seed Keras models: train, Keras' ONNX export, fold, verify"
 	@echo "  make bench-onnx-fold our ONNX pass vs onnxoptimizer/onnxsim/onnxslim (installs them first)"
 	@echo "  make bench-zoo       28 torchvision/timm nets through python -m export, beside torch.fx/torch.onnx/onnxsim/... (own venv)"
+	@echo "  make bench-unseen    architectures and weights bench-zoo never uses, through the CLI (~20 min, own venv)"
 	@echo "Serving and load (MODEL_PATH=$(MODEL_PATH); never trains or exports):"
 	@echo "  make serve           serve MODEL_PATH on PORT=$(PORT): page at /, Swagger UI at /docs"
 	@echo "  make bento           MODEL_PATH into BentoML's model store, then bentoml build"
@@ -242,6 +243,13 @@ $(ZOO_VENV)/.installed: pyproject.toml
 	$(ZOO_PIP) -e .
 	@$(ZOO_PY) -c 'import torch, sys; v = torch.__version__.split("+")[0]; print("bench-zoo venv: torch", v); sys.exit(v != "2.14.1")'
 	@touch $@
+
+# Architectures and weights bench-zoo never uses, through the CLI as a user runs it (docs/zoo.md,
+# "Independent check"); ultralytics for its YOLOv8n, pinned beside the venv's torch. ~20 min.
+.PHONY: bench-unseen
+bench-unseen: $(ZOO_VENV)/.installed
+	$(ZOO_PIP) ultralytics torch==2.14.1 torchvision==0.29.1
+	$(ZOO_PY) -m bench.unseen --out $(ARTIFACTS)/bench_unseen $(if $(ONLY),--only $(ONLY))
 
 .PHONY: bench-zoo
 bench-zoo: $(ZOO_VENV)/.installed
