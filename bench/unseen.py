@@ -111,7 +111,8 @@ def main() -> int:
         rows.append(one(name, args.out))
         tqdm.write(f"{name}: exit {rows[-1]['exit']}, {rows[-1]['seconds']} s")
     args.out.mkdir(parents=True, exist_ok=True)
-    stamp = {"date": time.strftime("%Y-%m-%d %H:%M"), "torch": torch.__version__, "command": " ".join(sys.argv)}
+    stamp = {"date": time.strftime("%Y-%m-%d %H:%M"), "torch": torch.__version__,
+             "command": " ".join(["python -m bench.unseen", *sys.argv[1:]])}
     (args.out / "results.json").write_text(json.dumps({**stamp, "models": rows}, indent=1))
     (args.out / "results.md").write_text(f"`{stamp['command']}`, {stamp['date']}, torch {stamp['torch']}: "
                                          f"{sum(r['exit'] == 0 for r in rows)} of {len(rows)} published\n\n{table(rows)}\n")

@@ -295,10 +295,29 @@ def _module(modules: dict, node: fx.Node):
 
 
 def _readers(node: fx.Node) -> list[fx.Node]:
-    """The nodes that read `node`'s values: not x.ndim / x.shape / x.size() (a fold keeps the shape)."""
+    """The nodes that read `node`'s values: not x.ndim / x.shape / x.size(), nor y.reshape_as(x) (a
+    fold keeps the shape)."""
     return [u for u in node.users if not (
         (u.op == "call_function" and u.target is getattr and len(u.args) > 1 and u.args[1] in _SHAPE_ONLY)
-        or (u.op == "call_method" and u.target in _SHAPE_ONLY))]
+        or (u.op == "call_method" and u.target in _SHAPE_ONLY)
+        or (u.op == "call_method" and u.target in _SHAPE_OF_OTHER and u.args[0] is not node))]
+
+
+_SHAPE_OF_OTHER = {"reshape_as", "view_as", "expand_as"}  # y.reshape_as(x) reads only x's shape
+
+
+def _flattened_layer_output(source: fx.Node) -> fx.Node | None:
+    """x when `source` is x.flatten(0, k) (or torch.flatten) to 2-D with x's last axis kept: LeViT's
+    BatchNorm1d of a Linear's [B, N, C] output as [B·N, C]; the BN's channels are then x's last axis."""
+    if not (source.op == "call_method" and source.target == "flatten"
+            or source.op == "call_function" and source.target is torch.flatten):
+        return None
+    args = list(source.args) + [None] * 3
+    x, start = args[0], source.kwargs.get("start_dim", args[1] if args[1] is not None else 0)
+    inner, outer = (n.meta.get("fold_shape") if isinstance(n, fx.Node) else None for n in (x, source))
+    if start != 0 or inner is None or outer is None or len(outer) != 2 or len(inner) < 2 or outer[-1] != inner[-1]:
+        return None
+    return x
 
 
 def _only_reader(node: fx.Node):
@@ -410,12 +429,18 @@ def _fold_backward(gm, modules, norm: _Norm) -> tuple[list[str] | None, str | No
     source = norm.node.args[0]
     if source.op == "call_function" and source.target in _CATS:
         return _fold_into_concat(gm, modules, norm, source)
+    tensor = source  # what the BN reads: the layer's output, or (LeViT) that output flattened to [M, C]
+    flat = _flattened_layer_output(source)
+    if flat is not None and type(_module(modules, flat)) is nn.Linear:
+        if len(_readers(source)) != 1:
+            return None, f"the output of {source.name} is read by {len(_readers(source))} nodes; a fold would change the others"
+        source = flat
     layer = _module(modules, source)
     if type(layer) not in LAYERS:
         return None, _not_a_layer(source, layer)
     if len(_readers(source)) != 1:
         return None, f"the output of {source.target} is read by {len(_readers(source))} nodes; a fold would change the others"
-    why = _layer_fits(layer, source, source, norm, "out")
+    why = _layer_fits(layer, source, tensor, norm, "out")
     if why:
         return None, why
     _replace(gm, modules, source.target, fold_backward(layer, norm.scale, norm.shift))

@@ -295,8 +295,12 @@ def run(coro):
 def start_server(model: Path, log: Path, workers: int = 2, **env: str) -> ServerProcess:
     port = free_port()
     argv = [sys.executable, "-m", "bentoml", "serve", TARGET, "--host", HOST, "--port", str(port)]
-    server = ServerProcess(argv, port, log, env={"MODEL_PATH": str(model), "MODEL_TAG": "",
-                                                 "SERVICE_WORKERS": str(workers), **env}, name="bentoml serve")
+    return ready(ServerProcess(argv, port, log, env={"MODEL_PATH": str(model), "MODEL_TAG": "",
+                                                     "SERVICE_WORKERS": str(workers), **env}, name="bentoml serve"))
+
+
+def ready(server: ServerProcess) -> ServerProcess:
+    """Start `server` and wait until /readyz answers; stopped again when it does not."""
     server.start()
     try:
         return server.wait_ready(120)
@@ -356,13 +360,7 @@ def docker_client() -> str:
 
 
 def start_container(docker: str, image: str, log: Path, workers: int) -> ContainerServer:
-    server = ContainerServer(docker, image, free_port(), log, workers)
-    server.start()
-    try:
-        return server.wait_ready(120)
-    except BaseException:
-        server.stop()
-        raise
+    return ready(ContainerServer(docker, image, free_port(), log, workers))
 
 
 def worker_pids(server: ServerProcess) -> list[int]:

@@ -245,6 +245,29 @@ def test_weight_standardization_is_no_batchnorm_and_the_bn_after_it_still_folds(
         fold_batchnorm(nn.Sequential(nn.Conv2d(3, 6, 3), BatchStats()).double(), (torch.randn(2, 3, 8, 8).double(),))
 
 
+class LinearNorm(nn.Module):
+    """timm's LeViT block: a Linear on [B, N, C], its BatchNorm1d over the tokens flattened to [B·N, C]."""
+
+    def __init__(self, cin, cout, reuse=False):
+        super().__init__()
+        self.linear, self.bn, self.reuse = nn.Linear(cin, cout, bias=False), nn.BatchNorm1d(cout), reuse
+
+    def forward(self, x):
+        x = self.linear(x)
+        y = self.bn(x.flatten(0, 1)).reshape_as(x)
+        return y + x if self.reuse else y
+
+
+def test_bn_of_flattened_tokens_folds_into_the_linear_before():
+    model = randomize(nn.Sequential(LinearNorm(8, 16), nn.GELU(), LinearNorm(16, 4)))
+    error, report, folded = fold_error(model, torch.randn(3, 5, 8))
+    assert error < EXACT and len(report.folded) == 2 and report.kept == [], report.as_dict()
+    assert norms_left(folded) == 0
+    # the Linear's output is also read by the residual add: folding would change it, so the BN stays
+    error, report, _ = fold_error(randomize(LinearNorm(8, 8, reuse=True)), torch.randn(3, 5, 8))
+    assert error == 0.0 and report.folded == [] and "read by 2 nodes" in report.kept[0]["reason"], report.kept
+
+
 # --- forward folds, and the ones that are refused ----------------------------------------------------------
 
 @pytest.mark.parametrize("dims, groups", [(1, 1), (2, 2), (3, 1), (2, 4)])
