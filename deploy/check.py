@@ -149,17 +149,8 @@ class Traffic:
 
     async def run(self) -> None:
         async with Load(self.port, timeout=15) as load:
-            start, fired, tasks = time.monotonic(), 0, set()
-            while not self.stop.is_set():
-                due = int((time.monotonic() - start) * self.rate) - fired
-                for i in range(fired, fired + due):
-                    task = asyncio.ensure_future(self.one(load, i, start + i / self.rate))
-                    tasks.add(task)
-                    task.add_done_callback(tasks.discard)
-                fired += due
-                await asyncio.sleep(0.002)
-            if tasks:
-                await asyncio.wait(tasks)
+            await load.open_loop(b"", self.rate, float("inf"), self.stats, until=self.stop,
+                                 send=lambda i, scheduled: self.one(load, i, scheduled))
 
 
 def timeline(stats: Stats, t0: float) -> list[list]:

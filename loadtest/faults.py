@@ -258,18 +258,22 @@ class Load:
         await asyncio.gather(*(user() for _ in range(conns)))
         return stats
 
-    async def open_loop(self, raw: bytes, rate: float, seconds: float, stats: Stats | None = None) -> Stats:
-        """Requests at a fixed rate whatever the answers; latency counts from the scheduled time."""
+    async def open_loop(self, raw: bytes, rate: float, seconds: float, stats: Stats | None = None,
+                        until: asyncio.Event | None = None, send=None) -> Stats:
+        """Requests at a fixed rate whatever the answers, for `seconds` or until `until` is set;
+        latency counts from the scheduled time. `send(i, scheduled)`, when given, makes request i
+        (an awaitable) instead of sending `raw` (deploy/check.py checks each answer's label)."""
         if not 0 < rate <= MAX_RATE:
             raise ValueError(f"rate must be in (0, {MAX_RATE:g}] req/s")
         stats = stats or Stats()
+        send = send or (lambda i, scheduled: self.request(raw, stats, scheduled))
         start = time.monotonic()
         fired = 0
         tasks: set[asyncio.Task] = set()
-        while (now := time.monotonic()) < start + seconds:
+        while (now := time.monotonic()) < start + seconds and not (until and until.is_set()):
             due = int((now - start) * rate) - fired
-            for i in range(due):
-                task = asyncio.ensure_future(self.request(raw, stats, start + (fired + i) / rate))
+            for i in range(fired, fired + due):
+                task = asyncio.ensure_future(send(i, start + i / rate))
                 tasks.add(task)
                 task.add_done_callback(tasks.discard)
             fired += due
