@@ -425,7 +425,7 @@ def _layer_fits(layer: nn.Module, layer_node: fx.Node, tensor: fx.Node, norm: _N
 
 def _fold_backward(gm, modules, norm: _Norm) -> tuple[list[str] | None, str | None]:
     """Fold into the layer (or the layers of a torch.cat) that produce the BN's input: (the layers
-    folded into, None), or (None, why not; None when nothing before it is a candidate)."""
+    folded into, None), or (None, why not)."""
     source = norm.node.args[0]
     if source.op == "call_function" and source.target in _CATS:
         return _fold_into_concat(gm, modules, norm, source)
