@@ -23,7 +23,7 @@ import numpy as np
 import onnx
 import torch
 
-from common.files import sha256_file, write_json
+from common.files import sha256_file, write_json, write_with_checksum
 from export.errors import BadInput, one_line
 from export.float64 import Float64Graph, Float64Unavailable, to_float64
 from export.fold import fold_batchnorm
@@ -74,6 +74,7 @@ def is_current(source: Source, out: Path) -> bool:
     try:
         report = json.loads((out / REPORT).read_text())
         return (report["request"] == json.loads(json.dumps(source.request)) and report["parity"]["passed"]
+                and ("int8" not in source.request or report["int8"]["status"] == "passed")
                 and json.loads(read_metadata(out / FOLDED)["source"])["sha256"] == source.sha256
                 and all(sha256_file(out / name) == entry["sha256"] for name, entry in report["files"].items()))
     except Exception:  # missing, unreadable or corrupt: any doubt means export again
@@ -287,9 +288,10 @@ def onnx_forms(checks: Checks, unfolded: onnx.ModelProto, folded: onnx.ModelProt
 
 # --- the whole path ----------------------------------------------------------------------------
 
-def export(source: Source, out: str | Path, verify_only: bool = False) -> int:
-    """Fold, check, export, verify, publish. Returns 0, or 1 when a check fails (nothing published).
-    Raises BadInput for input that cannot be exported as given (nothing written)."""
+def export(source: Source, out: str | Path, verify_only: bool = False, int8=None) -> int:
+    """Fold, check, export, verify, publish. Returns 0, or 1 when a check fails (nothing published; when
+    only an INT8 check fails, the FP32 files are published and the INT8 ones are not).
+    Raises BadInput for input that cannot be exported as given (nothing written). `int8`: export.int8.Options."""
     out = Path(out)
     for note in source.notes:
         print(f"note: {note}")
@@ -312,6 +314,9 @@ def export(source: Source, out: str | Path, verify_only: bool = False) -> int:
         folded = with_metadata(folded, contract_metadata({**contract_fields(source, unfolded, fold_report),
                                                           "folded": "true"}))
 
+    if int8 is not None:
+        from export.int8 import check_quantizable
+        check_quantizable(folded)  # bad input: before anything is written
     before, after = node_counts(unfolded), node_counts(folded)
     print(f"nodes before folding: {before}\nnodes after folding{' (and clean-up)' if source.module is not None else ''}: {after}")
     for entry in fold_report.get("untraceable", []):  # .get: --verify-only may read a version-1 report
@@ -346,16 +351,53 @@ def export(source: Source, out: str | Path, verify_only: bool = False) -> int:
     if source.kind == "run":  # kept from version 1 (python -m export.report reads them)
         report.update(run=source.path, arch=source.extra_metadata["arch"], weights_sha256=source.sha256,
                       torch_test_accuracy=float(source.extra_metadata["test_accuracy"]))
+    quantized = None
+    if int8 is not None and result["passed"] and not verify_only:
+        quantized = build_int8(int8, checks, folded, fold_report, source.graph if source.module is None else None)
+        report["int8"] = quantized.report
     if result["passed"] and not verify_only:
         report["files"] = {name: {"sha256": save_model(m, out / name)} for name, m in ((UNFOLDED, unfolded), (FOLDED, folded))}
+        report["files"].update(publish_int8(quantized, out))
     elif result["passed"]:  # the files on disk are the ones just verified
         report["files"] = {name: {"sha256": sha256_file(out / name)} for name in (UNFOLDED, FOLDED)}
     report["timings"]["total"] = round(time.perf_counter() - started, 2)
     write_json(out / REPORT, report)
     if not result["passed"]:
         return 1
-    print(f"wrote {out / FOLDED}, {out / UNFOLDED}, {out / REPORT}" if not verify_only else f"verified {out / FOLDED}")
+    if quantized is not None:
+        from export.int8 import summary as int8_summary
+        print(int8_summary(quantized.report))
+        if not quantized.passed:
+            print(f"wrote {out / FOLDED}, {out / UNFOLDED}, {out / REPORT} (FP32 only)")
+            return 1
+    written = f"{out / FOLDED}, {out / UNFOLDED}" + (", model_int8.onnx and its fingerprint" if quantized else "")
+    print(f"wrote {written}, {out / REPORT}" if not verify_only else f"verified {out / FOLDED}")
     return 0
+
+
+def build_int8(options, checks: Checks, folded: onnx.ModelProto, fold_report: dict, pass_input):
+    """The INT8 step (export/int8.py), in memory, against the float64 reference (or, when none runs, the
+    published float32 model as onnxruntime runs it)."""
+    from export.int8 import build
+
+    if checks.ref64 is not None:
+        reference, what, rows = checks.ref64, "the unfolded model in float64", checks.exact_rows
+    else:
+        reference = run_ort(ort_session(folded, optimize=True), checks.source.inputs, checks.names)
+        what, rows = "the published float32 model (no float64 copy runs)", None
+    return build(options, checks.source, folded, fold_report, reference, what, rows, checks.steps, pass_input)
+
+
+def publish_int8(quantized, out: Path) -> dict:
+    """model_int8.onnx and its fingerprint (+ .sha256) when INT8 passed; else no INT8 file is left beside
+    the FP32 model just published (an earlier one would be another model's)."""
+    from export.int8 import FINGERPRINT, INT8, remove_stale
+
+    if quantized is None or not quantized.passed:
+        remove_stale(out)
+        return {}
+    return {FINGERPRINT: {"sha256": write_with_checksum(out / FINGERPRINT, quantized.fingerprint)},
+            INT8: {"sha256": write_with_checksum(out / INT8, quantized.model)}}
 
 
 def contract_fields(source: Source, unfolded: onnx.ModelProto, fold_report: dict) -> dict:
