@@ -137,6 +137,16 @@ def consistency(float_model: onnx.ModelProto, quantized: onnx.ModelProto, ranges
                           f"(scale {scale:.4g}, zero point {zp}) does not cover the calibrated range [{lo:.4g}, {hi:.4g}]")
         key = (node.input[1], zp_name)
         grids[key] = (scale, max(grids.get(key, (0, 0.0))[1], (hi - lo) / (qmax - qmin)))
+    # every DequantizeLinear of an activation reads it back with the scale and zero point it was quantized with
+    for node in quantized.graph.node:
+        q = qnet.producer.get(node.input[0])
+        if node.op_type != "DequantizeLinear" or q is None or q.op_type != "QuantizeLinear":
+            continue
+        for i, what in ((1, "scale"), (2, "zero point")):
+            a, b = (qnet.array(n.input[i]) if len(n.input) > i and n.input[i] else None for n in (q, node))
+            if a is None or b is None or not np.array_equal(np.asarray(a), np.asarray(b)):
+                faults.append(f"activation {q.input[0]}: {node.name or 'a DequantizeLinear'} reads it back with another "
+                              f"{what} than it was quantized with")
     for (scale_name, _), (scale, needed) in grids.items():
         if needed > 0 and scale > needed * (1 + SCALE_RTOL):
             faults.append(f"activation scale {scale_name} is {scale / needed:.3g}x what its widest calibrated range needs")

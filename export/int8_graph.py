@@ -2,11 +2,12 @@
 Quantization Through Weight Equalization and Bias Correction"). numpy and onnx only; each step
 switchable (`python -m export --int8 --no-equalize / --no-absorb / --no-bias-correction`).
 
-A *pair* is layer A → [activation] → [MaxPool] → layer B, where A is a Conv or Gemm with constant
+A *pair* is layer A → [activation] → [pooling] → layer B, where A is a Conv or Gemm with constant
 weights, B a Conv or Gemm reading A's channels, and every tensor in between is read by the next
 node alone (and is no graph output). The activation is ReLU, LeakyReLU or none: positively
-homogeneous, act(x·s) = act(x)·s for s > 0; MaxPool commutes with a positive per-channel scale
-and with a per-channel shift. (ReLU6 = Clip(0, 6) is not homogeneous: pairs through it are left
+homogeneous, act(x·s) = act(x)·s for s > 0; MaxPool and GlobalAveragePool (then a Flatten into a
+Gemm: one position per channel) commute with a positive per-channel scale and with a per-channel
+shift. (ReLU6 = Clip(0, 6) is not homogeneous: pairs through it are left
 alone; the paper trains with ReLU in its place.) A depthwise conv between two pointwise ones makes
 two pairs that share it (the paper's triplet).
 
@@ -37,7 +38,8 @@ from onnx import numpy_helper
 
 LAYERS = ("Conv", "Gemm")
 HOMOGENEOUS = ("Relu", "LeakyRelu")  # act(x·s) = act(x)·s for s > 0
-COMMUTES = ("MaxPool",)              # max(x·s + c) = max(x)·s + c for s > 0
+COMMUTES = ("MaxPool", "GlobalAveragePool")  # pool(x·s + c) = pool(x)·s + c for s > 0
+FLATTEN = ("Flatten", "Reshape")     # after a GlobalAveragePool: [N, C, 1, 1] -> [N, C], channels stay channels
 ABSORB_SIGMAS = 3.0
 CLE_ROUNDS, CLE_SETTLED = 100, 1e-6
 
@@ -176,15 +178,16 @@ def _is_layer(net: Net, node) -> bool:
 
 
 def find_pairs(net: Net) -> tuple[list[Pair], list[dict]]:
-    """Every layer → [ReLU/LeakyReLU] → [MaxPool] → layer pair, and why the other layer outputs are not one."""
+    """Every layer → [ReLU/LeakyReLU] → [pooling] → layer pair, and why the other layer outputs are not one."""
     pairs, refused = [], []
     for first in net.model.graph.node:
         if not _is_layer(net, first):
             continue
         pair, tensor, node = Pair(first, None), first.output[0], net.only_reader(first.output[0])
         while node is not None and node.input[0] == tensor and (
-                (node.op_type in HOMOGENEOUS and pair.act is None and not pair.between) or node.op_type in COMMUTES):
-            if node.op_type in COMMUTES:
+                (node.op_type in HOMOGENEOUS and pair.act is None and not pair.between) or node.op_type in COMMUTES
+                or (node.op_type in FLATTEN and pair.between and pair.between[-1].op_type == "GlobalAveragePool")):
+            if node.op_type in COMMUTES or node.op_type in FLATTEN:
                 pair.between.append(node)
             else:
                 pair.act = node
@@ -196,7 +199,8 @@ def find_pairs(net: Net) -> tuple[list[Pair], list[dict]]:
             why = "a Clip (ReLU6) follows: not positively homogeneous"
         elif not _is_layer(net, node) or node.input[0] != tensor:
             why = f"{node.op_type} {node.name} follows, not a Conv/Gemm with constant weights"
-        elif node.op_type == "Gemm" and (pair.between or first.op_type != "Gemm"):
+        elif node.op_type == "Gemm" and first.op_type != "Gemm" and not (
+                pair.between and pair.between[-1].op_type in FLATTEN):
             why = "a Gemm after a Conv reads channels flattened with positions"
         else:
             w1, w2 = net.weight(first), net.weight(node)
@@ -313,13 +317,16 @@ def relu_mean(mean: np.ndarray, std: np.ndarray) -> np.ndarray:
 
 def expected_input(net: Net, layer, stats: dict[str, Stats]) -> tuple[np.ndarray | None, str]:
     """E[x] per input feature of `layer` from the statistics of the layer that produces x, through
-    ReLU / Clip / nothing and an optional Flatten (Gemm); (None, why not) when there are none."""
+    ReLU / Clip / nothing, then (Gemm) an optional GlobalAveragePool (which keeps each channel's mean)
+    and Flatten (which repeats it per position); (None, why not) when there are none."""
     tensor = layer.input[0]
     node = net.producer.get(tensor)
     flatten = None
-    if node is not None and node.op_type in ("Flatten", "Reshape") and layer.op_type == "Gemm":
+    if node is not None and node.op_type in FLATTEN and layer.op_type == "Gemm":
         flatten, tensor = node, node.input[0]
         node = net.producer.get(tensor)
+    if node is not None and node.op_type == "GlobalAveragePool":
+        node = net.producer.get(node.input[0])
     act = None
     if node is not None and node.op_type in ("Relu", "Clip"):
         act, node = node, net.producer.get(node.input[0])

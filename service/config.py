@@ -36,6 +36,7 @@ class Settings:
     chunk_images: int = 32  # ORT_CHUNK_IMAGES: bigger batches run as several onnxruntime calls
     inline_budget_ms: float = 2.0  # INLINE_BUDGET_MS: calls expected to take longer leave the event loop
     batch_max_images: int = 32  # BATCH_MAX_IMAGES: cap of one coalesced call (1 = no batching)
+    precision: str = "auto"  # PRECISION: auto | int8 | fp32 (service/precision.py, docs/int8.md)
     # requests
     workers: int = 2  # SERVICE_WORKERS
     max_images: int = 1024  # MAX_IMAGES_PER_REQUEST
@@ -66,7 +67,11 @@ class Settings:
         provider = os.environ.get("ORT_PROVIDER", d.provider).strip().lower() or d.provider
         if provider not in ("auto", "cpu", "cuda"):
             raise SystemExit(f"ORT_PROVIDER must be auto, cpu or cuda, got {provider!r}")
+        precision = os.environ.get("PRECISION", d.precision).strip().lower() or d.precision
+        if precision not in ("auto", "int8", "fp32"):
+            raise SystemExit(f"PRECISION must be auto, int8 or fp32, got {precision!r}")
         return cls(
+            precision=precision,
             model_path=os.environ.get("MODEL_PATH", "").strip() or d.model_path,
             model_tag=os.environ.get("MODEL_TAG", "").strip() or str(arguments.get("model_tag", "") or ""),
             provider=provider,

@@ -32,6 +32,7 @@ from .images import upload_to_input
 from .inputs import InputSpec, images_from_json, images_from_npy, images_from_raw_float32, parse_bool
 from .batching import MicroBatcher
 from .model import Model
+from .precision import choose as choose_precision
 from .routing import BODY_READ, JSON, Router, error_response, json_response, route, routes_of
 
 logger = logging.getLogger("bentoml.service")
@@ -127,6 +128,7 @@ class Classifier:
         settings = self.settings = SETTINGS
         try:
             contract, data = load_contract(resolve_model_path(settings))
+            data, self.precision = choose_precision(contract, data, settings)
             self.model = Model(contract, data, settings.provider, settings.intra_op_threads, settings.chunk_images)
         except ModelLoadError as exc:  # changed since start-up: say so in one line
             logger.error("refusing to start: %s", exc)
@@ -172,7 +174,7 @@ class Classifier:
             "outputs": [o.describe() for o in c.outputs],
             "classifier": c.classifier,
             "classify_refusal": c.classify_refusal,
-            "runtime": {"providers": m.providers, "device": m.device, "intra_op_threads": m.intra_op_threads,
+            "runtime": {"precision": self.precision, "providers": m.providers, "device": m.device, "intra_op_threads": m.intra_op_threads,
                         "ms_per_input": round(1000 * m.seconds_per_sample, 4), "inline_max_inputs": self.inline_samples,
                         "batch_max_inputs": self.batcher.max_batch,
                         "workers": s.workers, "bentoml_version": bentoml.__version__},

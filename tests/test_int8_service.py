@@ -1,0 +1,90 @@
+"""The service serves INT8 only where it is proven (issue 24 item 4, service/precision.py): PRECISION=int8|fp32|auto,
+the start-up fingerprint check on this host, and a wrong INT8 model with a fresh .sha256 refused (FP32 served, the
+reason in /metadata and the log)."""
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+import httpx
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+
+from service.config import Settings
+from service.contract import load_contract
+from service.precision import choose
+from service_helpers import build_model, serve
+from test_int8 import tamper
+
+pytestmark = pytest.mark.timeout(600)
+
+
+def _copy(src: Path, dst: Path, names=("model.onnx", "model_int8.onnx", "model_int8.fingerprint.npz")) -> Path:
+    dst.mkdir(parents=True, exist_ok=True)
+    for name in names:
+        for suffix in ("", ".sha256"):
+            shutil.copy(src / (name + suffix), dst / (name + suffix))
+    return dst
+
+
+def _resign(path: Path, data: bytes) -> None:
+    """The file replaced and given a fresh, matching .sha256: the checksum alone no longer tells."""
+    path.write_bytes(data)
+    path.with_name(path.name + ".sha256").write_text(f"{hashlib.sha256(data).hexdigest()}  {path.name}\n")
+
+
+def _choose(directory: Path, precision: str) -> tuple[bytes, dict]:
+    contract, data = load_contract(directory / "model.onnx")
+    return choose(contract, data, Settings(precision=precision))
+
+
+def test_int8_is_served_when_its_check_passes_here_and_fp32_when_asked(int8_dir):
+    data, info = _choose(int8_dir, "int8")
+    assert info["served"] == "int8" and data == (int8_dir / "model_int8.onnx").read_bytes()
+    check = info["check"]["outputs"]["logits"]
+    assert check["rms_vs_export"] <= 0.1 * check["int8_error_rms"] and check["top1_agreement_with_export"] >= 0.99
+    assert info["seconds"] <= 2.0, "the start-up check takes at most 2 s"
+    data, info = _choose(int8_dir, "fp32")
+    assert info == {**info, "served": "fp32", "why": "PRECISION=fp32"} and data == (int8_dir / "model.onnx").read_bytes()
+    data, info = _choose(int8_dir, "auto")  # faster here at batch 1 and 32, or FP32 with the figures
+    faster = all(t["int8_vs_fp32"] > 1.0 for t in info["speed"].values())
+    assert info["served"] == ("int8" if faster else "fp32") and set(info["speed"]) == {"1", "32"}
+    assert ("faster" in info["why"]) and (faster or "not faster" in info["why"])
+
+
+@pytest.mark.parametrize("how", ["scale", "zero-point"])
+def test_a_wrong_int8_model_with_a_fresh_sha256_is_refused_at_start(how, int8_dir, tmp_path):
+    directory = _copy(int8_dir, tmp_path / how)
+    _resign(directory / "model_int8.onnx", tamper(onnx.load(directory / "model_int8.onnx"), how).SerializeToString())
+    data, info = _choose(directory, "int8")
+    assert info["served"] == "fp32" and data == (directory / "model.onnx").read_bytes()
+    assert "fingerprint check failed" in info["why"] and "allowed 0.1x" in info["why"]
+
+
+def test_int8_beside_another_model_or_missing_is_refused(int8_dir, tmp_path):
+    _, info = _choose(_copy(int8_dir, tmp_path / "fp32-only", names=("model.onnx",)), "int8")
+    assert info["served"] == "fp32" and "no INT8 model beside" in info["why"]
+    other = _copy(int8_dir, tmp_path / "other")
+    build_model(other, "fmnist-v1")  # another FP32 model.onnx (same contract), the INT8 files left beside it
+    _, info = _choose(other, "int8")
+    assert info["served"] == "fp32" and "made from another model" in info["why"]
+    broken = _copy(int8_dir, tmp_path / "fingerprint")
+    _resign(broken / "model_int8.fingerprint.npz", b"not an npz")
+    _, info = _choose(broken, "int8")
+    assert info["served"] == "fp32" and "not the fingerprint" in info["why"]
+
+
+def test_make_serve_precision_int8_serves_it_and_says_so(int8_dir, tmp_path, test_images):
+    images = test_images[0][:16]
+    with serve(int8_dir / "model.onnx", tmp_path / "serve.log", PRECISION="int8", SERVICE_WORKERS="1") as proc:
+        proc.wait_ready(120)
+        meta = httpx.get(f"{proc.url}/metadata", timeout=10).json()
+        precision = meta["runtime"]["precision"]
+        assert precision["served"] == "int8" and precision["setting"] == "int8" and precision["check"]["rows"] >= 8
+        answer = httpx.post(f"{proc.url}/predict", json={"images": images.tolist()}, timeout=30).json()
+    session = ort.InferenceSession(str(int8_dir / "model_int8.onnx"), providers=["CPUExecutionProvider"])
+    want = session.run(None, {"image": images})[0].argmax(1)
+    assert [p["class_id"] for p in answer["predictions"]] == want.tolist()
+    assert "INT8" in (tmp_path / "serve.log").read_text()
