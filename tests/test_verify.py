@@ -370,3 +370,20 @@ def test_bad_input_stays_exit_2(injected_files, tmp_path, capsys):
                                         tmp_path / "out", capsys)
     assert code == 2 and captured.err.startswith("export: ") and captured.err.count("\n") == 1, captured.err
     assert "internal error" not in captured.err and report is None and not (tmp_path / "out").exists()
+
+
+def test_the_results_table_says_skipped_and_refuses_an_old_report(tmp_path):
+    """export/report.py (results.md, the README's model section): a skipped check is said to be skipped,
+    with its reason, never shown as a figure that passed; a report of the old format (checks without a
+    status) is refused with the command that makes a new one."""
+    from export.report import REPORT_FORMAT, exactness_cell, results_table
+    from export.verify import Exactness
+
+    assert exactness_cell("fx pass", Exactness(status="passed", relative=6e-16).as_dict()) == "fx pass 6.0e-16"
+    assert exactness_cell("ONNX pass", Exactness(status="skipped", why="not re-run").as_dict()) == \
+        "ONNX pass skipped: not re-run"
+    old = {"name": "m", "parity": {"exactness": {"ONNX pass": {"skipped": "x", "passed": True}}, "variants": {}}}
+    (tmp_path / "export_report.json").write_text(json.dumps(old))
+    with pytest.raises(ValueError, match="older bnfold.*export again"):
+        results_table(tmp_path)
+    assert REPORT_FORMAT == 2
