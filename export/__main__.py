@@ -77,7 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--data-dir", default=DEFAULT_DATA_DIR, help=f"Fashion-MNIST IDX files (default: {DEFAULT_DATA_DIR})")
     p.add_argument("-h", "--help", action="help", help="show this help and exit")
     p.add_argument("--verify-only", action="store_true",
-                   help="re-verify the ONNX files already in --out against the source (default: off)")
+                   help="re-verify the ONNX files already in --out against the source and print the result; "
+                   "read-only: writes nothing, not even the report (default: off)")
     p.add_argument("--if-stale", action="store_true", help="do nothing when --out already holds a verified export "
                    "of this exact source and these options (default: off)")
     return p
@@ -154,8 +155,8 @@ def main(argv=None) -> int:
     except Exception as e:
         return internal_error(e)
     if code:
-        print(f"export: verification failed; see {out / REPORT}" + ("" if args.verify_only else "; no model written"),
-              file=sys.stderr)
+        print("export: verification failed; the table above says where (--verify-only: nothing written)" if args.verify_only
+              else f"export: verification failed; see {out / REPORT}; no model written", file=sys.stderr)
     return code
 
 

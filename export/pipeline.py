@@ -289,7 +289,8 @@ def onnx_forms(checks: Checks, unfolded: onnx.ModelProto, folded: onnx.ModelProt
 
 def export(source: Source, out: str | Path, verify_only: bool = False) -> int:
     """Fold, check, export, verify, publish. Returns 0, or 1 when a check fails (nothing published).
-    Raises BadInput for input that cannot be exported as given (nothing written)."""
+    Raises BadInput for input that cannot be exported as given (nothing written). verify_only: judge
+    the files already in `out` and report on stdout only; nothing is written (not even the report)."""
     out = Path(out)
     for note in source.notes:
         print(f"note: {note}")
@@ -302,9 +303,11 @@ def export(source: Source, out: str | Path, verify_only: bool = False) -> int:
     except VerificationFailed as e:
         result = checks.result(passed=False, failed_step=e.step, why=e.why, variants={})
         print(format_table(result))
-        write_json(out / REPORT, {"report_format": REPORT_FORMAT, "name": source.name, "request": source.request,
-                                  "parity": result,
-                                  "timings": steps.times, "versions": versions()})
+        if verify_only:
+            print(read_only(out))
+        else:
+            write_json(out / REPORT, {"report_format": REPORT_FORMAT, "name": source.name, "request": source.request,
+                                      "parity": result, "timings": steps.times, "versions": versions()})
         return 1
     if not verify_only:
         print(f"{'exported' if source.module is not None else 'folded'} in {time.perf_counter() - started:.1f}s")
@@ -348,16 +351,22 @@ def export(source: Source, out: str | Path, verify_only: bool = False) -> int:
     if source.kind == "run":  # kept from version 1 (python -m export.report reads them)
         report.update(run=source.path, arch=source.extra_metadata["arch"], weights_sha256=source.sha256,
                       torch_test_accuracy=float(source.extra_metadata["test_accuracy"]))
-    if result["passed"] and not verify_only:
+    if verify_only:  # a re-check reports; it changes nothing on disk
+        print(("verified " if result["passed"] else "NOT verified: ") + f"{out / FOLDED}; " + read_only(out))
+        return 0 if result["passed"] else 1
+    if result["passed"]:
         report["files"] = {name: {"sha256": save_model(m, out / name)} for name, m in ((UNFOLDED, unfolded), (FOLDED, folded))}
-    elif result["passed"]:  # the files on disk are the ones just verified
-        report["files"] = {name: {"sha256": sha256_file(out / name)} for name in (UNFOLDED, FOLDED)}
     report["timings"]["total"] = round(time.perf_counter() - started, 2)
     write_json(out / REPORT, report)
     if not result["passed"]:
         return 1
-    print(f"wrote {out / FOLDED}, {out / UNFOLDED}, {out / REPORT}" if not verify_only else f"verified {out / FOLDED}")
+    print(f"wrote {out / FOLDED}, {out / UNFOLDED}, {out / REPORT}")
     return 0
+
+
+def read_only(out: Path) -> str:
+    return (f"--verify-only wrote nothing: {out / FOLDED}, {out / UNFOLDED} and {out / REPORT} are as they were "
+            "(the table above is the re-check)")
 
 
 def contract_fields(source: Source, unfolded: onnx.ModelProto, fold_report: dict) -> dict:
