@@ -26,7 +26,9 @@ import onnx
 
 from export.errors import BadInput, one_line
 from export.float64 import Float64Graph, Float64Unavailable, to_float64
-from export.int8_check import (consistency, fidelity, layer_sqnr, run, seconds_per_input, service_session, speed)
+from export.int8_check import (Int8Equalization, consistency, fidelity, layer_sqnr, run, seconds_per_input,
+                               service_session, speed)
+from export.verify import Check
 from export.int8_graph import Net, Stats, absorb_high_bias, equalize
 from export.int8_quant import TYPES, choose_types, correct_biases, host_isa, quantizable, quantize
 
@@ -211,11 +213,11 @@ def build(options: Options, source, folded: onnx.ModelProto, fold_report: dict, 
             report["equalization"] = equalize(net, stats)
             work = net.flush()
         checks["int8 equalization"] = _prove_equalization(folded, exact_rows, steps) if report["equalization"]["pairs"] \
-            else {"status": "skipped", "why": "no Conv/Gemm pair to equalize"}
-        if checks["int8 equalization"]["status"] == "failed":
+            else Int8Equalization(status="skipped", why="no Conv/Gemm pair to equalize")
+        if checks["int8 equalization"].status == "failed":
             return _failed(report, "int8 equalization", started)
     else:
-        checks["int8 equalization"] = {"status": "skipped", "why": "off (--no-equalize)"}
+        checks["int8 equalization"] = Int8Equalization(status="skipped", why="off (--no-equalize)")
     if options.absorb:
         with steps("int8: high-bias absorption"):
             net = Net(work)
@@ -234,15 +236,15 @@ def build(options: Options, source, folded: onnx.ModelProto, fold_report: dict, 
     qmin, qmax = get_qmin_qmax_for_qType(getattr(QuantType, weight).tensor_type, reduce_range, symmetric=True)
     with steps("int8: consistency of the quantized graph"):
         checks["int8 consistency"] = consistency(work, quantized, ranges, shifts, (int(qmin), int(qmax)))
-    if checks["int8 consistency"]["status"] == "failed":
+    if checks["int8 consistency"].status == "failed":
         return _failed(report, "int8 consistency", started)
     names = [o["name"] for o in source.outputs]
     int8_bytes = quantized.SerializeToString()
     with steps(f"int8: served form on {len(source.inputs)} rows (onnxruntime, the service's session settings)"):
         session = service_session(int8_bytes)
         outputs = _named(session, run(session, source.inputs), names)
-        checks["int8 fidelity"] = {**fidelity(outputs, reference, names, source.scores, source.targets, options.max_drop),
-                                   "against": reference_what}
+        checks["int8 fidelity"] = fidelity(outputs, reference, names, source.scores, source.targets, options.max_drop,
+                                           reference_what)
     with steps("int8: per-layer SQNR"):
         report["layers"] = layer_sqnr(work, quantized, source.inputs)
     with steps("int8: speed against FP32 (the service's session settings, one thread)"):
@@ -250,11 +252,11 @@ def build(options: Options, source, folded: onnx.ModelProto, fold_report: dict, 
         report["speed"] = speed({"fp32": fp32, "int8": session}, source.inputs, batches=(1, FINGERPRINT_BATCH))
         for row in report["speed"].values():
             row["int8_vs_fp32"] = round(row["int8"] / row["fp32"], 3)
-    if checks["int8 fidelity"]["status"] == "failed":
+    if checks["int8 fidelity"].status == "failed":
         return _failed(report, "int8 fidelity", started)
     with steps("int8: fingerprint"):
         fingerprint, report["fingerprint"] = _fingerprint(session, source.inputs, outputs, reference, names)
-    report["status"] = "passed"
+    report.update(status="passed", checks=_as_dicts(checks))
     meta = {**{p.key: p.value for p in folded.metadata_props}, "precision": "int8",
             "int8": json.dumps(_metadata(report, fp32_bytes, fingerprint))}
     from export.onnx_export import with_metadata
@@ -269,19 +271,23 @@ def _named(session, outputs: list[np.ndarray], names: list[str]) -> list[np.ndar
     return [outputs[order.index(n)] for n in names]
 
 
+def _as_dicts(checks: dict) -> dict:
+    return {name: c.as_dict() if isinstance(c, Check) else c for name, c in checks.items()}
+
+
 def _failed(report: dict, step: str, started: float) -> Result:
-    report.update(status="failed", failed_step=step, why=report["checks"][step].get("why", ""),
+    report.update(status="failed", failed_step=step, why=report["checks"][step].why, checks=_as_dicts(report["checks"]),
                   seconds=round(time.perf_counter() - started, 2))
     return Result(report)
 
 
-def _prove_equalization(folded: onnx.ModelProto, rows: np.ndarray | None, steps) -> dict:
+def _prove_equalization(folded: onnx.ModelProto, rows: np.ndarray | None, steps) -> Int8Equalization:
     """Equalization changes no function: the same pass on the float64 copy of the folded graph, run against
     that copy, must agree to EXACT_RTOL of the output's scale (export/verify.py's rule for folds)."""
     from export.verify import EXACT_RTOL
 
     if rows is None:
-        return {"status": "skipped", "why": "no float64 copy of the model runs"}
+        return Int8Equalization(status="skipped", why="no float64 copy of the model runs")
     with steps("int8: equalization exactness (float64)"):
         try:
             before = Float64Graph(folded)(rows)
@@ -289,15 +295,15 @@ def _prove_equalization(folded: onnx.ModelProto, rows: np.ndarray | None, steps)
             equalize(net, {})
             after = Float64Graph(net.flush())(rows)
         except Float64Unavailable as e:
-            return {"status": "skipped", "why": str(e)}
+            return Int8Equalization(status="skipped", why=str(e))
     rel = max(float(np.abs(a - b).max(initial=0.0)) / max(float(np.abs(b).max(initial=0.0)), 1e-300)
               for a, b in zip(after, before))
-    figures = {"relative": rel, "rule": f"max |equalized - folded| <= {EXACT_RTOL:g} x max |folded|, float64",
-               "rows": int(len(rows))}
+    figures = {"relative": rel, "rows": int(len(rows)),
+               "max_abs_diff": max(float(np.abs(a - b).max(initial=0.0)) for a, b in zip(after, before))}
     if rel <= EXACT_RTOL:
-        return {"status": "passed", **figures}
-    return {"status": "failed", "why": f"the equalized float64 graph is {rel:.2e} of the output's scale from the folded "
-                                      f"one (exact rescaling agrees to {EXACT_RTOL:g}): a wrong equalization", **figures}
+        return Int8Equalization(status="passed", **figures)
+    return Int8Equalization(status="failed", why=f"the equalized float64 graph is {rel:.2e} of the output's scale from "
+                            f"the folded one (exact rescaling agrees to {EXACT_RTOL:g}): a wrong equalization", **figures)
 
 
 def _fingerprint(session, inputs: np.ndarray, outputs: list, reference: list, names: list[str]) -> tuple[bytes, dict]:
@@ -320,7 +326,7 @@ def _fingerprint(session, inputs: np.ndarray, outputs: list, reference: list, na
 def _metadata(report: dict, fp32_bytes: bytes, fingerprint: bytes) -> dict:
     import hashlib
 
-    fidelity_ = report["checks"]["int8 fidelity"]
+    fidelity_ = report["checks"]["int8 fidelity"]  # as a dict by now
     return {"fp32_sha256": hashlib.sha256(fp32_bytes).hexdigest(), "types": report["types"], "format": report["format"],
             "per_channel": report["per_channel"], "host": report["host"]["isa"], "calibration": report["calibration"],
             "fingerprint": {"file": FINGERPRINT, "sha256": hashlib.sha256(fingerprint).hexdigest(), **report["fingerprint"]},

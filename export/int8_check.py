@@ -18,6 +18,8 @@
    service re-runs at start on its own host (service/precision.py).
 """
 import time
+from dataclasses import dataclass
+from typing import ClassVar
 
 import numpy as np
 import onnx
@@ -26,11 +28,46 @@ from onnx import numpy_helper
 
 from export.int8_graph import Net
 from export.int8_quant import QParam, qparam, quantized_layers
+from export.verify import Check, Exactness
 
 MIN_SQNR_DB = 20.0
 HALF_STEP = 0.5 * (1 + 1e-4)  # rounding to the nearest step, with float32's own rounding on top
 SCALE_RTOL = 1e-5
 LAYER_ROWS = 256
+
+
+@dataclass(frozen=True, kw_only=True)
+class Int8Equalization(Exactness):
+    """Cross-layer equalization on the float64 copy of the folded graph against that copy (a rescaling
+    changes no function): max |a − b| ≤ EXACT_RTOL · max |b|."""
+    kind: ClassVar[str] = "int8 equalization exactness"
+    rows: int | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class Int8Consistency(Check):
+    """Check 1: the quantized graph against the float graph it quantizes, constant by constant."""
+    kind: ClassVar[str] = "int8 consistency"
+    layers: int | None = None
+    activations: int | None = None
+    faults: tuple | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class Int8Fidelity(Check):
+    """Check 2: the INT8 model as served, against the float64 model (`against`), by `rule`."""
+    kind: ClassVar[str] = "int8 fidelity"
+    rule: str | None = None
+    against: str | None = None
+    rows: int | None = None
+    max_drop_pp: float | None = None
+    min_sqnr_db: float | None = None
+    accuracy_reference: float | None = None
+    accuracy_int8: float | None = None
+    drop_pp: float | None = None
+    top1_agreement: float | None = None
+    disagreement_pp: float | None = None
+    outputs: dict | None = None
 
 
 def service_session(model: onnx.ModelProto | bytes, threads: int = 1) -> ort.InferenceSession:
@@ -152,11 +189,11 @@ def consistency(float_model: onnx.ModelProto, quantized: onnx.ModelProto, ranges
             faults.append(f"activation scale {scale_name} is {scale / needed:.3g}x what its widest calibrated range needs")
     figures = {"layers": len(layers), "activations": checked}
     if not layers:
-        return {"status": "failed", "why": "the quantized graph holds no integer weights", **figures}
+        return Int8Consistency(status="failed", why="the quantized graph holds no integer weights", **figures)
     if faults:
-        return {"status": "failed", "why": "; ".join(faults[:3]) + (f"; and {len(faults) - 3} more" if len(faults) > 3
-                                                                    else ""), "faults": faults, **figures}
-    return {"status": "passed", **figures}
+        return Int8Consistency(status="failed", why="; ".join(faults[:3]) + (
+            f"; and {len(faults) - 3} more" if len(faults) > 3 else ""), faults=tuple(faults), **figures)
+    return Int8Consistency(status="passed", **figures)
 
 
 # --- 2. fidelity ------------------------------------------------------------------------------------------
@@ -168,12 +205,12 @@ def run(session: ort.InferenceSession, rows: np.ndarray, batch: int = 1000) -> l
 
 
 def fidelity(outputs: list[np.ndarray], reference: list[np.ndarray], names: list[str], scores: int | None,
-             targets: np.ndarray | None, max_drop: float) -> dict:
+             targets: np.ndarray | None, max_drop: float, against: str) -> Int8Fidelity:
     """Check 2 on the INT8 outputs against the float64 (or, when none runs, float32) reference."""
     per_output = {}
     for name, q, ref in zip(names, outputs, reference):
         per_output[name] = {"sqnr_db": round(sqnr_db(q, ref), 2)}
-    figures = {"outputs": per_output, "max_drop_pp": max_drop, "rows": int(len(outputs[0]))}
+    figures = {"outputs": per_output, "max_drop_pp": max_drop, "rows": int(len(outputs[0])), "against": against}
     if scores is not None:
         q, ref = outputs[scores].argmax(1), reference[scores].argmax(1)
         agreement = float((q == ref).mean())
@@ -196,7 +233,7 @@ def fidelity(outputs: list[np.ndarray], reference: list[np.ndarray], names: list
         figures.update(rule=f"SQNR >= {MIN_SQNR_DB:g} dB (not a classifier)", min_sqnr_db=MIN_SQNR_DB)
         ok = per_output[worst]["sqnr_db"] >= MIN_SQNR_DB
         why = f"output {worst}: SQNR {per_output[worst]['sqnr_db']:.1f} dB < {MIN_SQNR_DB:g} dB"
-    return {"status": "passed" if ok else "failed", **({} if ok else {"why": why}), **figures}
+    return Int8Fidelity(status="passed" if ok else "failed", **({} if ok else {"why": why}), **figures)
 
 
 def layer_sqnr(float_model: onnx.ModelProto, quantized: onnx.ModelProto, rows: np.ndarray, worst: int = 5) -> dict:

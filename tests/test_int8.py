@@ -177,10 +177,10 @@ def test_consistency_refuses_a_tampered_quantization(how):
     model = triplet_net()
     calib = np.random.default_rng(3).uniform(0, 1, (64, 1, 8, 8)).astype(np.float32)
     quantized, ranges = quantize(model, calib, "S8S8")
-    assert consistency(model, quantized, ranges, {}, (-127, 127))["status"] == "passed"
+    assert consistency(model, quantized, ranges, {}, (-127, 127)).status == "passed"
     result = consistency(model, tamper(quantized, how), ranges, {}, (-127, 127))
-    assert result["status"] == "failed"
-    assert ("steps from its float weights" if how == "scale" else "reads it back with") in result["why"]
+    assert result.status == "failed" and result.as_dict()["passed"] is False
+    assert ("steps from its float weights" if how == "scale" else "reads it back with") in result.why
 
 
 def test_host_isa_and_types():
