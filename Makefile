@@ -17,15 +17,16 @@ MODEL_PATH ?= $(ARTIFACTS)/model.onnx
 help:
 	@echo "Set-up (two commands do all of it):"
 	@echo "  make pipeline        set-up, data, train ARCH=$(ARCH), export, verify, bench-model, report; time per stage"
+	@echo "                       (INT8=1: also an INT8 model verified on this host, docs/int8.md)"
 	@echo "  make test            set-up with the dev extra, data, headless browser, the whole pytest suite"
 	@echo "Stages (ARCH=seed-cnn|mlp-bn|keras-cnn|deep-cnn, DATA_DIR=$(DATA_DIR)):"
 	@echo "  make setup           .venv with torch==2.13.0 and the project (setup-serve: + BentoML; setup-dev: + dev extra)"
 	@echo "  make data            the Fashion-MNIST IDX files (apt-get install dataset-fashion-mnist when missing)"
 	@echo "  make browser         chromium + chromium-driver for the page test (apt-get, as root)"
 	@echo "  make train           train ARCH into artifacts/runs/ARCH (skipped when its weights exist)"
-	@echo "  make export          fold + export + verify ARCH's run into artifacts/ (skipped when up to date)"
+	@echo "  make export          fold + export + verify ARCH's run into artifacts/ (skipped when up to date; INT8=1 MAX_DROP=pp)"
 	@echo "  make verify          re-check artifacts/model.onnx against ARCH's run"
-	@echo "  make bench-model     torch vs onnxruntime images/s, batch 1 and 64"
+	@echo "  make bench-model     torch vs onnxruntime images/s, batch 1 and 64 (and INT8 beside FP32 when exported)"
 	@echo "  make ablation        seed-cnn with and without dropout (EPOCHS=...)"
 	@echo "  make recipes         seed-cnn training recipes side by side: epochs, seconds, test accuracy (~20 min)"
 	@echo "  make keras-seeds     the two seed Keras models: train, Keras' ONNX export, fold, verify"
@@ -33,7 +34,7 @@ help:
 	@echo "  make bench-zoo       28 torchvision/timm nets through python -m export, beside torch.fx/torch.onnx/onnxsim/... (own venv)"
 	@echo "  make bench-unseen    architectures and weights bench-zoo never uses, through the CLI (~20 min, own venv)"
 	@echo "Serving and load (MODEL_PATH=$(MODEL_PATH); never trains or exports):"
-	@echo "  make serve           serve MODEL_PATH on PORT=$(PORT): page at /, Swagger UI at /docs"
+	@echo "  make serve           serve MODEL_PATH on PORT=$(PORT): page at /, Swagger UI at /docs (PRECISION=auto|int8|fp32)"
 	@echo "  make bento           MODEL_PATH into BentoML's model store, then bentoml build"
 	@echo "  make examples        request bodies for the curl examples (EXAMPLES_DIR=/tmp/fmnist)"
 	@echo "  make loadtest        locust scenarios with checks (USERS=16 RUN_TIME=30s P99_MS=1000 TAGS=...)"
@@ -93,8 +94,10 @@ $(RUN_DIR)/weights.safetensors: | setup data
 train: $(RUN_DIR)/weights.safetensors
 
 # --if-stale: skip when model.onnx was already exported (and verified) from these exact weights.
+# INT8=1: also model_int8.onnx, quantized, verified on this host and fingerprinted (docs/int8.md; MAX_DROP=pp).
+INT8_FLAGS = $(if $(filter 1 yes true,$(INT8)),--int8 $(if $(MAX_DROP),--max-drop $(MAX_DROP)))
 export: $(RUN_DIR)/weights.safetensors
-	$(PY) -m export --run $(RUN_DIR) --data-dir "$(DATA_DIR)" --out $(ARTIFACTS) --if-stale
+	$(PY) -m export --run $(RUN_DIR) --data-dir "$(DATA_DIR)" --out $(ARTIFACTS) --if-stale $(INT8_FLAGS)
 
 verify: setup
 	$(PY) -m export --run $(RUN_DIR) --data-dir "$(DATA_DIR)" --out $(ARTIFACTS) --verify-only
@@ -144,7 +147,7 @@ LOCK = $(if $(BENCH_LOCK),flock "$(BENCH_LOCK)")
 # Every knob is an environment variable (docs/service.md, "Settings").
 serve: setup-serve
 	$(NEED_MODEL)
-	MODEL_PATH="$(MODEL_PATH)" $(VENV)/bin/bentoml serve service.service:Classifier --port $(PORT)
+	MODEL_PATH="$(MODEL_PATH)" $(if $(PRECISION),PRECISION="$(PRECISION)") $(VENV)/bin/bentoml serve service.service:Classifier --port $(PORT)
 
 bento: setup-serve
 	$(NEED_MODEL)
