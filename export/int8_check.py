@@ -33,7 +33,8 @@ from export.verify import Check, Exactness
 MIN_SQNR_DB = 20.0
 HALF_STEP = 0.5 * (1 + 1e-4)  # rounding to the nearest step, with float32's own rounding on top
 SCALE_RTOL = 1e-5
-LAYER_ROWS = 256
+LAYER_ROWS = 256       # at most, and as many as LAYER_SECONDS of served INT8 work allow (at least 4)
+LAYER_SECONDS = 0.5
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -236,7 +237,8 @@ def fidelity(outputs: list[np.ndarray], reference: list[np.ndarray], names: list
     return Int8Fidelity(status="passed" if ok else "failed", **({} if ok else {"why": why}), **figures)
 
 
-def layer_sqnr(float_model: onnx.ModelProto, quantized: onnx.ModelProto, rows: np.ndarray, worst: int = 5) -> dict:
+def layer_sqnr(float_model: onnx.ModelProto, quantized: onnx.ModelProto, rows: np.ndarray, worst: int = 5,
+               seconds_per_row: float = 0.0) -> dict:
     """Each quantized activation (what the next layer reads, DequantizeLinear's output) against the same
     tensor of the float graph, SQNR over `rows`. The QDQ graph runs unfused here (its intermediate tensors
     are outputs): the figures locate error, the served form is judged by `fidelity`."""
@@ -257,7 +259,7 @@ def layer_sqnr(float_model: onnx.ModelProto, quantized: onnx.ModelProto, rows: n
     plain.log_severity_level = 4
     fs = ort.InferenceSession(fexp.SerializeToString(), plain, providers=["CPUExecutionProvider"])
     qs = ort.InferenceSession(qexp.SerializeToString(), plain, providers=["CPUExecutionProvider"])
-    rows = rows[:LAYER_ROWS]
+    rows = rows[:int(np.clip(LAYER_SECONDS / max(seconds_per_row, 1e-9), 4, LAYER_ROWS))]
     fo = dict(zip([o.name for o in fs.get_outputs()], run(fs, rows, 64)))
     qo = dict(zip([o.name for o in qs.get_outputs()], run(qs, rows, 64)))
     producer = {o: n for n in float_model.graph.node for o in n.output}
@@ -281,19 +283,19 @@ def _with_outputs(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
 # --- speed and the fingerprint ------------------------------------------------------------------------
 
 def seconds_per_input(session: ort.InferenceSession, rows: np.ndarray, batch: int, budget: float = 0.3) -> float:
-    """Median seconds per input over calls of `batch` rows, for about `budget` seconds (at least 3 calls)."""
+    """Median seconds per input over calls of `batch` rows, for about `budget` seconds (at least 2 calls, after a warm-up)."""
     feed = session.get_inputs()[0].name
     x = np.ascontiguousarray(rows[:batch])
     session.run(None, {feed: x})
     times, started = [], time.perf_counter()
-    while len(times) < 3 or time.perf_counter() - started < budget:
+    while len(times) < 2 or time.perf_counter() - started < budget:
         t = time.perf_counter()
         session.run(None, {feed: x})
         times.append((time.perf_counter() - t) / len(x))
     return float(np.median(times))
 
 
-def speed(sessions: dict, rows: np.ndarray, batches=(1, 32), rounds: int = 3, budget: float = 0.2) -> dict:
+def speed(sessions: dict, rows: np.ndarray, batches=(1, 32), rounds: int = 3, budget: float = 0.15) -> dict:
     """Inputs per second of each session at each batch size, rounds interleaved, median round."""
     result = {}
     for batch in batches:

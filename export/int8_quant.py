@@ -140,8 +140,9 @@ class QParam:
     axis: int
 
     def view(self, a: np.ndarray) -> np.ndarray:
-        if a.ndim == 0 or self.q.ndim == 0:
-            return a
+        """`a` (one value per channel, or one for all) shaped to broadcast over q along `axis`."""
+        if a.size == 1 or self.q.ndim == 0:
+            return a.reshape(())
         shape = [1] * self.q.ndim
         shape[self.axis] = -1
         return a.reshape(shape)
