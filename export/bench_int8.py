@@ -47,7 +47,7 @@ class Quiet:
 
 
 def _record(command: str) -> dict:
-    return {"command": command, "date": time.strftime("%Y-%m-%d %H:%M"), "host": host_isa(),
+    return {"command": command, "date": time.strftime("%Y-%m-%d %H:%M"), "cpu": host_isa(),
             "load_average_before": [round(x, 2) for x in os.getloadavg()]}
 
 

@@ -38,34 +38,13 @@ QUANTIZABLE = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 
 # --- the host -----------------------------------------------------------------------------------------
 
-def host_isa(cpuinfo: str | None = None) -> dict:
-    """The INT8-relevant ISA of this host from /proc/cpuinfo: {"isa", "vnni", "flags", "cpu", "machine"}."""
-    machine = platform.machine().lower()
-    if cpuinfo is None:
-        try:
-            cpuinfo = Path("/proc/cpuinfo").read_text()
-        except OSError:
-            cpuinfo = ""
-    flags, cpu = set(), ""
-    for line in cpuinfo.splitlines():
-        key, _, value = line.partition(":")
-        if key.strip() in ("flags", "Features") and not flags:
-            flags = set(value.split())
-        elif key.strip() == "model name" and not cpu:
-            cpu = value.strip()
-    wanted = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8", "asimddp", "i8mm")
-    vnni = bool(flags & {"avx512_vnni", "avx_vnni"})
-    if machine in ("aarch64", "arm64"):
-        isa = "ARM64" + (" (dot product)" if "asimddp" in flags else "")
-    elif vnni:
-        isa = "AVX512-VNNI" if "avx512_vnni" in flags else "AVX-VNNI"
-    elif "avx512f" in flags:
-        isa = "AVX512 (no VNNI)"
-    elif "avx2" in flags:
-        isa = "AVX2 (no VNNI)"
-    else:
-        isa = f"{machine} (no AVX2)"
-    return {"isa": isa, "vnni": vnni, "flags": sorted(flags & set(wanted)), "cpu": cpu, "machine": machine}
+def host_isa(cpuinfo: str | Path = "/proc/cpuinfo") -> dict:
+    """This host as INT8 sees it: common.machine.cpu_summary() ({"model", "isa", "cores"}), whether its int8
+    dot products are VNNI, and its machine type."""
+    from common.machine import cpu_summary
+
+    summary = cpu_summary(cpuinfo)
+    return {**summary, "vnni": "VNNI" in summary["isa"], "machine": platform.machine().lower()}
 
 
 def choose_types(isa: dict) -> tuple[str, str]:

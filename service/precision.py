@@ -52,20 +52,20 @@ def int8_path(contract: Contract) -> Path:
     return path.with_name(path.stem + INT8_SUFFIX)
 
 
+# widest first, as common/machine.py names them (the service ships without common/)
+ISAS = (("avx512_vnni", "AVX-512 VNNI"), ("avx512f", "AVX-512"), ("avx_vnni", "AVX-VNNI"), ("avx2", "AVX2"),
+        ("avx", "AVX"), ("sse4_2", "SSE4.2"))
+
+
 def host_isa() -> str:
-    """The INT8-relevant ISA of this host, as the export names it (export/int8_quant.py host_isa)."""
-    machine = platform.machine().lower()
+    """The widest vector ISA of this host, named as the export's report names it."""
     try:
         text = Path("/proc/cpuinfo").read_text()
     except OSError:
         text = ""
     flags = next((set(line.partition(":")[2].split()) for line in text.splitlines()
                   if line.split(":")[0].strip() in ("flags", "Features")), set())
-    if machine in ("aarch64", "arm64"):
-        return "ARM64"
-    if flags & {"avx512_vnni", "avx_vnni"}:
-        return "AVX512-VNNI" if "avx512_vnni" in flags else "AVX-VNNI"
-    return "AVX512 (no VNNI)" if "avx512f" in flags else "AVX2 (no VNNI)" if "avx2" in flags else f"{machine} (no AVX2)"
+    return next((name for flag, name in ISAS if flag in flags), platform.machine() or "unknown")
 
 
 def session(ort, data: bytes, threads: int):
@@ -183,7 +183,7 @@ def choose(contract: Contract, data: bytes, settings, ort=None) -> tuple[bytes, 
         import onnxruntime as ort
 
     setting = settings.precision
-    info: dict = {"setting": setting, "served": "fp32", "host": host_isa()}
+    info: dict = {"setting": setting, "what": "fp32", "host": host_isa()}
     if setting == "fp32":
         return data, {**info, "why": "PRECISION=fp32"}
     started = time.perf_counter()
@@ -215,6 +215,6 @@ def choose(contract: Contract, data: bytes, settings, ort=None) -> tuple[bytes, 
         return data, info
     why = ("PRECISION=int8 and its fingerprint check passed here" if setting == "int8" else
            "auto: its fingerprint check passed here and it is faster here at batch " + " and ".join(info["speed"]))
-    info.update(served="int8", why=why, seconds=round(time.perf_counter() - started, 3))
+    info.update(what="int8", why=why, seconds=round(time.perf_counter() - started, 3))
     logger.info("precision: INT8 (%s) served: %s (%.2f s)", info["int8"]["types"], why, info["seconds"])
     return int8_data, info

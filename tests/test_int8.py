@@ -70,7 +70,7 @@ def test_equalization_is_exact_and_equalizes_every_pair_of_a_depthwise_triplet()
     for pair in pairs:  # both sides of every pair now have the same range per channel (the triplet converged)
         from export.int8_graph import _ranges
         r1, r2 = _ranges(Net(model), pair)
-        assert np.allclose(r1, r2, rtol=1e-4), pair.names
+        assert np.allclose(r1, r2, rtol=2e-3), pair.names  # settled to 0.1% (CLE_SETTLED)
     # a scale off by 1e-4 on one side breaks the function far beyond 1e-9: the pipeline's float64 proof catches it
     w2 = numpy_helper.to_array(next(t for t in model.graph.initializer if t.name == "w2")) * 1.0001
     next(t for t in model.graph.initializer if t.name == "w2").CopyFrom(numpy_helper.from_array(w2, "w2"))
@@ -183,14 +183,15 @@ def test_consistency_refuses_a_tampered_quantization(how):
     assert ("steps from its float weights" if how == "scale" else "reads it back with") in result.why
 
 
-def test_host_isa_and_types():
+def test_host_isa_and_types(tmp_path):
     from export.int8_quant import choose_types, host_isa
 
-    vnni = host_isa("flags\t\t: fpu avx2 avx512f avx512_vnni\nmodel name\t: Some CPU\n")
-    avx2 = host_isa("flags\t\t: fpu sse4_2 avx2 fma\n")
+    (tmp_path / "vnni").write_text("flags\t\t: fpu avx2 avx512f avx512_vnni\nmodel name\t: Some CPU\n")
+    (tmp_path / "avx2").write_text("flags\t\t: fpu sse4_2 avx2 fma\n")
+    vnni, avx2 = host_isa(tmp_path / "vnni"), host_isa(tmp_path / "avx2")
     if vnni["machine"] in ("x86_64", "amd64"):
-        assert (vnni["isa"], choose_types(vnni)[0]) == ("AVX512-VNNI", "S8S8")
-        assert (avx2["isa"], choose_types(avx2)[0]) == ("AVX2 (no VNNI)", "U8S8R")
+        assert (vnni["isa"], vnni["vnni"], choose_types(vnni)[0]) == ("AVX-512 VNNI", True, "S8S8")
+        assert (avx2["isa"], avx2["vnni"], choose_types(avx2)[0]) == ("AVX2", False, "U8S8R")
 
 
 # --- python -m export --int8 ---------------------------------------------------------------------------------

@@ -42,15 +42,15 @@ def _choose(directory: Path, precision: str) -> tuple[bytes, dict]:
 
 def test_int8_is_served_when_its_check_passes_here_and_fp32_when_asked(int8_dir):
     data, info = _choose(int8_dir, "int8")
-    assert info["served"] == "int8" and data == (int8_dir / "model_int8.onnx").read_bytes()
+    assert info["what"] == "int8" and data == (int8_dir / "model_int8.onnx").read_bytes()
     check = info["check"]["outputs"]["logits"]
     assert check["rms_vs_export"] <= 0.1 * check["int8_error_rms"] and check["top1_agreement_with_export"] >= 0.99
     assert info["seconds"] <= 2.0, "the start-up check takes at most 2 s"
     data, info = _choose(int8_dir, "fp32")
-    assert info == {**info, "served": "fp32", "why": "PRECISION=fp32"} and data == (int8_dir / "model.onnx").read_bytes()
+    assert info == {**info, "what": "fp32", "why": "PRECISION=fp32"} and data == (int8_dir / "model.onnx").read_bytes()
     data, info = _choose(int8_dir, "auto")  # faster here at batch 1 and 32, or FP32 with the figures
     faster = all(t["int8_vs_fp32"] > 1.0 for t in info["speed"].values())
-    assert info["served"] == ("int8" if faster else "fp32") and set(info["speed"]) == {"1", "32"}
+    assert info["what"] == ("int8" if faster else "fp32") and set(info["speed"]) == {"1", "32"}
     assert ("faster" in info["why"]) and (faster or "not faster" in info["why"])
 
 
@@ -59,21 +59,21 @@ def test_a_wrong_int8_model_with_a_fresh_sha256_is_refused_at_start(how, int8_di
     directory = _copy(int8_dir, tmp_path / how)
     _resign(directory / "model_int8.onnx", tamper(onnx.load(directory / "model_int8.onnx"), how).SerializeToString())
     data, info = _choose(directory, "int8")
-    assert info["served"] == "fp32" and data == (directory / "model.onnx").read_bytes()
+    assert info["what"] == "fp32" and data == (directory / "model.onnx").read_bytes()
     assert "fingerprint check failed" in info["why"] and "allowed 0.1x" in info["why"]
 
 
 def test_int8_beside_another_model_or_missing_is_refused(int8_dir, tmp_path):
     _, info = _choose(_copy(int8_dir, tmp_path / "fp32-only", names=("model.onnx",)), "int8")
-    assert info["served"] == "fp32" and "no INT8 model beside" in info["why"]
+    assert info["what"] == "fp32" and "no INT8 model beside" in info["why"]
     other = _copy(int8_dir, tmp_path / "other")
     build_model(other, "fmnist-v1")  # another FP32 model.onnx (same contract), the INT8 files left beside it
     _, info = _choose(other, "int8")
-    assert info["served"] == "fp32" and "made from another model" in info["why"]
+    assert info["what"] == "fp32" and "made from another model" in info["why"]
     broken = _copy(int8_dir, tmp_path / "fingerprint")
     _resign(broken / "model_int8.fingerprint.npz", b"not an npz")
     _, info = _choose(broken, "int8")
-    assert info["served"] == "fp32" and "not the fingerprint" in info["why"]
+    assert info["what"] == "fp32" and "not the fingerprint" in info["why"]
 
 
 def test_make_serve_precision_int8_serves_it_and_says_so(int8_dir, tmp_path, test_images):
@@ -82,7 +82,7 @@ def test_make_serve_precision_int8_serves_it_and_says_so(int8_dir, tmp_path, tes
         proc.wait_ready(120)
         meta = httpx.get(f"{proc.url}/metadata", timeout=10).json()
         precision = meta["runtime"]["precision"]
-        assert precision["served"] == "int8" and precision["setting"] == "int8" and precision["check"]["rows"] >= 8
+        assert precision["what"] == "int8" and precision["setting"] == "int8" and precision["check"]["rows"] >= 8
         answer = httpx.post(f"{proc.url}/predict", json={"images": images.tolist()}, timeout=30).json()
     session = ort.InferenceSession(str(int8_dir / "model_int8.onnx"), providers=["CPUExecutionProvider"])
     want = session.run(None, {"image": images})[0].argmax(1)
