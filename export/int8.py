@@ -33,7 +33,7 @@ from export.int8_graph import Net, Stats, absorb_high_bias, equalize
 from export.int8_quant import TYPES, choose_types, correct_biases, host_isa, quantizable, quantize
 
 INT8, FINGERPRINT = "model_int8.onnx", "model_int8.fingerprint.npz"
-CALIB_ROWS = 1024              # training images calibrated on (a --run)
+CALIB_ROWS = 1024              # training images calibrated on (a --run); at most this many of --calib
 CALIB_SEED, CALIB_RANDOM_SEED = 0, 1
 FINGERPRINT_SECONDS = 0.5      # the start-up check's INT8 work, on this host
 FINGERPRINT_ROWS = (8, 256)
@@ -90,10 +90,14 @@ def prepare(options: Options, source) -> Options:
                                     f"seed {CALIB_RANDOM_SEED}; real data calibrates better")
     elif options.calib is not None:
         try:
-            options.calibration = read_sample(options.calib, dims, source.input_range)
+            rows = read_sample(options.calib, dims, source.input_range)
         except BadInput as e:
             raise BadInput(str(e).replace("--sample", "--calib", 1)) from None
-        options.calibration_desc = f"{len(options.calibration)} rows of --calib {options.calib}"
+        if len(rows) > CALIB_ROWS:  # more calibrates no better with MinMax, only slower
+            rows = rows[np.sort(np.random.default_rng(CALIB_SEED).choice(len(rows), CALIB_ROWS, replace=False))]
+        options.calibration = np.ascontiguousarray(rows)
+        options.calibration_desc = f"{len(rows)} rows of --calib {options.calib}" + (
+            f" (a seeded sample of its rows, seed {CALIB_SEED})" if len(rows) == CALIB_ROWS else "")
     elif source.kind == "run":
         from training.data import load_split
 

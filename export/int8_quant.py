@@ -100,7 +100,8 @@ def quantize(model: onnx.ModelProto, calibration: np.ndarray, types: str, per_ch
                         quant_format=getattr(QuantFormat, fmt), per_channel=per_channel, reduce_range=reduce_range,
                         activation_type=getattr(QuantType, activation), weight_type=getattr(QuantType, weight),
                         calibrate_method=CalibrationMethod.MinMax, calibration_cache_path=str(cache),
-                        extra_options={"WeightSymmetric": True, "ActivationSymmetric": False})
+                        extra_options={"WeightSymmetric": True, "ActivationSymmetric": False,
+                                       "CalibMaxIntermediateOutputs": 8})  # ranges merged every 8 batches: bounded memory
         quantized = onnx.load(dst)
         ranges = {name: (float(np.min(d.range_value[0])), float(np.max(d.range_value[1])))
                   for name, d in load_tensors_data(cache).items()}
