@@ -1,5 +1,8 @@
 # One entry per stage; stages share files under artifacts/, not globals. `make help` lists them.
 SHELL := /bin/bash
+comma := ,
+empty :=
+space := $(empty) $(empty)
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -33,6 +36,7 @@ help:
 	@echo "  make bench-onnx-fold our ONNX pass vs onnxoptimizer/onnxsim/onnxslim (installs them first)"
 	@echo "  make bench-zoo       28 torchvision/timm nets through python -m export, beside torch.fx/torch.onnx/onnxsim/... (own venv)"
 	@echo "  make bench-unseen    architectures and weights bench-zoo never uses, through the CLI (~20 min, own venv)"
+	@echo "  make bench-int8      INT8: equalization/bias-correction ablation on our runs, ResNet-50/MobileNetV2 INT8 vs FP32"
 	@echo "Serving and load (MODEL_PATH=$(MODEL_PATH); never trains or exports):"
 	@echo "  make serve           serve MODEL_PATH on PORT=$(PORT): page at /, Swagger UI at /docs (PRECISION=auto|int8|fp32)"
 	@echo "  make bento           MODEL_PATH into BentoML's model store, then bentoml build"
@@ -251,6 +255,24 @@ $(ZOO_VENV)/.installed: pyproject.toml
 bench-unseen: $(ZOO_VENV)/.installed
 	$(ZOO_PIP) ultralytics torch==2.14.1 torchvision==0.29.1
 	$(ZOO_PY) -m bench.unseen --out $(ARTIFACTS)/bench_unseen $(if $(ONLY),--only $(ONLY))
+
+# INT8 benchmarks (docs/int8.md): the ablation on our runs (trains the missing ones: deep-cnn and mobile-cnn
+# take ~20 min each on 2 idle cores), ResNet-50 and MobileNetV2 exported with --int8 by the bench-zoo venv
+# (calibrated random weights, random calibration: a speed benchmark; --max-drop 100, the report shows SQNR and
+# agreement), then INT8 against FP32 on one thread. Holds BENCH_LOCK (default the machine's benchmark lock).
+.PHONY: bench-int8
+INT8_RUNS ?= seed-cnn,deep-cnn,mobile-cnn
+INT8_ZOO ?= resnet50,mobilenet_v2
+BENCH_INT8_LOCK ?= /tmp/bnfold-cpu.lock
+bench-int8: setup-dev data $(ZOO_VENV)/.installed
+	@for a in $(subst $(comma), ,$(INT8_RUNS)); do $(MAKE) --no-print-directory train ARCH=$$a || exit $$?; done
+	@for n in $(subst $(comma), ,$(INT8_ZOO)); do d=$(ARTIFACTS)/bench_int8/zoo/$$n; mkdir -p $$d; \
+		PYTHONPATH=$(CURDIR) $(ZOO_PY) -c "from pathlib import Path; from bench.zoo import prepare; prepare('$$n', Path('$$d/weights.safetensors'), 'int8')" && \
+		PYTHONPATH=$(CURDIR) $(ZOO_PY) -m export --model bench/zoo_models.py:$$n --weights $$d/weights.safetensors --input-shape 3,224,224 \
+			--name $$n --out $$d --int8 --calib random --max-drop 100 --if-stale || exit $$?; done
+	flock $(BENCH_INT8_LOCK) $(PY) -m export.bench_int8 all --runs $(subst $(space),$(comma),$(foreach a,$(subst $(comma), ,$(INT8_RUNS)),$(ARTIFACTS)/runs/$(a))) \
+		--model-dirs $(subst $(space),$(comma),$(foreach n,$(subst $(comma), ,$(INT8_ZOO)),$(ARTIFACTS)/bench_int8/zoo/$(n))) \
+		--data-dir "$(DATA_DIR)" --out $(ARTIFACTS)/bench_int8
 
 .PHONY: bench-zoo
 bench-zoo: $(ZOO_VENV)/.installed

@@ -4,8 +4,11 @@
             without each of cross-layer equalization, high-bias absorption and bias correction; accuracy
             on the 10,000 test images (the served form: onnxruntime at the service's session settings)
             against the float64 model. Writes ablation.json and ablation.png.
-  formats   exported models (--model-dirs DIR,...: model.onnx): QDQ against QOperator, for each type
-            combination, img/s at batch 1 and 64 on one thread beside FP32, on this host. Writes formats.json.
+  speed     exported models (--model-dirs DIR,...): FP32 (model.onnx) against the published INT8
+            (model_int8.onnx, when there is one) and against QDQ and QOperator quantizations made here (S8S8,
+            U8S8; seeded random calibration: for speed only), img/s at batch 1 and 8 on one thread with the
+            service's session settings. Writes speed.json.
+  all       both, into results.json (what `make bench-int8` runs and the README shows).
 
 Every figure is measured in this process, rounds interleaved; the JSON records the command, date, host
 ISA and load average before and after.
@@ -115,24 +118,27 @@ def plot(results: dict, path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
-def formats(model_dirs: list[str], calib: str | None, rounds: int, seconds: float) -> dict:
+def speed(model_dirs: list[str], calib: str | None, rounds: int, seconds: float, batches=(1, 8)) -> dict:
     from export.int8_check import seconds_per_input, service_session
 
     results = {}
     for directory in model_dirs:
         model = onnx.load(Path(directory) / "model.onnx")
+        published = Path(directory) / "model_int8.onnx"
         shape = [d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim][1:]
         rng = np.random.default_rng(0)
         calibration = (np.load(calib, allow_pickle=False) if calib else
                        rng.uniform(0, 1, size=(32, *shape)).astype(np.float32))
         rows = rng.uniform(0, 1, size=(64, *shape)).astype(np.float32)
         sessions = {"FP32": service_session(model)}
+        if published.exists():
+            sessions["INT8 (published)"] = service_session(published.read_bytes())
         for fmt in ("QDQ", "QOperator"):
             for types in ("S8S8", "U8S8"):
                 quantized, _ = quantize(model, calibration, types, True, fmt)
                 sessions[f"{fmt} {types}"] = service_session(quantized)
         table = {}
-        for batch in (1, 64):
+        for batch in batches:
             times = {name: [] for name in sessions}
             for _ in range(rounds):
                 for name, s in sessions.items():
@@ -140,7 +146,8 @@ def formats(model_dirs: list[str], calib: str | None, rounds: int, seconds: floa
             fp32 = float(np.median(times["FP32"]))
             table[str(batch)] = {name: {"images_per_s": round(1 / float(np.median(t)), 1),
                                         "vs_fp32": round(fp32 / float(np.median(t)), 3)} for name, t in times.items()}
-        results[Path(directory).name] = table
+        results[Path(directory).name] = {"batches": table, **({"int8": json.loads(next(
+            p.value for p in onnx.load(published).metadata_props if p.key == "int8"))["verified"]} if published.exists() else {})}
         print(json.dumps({Path(directory).name: table}, indent=1), flush=True)
     return results
 
@@ -148,39 +155,44 @@ def formats(model_dirs: list[str], calib: str | None, rounds: int, seconds: floa
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m export.bench_int8", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("what", choices=("ablation", "formats"))
+    p.add_argument("what", choices=("ablation", "speed", "all"))
     p.add_argument("--runs", default="artifacts/runs/mobile-cnn", help="ablation: comma-separated training runs")
     p.add_argument("--variants", default=",".join(VARIANTS), help="ablation: which variants")
-    p.add_argument("--model-dirs", default="artifacts", help="formats: comma-separated export directories")
-    p.add_argument("--calib", default=None, help="formats: calibration .npy (default: 32 seeded uniform rows)")
+    p.add_argument("--model-dirs", default="artifacts", help="speed: comma-separated export directories")
+    p.add_argument("--calib", default=None, help="speed: calibration .npy (default: 32 seeded uniform rows)")
     p.add_argument("--rounds", type=int, default=5)
-    p.add_argument("--seconds", type=float, default=0.3, help="formats: seconds per variant per round")
+    p.add_argument("--seconds", type=float, default=0.3, help="speed: seconds per variant per round")
     p.add_argument("--data-dir", default=DEFAULT_DATA_DIR)
     p.add_argument("--out", default="artifacts/bench_int8")
     args = p.parse_args(argv)
     out = Path(args.out)
     record = _record("python -m export.bench_int8 " + " ".join(argv if argv is not None else sys.argv[1:]))
-    if args.what == "ablation":
-        variants = args.variants.split(",")
-        unknown = [v for v in variants if v not in VARIANTS]
-        if unknown:
-            print(f"bench_int8: unknown variant {unknown[0]!r}; choose from {', '.join(VARIANTS)}", file=sys.stderr)
-            return 2
-        results = ablation(args.runs.split(","), args.data_dir, out, variants)
-        record.update(results=results, load_average_after=[round(x, 2) for x in os.getloadavg()])
-        write_json(out / "ablation.json", record)
-        plot(results, out / "ablation.png")
-        for model, rows in results.items():
+    variants = args.variants.split(",")
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown:
+        print(f"bench_int8: unknown variant {unknown[0]!r}; choose from {', '.join(VARIANTS)}", file=sys.stderr)
+        return 2
+    if args.what in ("ablation", "all"):
+        record["ablation"] = ablation(args.runs.split(","), args.data_dir, out, variants)
+        plot(record["ablation"], out / "ablation.png")
+        for model, rows in record["ablation"].items():
             print(f"{model}: accuracy float64 {100 * next(iter(rows.values()))['accuracy_float64']:.2f}%")
             for variant, r in rows.items():
                 print(f"  {variant:34s} INT8 {100 * r['accuracy_int8']:6.2f}%  drop {r['drop_pp']:6.2f} pp  "
                       f"agreement {100 * r['top1_agreement']:6.2f}%  SQNR {r['sqnr_db']:5.1f} dB")
-        print(f"wrote {out / 'ablation.json'}, {out / 'ablation.png'}")
-    else:
-        results = formats(args.model_dirs.split(","), args.calib, args.rounds, args.seconds)
-        record.update(results=results, load_average_after=[round(x, 2) for x in os.getloadavg()])
-        write_json(out / "formats.json", record)
-        print(f"wrote {out / 'formats.json'}")
+    if args.what in ("speed", "all"):
+        dirs = [d for d in args.model_dirs.split(",") if d]
+        if args.what == "all":  # our runs' exports too (made by the ablation)
+            dirs = [str(out / "exports" / Path(r).name) for r in args.runs.split(",")] + dirs
+        record["speed"] = speed(dirs, args.calib, args.rounds, args.seconds)
+        for model, row in record["speed"].items():
+            print(f"{model}: " + "; ".join(f"batch {b}: " + ", ".join(f"{n} {r['vs_fp32']:.2f}x" for n, r in t.items()
+                                                                     if n != "FP32")
+                                         for b, t in row["batches"].items()))
+    record["load_average_after"] = [round(x, 2) for x in os.getloadavg()]
+    name = {"ablation": "ablation.json", "speed": "speed.json", "all": "results.json"}[args.what]
+    write_json(out / name, record)
+    print(f"wrote {out / name}" + (f", {out / 'ablation.png'}" if "ablation" in record else ""))
     return 0
 
 
