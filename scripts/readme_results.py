@@ -220,6 +220,54 @@ def render_deploy(path: Path) -> Rendered:
     return Rendered("\n\n".join(lines), date=d["date"], command=d["command"], cpu=cpu_text(d.get("cpu")), short=short)
 
 
+INT8_DEFAULT = "per-channel + CLE + absorb + BC"  # what `python -m export --int8` does
+INT8_GOALS = {"seed-cnn": (INT8_DEFAULT, 0.2), "deep-cnn": (INT8_DEFAULT, 0.2), "mobile-cnn": (INT8_DEFAULT, 0.5)}
+
+
+def render_int8(path: Path) -> Rendered:
+    """bench_int8/results.json (python -m export.bench_int8 all): accuracy drop per variant on our runs,
+    INT8 against FP32 img/s on one thread; the issue's goals as short phrases."""
+    r = json.loads(path.read_text())
+    ablation, speed, short = r.get("ablation", {}), r.get("speed", {}), []
+    columns = (INT8_DEFAULT, "per-channel naive", "per-tensor naive", "per-tensor + CLE + absorb + BC")
+    rows = []
+    for model, variants in ablation.items():
+        drops = [f"{variants[c]['drop_pp']:+.2f}" if c in variants else "—" for c in columns]
+        s1 = speed.get(model, {}).get("batches", {})
+        ratio = " / ".join(f"{t['INT8 (published)']['vs_fp32']:.2f}x" if "INT8 (published)" in t else "—" for t in s1.values())
+        rows.append(f"| {model} | {100 * next(iter(variants.values()))['accuracy_float64']:.2f}% | "
+                    + " | ".join(drops) + f" | {ratio or '—'} |")
+        want = INT8_GOALS.get(model)
+        if want and want[0] in variants and variants[want[0]]["drop_pp"] > want[1]:
+            short.append(f"{model} INT8 drop {variants[want[0]]['drop_pp']:.2f} points (goal ≤ {want[1]:g})")
+        if model == "mobile-cnn" and columns[3] in variants and variants[columns[3]]["drop_pp"] > 1.0:
+            short.append(f"mobile-cnn per-tensor with equalization + bias correction: drop "
+                         f"{variants[columns[3]]['drop_pp']:.2f} points (goal ≤ 1)")
+    zoo = []
+    for model, row in speed.items():
+        if model in ablation:
+            continue
+        b1 = row["batches"].get("1", {}).get("INT8 (published)")
+        if b1 is None:
+            continue
+        verified = row.get("int8", {}).get("outputs", {})
+        sqnr = ", ".join(f"SQNR {o['sqnr_db']:.1f} dB" for o in verified.values())
+        zoo.append(f"{model} {b1['vs_fp32']:.2f}x ({sqnr})" if sqnr else f"{model} {b1['vs_fp32']:.2f}x")
+        if model == "resnet50" and b1["vs_fp32"] < 1.5:
+            short.append(f"ResNet-50 INT8 at batch 1 {b1['vs_fp32']:.2f}x FP32 in-process (goal ≥ 1.5x)")
+    batches = " / ".join(f"batch {b}" for b in next(iter(speed.values()), {}).get("batches", {})) or "—"
+    body = "\n".join([
+        f"Accuracy drop against the float64 model on the 10,000 test images (points; INT8 as served: onnxruntime, "
+        f"the service's session settings), and INT8 ÷ FP32 img/s on one thread ({batches}); load average "
+        f"{r['load_average_before'][0]:.1f} before, {r.get('load_average_after', ['?'])[0]} after:", "",
+        "| model | float64 | `--int8` (per-channel + CLE + absorption + BC) | per-channel, naive | per-tensor, naive | "
+        "per-tensor + CLE + absorption + BC | INT8 ÷ FP32 |", "|---|---|---|---|---|---|---|", *rows] +
+        ([f"", f"At batch 1 in-process, INT8 ÷ FP32: {'; '.join(zoo)} (calibrated random weights, random calibration: "
+          f"a speed benchmark). Every variant, the per-layer SQNR and QDQ against QOperator: [docs/int8.md](docs/int8.md)."]
+         if zoo else ["", "Every variant and the per-layer SQNR: [docs/int8.md](docs/int8.md)."]))
+    return Rendered(body, date=r["date"], command=r["command"], cpu=cpu_text(r.get("cpu")), short=short)
+
+
 # (`make recipes` and `make keras-seeds` are kept in docs/training.md and docs/onnx-fold.md, not here)
 SECTIONS = [
     Section("model", "Model: accuracy, fold parity, onnxruntime speed", "results.md", "make pipeline", render_model,
@@ -230,6 +278,10 @@ SECTIONS = [
     Section("bench-zoo", "Real models: torchvision and timm through `python -m export`, beside the tools people use "
             "instead", "bench_zoo/results.json", "make bench-zoo", render_zoo, measures=("export/", "bench/zoo.py"),
             plots=("bench_zoo/bn_left.png",), cpu_dependent="the seconds"),
+    Section("int8", "INT8 on this host: accuracy and speed", "bench_int8/results.json", "make bench-int8", render_int8,
+            measures=("export/int8.py", "export/int8_graph.py", "export/int8_quant.py", "export/int8_check.py",
+                      "export/bench_int8.py", "training/models.py"),
+            plots=("bench_int8/ablation.png",), cpu_dependent="the speeds, and which INT8 kernels ran"),
     Section("bench-onnx-fold", "ONNX fold pass vs onnxoptimizer / onnxsim / onnxslim", "bench_onnx_fold/results.json",
             "make bench-onnx-fold", render_onnx_fold,
             measures=("export/onnx_fold.py", "export/onnx_graph.py", "export/bench_onnx_fold.py"),
