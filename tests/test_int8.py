@@ -293,3 +293,30 @@ def test_bad_int8_input_is_one_line_exit_2_nothing_written(onnx_source, model_di
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), tmp_path / "plain.onnx")
     err = _bad(["--onnx", str(tmp_path / "plain.onnx"), "--int8", "--calib", "random"], tmp_path / "plain", capsys)
     assert "nothing to quantize" in err
+
+
+def test_readme_renders_the_int8_benchmark_and_names_each_short_goal(tmp_path):
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+    from readme_results import render_int8
+
+    def row(drop):
+        return {"accuracy_float64": 0.92, "drop_pp": drop}
+
+    speed = {"batches": {"1": {"FP32": {"vs_fp32": 1.0}, "INT8 (published)": {"vs_fp32": 1.1}},
+                         "8": {"FP32": {"vs_fp32": 1.0}, "INT8 (published)": {"vs_fp32": 0.9}}}}
+    report = {"date": "2026-12-07 18:00", "command": "make bench-int8", "load_average_before": [0.4],
+              "cpu": {"model": "AMD EPYC", "isa": "AVX-512 VNNI", "cores": 2},
+              "ablation": {"seed-cnn": {"per-channel + CLE + absorb + BC": row(0.1), "per-channel naive": row(0.12)},
+                           "mobile-cnn": {"per-channel + CLE + absorb + BC": row(0.6),
+                                          "per-tensor + CLE + absorb + BC": row(1.5), "per-tensor naive": row(20.0)}},
+              "speed": {"seed-cnn": speed, "resnet50": {"batches": {"1": {"INT8 (published)": {"vs_fp32": 1.4}}},
+                                                         "int8": {"outputs": {"logits": {"sqnr_db": 14.5}}}}}}
+    (tmp_path / "results.json").write_text(json.dumps(report))
+    r = render_int8(tmp_path / "results.json")
+    assert "| seed-cnn | 92.00% | +0.10 |" in r.body and "1.10x / 0.90x" in r.body and "resnet50 1.40x (SQNR 14.5 dB)" in r.body
+    assert r.short == ["mobile-cnn INT8 drop 0.60 points (goal ≤ 0.5)",
+                       "mobile-cnn per-tensor with equalization + bias correction: drop 1.50 points (goal ≤ 1)",
+                       "ResNet-50 INT8 at batch 1 1.40x FP32 in-process (goal ≥ 1.5x)"]
+    assert r.cpu == "AMD EPYC, AVX-512 VNNI, 2 cores" and r.date == "2026-12-07 18:00"
