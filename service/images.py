@@ -1,6 +1,9 @@
 """An uploaded PNG/JPEG of any size -> one input of the model's own shape (service/contract.py).
 
 1. decode (PNG or JPEG, EXIF orientation applied, transparency composited onto the background);
+   a picture much larger than the model's input is decoded at a fraction of its size (a JPEG's
+   DCT scaling, `draft`) and box-reduced, down to no less than REDUCE_TO x the input's size, so a
+   1920x1080 photo for a 224x224 model costs a few ms instead of tens (docs/service.md, "Uploads");
 2. convert to the model's channels (grey 'L' for 1, 'RGB' for 3);
 3. polarity: the border pixels say whether the picture is a dark or a light background; `invert`
    decides when given, else the picture is inverted when its background disagrees with the model's
@@ -28,6 +31,48 @@ MAX_IMAGE_PIXELS = 40_000_000
 # A pixel belongs to the object when it differs from the background by more than this (of 255):
 # above JPEG noise, below any visible stroke.
 OBJECT_THRESHOLD = 20.0
+# Big pictures are worked on at no less than this many times the model's input size (each side).
+REDUCE_TO = 2
+
+
+def peek_image(data: bytes) -> Image.Image:
+    """PNG/JPEG bytes -> a PIL image whose header is read (format, size checked), not yet decoded."""
+    if not data:
+        raise unprocessable("the uploaded image file is empty")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data))
+    except UnidentifiedImageError:
+        raise unprocessable("the uploaded file is not a PNG or JPEG image") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise too_large(f"image is too large to decode safely: {exc}") from None
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise unprocessable(f"the uploaded image is corrupt or truncated: {exc}") from None
+    if image.format not in ACCEPTED_FORMATS:
+        raise unprocessable(f"image must be PNG or JPEG, got {image.format or 'unknown format'}")
+    if image.width * image.height > MAX_IMAGE_PIXELS:
+        raise too_large(f"image is {image.width}x{image.height} pixels, over the limit of {MAX_IMAGE_PIXELS:,}")
+    return image
+
+
+def decode_image(image: Image.Image, height: int | None = None, width: int | None = None) -> Image.Image:
+    """Decode a peeked image (EXIF orientation applied); with the model's height/width, a much bigger
+    picture is decoded/reduced to no less than REDUCE_TO x that size."""
+    try:
+        if height and width and image.format == "JPEG":
+            image.draft(image.mode if image.mode in ("L", "RGB") else "RGB", (REDUCE_TO * width, REDUCE_TO * height))
+        image.load()  # decode now: truncated or corrupt files fail here, not later
+        image = ImageOps.exif_transpose(image) or image
+        if height and width:
+            factor = min(image.width // (REDUCE_TO * width), image.height // (REDUCE_TO * height))
+            if factor >= 2:
+                image = image.reduce(factor)
+        return image
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise too_large(f"image is too large to decode safely: {exc}") from None
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise unprocessable(f"the uploaded image is corrupt or truncated: {exc}") from None
 
 
 def open_image(data: bytes) -> Image.Image:
@@ -109,8 +154,13 @@ def resize(pixels: np.ndarray, height: int, width: int) -> np.ndarray:
 
 def upload_to_input(data: bytes, contract: Contract, invert: bool | None = None, margin: float = 0.02) -> np.ndarray:
     """PNG/JPEG bytes -> float32 [1, *sample_shape] for an image model (contract.classify_refusal is None)."""
+    return image_to_input(peek_image(data), contract, invert, margin)
+
+
+def image_to_input(image: Image.Image, contract: Contract, invert: bool | None = None, margin: float = 0.02) -> np.ndarray:
+    """A peeked image (peek_image) -> float32 [1, *sample_shape]: steps 1-5 of the module docstring."""
     channels, height, width = contract.channels, contract.height, contract.width
-    image = open_image(data)
+    image = decode_image(image, height, width)
     fill = 255 if contract.background == "light" else 0
     pixels = to_pixels(image, channels, fill)
     background = border_level(pixels)
