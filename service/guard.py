@@ -48,6 +48,7 @@ ADMITTED = "bnfold.admitted"  # scope key: when the protocol handed the request 
 PROTOCOL = "bnfold.protocol"  # scope key: the connection's GuardedProtocol
 MIN_INFLIGHT = 4  # below this many requests in a worker nothing is shed
 WINDOW_S = 0.1  # the queue delay is the smallest wait seen in such a window (CoDel's standing queue)
+BODY_WINDOW = 4 * 1024 * 1024  # body bytes buffered per connection before uvicorn pauses reading it
 SHED_BODY_MAX = 64 * 1024  # a shed request's body up to this size is skipped; larger: the connection closes
 REASONS = ("overload", "connections", "header_timeout", "body_timeout", "header_too_large")
 
@@ -352,11 +353,16 @@ def install_protocol() -> None:
     (docs/service.md, "Request path, event loop")."""
     import uvicorn.loops.auto as loops
     import uvicorn.protocols.http.auto as auto
+    import uvicorn.protocols.http.httptools_impl as httptools_impl
 
     from .workers import GatedLoop
 
     auto.AutoHTTPProtocol = GuardedProtocol
     loops.auto_loop_factory = lambda use_subprocess=False: GatedLoop
+    # uvicorn stops reading a connection once 64 KiB of its body wait for the app; a 3x224x224 input
+    # (600 KB) then takes ten pause/resume rounds through the loop. Our routes read the body at once
+    # (up to MAX_BODY_BYTES), so a larger window costs no memory that reading would not.
+    httptools_impl.HIGH_WATER_LIMIT = max(httptools_impl.HIGH_WATER_LIMIT, BODY_WINDOW)
 
 
 # --- the supervisor (`bentoml serve` process) -------------------------------------------------

@@ -30,7 +30,6 @@ import time
 from asyncio import SelectorEventLoop
 from pathlib import Path
 
-import numpy as np
 
 TICK_S = 0.05  # heartbeat, and how often a paused worker looks whether it may accept again
 STALE_S = 0.5  # a worker whose loop has not beaten for this long is not live (dead, stuck or gone)
@@ -56,7 +55,10 @@ def alive(pid: int) -> bool:
 
 
 class WorkerTable:
-    """This worker's slot (index 0..workers-1) in the shared table, and what the others say."""
+    """This worker's slot (index 0..workers-1) in the shared table, and what the others say.
+
+    Counts are read fresh from shared memory at every decision; which peers are live is decided
+    at each heartbeat (`refresh`, every TICK_S), so a decision costs no system call."""
 
     def __init__(self, path: Path, workers: int, index: int) -> None:
         if not 0 <= index < workers:
@@ -71,64 +73,77 @@ class WorkerTable:
         finally:
             os.close(fd)
         # aligned int64 words: a reader never sees half a write (x86-64, arm64)
-        self.slots = np.ndarray((workers, len(FIELDS)), np.int64, buffer=self._map)
-        self.me = self.slots[index]
-        self.me[:] = (os.getpid(), 0, 0, time.monotonic_ns())
+        self.words = memoryview(self._map).cast("q")
+        self._me = index * len(FIELDS)
+        self._set(PID, os.getpid())
+        self._set(CONNECTIONS, 0)
+        self._set(LOADED, 0)
+        self.beat()
+        self.peers: list[int] = []  # live peers, as of the last refresh
+
+    def _get(self, worker: int, field: int) -> int:
+        return self.words[worker * len(FIELDS) + field]
+
+    def _set(self, field: int, value: int) -> None:
+        self.words[self._me + field] = value
 
     # --- this worker ------------------------------------------------------------------------
 
     def beat(self) -> None:
-        self.me[BEAT] = time.monotonic_ns()
+        self._set(BEAT, time.monotonic_ns())
 
     def set_loaded(self) -> None:
-        self.me[LOADED] = 1
-        self.beat()
+        self._set(LOADED, 1)
+        self.refresh()
 
     def add(self, n: int) -> None:
-        self.me[CONNECTIONS] = max(0, int(self.me[CONNECTIONS]) + n)
+        self._set(CONNECTIONS, max(0, self.words[self._me + CONNECTIONS] + n))
 
     @property
     def connections(self) -> int:
-        return int(self.me[CONNECTIONS])
+        return self.words[self._me + CONNECTIONS]
 
     # --- all workers ------------------------------------------------------------------------
 
-    def live(self) -> np.ndarray:
-        """Which slots belong to a worker that is running, loaded and beating."""
+    def is_live(self, worker: int, now_ns: int) -> bool:
+        """Running, loaded and beating (a dead, stuck or still-loading worker is not)."""
+        if worker == self.index:
+            return True
+        pid = self._get(worker, PID)
+        return (pid > 0 and self._get(worker, LOADED) == 1 and now_ns - self._get(worker, BEAT) < STALE_S * 1e9
+                and alive(pid))
+
+    def refresh(self) -> None:
+        """Beat, and decide which peers are live (at each heartbeat)."""
+        self.beat()
         now = time.monotonic_ns()
-        slots = self.slots.copy()
-        fresh = (slots[:, PID] > 0) & (slots[:, LOADED] == 1) & (now - slots[:, BEAT] < STALE_S * 1e9)
-        fresh[self.index] = True
-        return np.array([f and (i == self.index or alive(int(slots[i, PID]))) for i, f in enumerate(fresh)])
+        self.peers = [w for w in range(self.workers) if w != self.index and self.is_live(w, now)]
 
     def may_accept(self) -> bool:
         """Take a new connection? Only while no live peer has fewer (ties: both take)."""
-        live = self.live()
-        live[self.index] = False
-        if not live.any():
-            return True
-        return self.connections <= int(self.slots[live, CONNECTIONS].min())
+        mine = self.connections
+        return all(mine <= self._get(w, CONNECTIONS) for w in self.peers)
 
     def over_share(self) -> bool:
         """More connections than ceil(total / live workers): one should move."""
-        live = self.live()
-        n = int(live.sum())
-        if n < 2:
+        if not self.peers:
             return False
-        total = int(self.slots[live, CONNECTIONS].sum())
-        return self.connections > -(-total // n)
+        mine = self.connections
+        total = mine + sum(self._get(w, CONNECTIONS) for w in self.peers)
+        return mine > -(-total // (len(self.peers) + 1))
 
     def all_ready(self) -> bool:
-        return bool(self.live().all()) and bool((self.slots[:, LOADED] == 1).all())
+        now = time.monotonic_ns()
+        return all(self.is_live(w, now) for w in range(self.workers)) and self._get(self.index, LOADED) == 1
 
     def describe(self) -> list[dict]:
-        live = self.live()
-        return [{"worker": i + 1, "pid": int(s[PID]), "connections": int(s[CONNECTIONS]), "loaded": bool(s[LOADED]),
-                 "live": bool(live[i])} for i, s in enumerate(self.slots)]
+        now = time.monotonic_ns()
+        return [{"worker": w + 1, "pid": self._get(w, PID), "connections": self._get(w, CONNECTIONS),
+                 "loaded": bool(self._get(w, LOADED)), "live": self.is_live(w, now)} for w in range(self.workers)]
 
     def close(self) -> None:
-        self.me[LOADED] = 0
-        self.me[PID] = 0
+        self._set(LOADED, 0)
+        self._set(PID, 0)
 
 
 class Gate:
@@ -141,7 +156,7 @@ class Gate:
         self.moved = 0  # connections asked to move (Connection: close) for balance
 
     def tick(self) -> None:
-        self.table.beat()
+        self.table.refresh()
         if self.resume is not None and self.table.may_accept():
             self.resume()
 

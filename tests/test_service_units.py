@@ -421,6 +421,25 @@ def test_raw_and_npy_bodies(models):
         images_from_npy(pickled.getvalue(), spec)
 
 
+def test_npy_bodies_are_read_in_place_in_any_order_and_byte_order(models):
+    spec = spec_of(models, "rgb32")
+    x = np.random.default_rng(4).random((2, 3, 32, 32))
+    for variant in (x.astype(np.float32), np.asfortranarray(x), x.astype(">f4"), x.astype(np.float16)):
+        buf = io.BytesIO()
+        np.save(buf, variant)
+        got = images_from_npy(buf.getvalue(), spec)
+        assert got.dtype == np.float32 and got.flags.c_contiguous
+        np.testing.assert_array_equal(got, variant.astype(np.float32))
+    buf = io.BytesIO()
+    np.save(buf, x.astype(np.float32))
+    body = buf.getvalue()
+    for broken, message in ((body[:-4], "truncated"), (body[:20], "not a readable .npy"), (b"\x93NUMPY\x03\x00" + body[8:], "version"),
+                            (b"not npy at all", "not a readable .npy")):
+        with pytest.raises(ClientError, match=message) as excinfo:
+            images_from_npy(broken, spec)
+        assert excinfo.value.status == 422
+
+
 def test_parse_bool():
     assert parse_bool("true", "invert") is True and parse_bool("false", "invert") is False
     assert parse_bool(None, "invert") is None and parse_bool("", "invert") is None

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 
 from service.tuning import TuningError, decode, derive, encode
-from service.workers import BEAT, Gate, GatedLoop, WorkerTable
+from service.workers import BEAT, PID, Gate, GatedLoop, WorkerTable
 
 # --- the worker table --------------------------------------------------------------------------
 
@@ -30,7 +30,13 @@ def two_workers(tmp_path):
     me, peer = WorkerTable(path, 2, 0), WorkerTable(path, 2, 1)
     me.set_loaded()
     peer.set_loaded()
+    me.refresh()
     return me, peer
+
+
+def stale(worker: WorkerTable) -> None:
+    """As if its event loop had not beaten for 10 s."""
+    worker.words[worker._me + BEAT] -= int(10e9)
 
 
 def test_table_accepts_only_while_not_ahead_and_moves_connections_over_the_share(tmp_path):
@@ -50,14 +56,16 @@ def test_table_accepts_only_while_not_ahead_and_moves_connections_over_the_share
 
 def test_a_dead_or_stuck_peer_is_left_out(tmp_path):
     me, peer = two_workers(tmp_path)
-    peer.add(0)
     me.add(3)
     assert not me.may_accept()
-    peer.slots[1, BEAT] -= int(10e9)  # its loop has not beaten for 10 s
+    stale(peer)
+    me.refresh()
     assert me.may_accept() and not me.over_share() and not me.all_ready()
     peer.beat()
-    assert not me.may_accept()
-    peer.me[0] = 2 ** 22 + 12345  # a pid that does not exist
+    me.refresh()
+    assert not me.may_accept() and me.all_ready()
+    peer._set(PID, 2 ** 22 + 12345)  # a pid that does not exist
+    me.refresh()
     assert me.may_accept() and not me.all_ready()
 
 
@@ -69,6 +77,7 @@ def test_a_worker_still_loading_takes_nothing_and_is_not_ready(tmp_path):
     assert me.may_accept() and not me.over_share()  # nobody else can take it
     assert not me.all_ready() and [w["loaded"] for w in me.describe()] == [True, False]
     loading.set_loaded()
+    me.refresh()
     assert me.all_ready() and me.over_share() and not me.may_accept()
 
 
@@ -88,7 +97,7 @@ def test_gated_loop_pauses_the_listening_socket_and_resumes(tmp_path):
         gate.tick()
         loop.run_until_complete(asyncio.sleep(0.1))
         assert me.connections == 4 and gate.resume is not None  # caught up with the peer (ties accept), paused again
-        peer.slots[1, BEAT] -= int(10e9)  # the peer died: everything is ours
+        stale(peer)  # the peer died: everything is ours
         gate.tick()
         loop.run_until_complete(asyncio.sleep(0.1))
         assert me.connections == 6 and gate.pauses >= 2
@@ -215,3 +224,22 @@ def test_workers_share_a_burst_of_keepalive_connections_and_probes_stay_fast(tmp
     assert np.median(probe_ms) < np.median(request_ms), (np.median(probe_ms), np.median(request_ms))
     batching = meta["runtime"]["batching"]
     assert batching["calls_in_thread"] == batching["onnx_calls"] > 0
+
+
+@pytest.mark.parametrize("env, words", [
+    ({"LATENCY_BUDGET_MS": "0.5"}, "LATENCY_BUDGET_MS=0.5 is below one call of the model"),
+    ({"SERVICE_WORKERS": "64"}, "SERVICE_WORKERS=64 x ORT_INTRA_OP_THREADS=1 = 64 onnxruntime threads on"),
+])
+def test_settings_that_cannot_work_are_refused_in_one_line(tmp_path, env, words):
+    import subprocess
+    import sys
+
+    from tests.service_helpers import REPO, build_slow_model
+
+    model = build_slow_model(tmp_path / "slow", layers=1)
+    done = subprocess.run([sys.executable, "-m", "bentoml", "serve", "service.service:Classifier", "--port", "1"],
+                          cwd=REPO, capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "MODEL_PATH": str(model), "MODEL_TAG": "", **env})
+    lines = [line for line in done.stderr.strip().splitlines() if line.strip()]
+    assert done.returncode != 0 and words in lines[-1], done.stderr[-2000:]
+    assert "Traceback" not in done.stderr
