@@ -153,6 +153,7 @@ class Classifier:
         self.table = WorkerTable(table_path(os.getppid()), settings.workers, index - 1) \
             if index is not None and 0 < index <= settings.workers else None
         gate = GatedLoop.gate = Gate(self.table) if self.table is not None else None
+        self.started_all = False  # every worker has been loaded at once (readiness, not_ready)
         self.guard = Guard(settings, self.tuning.queue_delay_s, self.tuning.window_s, work_matcher(ROUTES), gate)
         self.batcher = Batcher(self.model.run, self.tuning.batch_max, self.tuning.inline_max, self.executor,
                                self.guard.started)
@@ -284,16 +285,21 @@ class Classifier:
     # --- probes and docs ----------------------------------------------------------------------
 
     def not_ready(self) -> str | None:
-        """Why this server cannot take work now (None: it can): draining, or a worker not serving."""
+        """Why this server cannot take work now (None: it can): draining, or, until every worker
+        has loaded its model once, a worker still starting (no client connects while only the
+        first one serves). A worker's later respawn does not make the server unready: the others
+        serve meanwhile, and taking the pod out would move all of its load onto other pods."""
         if self.guard.draining:
             return "draining: this worker got SIGTERM and is shutting down"
-        if self.table is not None and not self.table.all_ready():
-            waiting = [w["worker"] for w in self.table.describe() if not (w["live"] and w["loaded"])]
-            return f"worker {', '.join(map(str, waiting))} of {self.settings.workers} is not serving (starting or restarting)"
+        if self.table is not None and not self.started_all:
+            if not self.table.all_ready():
+                waiting = [w["worker"] for w in self.table.describe() if not (w["live"] and w["loaded"])]
+                return f"starting: worker {', '.join(map(str, waiting))} of {self.settings.workers} has not loaded its model yet"
+            self.started_all = True
         return None
 
-    @route("GET", "/readyz", "Readiness: 200 when every worker has its model loaded and none is draining; "
-           "503 from the moment the server got SIGTERM", answers={200: "Ready", 503: ""}, tag="probes")
+    @route("GET", "/readyz", "Readiness: 503 until every worker has loaded its model, and from the moment the "
+           "server got SIGTERM", answers={200: "Ready", 503: ""}, tag="probes")
     async def readyz(self, request: Request) -> Response:
         why = self.not_ready()
         return error_response(503, why) if why else json_response({"ready": True})

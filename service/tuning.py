@@ -45,15 +45,26 @@ class TuningError(ValueError):
     """A setting that cannot work with this model on this host (one line)."""
 
 
+def cgroup_cpu_limit() -> float | None:
+    """The CPU quota of this process's cgroup in cores (v2 cpu.max, or v1 cfs quota/period), if any."""
+    for quota_file, period_file in (("/sys/fs/cgroup/cpu.max", None),
+                                    ("/sys/fs/cgroup/cpu/cpu.cfs_quota_us", "/sys/fs/cgroup/cpu/cpu.cfs_period_us")):
+        try:
+            fields = Path(quota_file).read_text().split()
+            quota, period = fields[0], (fields[1] if period_file is None else Path(period_file).read_text().strip())
+            if quota not in ("max", "-1"):
+                return int(quota) / int(period)
+        except (OSError, ValueError, IndexError):
+            continue
+    return None
+
+
 def usable_cores() -> int:
-    """CPUs this process may use: its affinity mask, and a cgroup v2 quota when there is one."""
+    """CPUs this process may use: its affinity mask, and its cgroup's CPU quota when there is one."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    try:
-        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
-        if quota != "max":
-            cores = min(cores, max(1, math.ceil(int(quota) / int(period))))
-    except (OSError, ValueError):
-        pass
+    limit = cgroup_cpu_limit()
+    if limit is not None:
+        cores = min(cores, max(1, math.ceil(limit)))
     return max(1, cores)
 
 

@@ -45,13 +45,18 @@ def table_path(supervisor_pid: int) -> Path:
 
 
 def alive(pid: int) -> bool:
+    """The process exists and is not a zombie (a killed worker stays one until the arbiter reaps it)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
         return True
-    return True
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rsplit(b")", 1)[1].split()[0] != b"Z"
+    except (OSError, IndexError):
+        return True
 
 
 class WorkerTable:
