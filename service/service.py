@@ -154,9 +154,11 @@ class Classifier:
             if index is not None and 0 < index <= settings.workers else None
         gate = GatedLoop.gate = Gate(self.table) if self.table is not None else None
         self.started_all = False  # every worker has been loaded at once (readiness, not_ready)
-        self.guard = Guard(settings, self.tuning.queue_delay_s, self.tuning.window_s, work_matcher(ROUTES), gate)
         self.batcher = Batcher(self.model.run, self.tuning.batch_max, self.tuning.inline_max, self.executor,
-                               self.guard.started)
+                               seconds_per_input=self.tuning.call_s(self.tuning.batch_max) / self.tuning.batch_max)
+        self.guard = Guard(settings, self.tuning.queue_delay_s, self.tuning.window_s, work_matcher(ROUTES), gate,
+                           self.batcher.backlog_s)
+        self.batcher.started = self.guard.started
         self.guard.start()
         self.docs_json = json_response(openapi(ROUTES, contract, SERVICE_NAME, settings.max_images, settings.max_body_bytes)).body
         self.schema_json = json_response(client_schema(ROUTES, SERVICE_NAME)).body
