@@ -22,9 +22,9 @@ help:
 	@echo "  make setup           .venv with torch==2.13.0 and the project (setup-serve: + BentoML; setup-dev: + dev extra)"
 	@echo "  make data            the Fashion-MNIST IDX files (apt-get install dataset-fashion-mnist when missing)"
 	@echo "  make browser         chromium + chromium-driver for the page test (apt-get, as root)"
-	@echo "  make train           train ARCH into artifacts/runs/ARCH (skipped when its weights exist)"
-	@echo "  make export          fold + export + verify ARCH's run into artifacts/ (skipped when up to date)"
-	@echo "  make verify          re-check artifacts/model.onnx against ARCH's run"
+	@echo "  make train           train ARCH into artifacts/runs/ARCH (skipped when current: same data files, recipe, seed)"
+	@echo "  make export          fold + export + verify ARCH's run into artifacts/ (skipped when current: same weights, data)"
+	@echo "  make verify          re-check artifacts/model.onnx against ARCH's run (read-only: writes nothing)"
 	@echo "  make bench-model     torch vs onnxruntime images/s, batch 1 and 64"
 	@echo "  make ablation        seed-cnn with and without dropout (EPOCHS=...)"
 	@echo "  make recipes         seed-cnn training recipes side by side: epochs, seconds, test accuracy (~20 min)"
@@ -87,13 +87,14 @@ browser:
 	@$(PYTHON) scripts/ensure_browser.py
 
 # --- pipeline -------------------------------------------------------------------------------
-$(RUN_DIR)/weights.safetensors: | setup data
-	$(PY) -m training --arch $(ARCH) --data-dir "$(DATA_DIR)" --out $(RUN_DIR)
+# --if-stale: train only when RUN_DIR holds no run trained on these data files (their sha256), this recipe
+# and this seed; when it trains again it says what changed (training/provenance.py).
+train: setup data
+	$(PY) -m training --arch $(ARCH) --data-dir "$(DATA_DIR)" --out $(RUN_DIR) --if-stale
 
-train: $(RUN_DIR)/weights.safetensors
-
-# --if-stale: skip when model.onnx was already exported (and verified) from these exact weights.
-export: $(RUN_DIR)/weights.safetensors
+# --if-stale: skip when model.onnx was already exported (and verified) from these exact weights and data;
+# otherwise it says why it exports again.
+export: train
 	$(PY) -m export --run $(RUN_DIR) --data-dir "$(DATA_DIR)" --out $(ARTIFACTS) --if-stale
 
 verify: setup
