@@ -312,6 +312,23 @@ def run_data(run_dir: str, config: dict, data_dir: str) -> tuple[dict, list[str]
 
 # --- --model -------------------------------------------------------------------------------------
 
+ZOO_PACKAGES = ("torchvision", "timm", "ultralytics")  # need torch 2.14.x: their own venv (make setup-zoo)
+
+
+def missing_module(target: str, error: ModuleNotFoundError) -> str:
+    """Which package to install for `target`, in words."""
+    top = (error.name or target).split(".")[0]
+    if top in ZOO_PACKAGES:
+        return (f"{top} is not installed in this Python ({sys.executable}); it needs torch 2.14.x beside it, which "
+                f"this venv's torch {torch.__version__.split('+')[0]} is not: `make setup-zoo` makes .venv-zoo (torch "
+                f"2.14.1, torchvision 0.29.1, timm; ~5.5 GB once), then run the same command with "
+                f".venv-zoo/bin/python -m export ... (docs/zoo.md)")
+    if top != target.split(".")[0]:  # the module exists, one of its imports does not
+        return f"importing {target} needs {top}, which is not installed: pip install it into this venv"
+    return (f"cannot import {target} (no module named {top!r}); give FILE.py:FACTORY, pip install the package that "
+            f"provides it, or put it on PYTHONPATH")
+
+
 def load_factory(spec: str) -> nn.Module:
     """`path/to/file.py:FACTORY` or `package.module:FACTORY` -> FACTORY(), which must be an nn.Module."""
     target, sep, attr = spec.rpartition(":")
@@ -337,7 +354,7 @@ def load_factory(spec: str) -> nn.Module:
         try:
             module = importlib.import_module(target)
         except ModuleNotFoundError as e:
-            raise BadInput(f"--model {spec}: cannot import {target} ({e}); give FILE.py:FACTORY or put it on PYTHONPATH") from None
+            raise BadInput(f"--model {spec}: {missing_module(target, e)}") from None
         except (Exception, SystemExit) as e:
             raise BadInput(f"--model {spec}: importing {target} raised {type(e).__name__}: {one_line(e)}") from None
     factory = module
