@@ -9,7 +9,7 @@ DEFAULTS = dict(
     batch_size=128,
     lr=2e-3,
     weight_decay=5e-4,
-    label_smoothing=0.1,  # bounded, calibrated logits; see README "Why label smoothing"
+    label_smoothing=0.1,  # bounded, calibrated logits (docs/training.md)
     ema=0.0,              # >0: evaluate and keep an exponential moving average of the weights (decay per step)
     hflip=False,          # random horizontal flips (clothes are left-right symmetric)
     shift=0,              # random translations of up to this many pixels, per image, zero fill
@@ -24,10 +24,11 @@ DEFAULTS = dict(
 )
 
 
-# Per-family settings that differ from DEFAULTS, each measured (README "Training").
+# Per-family settings that differ from DEFAULTS, each measured (docs/training.md).
 ARCH_DEFAULTS = {
     # lr 4e-3 with decoupled weight decay 0.05 on the weight matrices: 92.12 / 92.33 / 92.12% test with
-    # seeds 0 / 1 / 2 at 20 epochs, lr 2e-3 and decay 5e-4 92.10% (seed 0; `make recipes`, docs/training.md)
+    # seeds 0 / 1 / 2 at 20 epochs, lr 2e-3 and decay 5e-4 92.10% (seed 0; `make recipes` on the AVX2 machine of
+    # 2026-11-24: the 4th digit depends on the CPU, docs/training.md "Determinism")
     "seed-cnn": dict(epochs=20, lr=4e-3, weight_decay=0.05),
     # BN after ReLU in an MLP: with weak decay its logits drift to |z| ~ 100-270 and float32 itself
     # (torch vs float64, torch vs onnxruntime, folded or not) then differs by 1e-4 > the 1e-5 parity
