@@ -11,6 +11,8 @@ DATA_DIR ?= /usr/share/datasets/fashion-mnist
 ARTIFACTS ?= artifacts
 RUN_DIR := $(ARTIFACTS)/runs/$(ARCH)
 PORT ?= 3000
+# make serve listens here: this machine only; HOST=0.0.0.0 for every interface (no authentication)
+HOST ?= 127.0.0.1
 # the model serve, bento, the load tests and faults use: the one exported last, as it is
 MODEL_PATH ?= $(ARTIFACTS)/model.onnx
 
@@ -26,20 +28,21 @@ help:
 	@echo "  make setup           .venv with torch==2.13.0 and the project (setup-serve: + BentoML; setup-dev: + dev extra)"
 	@echo "  make data            the Fashion-MNIST IDX files (apt-get install dataset-fashion-mnist when missing)"
 	@echo "  make browser         chromium + chromium-driver for the page test (apt-get, as root)"
-	@echo "  make train           train ARCH into artifacts/runs/ARCH (skipped when its weights exist)"
-	@echo "  make export          fold + export + verify ARCH's run into artifacts/ (skipped when up to date; INT8=1 MAX_DROP=pp)"
-	@echo "  make verify          re-check artifacts/model.onnx against ARCH's run"
+	@echo "  make train           train ARCH into artifacts/runs/ARCH (skipped when current: same data files, recipe, seed)"
+	@echo "  make export          fold + export + verify ARCH's run into artifacts/ (skipped when current; INT8=1 MAX_DROP=pp)"
+	@echo "  make verify          re-check artifacts/model.onnx against ARCH's run (read-only: writes nothing)"
 	@echo "  make bench-model     torch vs onnxruntime images/s, batch 1 and 64 (and INT8 beside FP32 when exported)"
 	@echo "  make ablation        seed-cnn with and without dropout (EPOCHS=...)"
 	@echo "  make recipes         seed-cnn training recipes side by side: epochs, seconds, test accuracy (~20 min)"
 	@echo "  make keras-seeds     the two seed Keras models: train, Keras' ONNX export, fold, verify"
 	@echo "  make bench-onnx-fold our ONNX pass vs onnxoptimizer/onnxsim/onnxslim (installs them first)"
+	@echo "  make setup-zoo       .venv-zoo: torch 2.14.1 + torchvision 0.29.1 + timm (~5.5 GB) for --model torchvision/timm"
 	@echo "  make bench-zoo       28 torchvision/timm nets through python -m export, beside torch.fx/torch.onnx/onnxsim/... (own venv)"
 	@echo "  make bench-unseen    architectures and weights bench-zoo never uses, through the CLI (~20 min, own venv)"
 	@echo "  make bench-int8      INT8: equalization/bias-correction ablation on our runs, ResNet-50/MobileNetV2 INT8 vs FP32"
 	@echo "Serving and load (MODEL_PATH=$(MODEL_PATH); never trains or exports):"
-	@echo "  make serve           serve MODEL_PATH on PORT=$(PORT): page at /, Swagger UI at /docs (PRECISION=auto|int8|fp32)"
-	@echo "  make bento           MODEL_PATH into BentoML's model store, then bentoml build"
+	@echo "  make serve           serve MODEL_PATH on HOST=$(HOST) PORT=$(PORT): page at /, Swagger UI at /docs (PRECISION=auto|int8|fp32)"
+	@echo "  make bento           MODEL_PATH into BentoML's model store, then bentoml build (then: bentoml serve bnfold-classifier:latest)"
 	@echo "  make examples        request bodies for the curl examples (EXAMPLES_DIR=/tmp/fmnist)"
 	@echo "  make loadtest        locust scenarios with checks (USERS=16 RUN_TIME=30s P99_MS=1000 TAGS=...)"
 	@echo "  make bench-serve     ours vs naive baselines, side by side (QUICK=1: ~5 min)"
@@ -92,15 +95,16 @@ browser:
 	@$(PYTHON) scripts/ensure_browser.py
 
 # --- pipeline -------------------------------------------------------------------------------
-$(RUN_DIR)/weights.safetensors: | setup data
-	$(PY) -m training --arch $(ARCH) --data-dir "$(DATA_DIR)" --out $(RUN_DIR)
+# --if-stale: train only when RUN_DIR holds no run trained on these data files (their sha256), this recipe
+# and this seed; when it trains again it says what changed (training/provenance.py).
+train: setup data
+	$(PY) -m training --arch $(ARCH) --data-dir "$(DATA_DIR)" --out $(RUN_DIR) --if-stale
 
-train: $(RUN_DIR)/weights.safetensors
-
-# --if-stale: skip when model.onnx was already exported (and verified) from these exact weights.
+# --if-stale: skip when model.onnx was already exported (and verified) from these exact weights and data;
+# otherwise it says why it exports again.
 # INT8=1: also model_int8.onnx, quantized, verified on this host and fingerprinted (docs/int8.md; MAX_DROP=pp).
 INT8_FLAGS = $(if $(filter 1 yes true,$(INT8)),--int8 $(if $(MAX_DROP),--max-drop $(MAX_DROP)))
-export: $(RUN_DIR)/weights.safetensors
+export: train
 	$(PY) -m export --run $(RUN_DIR) --data-dir "$(DATA_DIR)" --out $(ARTIFACTS) --if-stale $(INT8_FLAGS)
 
 verify: setup
@@ -151,12 +155,13 @@ LOCK = $(if $(BENCH_LOCK),flock "$(BENCH_LOCK)")
 # Every knob is an environment variable (docs/service.md, "Settings").
 serve: setup-serve
 	$(NEED_MODEL)
-	MODEL_PATH="$(MODEL_PATH)" $(if $(PRECISION),PRECISION="$(PRECISION)") $(VENV)/bin/bentoml serve service.service:Classifier --port $(PORT)
+	MODEL_PATH="$(MODEL_PATH)" $(if $(PRECISION),PRECISION="$(PRECISION)") $(VENV)/bin/bentoml serve service.service:Classifier --host $(HOST) --port $(PORT)
 
 bento: setup-serve
 	$(NEED_MODEL)
 	@tag=$$($(PY) -m service.store "$(MODEL_PATH)") && echo "model store: $$tag" && \
-	$(VENV)/bin/bentoml build --arg model_tag=$$tag
+	$(VENV)/bin/bentoml build --arg model_tag=$$tag && \
+	echo "serve the bento: $(VENV)/bin/bentoml serve bnfold-classifier:latest --host $(HOST) --port $(PORT)  (or: make container)"
 
 faults: setup-dev
 	$(if $(IMAGE),,$(NEED_MODEL))
@@ -265,7 +270,7 @@ INT8_RUNS ?= seed-cnn,deep-cnn,mobile-cnn
 INT8_ZOO ?= resnet50,mobilenet_v2
 BENCH_INT8_LOCK ?= /tmp/bnfold-cpu.lock
 bench-int8: setup-dev data $(ZOO_VENV)/.installed
-	@for a in $(subst $(comma), ,$(INT8_RUNS)); do $(MAKE) --no-print-directory train ARCH=$$a || exit $$?; done
+	@for a in $(subst $(comma), ,$(INT8_RUNS)); do $(MAKE) --no-print-directory train ARCH=$$a RUN_DIR=$(ARTIFACTS)/runs/$$a || exit $$?; done
 	@for n in $(subst $(comma), ,$(INT8_ZOO)); do d=$(ARTIFACTS)/bench_int8/zoo/$$n; mkdir -p $$d; \
 		PYTHONPATH=$(CURDIR) $(ZOO_PY) -c "from pathlib import Path; from bench.zoo import prepare; prepare('$$n', Path('$$d/weights.safetensors'), 'int8')" && \
 		PYTHONPATH=$(CURDIR) $(ZOO_PY) -m export --model bench/zoo_models.py:$$n --weights $$d/weights.safetensors --input-shape 3,224,224 \
@@ -274,7 +279,11 @@ bench-int8: setup-dev data $(ZOO_VENV)/.installed
 		--model-dirs $(subst $(space),$(comma),$(foreach n,$(subst $(comma), ,$(INT8_ZOO)),$(ARTIFACTS)/bench_int8/zoo/$(n))) \
 		--data-dir "$(DATA_DIR)" --out $(ARTIFACTS)/bench_int8
 
-.PHONY: bench-zoo
+# torchvision/timm models through python -m export: `make setup-zoo`, then `.venv-zoo/bin/python -m export --model
+# torchvision.models:resnet50 ...` (torchvision does not import beside the project venv's torch 2.13.0)
+.PHONY: setup-zoo bench-zoo
+setup-zoo: $(ZOO_VENV)/.installed
+
 bench-zoo: $(ZOO_VENV)/.installed
 	$(ZOO_PY) -m bench.zoo --out $(ARTIFACTS)/bench_zoo --lock $(ZOO_LOCK) $(if $(ZOO),--only $(ZOO)) \
 		$(if $(ZOO_TIMEOUT),--timeout $(ZOO_TIMEOUT)) $(if $(ZOO_ROWS),--rows $(ZOO_ROWS)) $(if $(FORCE),--force)

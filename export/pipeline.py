@@ -32,7 +32,7 @@ from export.onnx_export import (BN_OPS, contract_metadata, export_to_proto, node
                                 rename_value, save_model, simplify, with_metadata)
 from export.onnx_fold import fold_onnx
 from export.report import REPORT_FORMAT
-from export.sources import Source
+from export.sources import STALE_RUN, Source
 from export.verify import (ATOL, EXACT_RTOL, FACTOR, RTOL, Exactness, batch_plan, check_dict, exactness, fidelity, tally,
                            format_table, ort_session, run_ort, run_torch, ulp_perturbed)
 
@@ -69,17 +69,39 @@ class Steps:
             print(f" {seconds:.1f} s", flush=True)
 
 
-def is_current(source: Source, out: Path) -> bool:
-    """--if-stale: `out` already holds a verified export of exactly this source and these options."""
+def why_export(source: Source, out: Path) -> str | None:
+    """--if-stale: None when `out` already holds a verified export of exactly this source, these options and
+    (a run) these data files, the run not stale; else why it must be exported (again)."""
     try:
         report = json.loads((out / REPORT).read_text())
-        return (report.get("report_format") == REPORT_FORMAT and report["parity"]["passed"]
-                and report["request"] == json.loads(json.dumps(source.request))
-                and ("int8" not in source.request or report["int8"]["status"] == "passed")
-                and json.loads(read_metadata(out / FOLDED)["source"])["sha256"] == source.sha256
-                and all(sha256_file(out / name) == entry["sha256"] for name, entry in report["files"].items()))
-    except Exception:  # missing, unreadable or corrupt: any doubt means export again
-        return False
+    except FileNotFoundError:
+        return f"{out / REPORT} does not exist yet"
+    except (OSError, ValueError):
+        return f"{out / REPORT} cannot be read"
+    try:
+        if report.get("report_format") != REPORT_FORMAT:
+            return f"{out / REPORT} was written by an older bnfold"
+        if not report["parity"]["passed"]:
+            return "the last export failed verification"
+        request, had = json.loads(json.dumps(source.request)), report["request"]
+        if request.get("data_sha256") != had.get("data_sha256"):
+            return "the data files differ from the ones it was verified on"
+        if request != had:
+            changed = sorted(k for k in set(request) | set(had) if request.get(k) != had.get(k))
+            return f"{', '.join(changed)} changed since the last export"
+        if "int8" in request and report.get("int8", {}).get("status") != "passed":
+            return "its INT8 model was not published (the report's int8 says why)"
+        if json.loads(read_metadata(out / FOLDED)["source"])["sha256"] != source.sha256:
+            return f"{out / FOLDED} was exported from other weights"
+        for name, entry in report["files"].items():
+            if sha256_file(out / name) != entry["sha256"]:
+                return f"{out / name} is not the file the last export wrote (its sha256 differs)"
+    except Exception as e:  # missing, unreadable or corrupt: any doubt means export again
+        return f"the last export cannot be checked ({type(e).__name__}: {one_line(e, 120)})"
+    stale = next((n for n in source.notes if n.startswith(STALE_RUN)), None)
+    if stale:  # an export of a stale run is stale: exported again, with the note that says why
+        return "its run is stale (" + stale[len(STALE_RUN):].split(":")[0].strip() + ")"
+    return None
 
 
 # --- the float64 ground truth and the exactness checks -------------------------------------------

@@ -158,3 +158,20 @@ def test_zoo_and_deployment_reports_are_summed_up_not_copied(tmp_path):
     assert "**382 MB** (goal ≤ 500)" in text and "user `bentoml`" in text
     assert "Rolling replace: **0 failed of 4,953**" in text and "0.25 and 0.50 s after its SIGTERM" in text
     assert "One replica SIGKILLed: 1 failed of 579 (requests in flight on it: 1)" in text and "PASS." in text
+
+
+def test_the_onnx_fold_benchmark_is_one_paragraph_and_a_missed_goal_is_said(tmp_path):
+    script = load_script()
+    row = lambda model, left, parity, b1, b64: {  # noqa: E731
+        "model": model, "variants": {"original": {"bn_derived_left": 2, "nodes": 28},
+                                     "ours": {"bn_derived_left": left, "nodes": 7, "parity": {"max_abs_diff": 9.2e-7}}},
+        "acceptance": {"ours_ran": True, "no_bn_derived_left": left == 0, "parity": parity,
+                       "batch1_ours_over_best_tool": b1, "batch64_ours_over_best_tool": b64}}
+    path = tmp_path / "results.json"
+    path.write_text(json.dumps({"command": "python -m export.bench_onnx_fold", "date": "2026-12-07 15:00",
+                                "onnxruntime": "1.32.0", "rounds": 7, "cpu": {"model": "X", "isa": "AVX2", "cores": 2},
+                                "results": [row("keras3-mlp", 0, True, 1.01, 1.04), row("torch x", 1, False, 0.92, 0.97)]}))
+    r = script.render_onnx_fold(path)
+    assert "keras3-mlp 2 → 0; torch x 2 → 1" in r.body and "batch 1: 0.92–1.01x" in r.body and "batch 64: 0.97–1.04x" in r.body
+    assert r.short == ["torch x: BN-derived nodes left", "torch x: parity with the original lost"]
+    assert r.cpu == "X, AVX2, 2 cores" and r.date == "2026-12-07 15:00"
