@@ -100,8 +100,9 @@ def quantize(model: onnx.ModelProto, calibration: np.ndarray, types: str, per_ch
                         quant_format=getattr(QuantFormat, fmt), per_channel=per_channel, reduce_range=reduce_range,
                         activation_type=getattr(QuantType, activation), weight_type=getattr(QuantType, weight),
                         calibrate_method=CalibrationMethod.MinMax, calibration_cache_path=str(cache),
-                        extra_options={"WeightSymmetric": True, "ActivationSymmetric": False,
-                                       "CalibMaxIntermediateOutputs": 8})  # ranges merged every 8 batches: bounded memory
+                        extra_options={"WeightSymmetric": True, "ActivationSymmetric": False})
+    # (MinMax calibration reduces each tensor to its min and max per batch in the augmented graph, so memory stays
+    # small; its CalibMaxIntermediateOutputs option would drop the batches collected before each flush: not used)
         quantized = onnx.load(dst)
         ranges = {name: (float(np.min(d.range_value[0])), float(np.max(d.range_value[1])))
                   for name, d in load_tensors_data(cache).items()}
@@ -158,7 +159,7 @@ def quantized_layers(fnet: Net, qnet: Net) -> dict[str, tuple]:
     layers = {}
     for name, node in fnet.nodes.items():
         qnode = qnet.nodes.get(name)
-        if node.op_type not in ("Conv", "Gemm") or qnode is None or len(qnode.input) < 2:
+        if node.op_type not in QUANTIZABLE or qnode is None or len(qnode.input) < 2:
             continue
         w = qparam(qnet, qnode.input[1])
         if w is not None:
@@ -174,6 +175,9 @@ def correct_biases(float_model: onnx.ModelProto, quantized: onnx.ModelProto, sta
     fnet, qnet = Net(float_model), Net(quantized)
     corrected, skipped, shifts = [], [], {}
     for name, (node, qnode, w, b) in quantized_layers(fnet, qnet).items():
+        if node.op_type not in ("Conv", "Gemm"):
+            skipped.append({"layer": name, "why": f"bias correction covers Conv and Gemm, not {node.op_type}"})
+            continue
         e, why = expected_input(fnet, node, stats)
         if e is None:
             skipped.append({"layer": name, "why": why})
