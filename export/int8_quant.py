@@ -101,8 +101,8 @@ def quantize(model: onnx.ModelProto, calibration: np.ndarray, types: str, per_ch
                         activation_type=getattr(QuantType, activation), weight_type=getattr(QuantType, weight),
                         calibrate_method=CalibrationMethod.MinMax, calibration_cache_path=str(cache),
                         extra_options={"WeightSymmetric": True, "ActivationSymmetric": False})
-    # (MinMax calibration reduces each tensor to its min and max per batch in the augmented graph, so memory stays
-    # small; its CalibMaxIntermediateOutputs option would drop the batches collected before each flush: not used)
+        # (MinMax calibration reduces each tensor to its min and max per batch in the augmented graph, so memory
+        # stays small; its CalibMaxIntermediateOutputs would drop the batches collected before each flush: unused)
         quantized = onnx.load(dst)
         ranges = {name: (float(np.min(d.range_value[0])), float(np.max(d.range_value[1])))
                   for name, d in load_tensors_data(cache).items()}
