@@ -40,7 +40,7 @@ FINGERPRINT_ROWS = (8, 256)
 FINGERPRINT_BYTES = 16 << 20
 FINGERPRINT_BATCH = 32
 FINGERPRINT_TOLERANCE = 0.1    # service/precision.py: INT8 here may differ from INT8 at export by ≤ 0.1x its error
-EQUALIZE_ROWS = 2
+EQUALIZE_ROWS = 1
 
 
 @dataclass
