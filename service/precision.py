@@ -180,12 +180,25 @@ def _per_input(sess, contract: Contract, rows: np.ndarray, batch: int) -> float:
     return float(np.median(times))
 
 
-def choose(contract: Contract, data: bytes, settings, ort=None) -> tuple[bytes, dict]:
-    """The model bytes this worker serves and `runtime.precision` for /metadata (module docstring)."""
+def choose(contract: Contract, data: bytes, settings, decided: dict | None = None, ort=None) -> tuple[bytes, dict]:
+    """The model bytes to serve and `runtime.precision` for /metadata (module docstring).
+
+    `decided`: the `runtime.precision` of a decision already made for this model at this start (by `bentoml
+    serve`'s measuring process, handed to the workers): honoured without re-checking when it names FP32, or INT8
+    whose file still has the sha256 that was checked; decided again here otherwise."""
     if ort is None:
         import onnxruntime as ort
 
     setting = settings.precision
+    if decided and decided.get("setting") == setting:
+        if decided.get("what") == "fp32":
+            return data, decided
+        try:
+            int8_data, meta, _ = load_int8(contract)
+            if meta["sha256"] == (decided.get("int8") or {}).get("sha256"):
+                return int8_data, decided
+        except Refused:
+            pass
     info: dict = {"setting": setting, "what": "fp32", "host": host_isa()}
     if setting == "fp32":
         return data, {**info, "why": "PRECISION=fp32"}

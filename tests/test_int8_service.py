@@ -88,3 +88,16 @@ def test_make_serve_precision_int8_serves_it_and_says_so(int8_dir, tmp_path, tes
     want = session.run(None, {"image": images})[0].argmax(1)
     assert [p["class_id"] for p in answer["predictions"]] == want.tolist()
     assert "INT8" in (tmp_path / "serve.log").read_text()
+
+
+def test_a_decision_handed_down_is_honoured_only_for_the_file_it_checked(int8_dir, tmp_path):
+    directory = _copy(int8_dir, tmp_path / "decided")
+    contract, data = load_contract(directory / "model.onnx")
+    settings = Settings(precision="int8")
+    served, decided = choose(contract, data, settings)
+    assert decided["what"] == "int8"
+    again, info = choose(contract, data, settings, decided=decided)
+    assert info is decided and again == served  # no second check
+    _resign(directory / "model_int8.onnx", tamper(onnx.load(directory / "model_int8.onnx"), "scale").SerializeToString())
+    again, info = choose(contract, data, settings, decided=decided)  # another file since: decided again, refused
+    assert info["what"] == "fp32" and "fingerprint check failed" in info["why"] and again == data
