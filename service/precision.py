@@ -8,8 +8,9 @@ load_contract and before Model(...). It returns the model bytes to load and what
   fp32  model.onnx, no check.
   int8  model_int8.onnx when its start-up check passes here, else model.onnx with the reason.
   auto  (default) INT8 when its check passes here and it is faster here than FP32 (by AUTO_MARGIN, 5%:
-        workers time on their own, and a near-tie should not split them) at batch 1 and at
-        ORT_CHUNK_IMAGES, medians of interleaved rounds; else FP32, with the reason and the figures.
+        workers that time on their own should not split over a near-tie) at batch 1 and at the largest
+        batch up to ORT_CHUNK_IMAGES whose INT8 call takes ≤ 50 ms (ResNet-50: batch 1 only), medians of
+        interleaved rounds; else FP32, with the reason and the figures.
 
 The start-up check re-runs the export's fingerprint on this host: the stored inputs through the INT8
 model with the service's session settings, against the INT8 outputs the export stored. On a host that
@@ -40,8 +41,9 @@ logger = logging.getLogger("bentoml.service.precision")
 PRECISIONS = ("auto", "int8", "fp32")
 INT8_SUFFIX = "_int8.onnx"
 FINGERPRINT_TOLERANCE = 0.1
-TIMING_SECONDS = 0.05  # per model, batch size and round, for `auto`
+TIMING_SECONDS = 0.02  # per model, batch size and round, for `auto` (at least one call)
 TIMING_ROUNDS = 3
+TIMING_CALL_S = 0.05  # `auto` compares batch 1 and the largest batch up to ORT_CHUNK_IMAGES whose INT8 call takes this
 AUTO_MARGIN = 1.05  # `auto` wants INT8 at least 5% faster: workers that time a near-tie apart should not split
 
 
@@ -168,16 +170,22 @@ def fingerprint_check(ort, data: bytes, contract: Contract, meta: dict, arrays: 
     return sess, result
 
 
-def _per_input(sess, contract: Contract, rows: np.ndarray, batch: int) -> float:
+def _timings(sessions: dict, contract: Contract, rows: np.ndarray, batch: int) -> dict[str, float]:
+    """Seconds per input of each session at `batch`: a warm-up call each, then TIMING_ROUNDS interleaved rounds
+    of at least TIMING_SECONDS (one call at least) each; the median round."""
     x = np.ascontiguousarray(np.resize(rows, (batch, *rows.shape[1:])), dtype=np.float32)
     names, feed = list(contract.output_names), contract.input_name
-    sess.run(names, {feed: x})
-    times, started = [], time.perf_counter()
-    while len(times) < 2 or time.perf_counter() - started < TIMING_SECONDS:
-        t = time.perf_counter()
+    for sess in sessions.values():
         sess.run(names, {feed: x})
-        times.append((time.perf_counter() - t) / batch)
-    return float(np.median(times))
+    per: dict[str, list] = {name: [] for name in sessions}
+    for _ in range(TIMING_ROUNDS):
+        for name, sess in sessions.items():
+            calls, started = 0, time.perf_counter()
+            while calls == 0 or time.perf_counter() - started < TIMING_SECONDS:
+                sess.run(names, {feed: x})
+                calls += 1
+            per[name].append((time.perf_counter() - started) / (calls * batch))
+    return {name: float(np.median(t)) for name, t in per.items()}
 
 
 def choose(contract: Contract, data: bytes, settings, decided: dict | None = None, ort=None) -> tuple[bytes, dict]:
@@ -214,10 +222,11 @@ def choose(contract: Contract, data: bytes, settings, decided: dict | None = Non
         if setting == "auto":
             fp32 = session(ort, data, settings.intra_op_threads)
             rows, timing = arrays["inputs"], {}
-            for batch in sorted({1, max(1, min(settings.chunk_images, len(arrays["inputs"])))}):
-                pairs = [(_per_input(sess, contract, rows, batch), _per_input(fp32, contract, rows, batch))
-                         for _ in range(TIMING_ROUNDS)]  # interleaved rounds, the median of each
-                i8, f32 = (float(np.median(t)) for t in zip(*pairs))
+            per_input = info["check"]["run_seconds"] / max(1, info["check"]["rows"])  # INT8 here, from the check
+            largest = int(min(settings.chunk_images, len(rows), max(1, TIMING_CALL_S // max(per_input, 1e-9))))
+            for batch in sorted({1, largest}):
+                t = _timings({"int8": sess, "fp32": fp32}, contract, rows, batch)
+                i8, f32 = t["int8"], t["fp32"]
                 timing[str(batch)] = {"int8_ms": round(1000 * i8, 4), "fp32_ms": round(1000 * f32, 4),
                                       "int8_vs_fp32": round(f32 / i8, 3)}
             info["speed"] = timing
