@@ -87,8 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--no-equalize", action="store_true", help="no cross-layer equalization (default: on)")
     q.add_argument("--no-absorb", action="store_true", help="no high-bias absorption (default: on)")
     q.add_argument("--no-bias-correction", action="store_true", help="no analytic bias correction (default: on)")
-    q.add_argument("--int8-types", metavar="T", help="S8S8, U8S8R (7-bit weights), U8S8 or U8U8 (default: auto: S8S8 "
-                   "on VNNI hosts, U8S8R on x86 without VNNI, where 8-bit weights saturate)")
+    q.add_argument("--int8-types", metavar="T", help="U8S8, U8S8R (7-bit weights), S8S8 or U8U8 (default: auto: U8S8 "
+                   "on VNNI hosts, U8S8R on x86 without VNNI, where 8-bit weights saturate; S8S8 on ARM)")
     p.add_argument("-h", "--help", action="help", help="show this help and exit")
     p.add_argument("--verify-only", action="store_true",
                    help="re-verify the ONNX files already in --out against the source and print the result; "

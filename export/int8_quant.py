@@ -4,14 +4,16 @@ the quantized graph, and the quantization's own consistency (every weight within
 float weight it stands for, every activation grid covering its calibrated range).
 
 Types (`TYPES`; chosen by `choose_types` from /proc/cpuinfo unless --int8-types says otherwise):
-  S8S8   int8 activations (asymmetric), int8 weights (symmetric, per channel): on VNNI hosts
-         (avx512_vnni / avx_vnni), whose VPDPBUSD kernels accumulate in int32 without saturating,
-         and on ARM.
+  U8S8   uint8 activations (asymmetric), int8 weights (symmetric, per channel): on VNNI hosts
+         (avx512_vnni / avx_vnni), whose VPDPBUSD multiplies u8·s8 natively and accumulates in int32,
+         so nothing saturates. Measured here (docs/int8.md, "Measured"): about twice as fast as S8S8
+         on ResNet-50, which onnxruntime's x86 kernels do not run natively.
   U8S8R  uint8 activations, int8 weights on 7 bits (reduce_range): for x86 hosts without VNNI,
          where onnxruntime's AVX2/AVX512 kernels multiply u8·s8 pairs with VPMADDUBSW, whose int16
          sums saturate on 8-bit weights (microsoft/onnxruntime#16105; two 255·127 products
          overflow 32767, two 255·63 do not).
-  U8S8, U8U8  the other combinations, for users who know their serving host.
+  S8S8   int8 activations and weights: on ARM (signed dot products), and for users who ask.
+  U8U8   for users who know their serving host.
 QDQ format: measured against QOperator on this host (docs/int8.md, "QDQ or QOperator").
 """
 import contextlib
@@ -48,9 +50,10 @@ def host_isa(cpuinfo: str | Path = "/proc/cpuinfo") -> dict:
 
 
 def choose_types(isa: dict) -> tuple[str, str]:
-    """(types, why) for a host: S8S8 where no kernel saturates, U8S8R on x86 without VNNI."""
+    """(types, why) for a host: U8S8 on VNNI (nothing saturates, native), U8S8R on x86 without VNNI, S8S8 on ARM."""
     if isa["vnni"]:
-        return "S8S8", f"{isa['isa']}: int8 dot products accumulate in int32 without saturating"
+        return "U8S8", (f"{isa['isa']}: u8·s8 dot products (VPDPBUSD) accumulate in int32 without saturating, and "
+                        "run natively (S8S8 measured about half as fast here, docs/int8.md)")
     if isa["machine"] in ("x86_64", "amd64", "i686"):
         return "U8S8R", (f"{isa['isa']}: onnxruntime's u8·s8 kernel (VPMADDUBSW) saturates int16 pair sums on 8-bit "
                          "weights (onnxruntime#16105); 7-bit weights cannot")

@@ -190,7 +190,7 @@ def test_host_isa_and_types(tmp_path):
     (tmp_path / "avx2").write_text("flags\t\t: fpu sse4_2 avx2 fma\n")
     vnni, avx2 = host_isa(tmp_path / "vnni"), host_isa(tmp_path / "avx2")
     if vnni["machine"] in ("x86_64", "amd64"):
-        assert (vnni["isa"], vnni["vnni"], choose_types(vnni)[0]) == ("AVX-512 VNNI", True, "S8S8")
+        assert (vnni["isa"], vnni["vnni"], choose_types(vnni)[0]) == ("AVX-512 VNNI", True, "U8S8")
         assert (avx2["isa"], avx2["vnni"], choose_types(avx2)[0]) == ("AVX2", False, "U8S8R")
 
 
