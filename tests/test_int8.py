@@ -169,14 +169,15 @@ def tamper(model: onnx.ModelProto, how: str) -> onnx.ModelProto:
     return model
 
 
+@pytest.mark.parametrize("types", ["U8S8", "S8S8"])
 @pytest.mark.parametrize("how", ["scale", "zero-point"])
-def test_consistency_refuses_a_tampered_quantization(how):
+def test_consistency_refuses_a_tampered_quantization(how, types):
     from export.int8_check import consistency
     from export.int8_quant import quantize
 
     model = triplet_net()
     calib = np.random.default_rng(3).uniform(0, 1, (64, 1, 8, 8)).astype(np.float32)
-    quantized, ranges = quantize(model, calib, "S8S8")
+    quantized, ranges = quantize(model, calib, types)
     assert consistency(model, quantized, ranges, {}, (-127, 127)).status == "passed"
     result = consistency(model, tamper(quantized, how), ranges, {}, (-127, 127))
     assert result.status == "failed" and result.as_dict()["passed"] is False
