@@ -26,8 +26,8 @@ import onnx
 
 from export.errors import BadInput, one_line
 from export.float64 import Float64Graph, Float64Unavailable, to_float64
-from export.int8_check import (Int8Equalization, consistency, fidelity, layer_sqnr, run, seconds_per_input,
-                               service_session, speed)
+from export.int8_check import (Int8Consistency, Int8Equalization, Int8Fidelity, consistency, fidelity, layer_sqnr, run,
+                               seconds_per_input, service_session, speed)
 from export.verify import Check
 from export.int8_graph import Net, Stats, absorb_high_bias, equalize
 from export.int8_quant import TYPES, choose_types, correct_biases, host_isa, quantizable, quantize
@@ -230,7 +230,13 @@ def build(options: Options, source, folded: onnx.ModelProto, fold_report: dict, 
             work = net.flush()
     with steps(f"int8: quantize_static ({types}, {'per-channel' if options.per_channel else 'per-tensor'} weights, "
                f"{len(options.calibration)} calibration rows)"):
-        quantized, ranges = quantize(work, options.calibration, types, options.per_channel)
+        try:
+            quantized, ranges = quantize(work, options.calibration, types, options.per_channel)
+        except Exception as e:  # onnxruntime's quantizer refuses this graph: FP32 is still good, INT8 is not made
+            checks["int8 quantization"] = Int8Consistency(
+                status="failed", why=f"onnxruntime.quantization cannot quantize this graph: {type(e).__name__}: "
+                                     f"{one_line(e, 300)}")
+            return _failed(report, "int8 quantization", started)
     shifts = {}
     if options.bias_correction:
         with steps("int8: bias correction"):
@@ -246,9 +252,14 @@ def build(options: Options, source, folded: onnx.ModelProto, fold_report: dict, 
     names = [o["name"] for o in source.outputs]
     int8_bytes = quantized.SerializeToString()
     with steps(f"int8: served form on {len(source.inputs)} rows (onnxruntime, the service's session settings)"):
-        session = service_session(int8_bytes)
-        served = time.perf_counter()
-        outputs = _named(session, run(session, source.inputs), names)
+        try:
+            session = service_session(int8_bytes)
+            served = time.perf_counter()
+            outputs = _named(session, run(session, source.inputs), names)
+        except Exception as e:  # onnxruntime cannot run the graph its quantizer wrote (an op without INT8 kernels...)
+            checks["int8 fidelity"] = Int8Fidelity(status="failed", why=f"onnxruntime cannot run the INT8 model here: "
+                                                                       f"{type(e).__name__}: {one_line(e, 300)}")
+            return _failed(report, "int8 fidelity", started)
         served_seconds = time.perf_counter() - served
         checks["int8 fidelity"] = fidelity(outputs, reference, names, source.scores, source.targets, options.max_drop,
                                            reference_what)
