@@ -26,7 +26,7 @@ import onnx
 
 from export.errors import BadInput, one_line
 from export.float64 import Float64Graph, Float64Unavailable, to_float64
-from export.int8_check import (Int8Consistency, Int8Equalization, Int8Fidelity, consistency, fidelity, layer_sqnr, run,
+from export.int8_check import (Int8Equalization, Int8Fidelity, Int8Quantization, consistency, fidelity, layer_sqnr, run,
                                seconds_per_input, service_session, speed)
 from export.verify import Check
 from export.int8_graph import Net, Stats, absorb_high_bias, equalize
@@ -233,7 +233,7 @@ def build(options: Options, source, folded: onnx.ModelProto, fold_report: dict, 
         try:
             quantized, ranges = quantize(work, options.calibration, types, options.per_channel)
         except Exception as e:  # onnxruntime's quantizer refuses this graph: FP32 is still good, INT8 is not made
-            checks["int8 quantization"] = Int8Consistency(
+            checks["int8 quantization"] = Int8Quantization(
                 status="failed", why=f"onnxruntime.quantization cannot quantize this graph: {type(e).__name__}: "
                                      f"{one_line(e, 300)}")
             return _failed(report, "int8 quantization", started)

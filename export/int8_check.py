@@ -46,6 +46,12 @@ class Int8Equalization(Exactness):
 
 
 @dataclass(frozen=True, kw_only=True)
+class Int8Quantization(Check):
+    """onnxruntime.quantization made a quantized graph of this one (failed: it refused, and why)."""
+    kind: ClassVar[str] = "int8 quantization"
+
+
+@dataclass(frozen=True, kw_only=True)
 class Int8Consistency(Check):
     """Check 1: the quantized graph against the float graph it quantizes, constant by constant."""
     kind: ClassVar[str] = "int8 consistency"
