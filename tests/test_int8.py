@@ -227,14 +227,17 @@ def onnx_source(tmp_path_factory, model_dir, test_images) -> dict:
                                    "--int8", "--calib", str(root / "calib.npy")]}
 
 
-@pytest.mark.parametrize("how", ["scale", "zero-point"])
-def test_a_wrong_int8_model_fails_at_export_and_only_fp32_is_published(how, onnx_source, monkeypatch, capsys):
+@pytest.mark.parametrize("how, step", [("scale", "int8 consistency"), ("zero-point", "int8 consistency"),
+                                       ("refused", "int8 quantization")])
+def test_a_wrong_int8_model_fails_at_export_and_only_fp32_is_published(how, step, onnx_source, monkeypatch, capsys):
     import export.int8
     from export.__main__ import main as export_main
 
     quantize = export.int8.quantize
 
     def wrong(*args, **kwargs):
+        if how == "refused":  # onnxruntime's quantizer cannot take the graph: FP32 stays good
+            raise RuntimeError("Unable to find data type for weight_name=...")
         quantized, ranges = quantize(*args, **kwargs)
         return tamper(quantized, how), ranges
 
@@ -244,11 +247,11 @@ def test_a_wrong_int8_model_fails_at_export_and_only_fp32_is_published(how, onnx
     (out / "model_int8.onnx").write_bytes(b"an earlier INT8 model")  # stale: must not survive
     assert export_main([*onnx_source["args"], "--out", str(out)]) == 1
     report = json.loads((out / "export_report.json").read_text())
-    assert report["parity"]["passed"] and report["int8"]["failed_step"] == "int8 consistency"
+    assert report["parity"]["passed"] and report["int8"]["failed_step"] == step
     assert (out / "model.onnx").exists() and not (out / "model_int8.onnx").exists()
     assert not (out / "model_int8.fingerprint.npz").exists()
     err = capsys.readouterr().err
-    assert "INT8 not published: int8 consistency" in err and "model.onnx" in err
+    assert f"INT8 not published: {step}" in err and "model.onnx" in err
 
 
 def test_onnx_source_with_int8_corrects_biases_from_the_folded_bn(onnx_source):
