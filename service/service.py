@@ -146,7 +146,7 @@ class Classifier:
         self.model.seconds_per_sample = seconds[1]
         del data
         self.contract = contract
-        self.spec = InputSpec.of(contract, settings.max_images)
+        self.spec = InputSpec.of(contract, self.tuning.max_images)
         self.executor = ThreadPoolExecutor(1, thread_name_prefix="onnx")  # onnxruntime has its own threads
         self.decoder = ThreadPoolExecutor(1, thread_name_prefix="decode")  # big uploads, off the event loop
         index = worker_index()
@@ -160,7 +160,7 @@ class Classifier:
                            self.batcher.backlog_s)
         self.batcher.started = self.guard.started
         self.guard.start()
-        self.docs_json = json_response(openapi(ROUTES, contract, SERVICE_NAME, settings.max_images, settings.max_body_bytes)).body
+        self.docs_json = json_response(openapi(ROUTES, contract, SERVICE_NAME, self.spec.max_images, settings.max_body_bytes)).body
         self.schema_json = json_response(client_schema(ROUTES, SERVICE_NAME)).body
         self.static = {name: (STATIC / name).read_bytes() for name in ("index.html", "page.js", "page.css", "docs.html", "docs.js")}
         self.about = self.describe()
@@ -190,7 +190,7 @@ class Classifier:
             "input": {"name": c.input_name, "layout": c.layout, "shape": list(c.input_shape),
                       "accepted_shapes": c.accepted_shapes, "channels": c.channels, "height": c.height,
                       "width": c.width, "range": list(c.input_range) if c.input_range else None,
-                      "background": c.background, "dtype": "float32", "max_images_per_request": s.max_images,
+                      "background": c.background, "dtype": "float32", "max_images_per_request": self.spec.max_images,
                       "max_body_bytes": s.max_body_bytes, "content_types": [JSON, RAW_FLOAT32, NPY],
                       "classify": c.classify_refusal is None},
             "output": {"name": c.output_name, "kind": c.output_kind, "shape": [None, c.classes]} if c.classifier else None,

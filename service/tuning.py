@@ -99,6 +99,7 @@ class Tuning:
     queue_delay_s: float
     window_s: float
     why: dict[str, str]
+    max_images: int = 1024  # per request: what the model computes within half of REQUEST_TIMEOUT_S
 
     def call_s(self, n: int) -> float:
         """Predicted seconds of one call of n inputs (linear beyond the largest measured batch)."""
@@ -112,7 +113,8 @@ class Tuning:
                 "best_batch": min(self.seconds, key=lambda b: self.seconds[b] / b),
                 "latency_budget_ms": round(1000 * self.latency_budget_s, 1), "batch_max_inputs": self.batch_max,
                 "inline_max_inputs": self.inline_max, "queue_delay_ms": round(1000 * self.queue_delay_s, 1),
-                "queue_window_ms": round(1000 * self.window_s, 1), "why": self.why}
+                "queue_window_ms": round(1000 * self.window_s, 1), "max_images_per_request": self.max_images,
+                "why": self.why}
 
 
 def derive(seconds: dict[int, float], settings) -> Tuning:
@@ -155,7 +157,15 @@ def derive(seconds: dict[int, float], settings) -> Tuning:
         queue_delay = settings.queue_delay_ms / 1000
         why["queue_delay"] = "QUEUE_DELAY_MS"
     window = max(MIN_WINDOW_S, 2 * call)
-    return Tuning(dict(seconds), budget, batch_max, inline_max, queue_delay, window, why)
+    # A request the model cannot answer within the request timeout would run for nothing and end in a
+    # 504; it is refused at once (413) instead, at what fits in half of the timeout.
+    per_input = min(t / b for b, t in seconds.items())
+    affordable = max(1, int(settings.request_timeout_s / 2 / per_input))
+    max_images = min(settings.max_images, affordable)
+    why["max_images"] = (f"MAX_IMAGES_PER_REQUEST ({settings.max_images})" if max_images == settings.max_images else
+                         f"what the model computes in half of REQUEST_TIMEOUT_S ({settings.request_timeout_s} s / 2 / "
+                         f"{1000 * per_input:.1f} ms per input)")
+    return Tuning(dict(seconds), budget, batch_max, inline_max, queue_delay, window, why, max_images)
 
 
 # --- measured once per `bentoml serve`, handed to the workers ----------------------------------------

@@ -139,6 +139,8 @@ class Knobs:
     batch_max_images: int | None = None
     queue_delay_ms: float | None = None
     inline_budget_ms: float = 2.0
+    max_images: int = 1024
+    request_timeout_s: int = 60
 
 
 def test_derived_settings_for_a_tiny_and_a_slow_model():
@@ -152,6 +154,8 @@ def test_derived_settings_for_a_tiny_and_a_slow_model():
     assert huge.batch_max == 1 and huge.latency_budget_s == pytest.approx(1.2) and "not batched" in huge.why["latency_budget"]
     fixed = derive({1: 0.08, 2: 0.15, 4: 0.31}, Knobs(latency_budget_ms=200, batch_max_images=3, queue_delay_ms=900))
     assert (fixed.batch_max, fixed.queue_delay_s) == (3, 0.9) and fixed.why["queue_delay"] == "QUEUE_DELAY_MS"
+    assert tiny.max_images == 1024 and slow.max_images == 400  # 30 s at its cheapest 75 ms per input (batch 2)
+    assert "REQUEST_TIMEOUT_S" in slow.why["max_images"] and huge.max_images == 25
     with pytest.raises(TuningError, match=r"LATENCY_BUDGET_MS=50 is below one call of the model: 80.0 ms"):
         derive({1: 0.08}, Knobs(latency_budget_ms=50))
 
