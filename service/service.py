@@ -134,12 +134,13 @@ class Classifier:
         settings = self.settings = SETTINGS
         try:
             contract, data = load_contract(settings.resolve_model_path())
-            seconds = decode(os.environ.get(TUNING_ENV), contract.sha256)  # measured by `bentoml serve`
+            measured = decode(os.environ.get(TUNING_ENV), contract.sha256)  # by `bentoml serve`, before any worker
             self.model = Model(contract, data, settings.provider, settings.intra_op_threads, settings.chunk_images,
-                               timed_runs=0 if seconds else 3)
-            if seconds is None:  # not started by `bentoml serve` (or another model): measure here
-                seconds = time_batches(self.model, (settings.latency_budget_ms or 500.0) / 1000)
-            self.tuning = derive(seconds, settings)
+                               timed_runs=0 if measured else 1)
+            if measured is None:  # not started by `bentoml serve` (or another model): measure here
+                measured = time_batches(self.model, max(self.model.seconds_per_sample, (settings.latency_budget_ms or 500.0) / 1000))
+            seconds, cpu = measured
+            self.tuning = derive(seconds, settings, cpu)
         except (ModelLoadError, TuningError) as exc:  # changed since start-up: say so in one line
             logger.error("refusing to start: %s", exc)
             raise SystemExit(f"refusing to start: {exc}") from None

@@ -150,6 +150,10 @@ def test_derived_settings_for_a_tiny_and_a_slow_model():
     slow = derive({1: 0.08, 2: 0.15, 4: 0.31}, Knobs())  # ResNet-50-like: 500 ms fits 4, not 8
     assert slow.batch_max == 4 and slow.inline_max == 0
     assert slow.queue_delay_s == pytest.approx(8 * 0.31) and slow.window_s == pytest.approx(0.62)
+    # batch 2 costs 8% more CPU per input than batch 1 (YOLOv8n here): no coalescing past 1
+    assert derive({1: 0.026, 2: 0.056, 4: 0.11}, Knobs(), cpu={1: 0.026, 2: 0.0562, 4: 0.1112}).batch_max == 1
+    mnv2 = derive({1: 0.0086, 2: 0.0164, 4: 0.036}, Knobs(), cpu={1: 0.0086, 2: 0.0164, 4: 0.0359})
+    assert mnv2.batch_max == 2 and mnv2.describe()["best_batch"] == 2  # 4 is 9% dearer per input than 2
     huge = derive({1: 1.2}, Knobs())  # one call over the default budget: no batching, no refusal
     assert huge.batch_max == 1 and huge.latency_budget_s == pytest.approx(1.2) and "not batched" in huge.why["latency_budget"]
     fixed = derive({1: 0.08, 2: 0.15, 4: 0.31}, Knobs(latency_budget_ms=200, batch_max_images=3, queue_delay_ms=900))
@@ -161,8 +165,8 @@ def test_derived_settings_for_a_tiny_and_a_slow_model():
 
 
 def test_figures_handed_to_workers_are_only_used_for_the_same_model():
-    text = encode("ab" * 32, {1: 0.08, 2: 0.15})
-    assert decode(text, "ab" * 32) == {1: 0.08, 2: 0.15}
+    text = encode("ab" * 32, {1: 0.08, 2: 0.15}, {1: 0.079, 2: 0.16})
+    assert decode(text, "ab" * 32) == ({1: 0.08, 2: 0.15}, {1: 0.079, 2: 0.16})
     assert decode(text, "cd" * 32) is None and decode(None, "ab" * 32) is None and decode("{", "x") is None
 
 
