@@ -49,19 +49,19 @@ def main() -> None:
     ap = argparse.ArgumentParser(prog="python -m loadtest.baselines.do_nothing", description=__doc__.splitlines()[0],
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     ap.add_argument("--model", default="", help="contract ONNX file whose labels the answer uses ('' = Fashion-MNIST's)")
-    ap.add_argument("--host", default="127.0.0.1", help="address to listen on")
-    ap.add_argument("--port", type=int, default=3002, help="port to listen on")
+    ap.add_argument("--port", type=int, default=3002, help="port to listen on (127.0.0.1)")
+    ap.add_argument("--workers", "--threads", type=int, help="ignored: one process (what the bench passes every server)")
     ap.add_argument("--fastapi", action="store_true", help="serve the canned answer from a FastAPI route")
     ap.add_argument("--delay-ms", type=float, default=0.0, help="wait this long before each answer (tests of p99)")
     args = ap.parse_args()
     labels = metadata_of(args.model)["labels"] if args.model else LABELS
     answer = json.dumps({"predictions": [{"label": labels[0], "class_id": 0, "probabilities": [1 / len(labels)]
-                                          * len(labels)}]}, separators=(",", ":")).encode()
+                                          * len(labels)}]} if labels else {"outputs": {}}, separators=(",", ":")).encode()
     STATE.update(answer=answer, delay_s=max(args.delay_ms, 0.0) / 1000.0,
                  headers=[(b"content-type", b"application/json"), (b"content-length", str(len(answer)).encode())])
     import uvicorn
 
-    uvicorn.run(fastapi_app() if args.fastapi else app, host=args.host, port=args.port, log_level="warning",
+    uvicorn.run(fastapi_app() if args.fastapi else app, host="127.0.0.1", port=args.port, log_level="warning",
                 access_log=False)
 
 
