@@ -28,8 +28,10 @@ SECTIONS = [
      "bench_zoo/results.json", "make bench-zoo", ["bench_zoo/bn_left.png"]),
     ("ONNX fold pass vs onnxoptimizer / onnxsim / onnxslim", "bench_onnx_fold/results.json", "make bench-onnx-fold",
      ["bench_onnx_fold/throughput.png"]),
-    ("Serving benchmark: our service vs naive baselines", "bench_serve/results.md", "make bench-serve",
-     ["bench_serve/throughput_vs_users.png", "bench_serve/latency_vs_users.png"]),
+    ("Serving benchmark: `make bench-serve` on the model exported last", "bench_serve/results.json", "make bench-serve",
+     ["bench_serve/bench_serve.png"]),
+    ("Serving real models: ours vs the in-process ceiling and the peers", "bench_real/summary.json", "make bench-real",
+     ["bench_real/resnet50/bench/bench_serve.png"]),
     ("Soak", "soak/soak.json", "make soak", ["soak/soak.png"]),
     ("Fault battery", "faults/faults.json", "make faults", []),
     ("Container image and rolling replace", "deploy/deploy_check.json", "make deploy-check", []),
@@ -56,6 +58,31 @@ def render(path: Path, command: str) -> str:
         return "\n".join([f"`{f['command']}`, {f['date']}, {f['workers']} workers, load average before "
                           f"{f['load_average_before'][0]:.1f} (the load generator shares the 2 cores); every goal "
                           "in docs/service.md:", "", "| scenario | figures | |", "|---|---|---|", *rows])
+    if path.parent.name in ("bench_real", "bench_serve"):  # a row per model: ours at the most clients, the ceiling, peers
+        real, rows, short = json.loads(path.read_text()), [], []
+        if path.parent.name == "bench_serve":
+            real = {"date": real["meta"]["date"], "models": {real["meta"]["model_name"]: real}}
+            command = real["models"][next(iter(real["models"]))]["meta"]["command"]
+        for name, res in real["models"].items():
+            got = [r for r in res.get("rows", []) if r["round"] == 1 and r["kind"] in ("closed", "ceiling")]
+            ceil = next((r for r in got if r["kind"] == "ceiling"), None)
+            top = max((r["clients"] for r in got if r["setup"] == "ours"), default=None)
+            at = {r["setup"]: r for r in got if r["clients"] == top and r["kind"] == "closed"}
+            if not ceil or "ours" not in at:
+                short.append(f"{name}: not measured ({'; '.join(res.get('failed', []))})")
+                continue
+            ours, peers = at.pop("ours"), sorted(at.values(), key=lambda r: -r["img_s"])
+            met = [g["met"] for g in res["goals"]]
+            rows.append(f"| {name} | {ceil['img_s']:,.1f} | {ours['img_s']:,.1f} ({ours['img_s'] / ceil['img_s']:.2f}x) | "
+                        f"{ours['p99_ms']:,.0f} | {ours['server_cpu_ms_per_img'] / ceil['server_cpu_ms_per_img']:.2f}x | "
+                        + (f"{peers[0]['setup']} {peers[0]['img_s']:,.1f}, p99 {peers[0]['p99_ms']:,.0f}" if peers else "–")
+                        + f" | {sum(met)} of {len(met)} |")
+            short += [f"{name}: {g['goal'].split(': ', 1)[1].split('; short at')[0]}" for g in res["goals"] if not g["met"]]
+        text = [f"`{command}`, {real['date']} (every step, layout and load: docs/service.md, \"Serving real models\", or "
+                "the results.md beside it); one image per request, keep-alive clients, at the most clients:", "",
+                "| model | in-process ceiling img/s | ours img/s (× ceiling) | ours p99 ms | ours server CPU/img × in-process "
+                "| best other setup: img/s, p99 ms | goals met |", "|---|---|---|---|---|---|---|", *rows]
+        return "\n".join(text + ([""] + [f"- Short: {s}" for s in short] if short else ["", "Every goal met."]))
     if path.parent.name == "bench_zoo":  # one paragraph: published, BNs left per tool, what we keep and why
         z = json.loads(path.read_text())
         models = [m for m in z["models"] if m.get("ours", {}).get("exit") is not None]

@@ -29,10 +29,18 @@ def test_block_is_rebuilt_from_the_reports_that_exist(tmp_path):
         "offered_rps": 100, "achieved_rps": 99, "requests": 6000, "failures": 0, "p50_ms": 4, "p99_ms": 80,
         "rss_baseline_mib": 400, "rss_final_mib": 401, "rss_growth": 0.0025, "warmup_s": 90}))
     (artifacts / "bench_serve").mkdir()
-    (artifacts / "bench_serve" / "throughput_vs_users.png").write_bytes(PNG)
-    (artifacts / "bench_serve" / "results.md").write_text(
-        "Command: `python -m loadtest bench`\n\n| a |\n|---|\n\nGoals:\n- speed: 3x (goal ≥2x) — met\n"
-        "- p99: 80 ms (goal ≤50 ms) — SHORT\n- errors: 0 (goal 0) — met\n")
+    (artifacts / "bench_serve" / "bench_serve.png").write_bytes(PNG)
+    row = {"round": 1, "kind": "closed", "p99_ms": 300.0}
+    (artifacts / "bench_serve" / "results.json").write_text(json.dumps({
+        "meta": {"command": "python -m loadtest bench --model m.onnx", "date": "2026-12-07 15:00", "model_name": "resnet50"},
+        "rows": [{**row, "setup": "ceiling", "kind": "ceiling", "clients": 2, "img_s": 26.0, "server_cpu_ms_per_img": 76.0},
+                 {**row, "setup": "ours", "clients": 8, "img_s": 20.0, "server_cpu_ms_per_img": 80.0},
+                 {**row, "setup": "ours", "clients": 32, "img_s": 25.0, "server_cpu_ms_per_img": 79.8},
+                 {**row, "setup": "triton", "clients": 32, "img_s": 24.6, "p99_ms": 330.0},
+                 {**row, "setup": "kserve", "clients": 32, "img_s": 15.5, "p99_ms": 900.0}],
+        "failed": [], "goals": [{"goal": "round 1: ours' throughput ÷ in-process at 4–32 clients: 0.77–0.96x (goal ≥ 0.95x "
+                                         "at each); short at 8: 0.77x", "met": False},
+                                {"goal": "round 1: open loop: all 200", "met": True}]}))
     readme = repo / "README.md"
     readme.write_text(f"# x\n\nbefore\n{script.BEGIN}\nold text\n\n### Fault battery\n\n`make faults`, 2026-11-23: "
                       f"the old figures\n\n### Soak\n\nthe old soak\n{script.END}\nafter\n")
@@ -42,10 +50,13 @@ def test_block_is_rebuilt_from_the_reports_that_exist(tmp_path):
     assert text.startswith("# x\n\nbefore\n") and text.endswith("after\n") and "old text" not in text
     assert "set-up 22 · data 0 · train 169 · export+verify 18 → **total 209 s**" in text
     assert "| torch folded | 0.92 |" in text and "`make pipeline`" in text and "Folded graph nodes" not in text
-    assert (repo / "docs" / "img" / "results" / "bench_serve-throughput_vs_users.png").read_bytes() == PNG
-    assert "![throughput_vs_users](docs/img/results/bench_serve-throughput_vs_users.png)" in text
+    assert (repo / "docs" / "img" / "results" / "bench_serve-bench_serve.png").read_bytes() == PNG
+    assert "![bench_serve](docs/img/results/bench_serve-bench_serve.png)" in text
     assert "**FAIL: p99 80 ms > 50**" in text
-    assert "Goals: p99: 80 ms (goal ≤50 ms) — **short**; 2 of 3 met." in text and "— met" not in text
+    # bench-serve: one row at the most clients (ours against the ceiling and the best other setup), what is short
+    assert "`python -m loadtest bench --model m.onnx`, 2026-12-07 15:00" in text
+    assert "| resnet50 | 26.0 | 25.0 (0.96x) | 300 | 1.05x | triton 24.6, p99 330 | 1 of 2 |" in text
+    assert "- Short: resnet50: ours' throughput ÷ in-process at 4–32 clients: 0.77–0.96x (goal ≥ 0.95x at each)" in text
     assert "Not measured yet: `make bench-onnx-fold`" in text  # never measured
     # a report missing from artifacts/ keeps the section the README had (its own command and date) ...
     assert "`make faults`, 2026-11-23: the old figures" in text and "Not measured yet: `make faults`" not in text
