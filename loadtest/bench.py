@@ -9,8 +9,8 @@ One server at a time on 127.0.0.1, the same inputs and clients for each (docs/lo
             LitServe) at the same layout and clients, each peer from its own venv (.venv-peers/NAME, made on
             first use); `ours@REF`: our service as it was at git REF (a regression check in the same run)
 A request is one body of --images inputs in the server's own format (.npy to /predict, OIP v2 binary tensors,
-TorchServe's raw body, LitServe's JSON with the .npy in base64). The load generator is the fault battery's (asyncio on uvloop);
-its CPU is measured apart from the server's (psutil, the server's whole process tree). Goals (issue 25) are
+TorchServe's raw body, LitServe's JSON with the .npy in base64). The load generator is the fault battery's
+(asyncio on uvloop); its CPU is measured apart from the server's (psutil, the server's whole process tree). Goals (issue 25) are
 lines in results.md; exit 1 when one is short or a setup could not run, 2 when the run could not happen."""
 import base64
 import fcntl
@@ -41,12 +41,11 @@ PEERS = {  # name: its venv's requirements (besides our onnxruntime); TorchServe
     "kserve": ["kserve==0.21.0"], "litserve": ["litserve==0.2.19"]}
 # setup: (command after the interpreter, readiness path, request format)
 SERVERS = {"naive-fastapi": ("loadtest.baselines.naive_fastapi", "/openapi.json", "npy"),
-           "do-nothing": ("loadtest.baselines.do_nothing", "/", "npy"),
-           "triton": ("loadtest.baselines.peers triton", "/v2/health/ready", "oip"),
-           "torchserve": ("loadtest.baselines.peers torchserve", "/ping", "torchserve"),
-           "kserve": ("loadtest.baselines.peers kserve", "/v2/health/ready", "oip"),
-           "litserve": ("loadtest.baselines.peers litserve", "/health", "b64json")}
-SETUPS = ("naive-fastapi", "triton", "torchserve", "kserve", "litserve", "do-nothing")
+           **{p: (f"loadtest.baselines.peers {p}", ready, fmt) for p, ready, fmt in (
+               ("triton", "/v2/health/ready", "oip"), ("torchserve", "/ping", "torchserve"),
+               ("kserve", "/v2/health/ready", "oip"), ("litserve", "/health", "b64json"))},
+           "do-nothing": ("loadtest.baselines.do_nothing", "/", "npy")}
+SETUPS = tuple(SERVERS)
 PROBES = ("/livez", "/readyz")
 JUDGED_FROM = 4  # clients: goals on throughput, CPU and probes are judged from here up (2 workers are busy)
 TIMEOUT_S = 60.0  # no answer by then counts as an error
@@ -83,7 +82,7 @@ def server_of(setup: str, model: str, port: int, layout: tuple[int, int], log: P
             ref = setup.split("@", 1)[1]
             subprocess.run(f"git -C {REPO} archive {ref} service bentofile.yaml | tar -x -C {cwd}", shell=True, check=True)
         argv = [sys.executable, "-m", "bentoml", "serve", ".", "--host", HOST, "--port", str(port)]
-        return ServerProcess(argv, port, log, {"MODEL_PATH": model, **env}, cwd=cwd, name=setup), "npy"
+        return ServerProcess(argv, port, log, {"MODEL_PATH": str(Path(model).resolve()), **env}, cwd=cwd, name=setup), "npy"
     command, ready, fmt = SERVERS[setup]
     py = peer_python(setup) if setup in PEERS else sys.executable
     argv = [py, "-m", *command.split(), "--model", model, "--port", str(port), "--workers", str(layout[0]),
