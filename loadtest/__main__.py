@@ -240,9 +240,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                                                                                   args.warmup, args.open_time))
         args.env = dict(kv.split("=", 1) for kv in args.env if "=" in kv)
         if ({s for s in args.setups if not s.startswith("ours@")} - set(SETUPS) or not args.clients
-                or not 1 <= max(args.clients) <= MAX_USERS or not 1 <= args.images <= 1024 or not 1 <= args.rounds <= 10):
+                or not 1 <= max(args.clients) <= MAX_USERS or not 1 <= args.images <= 1024 or not 1 <= args.rounds <= 10
+                or not 0 < max(args.step_s, args.open_s, args.warmup, args.settle) <= 600):
             ap.error(f"--setups takes {', '.join(SETUPS)} or ours@GITREF; --clients 1..{MAX_USERS}; --images 1..1024; "
-                     "--rounds 1..10")
+                     "--rounds 1..10; times up to 10m")
     if args.mode == "run" and not 1 <= args.users <= MAX_USERS:
         ap.error(f"--users must be 1..{MAX_USERS}")
     if args.mode == "soak":

@@ -119,7 +119,7 @@ def test_command_line(model_path, tmp_path, capsys):
     assert args.clients == [1, 8, 32] and args.step_s == 5 and args.setups == ["naive-fastapi"]
     for bad in (["soak", "--time", "5s"], ["soak", "--fraction", "1.5"], ["soak", "--time", "soon"],
                 ["bench", "--setups", "ours,nginx"], ["bench", "--clients", "8,x"], ["bench", "--clients", "0"],
-                ["bench", "--clients", "100000"], ["run", "--users", "0"]):
+                ["bench", "--clients", "100000"], ["bench", "--step-time", "2h"], ["run", "--users", "0"]):
         with pytest.raises(SystemExit) as e:
             parse_args([*bad, "--model", model_path])
         assert e.value.code == 2
