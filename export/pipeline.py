@@ -31,10 +31,10 @@ from export.fold_report import merge_fold_reports, summary
 from export.onnx_export import (BN_OPS, contract_metadata, export_to_proto, node_counts, output_kind, read_metadata,
                                 rename_value, save_model, simplify, with_metadata)
 from export.onnx_fold import fold_onnx
+from export.report import REPORT_FORMAT
 from export.sources import Source
-from export.verify import (ATOL, EXACT_RTOL, FACTOR, RTOL, batch_plan, exactness, fidelity, format_table, ort_session,
-                           ulp_perturbed,
-                           run_ort, run_torch)
+from export.verify import (ATOL, EXACT_RTOL, FACTOR, RTOL, Exactness, batch_plan, check_dict, exactness, fidelity, tally,
+                           format_table, ort_session, run_ort, run_torch, ulp_perturbed)
 
 FOLDED, UNFOLDED, REPORT = "model.onnx", "model_unfolded.onnx", "export_report.json"
 # The exactness checks run on the first EXACT_ROWS verification rows: a wrong fold shows on every
@@ -73,7 +73,8 @@ def is_current(source: Source, out: Path) -> bool:
     """--if-stale: `out` already holds a verified export of exactly this source and these options."""
     try:
         report = json.loads((out / REPORT).read_text())
-        return (report["request"] == json.loads(json.dumps(source.request)) and report["parity"]["passed"]
+        return (report.get("report_format") == REPORT_FORMAT and report["parity"]["passed"]
+                and report["request"] == json.loads(json.dumps(source.request))
                 and json.loads(read_metadata(out / FOLDED)["source"])["sha256"] == source.sha256
                 and all(sha256_file(out / name) == entry["sha256"] for name, entry in report["files"].items()))
     except Exception:  # missing, unreadable or corrupt: any doubt means export again
@@ -110,21 +111,20 @@ class Checks:
             result = exactness(run_folded(), [r[:len(self.exact_rows)] for r in reference], self.names)
         except Float64Unavailable:
             raise
-        except Exception as e:
-            result = {"error": f"{type(e).__name__}: {one_line(e)}", "passed": False}
+        except Exception as e:  # the folded model does not run: the fold broke it
+            result = Exactness(status="failed", why=f"the folded float64 model does not run: {type(e).__name__}: "
+                                                    f"{one_line(e)}")
         self.exact[step] = result
-        if not result["passed"]:
-            raise VerificationFailed(step, result.get("error") or (
-                f"the folded float64 model is {result['relative']:.2e} of the output's scale from the unfolded one "
-                f"(exact folds agree to {EXACT_RTOL:g}): a wrong fold"))
+        if not result.passed:
+            raise VerificationFailed(step, result.why)
 
     def onnx_pass(self, before: onnx.ModelProto, report: dict, published: onnx.ModelProto) -> None:
         """The ONNX pass's exactness: the same pass on `before` in float64, run against `before` in float64."""
         if not changed_numerics(report):
-            self.exact["ONNX pass"] = {"skipped": "it changed nothing but Identity/Dropout nodes", "passed": True}
+            self.exact["ONNX pass"] = Exactness(status="skipped", why="it changed nothing but Identity/Dropout nodes")
             return
         if self.ref64 is None:
-            self.exact["ONNX pass"] = {"skipped": f"no float64 copy runs ({self.why64})", "passed": True}
+            self.exact["ONNX pass"] = Exactness(status="skipped", why=f"no float64 copy runs ({self.why64})")
             return
         with self.steps("ONNX pass exactness (float64)"):
             try:
@@ -136,7 +136,7 @@ class Checks:
                 reference = self.ref64 if self.source.module is None else Float64Graph(before)(self.exact_rows)
                 self.exact_or_fail("ONNX pass", lambda: Float64Graph(folded64)(self.exact_rows), reference)
             except Float64Unavailable as e:
-                self.exact["ONNX pass"] = {"skipped": str(e), "passed": True}
+                self.exact["ONNX pass"] = Exactness(status="skipped", why=str(e))
                 self.notes.append(f"the ONNX pass's folds are not proven exact: {e}")
 
     def judge(self) -> dict:
@@ -151,28 +151,24 @@ class Checks:
                 result = fidelity({**self.variants, self.own: reference}, reference, self.own, s.scores, s.targets,
                                   against_float64=False)
         result.pop("passed")
-        failing = [n for n, r in result["variants"].items() if not r.get("passed")]
+        failing = {n: c for n, c in result["variants"].items() if c.status == "failed"}
         return self.result(passed=not failing, **({} if not failing else {
-            "failed_step": "deployment fidelity",
-            "why": "; ".join(f"{n}: {_miss(r) if 'max_abs_diff' in r else r['error']}"
-                             for n, r in result["variants"].items() if n in failing)}), **result)
+            "failed_step": "deployment fidelity", "why": "; ".join(f"{n}: {c.why}" for n, c in failing.items())}),
+            **result)
 
     def result(self, passed: bool, **fields) -> dict:
+        """The report's `parity`: every check in its report form (status, why, figures); passed = no check failed."""
         s = self.source
-        return {"passed": passed, "images": int(len(s.inputs)), "inputs": s.inputs_desc,
+        if "variants" in fields:
+            fields["variants"] = {name: check_dict(c) for name, c in fields["variants"].items()}
+        exactness = {step: check_dict(c) for step, c in self.exact.items()}
+        return {"passed": passed, "checks": tally({**exactness, **fields.get("variants", {})}),
+                "images": int(len(s.inputs)), "inputs": s.inputs_desc,
                 "batch_sizes": sorted(set(batch_plan(len(s.inputs)))),
                 "rule": {"exact_rtol": EXACT_RTOL, "atol": ATOL, "rtol": RTOL, "factor": FACTOR},
                 "reference": "the unfolded model in float64" if self.ref64 is not None else "the unfolded float32 model",
                 "float64": {"available": self.ref64 is not None, **({"why": self.why64} if self.why64 else {})},
-                "exactness": self.exact, "notes": self.notes, **fields}
-
-
-def _miss(row: dict) -> str:
-    text = f"{row['max_abs_diff']:.2e} from the reference ({row['tol_error']:.1f}x the tolerance"
-    text += f", {row['ratio']:.1f}x float32's own error)" if "ratio" in row else ")"
-    if row.get("argmax_disagreements"):
-        text += f", {row['argmax_disagreements']} argmax disagreements"
-    return text
+                "exactness": exactness, "notes": self.notes, **fields}
 
 
 def changed_numerics(onnx_report: dict) -> bool:
@@ -196,7 +192,7 @@ def build_torch(source: Source, out: Path, verify_only: bool, checks: Checks):
         with steps("fx pass (float64; each trace checked on 2 rows)"):
             folded64, fx_report = fold_batchnorm(module64, (torch.from_numpy(checks.inputs64[:2]),))
         if not fx_report.folded:  # nothing folded: its traces were checked against the forward, nothing to prove
-            checks.exact["fx pass"] = {"skipped": "it folded nothing", "passed": True}
+            checks.exact["fx pass"] = Exactness(status="skipped", why="it folded nothing")
         else:
             with steps("fx pass exactness (float64)"):
                 checks.exact_or_fail("fx pass", lambda: run_torch(folded64, checks.exact_rows, dtype=torch.float64),
@@ -209,14 +205,18 @@ def build_torch(source: Source, out: Path, verify_only: bool, checks: Checks):
     checks.own = "torch eval (float32)"
     checks.runs = lambda k: run_torch(ulp_perturbed(module, k), inputs)
     with steps("torch forms (float32)"):
-        checks.variants[checks.own] = run_torch(module, inputs)
+        try:
+            checks.variants[checks.own] = run_torch(module, inputs)
+        except Exception as e:  # the user's model itself, on the verification inputs: their input, not our bug
+            raise BadInput(f"the model raises on the verification inputs ({len(inputs)} rows, batches of up to 1000): "
+                           f"{type(e).__name__}: {one_line(e)}") from None
         try:
             checks.variants["torch folded"] = run_torch(folded_module, inputs)
         except Exception as e:
             raise VerificationFailed("fx pass", f"the folded module does not run: {type(e).__name__}: {one_line(e)}")
     if verify_only:
-        checks.exact["ONNX pass"] = {"skipped": "not re-run by --verify-only (the published graph is judged below)",
-                                     "passed": True}
+        checks.exact["ONNX pass"] = Exactness(status="skipped",
+                                              why="not re-run by --verify-only (the published graph is judged below)")
         return _published(source, out)
     example, names = (2, *source.input_shape[1:]), checks.names
     with steps("torch.onnx.export, unfolded"):
@@ -251,8 +251,8 @@ def build_onnx(source: Source, out: Path, verify_only: bool, checks: Checks):
     checks.runs = lambda k: run_ort(ort_session(ulp_perturbed(source.reference_graph, k), optimize=False), source.inputs,
                                     plan=[step] * -(-len(source.inputs) // step))
     if verify_only:
-        checks.exact["ONNX pass"] = {"skipped": "not re-run by --verify-only (the published graph is judged below)",
-                                     "passed": True}
+        checks.exact["ONNX pass"] = Exactness(status="skipped",
+                                              why="not re-run by --verify-only (the published graph is judged below)")
         return _published(source, out)
     with checks.steps("ONNX pass"):
         folded_graph, onnx_report = fold_onnx(graph)
@@ -302,7 +302,8 @@ def export(source: Source, out: str | Path, verify_only: bool = False) -> int:
     except VerificationFailed as e:
         result = checks.result(passed=False, failed_step=e.step, why=e.why, variants={})
         print(format_table(result))
-        write_json(out / REPORT, {"name": source.name, "request": source.request, "parity": result,
+        write_json(out / REPORT, {"report_format": REPORT_FORMAT, "name": source.name, "request": source.request,
+                                  "parity": result,
                                   "timings": steps.times, "versions": versions()})
         return 1
     if not verify_only:
@@ -331,7 +332,8 @@ def export(source: Source, out: str | Path, verify_only: bool = False) -> int:
     print(format_table(result))
     meta = read_metadata(folded)
     report = {
-        "contract_version": int(meta.get("contract_version", 1)), "name": meta.get("name", source.name),
+        "report_format": REPORT_FORMAT, "contract_version": int(meta.get("contract_version", 1)),
+        "name": meta.get("name", source.name),
         "source": json.loads(meta["source"]) if "source" in meta else {"kind": source.kind, "path": source.path},
         "request": source.request,
         "input": {"name": source.input_name, "shape": source.input_shape, "layout": source.layout,
