@@ -197,7 +197,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     r.add_argument("--target-rps", type=float, default=0.0, help="offered req/s in total; 0 = closed loop")
     b = mode("bench", [model], "artifacts/bench_serve", "one benchmark for any model: the in-process ceiling, ours, "
              "naive FastAPI and the peers at the same layout and clients; goals -> exit code")
-    b.add_argument("--clients", type=numbers, default="1,2,4,8,16,32", help="closed-loop keep-alive clients, a step each")
+    b.add_argument("--clients", type=numbers, default="1,2,4,8,16,32", help="closed-loop keep-alive clients, a step "
+                   "each")
     b.add_argument("--setups", default="naive-fastapi,triton,torchserve,kserve,litserve",
                    help=f"besides ours and the ceiling, from {', '.join(SETUPS)}, ours@GITREF (none: only those)")
     b.add_argument("--images", type=int, default=1, help="inputs per request")
@@ -208,7 +209,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     b.add_argument("--open-time", type=duration, default="20s", help="how long the open loop offers its load")
     b.add_argument("--rounds", type=int, default=1, help="the whole sequence this many times (goals: in every run)")
     b.add_argument("--env", nargs="*", default=[], help="KEY=VALUE settings of our service (e.g. PRECISION=int8)")
-    b.add_argument("--goal-ceiling", type=float, default=0.95, help="ours ≥ this x the ceiling's img/s; 0 = not judged")
+    b.add_argument("--goal-ceiling", type=float, default=0.95, help="ours ≥ this x the ceiling's img/s (0: not "
+                   "judged)")
     b.add_argument("--goal-cpu", type=float, default=1.1, help="server CPU/img ≤ this x in-process; 0 = not judged")
     b.add_argument("--goal-probe-ms", type=float, default=100.0, help="probes' p99 while busy ≤ this; 0 = not judged")
     b.add_argument("--lock", default=None, help="a file to flock while measuring (peers are installed before)")

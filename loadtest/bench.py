@@ -10,8 +10,8 @@ One server at a time on 127.0.0.1, the same inputs and clients for each (docs/lo
             first use); `ours@REF`: our service as it was at git REF (a regression check in the same run)
 A request is one body of --images inputs in the server's own format (.npy to /predict, OIP v2 binary tensors,
 TorchServe's raw body, LitServe's JSON with the .npy in base64). The load generator is the fault battery's
-(asyncio on uvloop); its CPU is measured apart from the server's (psutil, the server's whole process tree). Goals (issue 25) are
-lines in results.md; exit 1 when one is short or a setup could not run, 2 when the run could not happen."""
+(asyncio on uvloop); its CPU is measured apart from the server's (psutil, the server's whole process tree).
+Goals (issue 25) are lines in results.md; exit 1 when one is short or a setup could not run, 2 when the run could not happen."""
 import base64
 import fcntl
 import http.client
@@ -42,8 +42,8 @@ PEERS = {  # name: its venv's requirements (besides our onnxruntime); TorchServe
 # setup: (command after the interpreter, readiness path, request format)
 SERVERS = {"naive-fastapi": ("loadtest.baselines.naive_fastapi", "/openapi.json", "npy"),
            **{p: (f"loadtest.baselines.peers {p}", ready, fmt) for p, ready, fmt in (
-               ("triton", "/v2/health/ready", "oip"), ("torchserve", "/ping", "torchserve"),
-               ("kserve", "/v2/health/ready", "oip"), ("litserve", "/health", "b64json"))},
+               ("triton", "/v2/models/{name}/ready", "oip"), ("torchserve", "/ping", "torchserve"),
+               ("kserve", "/v2/models/{name}/ready", "oip"), ("litserve", "/health", "b64json"))},
            "do-nothing": ("loadtest.baselines.do_nothing", "/", "npy")}
 SETUPS = tuple(SERVERS)
 PROBES = ("/livez", "/readyz")
@@ -71,7 +71,8 @@ def peer_python(name: str) -> str:
     return str(py)
 
 
-def server_of(setup: str, model: str, port: int, layout: tuple[int, int], log: Path, env: dict) -> tuple:
+def server_of(setup: str, model: str, port: int, layout: tuple[int, int] | None, log: Path, env: dict,
+              name: str = "") -> tuple:
     """(ServerProcess, request format) of a setup; ours (and ours@REF, from `git archive REF`) as bentofile.yaml
     names it, with `env` (e.g. PRECISION=int8); the others at the layout (workers, threads)."""
     if setup.startswith("ours"):
@@ -80,14 +81,16 @@ def server_of(setup: str, model: str, port: int, layout: tuple[int, int], log: P
             cwd = log.parent / "tree"
             cwd.mkdir(parents=True, exist_ok=True)
             ref = setup.split("@", 1)[1]
-            subprocess.run(f"git -C {REPO} archive {ref} service bentofile.yaml | tar -x -C {cwd}", shell=True, check=True)
+            subprocess.run(f"git -C {REPO} archive {ref} service bentofile.yaml | tar -x -C {cwd}", shell=True,
+                           check=True)
         argv = [sys.executable, "-m", "bentoml", "serve", ".", "--host", HOST, "--port", str(port)]
-        return ServerProcess(argv, port, log, {"MODEL_PATH": str(Path(model).resolve()), **env}, cwd=cwd, name=setup), "npy"
+        env = {"MODEL_PATH": str(Path(model).resolve()), **env}
+        return ServerProcess(argv, port, log, env, cwd=cwd, name=setup), "npy"
     command, ready, fmt = SERVERS[setup]
     py = peer_python(setup) if setup in PEERS else sys.executable
     argv = [py, "-m", *command.split(), "--model", model, "--port", str(port), "--workers", str(layout[0]),
-            "--threads", str(layout[1])]
-    return ServerProcess(argv, port, log, ready_path=ready, name=setup), fmt
+            "--threads", str(layout[1]), *(["--work", str(log.parent.resolve())] if setup == "torchserve" else [])]
+    return ServerProcess(argv, port, log, ready_path=ready.format(name=name), name=setup), fmt  # (Triton: the model's)
 
 
 def request(fmt: str, t, x: np.ndarray) -> bytes:
@@ -100,9 +103,11 @@ def request(fmt: str, t, x: np.ndarray) -> bytes:
         path, body, ctype = f"/v2/models/{t.name}/infer", head + x.astype("<f4").tobytes(), "application/octet-stream"
         headers["Inference-Header-Content-Length"] = len(head)
     elif fmt == "b64json":
-        path, body, ctype = "/predict", json.dumps({"npy": base64.b64encode(npy_body(x)).decode()}).encode(), "application/json"
+        body = json.dumps({"npy": base64.b64encode(npy_body(x)).decode()}).encode()
+        path, ctype = "/predict", "application/json"
     else:
-        path, body, ctype = "/predictions/model" if fmt == "torchserve" else "/predict", npy_body(x), "application/x-npy"
+        path, body = "/predictions/model" if fmt == "torchserve" else "/predict", npy_body(x)
+        ctype = "application/x-npy"
     lines = [f"POST {path} HTTP/1.1", f"Host: {HOST}", f"Content-Type: {ctype}", f"Content-Length: {len(body)}",
              *(f"{k}: {v}" for k, v in headers.items())]
     return ("\r\n".join(lines) + "\r\n\r\n").encode() + body
@@ -194,7 +199,7 @@ async def drive(port: int, raw: bytes, seconds: float, clients: int = 1, rate: f
 def measure(setup: str, args, x: np.ndarray, t, layout, rnd: int, bar) -> tuple[list[dict], dict | None]:
     """Every step of one setup on its own server: rows, and (ours) the /metadata it served with."""
     out = args.out / "servers" / f"{setup.replace('@', '-')}-r{rnd}"
-    proc, fmt = server_of(setup, args.served, free_port(), layout, out / "server.log", args.env)
+    proc, fmt = server_of(setup, args.served, free_port(), layout, out / "server.log", args.env, t.name)
     raw, rows, meta = request(fmt, t, x), [], None
 
     def step(kind: str, clients: int, seconds: float, **extra) -> None:
@@ -289,10 +294,11 @@ def table(rows: list[dict]) -> str:
     for r in rows:
         c = ceil.get(r["round"])
         x = lambda key: f" ({r[key] / c[key]:.2f}x)" if c and r.get(key) and r is not c else ""  # noqa: E731
+        shed = f"{r['shed']} ({r['shed'] / r['requests']:.1%})" if r.get("shed") else "0"
         who = {"open": f"open {r.get('rate', 0):.1f} req/s", "ceiling": f"{r['clients']} proc"}.get(r["kind"], r["clients"])
         head.append(f"| {r['round']} | {r['setup']} | {who} | {fmt(r['img_s'], 1)} | {x('img_s').strip(' ()') or '–'} | "
                     f"{fmt(r['p50_ms'], 1)} / {fmt(r['p99_ms'], 1)} | {fmt(r.get('server_cpu_ms_per_img'), 2)}"
-                    f"{x('server_cpu_ms_per_img')} | {r.get('shed', 0)} | {r.get('errors', 0)} | "
+                    f"{x('server_cpu_ms_per_img')} | {shed} | {r.get('errors', 0)} | "
                     f"{fmt(r.get('client_cpu_ms_per_req'), 3)} | "
                     + (f"{fmt(r['probe_p99_ms'])} / {fmt(r['probe_max_ms'])} |" if "probes" in r else "– |"))
     return "\n".join(head)

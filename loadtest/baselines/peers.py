@@ -68,7 +68,7 @@ def triton(a) -> None:
 def torchserve(a) -> None:
     """torch-model-archiver (this file as the handler, the model as an extra file), then torchserve in the
     foreground with W workers (exec: its process group is the benchmark's to stop)."""
-    bin_dir, work = os.path.dirname(sys.executable), tempfile.mkdtemp(prefix="torchserve-")
+    bin_dir, work = os.path.dirname(sys.executable), a.work or tempfile.mkdtemp(prefix="torchserve-")
     subprocess.run([os.path.join(bin_dir, "torch-model-archiver"), "--model-name", "model", "--version", "1.0",
                     "--handler", os.path.abspath(__file__), "--extra-files", a.model, "--export-path", work,
                     "--archive-format", "no-archive", "--force"], check=True)
@@ -182,6 +182,7 @@ def main() -> None:
     ap.add_argument("--port", type=int, required=True, help="HTTP port on 127.0.0.1")
     ap.add_argument("--workers", type=int, default=2, help="model instances / worker processes")
     ap.add_argument("--threads", type=int, default=1, help="onnxruntime intra-op threads of each")
+    ap.add_argument("--work", default=None, help="TorchServe's model store and logs (default: a new temp folder)")
     a = ap.parse_args()
     a.model = os.path.abspath(a.model)
     globals()[a.peer](a)
