@@ -32,6 +32,8 @@ def bench(rows: list[dict], path: Path, title: str) -> None:
                 ax.axhline(r[key], color="black", linestyle="--", linewidth=1,
                            label=f"in-process ceiling ({r['clients']} proc)" if r["round"] == 1 else None)
         ax.set_xscale("log", base=2)
+        clients = sorted({p["clients"] for points in lines.values() for p in points})
+        ax.set_xticks(clients, [str(c) for c in clients])
         ax.set(xlabel="keep-alive clients (closed loop)", ylabel=label)
         ax.set_yscale("log" if key == "p99_ms" else "linear")
         if key != "p99_ms":
