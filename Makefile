@@ -262,13 +262,13 @@ bench-unseen: $(ZOO_VENV)/.installed
 	$(ZOO_PIP) ultralytics torch==2.14.1 torchvision==0.29.1
 	$(ZOO_PY) -m bench.unseen --out $(ARTIFACTS)/bench_unseen $(if $(ONLY),--only $(ONLY))
 
-# Real models through the project's CLI, each bench-served with issue 25's goals (bench/real.py; docs/service.md,
-# "Serving real models"): resumable, FORCE=1 redoes, ONLY=resnet50,yolov8n, ROUNDS=2; each benchmark holds
-# ZOO_LOCK while it measures. Exit 1 when a goal is short.
+# Real models through the project's CLI, each bench-served with issue 25's goals (bench/real.py): resumable,
+# FORCE=1 redoes, ONLY=resnet50,yolov8n, ROUNDS=2; each benchmark holds ZOO_LOCK while it measures. Its tables
+# replace docs/service.md's "Serving real models" results (plots in docs/img/bench_real/). Exit 1 when a goal is short.
 .PHONY: bench-real
 bench-real: setup-load data $(ZOO_VENV)/.installed
 	$(ZOO_PIP) ultralytics torch==2.14.1 torchvision==0.29.1
-	$(PY) -m bench.real --out $(ARTIFACTS)/bench_real --lock $(ZOO_LOCK) --data-dir "$(DATA_DIR)" \
+	$(PY) -m bench.real --out $(ARTIFACTS)/bench_real --lock $(ZOO_LOCK) --data-dir "$(DATA_DIR)" --docs docs/service.md \
 		$(if $(ONLY),--only $(ONLY)) $(if $(FORCE),--force) $(if $(ROUNDS),--rounds $(ROUNDS))
 
 .PHONY: bench-zoo

@@ -99,6 +99,8 @@ def main(argv=None) -> int:
     ap.add_argument("--lock", default=None, help="flock this file while each benchmark measures")
     ap.add_argument("--rounds", type=int, default=1, help="rounds of each benchmark (its goals: in every run)")
     ap.add_argument("--data-dir", default="/usr/share/datasets/fashion-mnist")
+    ap.add_argument("--docs", default=None, help="also write the tables into this file's bench-real block "
+                    "(docs/service.md) and the plots to docs/img/bench_real/")
     ap.add_argument("--weights", nargs=2, metavar=("NAME", "PATH"), help=argparse.SUPPRESS)  # (in the zoo venv)
     args = ap.parse_args(argv)
     if args.weights:
@@ -124,22 +126,68 @@ def main(argv=None) -> int:
             problems += [f"{key}: {f}" for f in summary[key]["failed"]]
             problems += [f"{key}: {g['goal']}" for g in summary[key]["goals"] if not g["met"]]
     write_summary(args.out, summary, problems)
+    if args.docs:
+        to_docs(args.out, Path(args.docs), summary)
     print((args.out / "summary.md").read_text())
     return 1 if problems else 0
 
 
+def to_docs(out: Path, doc: Path, summary: dict) -> None:
+    """summary.md into `doc` between its bench-real markers, each model's plot to docs/img/bench_real/."""
+    import shutil
+
+    from common.files import write_text
+
+    text, begin, end = doc.read_text(), "<!-- bench-real:begin -->", "<!-- bench-real:end -->"
+    if begin not in text or end not in text:
+        raise SystemExit(f"{doc} has no {begin} ... {end} block")
+    body = (out / "summary.md").read_text()
+    for key in summary:
+        plot = out / key.split(" ")[0] / ("bench_int8" if "INT8" in key else "bench") / "bench_serve.png"
+        if plot.exists():
+            name = key.replace(" (INT8)", "_int8")
+            (doc.parent / "img" / "bench_real").mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(plot, doc.parent / "img" / "bench_real" / f"{name}.png")
+            body = body.replace(f"#### {key}\n", f"#### {key}\n\n![{name}](img/bench_real/{name}.png)\n", 1)
+    write_text(doc, text.split(begin, 1)[0] + begin + "\n" + body + end + text.split(end, 1)[1])
+
+
+def pivot(rows: list[dict]) -> list[str]:
+    """A model's first round as one row per setup: img/s at each client count, then p99, server CPU per image
+    (× in-process) and 503s at the most clients."""
+    rows = [r for r in rows if r["round"] == 1]
+    ceil = next((r for r in rows if r["kind"] == "ceiling"), None)
+    clients = sorted({r["clients"] for r in rows if r["kind"] == "closed"})
+    lines = ["| setup | " + " | ".join(f"img/s @{c}" for c in clients) + f" | p99 ms @{clients[-1]} | server CPU ms/img "
+             f"@{clients[-1]} (× in-process) | 503s |", "|---" * (len(clients) + 4) + "|"] if clients else []
+    if ceil and clients:
+        lines.append(f"| in-process ceiling ({ceil['clients']} proc) | " + " | ".join(f"{ceil['img_s']:,.1f}" for _ in clients)
+                     + f" | {ceil['p99_ms']:,.0f} (one call) | {ceil['server_cpu_ms_per_img']:.2f} | – |")
+    for setup in dict.fromkeys(r["setup"] for r in rows if r["kind"] == "closed"):
+        at = {r["clients"]: r for r in rows if r["setup"] == setup and r["kind"] == "closed"}
+        top = at.get(clients[-1], {})
+        cpu = top.get("server_cpu_ms_per_img")
+        lines.append(f"| {setup} | " + " | ".join(f"{at[c]['img_s']:,.1f}" if c in at else "–" for c in clients)
+                     + f" | {top.get('p99_ms') or 0:,.0f} | " + (f"{cpu:.2f} ({cpu / ceil['server_cpu_ms_per_img']:.2f}x)"
+                                                                if cpu and ceil else "–")
+                     + f" | {sum(r['shed'] for r in at.values())} |")
+    return lines
+
+
 def write_summary(out: Path, summary: dict, problems: list[str]) -> None:
     from common.files import write_json, write_text
-    from loadtest.bench import table
 
     write_json(out / "summary.json", {"date": time.strftime("%Y-%m-%d %H:%M"), "command": "make bench-real",
                                       "models": summary, "problems": problems})
     parts = []
     for key, res in summary.items():
         meta = res.get("meta", {})
-        parts += [f"### {key}", "", f"`{meta.get('command')}` ({meta.get('date')}, {meta.get('layout_text')}; load "
+        open_loop = [r for r in res.get("rows", []) if r["kind"] == "open" and r["round"] == 1]
+        parts += [f"#### {key}", "", f"`{meta.get('command')}` ({meta.get('date')}, {meta.get('layout_text')}; load "
                   f"before: {meta.get('uptime_before', '?').split('load average: ')[-1]}, after: "
-                  f"{meta.get('uptime_after', '?').split('load average: ')[-1]})", "", table(res.get("rows", [])), "",
+                  f"{meta.get('uptime_after', '?').split('load average: ')[-1]}):", "", *pivot(res.get("rows", [])), "",
+                  *(f"Open loop: {r['rate']:.1f} req/s offered, {r['ok']} of {r['requests']} answered 200, p99 "
+                    f"{r['p99_ms'] or 0:,.0f} ms." for r in open_loop), "",
                   *(f"- {g['goal']} — {'met' if g['met'] else 'SHORT'}" for g in res["goals"]),
                   *(f"- {f} — NOT MEASURED" for f in res["failed"]), ""]
     write_text(out / "summary.md", "\n".join(parts) + ("\nShort or not measured:\n" + "\n".join(
