@@ -8,6 +8,8 @@ DATA_DIR ?= /usr/share/datasets/fashion-mnist
 ARTIFACTS ?= artifacts
 RUN_DIR := $(ARTIFACTS)/runs/$(ARCH)
 PORT ?= 3000
+# make serve listens here: this machine only; HOST=0.0.0.0 for every interface (no authentication)
+HOST ?= 127.0.0.1
 # the model serve, bento, the load tests and faults use: the one exported last, as it is
 MODEL_PATH ?= $(ARTIFACTS)/model.onnx
 
@@ -23,19 +25,20 @@ help:
 	@echo "                       tools; setup-dev: + the dev extra)"
 	@echo "  make data            the Fashion-MNIST IDX files (apt-get install dataset-fashion-mnist when missing)"
 	@echo "  make browser         chromium + chromium-driver for the page test (apt-get, as root)"
-	@echo "  make train           train ARCH into artifacts/runs/ARCH (skipped when its weights exist)"
-	@echo "  make export          fold + export + verify ARCH's run into artifacts/ (skipped when up to date)"
-	@echo "  make verify          re-check artifacts/model.onnx against ARCH's run"
+	@echo "  make train           train ARCH into artifacts/runs/ARCH (skipped when current: same data files, recipe, seed)"
+	@echo "  make export          fold + export + verify ARCH's run into artifacts/ (skipped when current: same weights, data)"
+	@echo "  make verify          re-check artifacts/model.onnx against ARCH's run (read-only: writes nothing)"
 	@echo "  make bench-model     torch vs onnxruntime images/s, batch 1 and 64"
 	@echo "  make ablation        seed-cnn with and without dropout (EPOCHS=...)"
 	@echo "  make recipes         seed-cnn training recipes side by side: epochs, seconds, test accuracy (~20 min)"
 	@echo "  make keras-seeds     the two seed Keras models: train, Keras' ONNX export, fold, verify"
 	@echo "  make bench-onnx-fold our ONNX pass vs onnxoptimizer/onnxsim/onnxslim (installs them first)"
+	@echo "  make setup-zoo       .venv-zoo: torch 2.14.1 + torchvision 0.29.1 + timm (~5.5 GB) for --model torchvision/timm"
 	@echo "  make bench-zoo       28 torchvision/timm nets through python -m export, beside torch.fx/torch.onnx/onnxsim/... (own venv)"
 	@echo "  make bench-unseen    architectures and weights bench-zoo never uses, through the CLI (~20 min, own venv)"
 	@echo "Serving and load (MODEL_PATH=$(MODEL_PATH); never trains or exports):"
-	@echo "  make serve           serve MODEL_PATH on PORT=$(PORT): page at /, Swagger UI at /docs"
-	@echo "  make bento           MODEL_PATH into BentoML's model store, then bentoml build"
+	@echo "  make serve           serve MODEL_PATH on HOST=$(HOST) PORT=$(PORT): page at /, Swagger UI at /docs"
+	@echo "  make bento           MODEL_PATH into BentoML's model store, then bentoml build (then: bentoml serve bnfold-classifier:latest)"
 	@echo "  make examples        request bodies for the curl examples (EXAMPLES_DIR=/tmp/fmnist)"
 	@echo "  make loadtest        locust scenarios with checks (USERS=16 RUN_TIME=30s P99_MS=1000 TAGS=...)"
 	@echo "  make bench-serve     any model: in-process ceiling, ours at 1-32 clients, open loop, naive FastAPI, peers"
@@ -95,39 +98,38 @@ browser:
 	@$(PYTHON) scripts/ensure_browser.py
 
 # --- pipeline -------------------------------------------------------------------------------
-$(RUN_DIR)/weights.safetensors: | setup data
-	$(PY) -m training --arch $(ARCH) --data-dir "$(DATA_DIR)" --out $(RUN_DIR)
+# --if-stale: train only when RUN_DIR holds no run trained on these data files (their sha256), this recipe
+# and this seed; when it trains again it says what changed (training/provenance.py).
+train: setup data
+	$(PY) -m training --arch $(ARCH) --data-dir "$(DATA_DIR)" --out $(RUN_DIR) --if-stale
 
-train: $(RUN_DIR)/weights.safetensors
-
-# --if-stale: skip when model.onnx was already exported (and verified) from these exact weights.
-export: $(RUN_DIR)/weights.safetensors
+# --if-stale: skip when model.onnx was already exported (and verified) from these exact weights and data;
+# otherwise it says why it exports again.
+export: train
 	$(PY) -m export --run $(RUN_DIR) --data-dir "$(DATA_DIR)" --out $(ARTIFACTS) --if-stale
 
 verify: setup
 	$(PY) -m export --run $(RUN_DIR) --data-dir "$(DATA_DIR)" --out $(ARTIFACTS) --verify-only
 
-# The stages run one after another; the pipeline ends with each stage's wall time (a stage whose
-# output was already there shows ~0 s). The benchmark runs again only when model.onnx changed since
-# it last ran (`make bench-model` always runs).
-STAGE_TIMES := $(ARTIFACTS)/pipeline_times.tsv
-timed = s=$$EPOCHREALTIME; $(2) || exit $$?; \
-	awk -v n='$(1)' -v a=$$s -v b=$$EPOCHREALTIME 'BEGIN { printf "%s\t%.1f\n", n, b - a }' >> $(STAGE_TIMES)
+# The stages run one after another (scripts/pipeline.py runs each of these targets and times it). A stage
+# whose output did not change reused what was there, and the table says so; artifacts/pipeline_times.json
+# is written only by a run that succeeded and did some work (a failed run, or one that reused everything,
+# leaves the last good record). The benchmark runs again only when model.onnx changed since it last ran
+# (`make bench-model` always runs).
 # (the pipeline runs the benchmark itself: `make bench-model` would first re-check the export it just made)
 BENCH_MODEL = $(PY) -m export.bench --model-dir $(ARTIFACTS) --run $(RUN_DIR) --data-dir "$(DATA_DIR)" --out $(ARTIFACTS)/bench_model.json
-BENCH_IF_STALE := if [ ! $(ARTIFACTS)/bench_model.json -nt $(ARTIFACTS)/model.onnx ]; then $(BENCH_MODEL); \
-	else echo "bench-model: $(ARTIFACTS)/bench_model.json is newer than model.onnx, reused (make bench-model re-measures)"; fi
 
 pipeline:
-	@mkdir -p $(ARTIFACTS) && : > $(STAGE_TIMES)
-	@$(call timed,set-up,$(MAKE) --no-print-directory setup)
-	@$(call timed,data,$(MAKE) --no-print-directory data)
-	@$(call timed,train,$(MAKE) --no-print-directory train)
-	@$(call timed,export+verify,$(MAKE) --no-print-directory export)
-	@$(call timed,bench-model,$(BENCH_IF_STALE))
-	@$(call timed,report,$(PY) -m export.report $(ARTIFACTS))
-	@echo "make pipeline, wall seconds per stage ($(STAGE_TIMES)):"
-	@awk -F'\t' '{ t += $$2; printf "  %-14s %7.1f\n", $$1, $$2 } END { printf "  %-14s %7.1f\n", "total", t }' $(STAGE_TIMES)
+	@$(PYTHON) scripts/pipeline.py --artifacts $(ARTIFACTS) --run-dir $(RUN_DIR) --venv $(VENV) \
+		--command "make pipeline$(if $(strip $(MAKEOVERRIDES)), $(strip $(MAKEOVERRIDES)))"
+
+# the pipeline's last two stages (scripts/pipeline.py)
+.PHONY: pipeline-bench pipeline-report
+pipeline-bench:
+	@if [ ! $(ARTIFACTS)/bench_model.json -nt $(ARTIFACTS)/model.onnx ]; then $(BENCH_MODEL); \
+	else echo "bench-model: $(ARTIFACTS)/bench_model.json is newer than model.onnx, reused (make bench-model re-measures)"; fi
+pipeline-report:
+	@$(PY) -m export.report $(ARTIFACTS)
 
 test: setup-dev data browser
 	$(PY) -m pytest -q
@@ -154,12 +156,13 @@ LOCK = $(if $(BENCH_LOCK),flock "$(BENCH_LOCK)")
 # Every knob is an environment variable (docs/service.md, "Settings").
 serve: setup-serve
 	$(NEED_MODEL)
-	MODEL_PATH="$(MODEL_PATH)" $(VENV)/bin/bentoml serve service.service:Classifier --port $(PORT)
+	MODEL_PATH="$(MODEL_PATH)" $(VENV)/bin/bentoml serve service.service:Classifier --host $(HOST) --port $(PORT)
 
 bento: setup-serve
 	$(NEED_MODEL)
 	@tag=$$($(PY) -m service.store "$(MODEL_PATH)") && echo "model store: $$tag" && \
-	$(VENV)/bin/bentoml build --arg model_tag=$$tag
+	$(VENV)/bin/bentoml build --arg model_tag=$$tag && \
+	echo "serve the bento: $(VENV)/bin/bentoml serve bnfold-classifier:latest --host $(HOST) --port $(PORT)  (or: make container)"
 
 faults: setup-load
 	$(if $(IMAGE),,$(NEED_MODEL))
@@ -271,7 +274,11 @@ bench-real: setup-load data $(ZOO_VENV)/.installed
 	$(PY) -m bench.real --out $(ARTIFACTS)/bench_real --lock $(ZOO_LOCK) --data-dir "$(DATA_DIR)" --docs docs/service.md \
 		$(if $(ONLY),--only $(ONLY)) $(if $(FORCE),--force) $(if $(ROUNDS),--rounds $(ROUNDS))
 
-.PHONY: bench-zoo
+# torchvision/timm models through python -m export: `make setup-zoo`, then `.venv-zoo/bin/python -m export --model
+# torchvision.models:resnet50 ...` (torchvision does not import beside the project venv's torch 2.13.0)
+.PHONY: setup-zoo bench-zoo
+setup-zoo: $(ZOO_VENV)/.installed
+
 bench-zoo: $(ZOO_VENV)/.installed
 	$(ZOO_PY) -m bench.zoo --out $(ARTIFACTS)/bench_zoo --lock $(ZOO_LOCK) $(if $(ZOO),--only $(ZOO)) \
 		$(if $(ZOO_TIMEOUT),--timeout $(ZOO_TIMEOUT)) $(if $(ZOO_ROWS),--rows $(ZOO_ROWS)) $(if $(FORCE),--force)

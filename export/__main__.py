@@ -77,9 +77,11 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--data-dir", default=DEFAULT_DATA_DIR, help=f"Fashion-MNIST IDX files (default: {DEFAULT_DATA_DIR})")
     p.add_argument("-h", "--help", action="help", help="show this help and exit")
     p.add_argument("--verify-only", action="store_true",
-                   help="re-verify the ONNX files already in --out against the source (default: off)")
+                   help="re-verify the ONNX files already in --out against the source and print the result; "
+                   "read-only: writes nothing, not even the report (default: off)")
     p.add_argument("--if-stale", action="store_true", help="do nothing when --out already holds a verified export "
-                   "of this exact source and these options (default: off)")
+                   "of this exact source and these options (--run: and these data files, its run trained on them); "
+                   "else say why it exports again (default: off)")
     return p
 
 
@@ -140,13 +142,17 @@ def main(argv=None) -> int:
     except Exception as e:
         return internal_error(e)
     from export.fold import FoldError
-    from export.pipeline import REPORT, export, is_current
+    from export.pipeline import REPORT, export, why_export
 
     try:  # folding, exporting, verifying: the user's input still can be at fault (BadInput: an untraceable model,
         # FoldError: a BN that normalizes with batch statistics), anything else is a bug of ours
-        if args.if_stale and is_current(source, out):
-            print(f"export: {out / 'model.onnx'} is already a verified export of {source.path}")
-            return 0
+        if args.if_stale:
+            why = why_export(source, out)
+            if why is None:
+                print(f"export: {out / 'model.onnx'} is already a verified export of {source.path}"
+                      + (" and the data it was verified on" if source.kind == "run" else "") + "; reused")
+                return 0
+            print(f"export: exporting {source.path}: {why}")
         code = export(source, out, verify_only=args.verify_only)
     except (BadInput, FoldError) as e:
         print(f"export: {one_line(e, limit=600)}", file=sys.stderr)
@@ -154,8 +160,8 @@ def main(argv=None) -> int:
     except Exception as e:
         return internal_error(e)
     if code:
-        print(f"export: verification failed; see {out / REPORT}" + ("" if args.verify_only else "; no model written"),
-              file=sys.stderr)
+        print("export: verification failed; the table above says where (--verify-only: nothing written)" if args.verify_only
+              else f"export: verification failed; see {out / REPORT}; no model written", file=sys.stderr)
     return code
 
 

@@ -32,7 +32,7 @@ from export.onnx_export import (BN_OPS, contract_metadata, export_to_proto, node
                                 rename_value, save_model, simplify, with_metadata)
 from export.onnx_fold import fold_onnx
 from export.report import REPORT_FORMAT
-from export.sources import Source
+from export.sources import STALE_RUN, Source
 from export.verify import (ATOL, EXACT_RTOL, FACTOR, RTOL, Exactness, batch_plan, check_dict, exactness, fidelity, tally,
                            format_table, ort_session, run_ort, run_torch, ulp_perturbed)
 
@@ -69,16 +69,37 @@ class Steps:
             print(f" {seconds:.1f} s", flush=True)
 
 
-def is_current(source: Source, out: Path) -> bool:
-    """--if-stale: `out` already holds a verified export of exactly this source and these options."""
+def why_export(source: Source, out: Path) -> str | None:
+    """--if-stale: None when `out` already holds a verified export of exactly this source, these options and
+    (a run) these data files, the run not stale; else why it must be exported (again)."""
     try:
         report = json.loads((out / REPORT).read_text())
-        return (report.get("report_format") == REPORT_FORMAT and report["parity"]["passed"]
-                and report["request"] == json.loads(json.dumps(source.request))
-                and json.loads(read_metadata(out / FOLDED)["source"])["sha256"] == source.sha256
-                and all(sha256_file(out / name) == entry["sha256"] for name, entry in report["files"].items()))
-    except Exception:  # missing, unreadable or corrupt: any doubt means export again
-        return False
+    except FileNotFoundError:
+        return f"{out / REPORT} does not exist yet"
+    except (OSError, ValueError):
+        return f"{out / REPORT} cannot be read"
+    try:
+        if report.get("report_format") != REPORT_FORMAT:
+            return f"{out / REPORT} was written by an older bnfold"
+        if not report["parity"]["passed"]:
+            return "the last export failed verification"
+        request, had = json.loads(json.dumps(source.request)), report["request"]
+        if request.get("data_sha256") != had.get("data_sha256"):
+            return "the data files differ from the ones it was verified on"
+        if request != had:
+            changed = sorted(k for k in set(request) | set(had) if request.get(k) != had.get(k))
+            return f"{', '.join(changed)} changed since the last export"
+        if json.loads(read_metadata(out / FOLDED)["source"])["sha256"] != source.sha256:
+            return f"{out / FOLDED} was exported from other weights"
+        for name, entry in report["files"].items():
+            if sha256_file(out / name) != entry["sha256"]:
+                return f"{out / name} is not the file the last export wrote (its sha256 differs)"
+    except Exception as e:  # missing, unreadable or corrupt: any doubt means export again
+        return f"the last export cannot be checked ({type(e).__name__}: {one_line(e, 120)})"
+    stale = next((n for n in source.notes if n.startswith(STALE_RUN)), None)
+    if stale:  # an export of a stale run is stale: exported again, with the note that says why
+        return "its run is stale (" + stale[len(STALE_RUN):].split(":")[0].strip() + ")"
+    return None
 
 
 # --- the float64 ground truth and the exactness checks -------------------------------------------
@@ -289,7 +310,8 @@ def onnx_forms(checks: Checks, unfolded: onnx.ModelProto, folded: onnx.ModelProt
 
 def export(source: Source, out: str | Path, verify_only: bool = False) -> int:
     """Fold, check, export, verify, publish. Returns 0, or 1 when a check fails (nothing published).
-    Raises BadInput for input that cannot be exported as given (nothing written)."""
+    Raises BadInput for input that cannot be exported as given (nothing written). verify_only: judge
+    the files already in `out` and report on stdout only; nothing is written (not even the report)."""
     out = Path(out)
     for note in source.notes:
         print(f"note: {note}")
@@ -302,9 +324,11 @@ def export(source: Source, out: str | Path, verify_only: bool = False) -> int:
     except VerificationFailed as e:
         result = checks.result(passed=False, failed_step=e.step, why=e.why, variants={})
         print(format_table(result))
-        write_json(out / REPORT, {"report_format": REPORT_FORMAT, "name": source.name, "request": source.request,
-                                  "parity": result,
-                                  "timings": steps.times, "versions": versions()})
+        if verify_only:
+            print(read_only(out))
+        else:
+            write_json(out / REPORT, {"report_format": REPORT_FORMAT, "name": source.name, "request": source.request,
+                                      "parity": result, "timings": steps.times, "versions": versions()})
         return 1
     if not verify_only:
         print(f"{'exported' if source.module is not None else 'folded'} in {time.perf_counter() - started:.1f}s")
@@ -348,16 +372,22 @@ def export(source: Source, out: str | Path, verify_only: bool = False) -> int:
     if source.kind == "run":  # kept from version 1 (python -m export.report reads them)
         report.update(run=source.path, arch=source.extra_metadata["arch"], weights_sha256=source.sha256,
                       torch_test_accuracy=float(source.extra_metadata["test_accuracy"]))
-    if result["passed"] and not verify_only:
+    if verify_only:  # a re-check reports; it changes nothing on disk
+        print(("verified " if result["passed"] else "NOT verified: ") + f"{out / FOLDED}; " + read_only(out))
+        return 0 if result["passed"] else 1
+    if result["passed"]:
         report["files"] = {name: {"sha256": save_model(m, out / name)} for name, m in ((UNFOLDED, unfolded), (FOLDED, folded))}
-    elif result["passed"]:  # the files on disk are the ones just verified
-        report["files"] = {name: {"sha256": sha256_file(out / name)} for name in (UNFOLDED, FOLDED)}
     report["timings"]["total"] = round(time.perf_counter() - started, 2)
     write_json(out / REPORT, report)
     if not result["passed"]:
         return 1
-    print(f"wrote {out / FOLDED}, {out / UNFOLDED}, {out / REPORT}" if not verify_only else f"verified {out / FOLDED}")
+    print(f"wrote {out / FOLDED}, {out / UNFOLDED}, {out / REPORT}")
     return 0
+
+
+def read_only(out: Path) -> str:
+    return (f"--verify-only wrote nothing: {out / FOLDED}, {out / UNFOLDED} and {out / REPORT} are as they were "
+            "(the table above is the re-check)")
 
 
 def contract_fields(source: Source, unfolded: onnx.ModelProto, fold_report: dict) -> dict:

@@ -280,7 +280,8 @@ def from_run(run_dir: str, data_dir: str) -> Source:
 
     module, config = load_run(run_dir)
     images, targets = load_split(data_dir, "test")
-    return Source(
+    data, notes = run_data(run_dir, config, data_dir)
+    return Source(notes=notes,
         kind="run", path=str(run_dir), sha256=config["weights_sha256"], name="fashion-mnist",
         input_name="image", output_name="logits", input_shape=[None, 1, 28, 28], layout="NCHW",
         input_range=[0.0, 1.0], background="dark", labels=list(config["labels"]),
@@ -288,10 +289,45 @@ def from_run(run_dir: str, data_dir: str) -> Source:
         outputs=[{"name": "logits", "shape": [None, len(config["labels"])], "dtype": "float32", "path": ""}],
         extra_metadata={"arch": config["arch"], "test_accuracy": f"{config['metrics']['test_accuracy']:.4f}",
                         "normalization": config["normalization"], "weights_sha256": config["weights_sha256"]},
-        request={"kind": "run", "weights_sha256": config["weights_sha256"]})
+        request={"kind": "run", "weights_sha256": config["weights_sha256"], "data_sha256": data})
+
+
+STALE_RUN = "stale run:"  # the note that says so (an export of a stale run is stale too: export/pipeline.py)
+
+
+def run_data(run_dir: str, config: dict, data_dir: str) -> tuple[dict, list[str]]:
+    """The sha256 of the data files in `data_dir` (the export is verified on its test set, and is stale when
+    they change), and a note when the run was trained on other data: its run is stale (training/provenance.py)."""
+    from training.provenance import data_digest
+
+    data = data_digest(data_dir)["files"]
+    had = config.get("trained_on", {}).get("data", {})
+    if had.get("files") == data:
+        return data, []
+    what = (f"on other data ({had.get('dir')})" if had else "on data it does not record (an older bnfold)")
+    return data, [f"{STALE_RUN} {run_dir} was trained {what} than {data_dir}: this export is verified on the test "
+                  f"images there, but the model has not learnt from its training images; to train on them: "
+                  f"make pipeline DATA_DIR={data_dir} (or python -m training --data-dir {data_dir} --if-stale)"]
 
 
 # --- --model -------------------------------------------------------------------------------------
+
+ZOO_PACKAGES = ("torchvision", "timm", "ultralytics")  # need torch 2.14.x: their own venv (make setup-zoo)
+
+
+def missing_module(target: str, error: ModuleNotFoundError) -> str:
+    """Which package to install for `target`, in words."""
+    top = (error.name or target).split(".")[0]
+    if top in ZOO_PACKAGES:
+        return (f"{top} is not installed in this Python ({sys.executable}); it needs torch 2.14.x beside it, which "
+                f"this venv's torch {torch.__version__.split('+')[0]} is not: `make setup-zoo` makes .venv-zoo (torch "
+                f"2.14.1, torchvision 0.29.1, timm; ~5.5 GB once), then run the same command with "
+                f".venv-zoo/bin/python -m export ... (docs/zoo.md)")
+    if top != target.split(".")[0]:  # the module exists, one of its imports does not
+        return f"importing {target} needs {top}, which is not installed: pip install it into this venv"
+    return (f"cannot import {target} (no module named {top!r}); give FILE.py:FACTORY, pip install the package that "
+            f"provides it, or put it on PYTHONPATH")
+
 
 def load_factory(spec: str) -> nn.Module:
     """`path/to/file.py:FACTORY` or `package.module:FACTORY` -> FACTORY(), which must be an nn.Module."""
@@ -318,7 +354,7 @@ def load_factory(spec: str) -> nn.Module:
         try:
             module = importlib.import_module(target)
         except ModuleNotFoundError as e:
-            raise BadInput(f"--model {spec}: cannot import {target} ({e}); give FILE.py:FACTORY or put it on PYTHONPATH") from None
+            raise BadInput(f"--model {spec}: {missing_module(target, e)}") from None
         except (Exception, SystemExit) as e:
             raise BadInput(f"--model {spec}: importing {target} raised {type(e).__name__}: {one_line(e)}") from None
     factory = module

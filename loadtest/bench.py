@@ -29,6 +29,7 @@ import numpy as np
 from tqdm import tqdm
 
 from common.files import write_json, write_text
+from common.machine import cpu_summary, cpu_text
 from common.procs import REPO, ProcessError, ServerProcess, free_port
 from loadtest import plots
 from loadtest.core import TreeSampler
@@ -311,7 +312,8 @@ def report(rows, meta, goals, failed, args, started: float) -> None:
     plots.bench(rows, args.out / "bench_serve.png", f"{meta['model_name']}: {meta['layout_text']}, "
                 f"{args.images} input(s) per request, {meta['date']}")
     write_text(args.out / "results.md", "\n".join([
-        f"`{meta['command']}` ({meta['date']}, {meta['minutes']} min, {meta['cpu']}; load before: {meta['uptime_before']};"
+        f"`{meta['command']}` ({meta['date']}, {meta['minutes']} min, {cpu_text(meta['cpu'])}; load before: "
+        f"{meta['uptime_before']};"
         f" after: {meta['uptime_after']})", "",
         f"Model {meta['model_name']} ({meta['served']}, sha256 {meta['sha256'][:12]}…), served as {meta['layout_text']}; "
         f"{args.images} input(s) per request, {args.step_s:g} s per step after {args.settle:g} s settling.", "",
@@ -327,9 +329,7 @@ def bench(args, command: str) -> int:
     started, doc = time.monotonic(), metadata_of(args.model)
     t = describe(doc)
     x = inputs(t, args.images, None, args.data_dir)[0]
-    cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
-                if ln.startswith("model name")), "?")
-    meta = {"command": command, "date": time.strftime("%Y-%m-%d %H:%M"), "cpu": f"{os.cpu_count()} cores, {cpu}",
+    meta = {"command": command, "date": time.strftime("%Y-%m-%d %H:%M"), "cpu": cpu_summary(),
             "model": str(args.model), "model_name": t.name, "env": args.env, "served": str(args.model),
             "sha256": doc["model"]["sha256"], "layout_text": "?"}
     rows, failed = [], []

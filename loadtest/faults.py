@@ -6,15 +6,17 @@
 
 Scenarios (each on its own `bentoml serve` with SERVICE_WORKERS workers; requests are built from
 the server's /metadata, so any contract model works):
-  kill            SIGKILL one worker under a steady load (--kill-rate): lost requests <= that
+  kill            SIGKILL one worker under a steady load (--kill-rate, at most 0.4x the capacity
+                  the model's cost allows, so one worker alone keeps up): lost requests <= that
                   worker's open connections (at most one in flight on each), a new worker
-                  answering within 3 s
+                  answering within 3 s + 6 calls of one input (respawn_goal_s)
   kill-container  the same with BENTOML_CONTAINERIZED=true
   sigterm         SIGTERM to `bentoml serve` under load: readiness 503 before the socket closes,
                   0 accepted requests lost (refused connections are fine), exit within 30 s
   overload        open loop at 3x the measured capacity for 30 s: 0 timeouts, 0 resets, the excess
-                  shed with 503 + Retry-After, p99 of all answers <= 500 ms, goodput >= 0.8x
-                  capacity, p99 in the first second afterwards back to normal
+                  shed with 503 + Retry-After, p99 of the accepted requests <= 2x the shedding
+                  threshold the service derived (/metadata), goodput >= 0.9x capacity, p99 in the
+                  second after the left-over queue drained (the threshold) back to normal
   stalled         200 connections stalled mid-headers: all closed by the server within 15 s
   oversize        a declared 1 GB body and a 30 MB JSON body: 413, connection closed, body not read
 
@@ -427,11 +429,28 @@ def guard_counts(port: int) -> dict[str, float]:
 
 
 def sample_request(meta: dict, count: int = 1) -> bytes:
-    """POST /predict with `count` inputs of the model's own shape, mid-range values."""
+    """POST /predict with `count` inputs of the model's own shape, mid-range values, as raw float32
+    (a real model's input as JSON costs the server more to parse than some models take to run)."""
     shape = [count, *meta["input"]["shape"][1:]]
     lo, hi = meta["input"]["range"] or (0.0, 1.0)
-    body = json.dumps({"images": np.full(shape, round((lo + hi) / 2, 3)).tolist()}, separators=(",", ":"))
-    return http_request("POST", "/predict", body.encode())
+    body = np.full(shape, (lo + hi) / 2, np.float32).tobytes()
+    return http_request("POST", "/predict", body, content_type="application/octet-stream")
+
+
+def model_costs(meta: dict, workers: int) -> dict:
+    """What the served model costs, as its /metadata says (service/tuning.py): the goals that depend
+    on it scale with it (docs/service.md, "make faults")."""
+    derived = meta["runtime"].get("derived") or {}
+    calls = {int(b): ms for b, ms in (derived.get("ms_per_call") or {}).items()} or {1: meta["runtime"]["ms_per_input"]}
+    per_input_s = min(ms / b for b, ms in calls.items()) / 1000
+    return {"ms_per_input": calls[1], "capacity_estimate_rps": workers / per_input_s,
+            "queue_delay_ms": derived.get("queue_delay_ms", 250.0)}
+
+
+def respawn_goal_s(costs: dict) -> float:
+    """A new worker answers within 3 s of interpreter, BentoML and session start-up, plus its warm-up
+    (three inputs: batches of 2 and 1) and as much again for the session's own build."""
+    return 3.0 + 6 * costs["ms_per_input"] / 1000
 
 
 @dataclass
@@ -449,8 +468,9 @@ class Check:
 
 
 def kill_worker(server: ServerProcess, raw: bytes, rate: float = 200.0, seconds: float = 8.0,
-                kill_at: float = 2.0) -> tuple[dict, list[Check]]:
-    """SIGKILL one worker under a steady open-loop load; find when a new worker answers."""
+                kill_at: float = 2.0, respawn_s: float = 3.0) -> tuple[dict, list[Check]]:
+    """SIGKILL one worker under a steady open-loop load (below what one worker can serve alone);
+    find when a new worker answers."""
 
     async def main():
         before = worker_pids(server)
@@ -482,7 +502,8 @@ def kill_worker(server: ServerProcess, raw: bytes, rate: float = 200.0, seconds:
                "new_worker_answers_s": round(back_s, 2) if back_s else None, "workers_after": len(worker_pids(server)),
                "lost": lost, **summary}
     checks = [Check("lost requests", lost, f"<= the killed worker's open connections ({victim_conns})", lost <= victim_conns),
-              Check("new worker answering after", figures["new_worker_answers_s"], "<= 3 s", back_s is not None and back_s <= 3.0),
+              Check("new worker answering after", figures["new_worker_answers_s"], f"<= {respawn_s:.1f} s",
+                    back_s is not None and back_s <= respawn_s),
               Check("workers afterwards", figures["workers_after"], "2", figures["workers_after"] == 2)]
     return figures, checks
 
@@ -533,10 +554,12 @@ def sigterm(server: ServerProcess, raw: bytes, conns: int = 8, settle: float = 2
 
 
 def overload(server: ServerProcess, raw: bytes, seconds: float = 30.0, factor: float = 3.0,
-             capacity_conns: int = 16, capacity_s: float = 8.0) -> tuple[dict, list[Check]]:
+             capacity_conns: int = 16, capacity_s: float = 8.0, queue_delay_ms: float = 250.0) -> tuple[dict, list[Check]]:
     """Capacity (closed loop, `capacity_conns` connections: enough to keep both workers busy, few
     enough not to queue into the shedding), then `factor` x capacity open-loop for `seconds`,
-    then half the capacity again to see latency come back."""
+    then half the capacity again to see latency come back: the queue left by the overload is at
+    most the shedding threshold long, so it is judged in the second after that (drain_s)."""
+    drain_s = queue_delay_ms / 1000
 
     async def main():
         async with Load(server.port, timeout=10) as load:
@@ -551,13 +574,13 @@ def overload(server: ServerProcess, raw: bytes, seconds: float = 30.0, factor: f
             elapsed = time.monotonic() - t0
             generator_cpu = (sum(me.cpu_times()[:2]) - cpu0) / elapsed
             t_after = time.monotonic()
-            after = await load.open_loop(raw, capacity / 2, 5.0)
+            after = await load.open_loop(raw, capacity / 2, drain_s + 3.0)
             return capacity, cap, base, over, elapsed, generator_cpu, after, t_after
 
     capacity, cap, base, over, elapsed, generator_cpu, after, t_after = run(main())
     guard = guard_counts(server.port)
     o, b = over.summary(), base.summary()
-    first = after.window(t_after, t_after + 1.0).summary()
+    first = after.window(t_after + drain_s, t_after + drain_s + 1.0).summary()
     ok = o["statuses"].get("200", 0)
     goodput = ok / elapsed / capacity if capacity else 0.0
     timeouts = o["errors"].get("timeout", 0) + o["errors"].get("connect_timeout", 0)
@@ -578,9 +601,11 @@ def overload(server: ServerProcess, raw: bytes, seconds: float = 30.0, factor: f
               Check("answers other than 200/503", other, "0", other == 0),
               Check("503s carrying Retry-After", f"{o['shed_with_retry_after']}/{o['shed']}", "all, and > 0",
                     o["shed"] > 0 and o["shed_with_retry_after"] == o["shed"]),
-              Check("p99 of all answers", o["p99_ms"], "<= 500 ms", o["p99_ms"] is not None and o["p99_ms"] <= 500),
-              Check("goodput", f"{goodput:.2f}x capacity", ">= 0.8x capacity", goodput >= 0.8),
-              Check("p99 in the first second after", first["p99_ms"],
+              Check("p99 of the accepted requests", o["ok_p99_ms"],
+                    f"<= {2 * queue_delay_ms:.0f} ms (2x the shedding threshold of {queue_delay_ms:.0f} ms)",
+                    o["ok_p99_ms"] is not None and o["ok_p99_ms"] <= 2 * queue_delay_ms),
+              Check("goodput", f"{goodput:.2f}x capacity", ">= 0.9x capacity", goodput >= 0.9),
+              Check(f"p99 in the second after the queue drained ({drain_s:.2f} s: the shedding threshold)", first["p99_ms"],
                     f"<= {back_goal:.0f} ms (2x the {b['p99_ms']} ms before, at least 50)",
                     first["p99_ms"] is not None and first["p99_ms"] <= back_goal)]
     return figures, checks
@@ -756,13 +781,16 @@ def main(argv=None) -> int:
         try:
             meta = metadata(server.port)
             raw = sample_request(meta)
+            costs = report["model_costs"] = model_costs(meta, args.workers)
             print(f"--- {name} ({meta['model']['name']}, {args.workers} workers, port {server.port})", flush=True)
             if name in ("kill", "kill-container"):
-                figures, checks = kill_worker(server, raw, rate=args.kill_rate)
+                rate = min(args.kill_rate, 0.4 * costs["capacity_estimate_rps"])  # one worker alone keeps up
+                figures, checks = kill_worker(server, raw, rate=rate, respawn_s=respawn_goal_s(costs))
             elif name == "sigterm":
                 figures, checks = sigterm(server, raw, conns=args.sigterm_conns)
             elif name == "overload":
-                figures, checks = overload(server, raw, seconds=args.overload_time, factor=args.overload_factor)
+                figures, checks = overload(server, raw, seconds=args.overload_time, factor=args.overload_factor,
+                                           queue_delay_ms=costs["queue_delay_ms"])
             elif name == "stalled":
                 figures, checks = stalled(server, args.stalled)
             else:

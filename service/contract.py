@@ -54,7 +54,7 @@ def read_verified(model_path: Path) -> tuple[bytes, str]:
     if actual != expected:
         raise ModelLoadError(
             f"model file {model_path} does not match its recorded sha256 "
-            f"(expected {expected}, got {actual}); refusing to serve a modified or corrupt model"
+            f"(expected {expected}, got {actual}); refusing to serve a modified or corrupt model: re-export it"
         )
     return data, actual
 

@@ -165,18 +165,9 @@ def openapi(routes: tuple[Route, ...], contract: Contract, service_name: str, ma
     }
 
 
-CLIENT_INPUTS = {
-    "predict": {"properties": {"images": {"format": "numpy-array", "title": "Images", "type": "tensor"}},
-                "required": ["images"], "title": "Input", "type": "object"},
-    "classify": {"properties": {"image": {"content_type": "image/*", "format": "image", "title": "Image", "type": "file"},
-                                "invert": {"title": "Invert", "type": "boolean"}},
-                 "required": ["image"], "title": "Input", "type": "object"},
-}
-
-
 def client_schema(routes: tuple[Route, ...], service_name: str) -> dict:
     """BentoML's /schema.json format (what `bentoml.SyncHTTPClient(url)` reads to find endpoints)."""
     return {"name": service_name, "type": "service", "routes": [
-        {"name": r.handler, "route": r.path, "batchable": False, "input": CLIENT_INPUTS[r.handler],
+        {"name": r.handler, "route": r.path, "batchable": False, "input": r.client_input,
          "output": {"additionalProperties": True, "type": "object"}, "is_task": False}
         for r in routes if r.client]}

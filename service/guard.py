@@ -37,14 +37,18 @@ import time
 import orjson
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
+from .workers import TICK_S
+
 logger = logging.getLogger("bentoml.service.guard")
 
 SWEEP_S = 1.0
 ACCEPT_GRACE_S = 0.5  # workers accept this long after the listening socket stopped taking SYNs
 MAX_HEADER_BYTES = 64 * 1024
 ADMITTED = "bnfold.admitted"  # scope key: when the protocol handed the request to the app
+PROTOCOL = "bnfold.protocol"  # scope key: the connection's GuardedProtocol
 MIN_INFLIGHT = 4  # below this many requests in a worker nothing is shed
 WINDOW_S = 0.1  # the queue delay is the smallest wait seen in such a window (CoDel's standing queue)
+BODY_WINDOW = 4 * 1024 * 1024  # body bytes buffered per connection before uvicorn pauses reading it
 SHED_BODY_MAX = 64 * 1024  # a shed request's body up to this size is skipped; larger: the connection closes
 REASONS = ("overload", "connections", "header_timeout", "body_timeout", "header_too_large")
 
@@ -59,27 +63,32 @@ def canned(status: int, reason: str, message: str, close: bool, retry_after: int
     return ("\r\n".join(head) + "\r\n\r\n").encode() + body
 
 
-def is_work(method: bytes, path: bytes) -> bool:
-    """Requests that run the model: counted against the queue and shed under overload."""
-    return method == b"POST" and (path in (b"/predict", b"/classify")
-                                  or (path.startswith(b"/v2/models/") and path.endswith(b"/infer")))
+def is_work_default(method: bytes, path: bytes) -> bool:
+    """Without the service's route table (a Guard made outside the service): every POST is work."""
+    return method == b"POST"
 
 
 class Guard:
     """Per-worker fault state (owned by the service instance; the protocol finds it through it)."""
 
-    def __init__(self, settings) -> None:
+    def __init__(self, settings, queue_delay_s: float | None = None, window_s: float = WINDOW_S,
+                 is_work=None, gate=None, backlog_s=None) -> None:
         self.settings = settings
         self.protocols: set[GuardedProtocol] = set()
         self.counts = dict.fromkeys(REASONS, 0)
         self.draining = False
         self.drain_started: float | None = None
-        self.delay_limit = settings.queue_delay_ms / 1000
-        self.standing = 0.0  # the shortest wait (admission -> app) in the last full window
+        # the model's own figures when the service derived them (service/tuning.py), else the setting
+        self.delay_limit = queue_delay_s if queue_delay_s is not None else (settings.queue_delay_ms or 250.0) / 1000
+        self.window = window_s
+        self.is_work = is_work or is_work_default
+        self.gate = gate  # service/workers.py: connections spread over the workers (None: one process)
+        self.backlog_s = backlog_s or (lambda: 0.0)  # seconds of model work already queued in this worker
+        self.standing = 0.0  # the shortest queue wait (admission -> its model call starts) in the last full window
         self._window_min = float("inf")
         self._window_end = 0.0
         retry = settings.retry_after_s
-        overloaded = (f"overloaded: requests queue longer than {settings.queue_delay_ms:g} ms (or more than "
+        overloaded = (f"overloaded: requests queue longer than {1000 * self.delay_limit:g} ms (or more than "
                       f"{settings.queue_max}) in this worker; retry after {retry} s")
         self.shed_keep = canned(503, "Service Unavailable", overloaded, close=False, retry_after=retry)
         self.shed_close = canned(503, "Service Unavailable", overloaded, close=True, retry_after=retry)
@@ -110,6 +119,8 @@ class Guard:
         except RuntimeError:  # constructed outside a server (in-process use): nothing to guard
             return
         self._loop.call_later(SWEEP_S, self._sweep)
+        if self.gate is not None:
+            self._loop.call_later(TICK_S, self._tick)
         previous = signal.getsignal(signal.SIGTERM)
         server = getattr(previous, "__self__", None)
         if server is not None and hasattr(server, "should_exit") and hasattr(server, "force_exit"):
@@ -143,23 +154,33 @@ class Guard:
         logger.error("shutdown deadline of %.1f s passed: cancelling what is left", self.settings.shutdown_timeout_s)
         self._server.force_exit = True
 
+    def _tick(self) -> None:
+        self.gate.tick()
+        self._loop.call_later(TICK_S, self._tick)
+
     def started(self, waited: float) -> None:
-        """A request reached the app `waited` s after the protocol admitted it."""
+        """A request's model call started `waited` s after the protocol admitted it."""
         now = time.monotonic()
         if now >= self._window_end:
             self.standing = 0.0 if self._window_min == float("inf") else self._window_min
-            self._window_min, self._window_end = waited, now + WINDOW_S
+            self._window_min, self._window_end = waited, now + self.window
         elif waited < self._window_min:
             self._window_min = waited
 
     def overloaded(self, inflight: int) -> bool:
-        """Shed new work? When even the luckiest request of the last 100 ms waited longer than
-        QUEUE_DELAY_MS in this worker before the app got to it (a standing queue, as CoDel sees
-        it), or past QUEUE_MAX requests. Bounded in time, the queue adapts to what a request
-        costs (a slow model sheds sooner), and a slow client's upload does not count."""
+        """Shed new work? Past QUEUE_MAX requests in this worker; or, with at least MIN_INFLIGHT, when
+        a new request would wait longer than the queue delay limit for its model call: because the
+        inputs already queued would take that long at the model's measured cost (`backlog_s`, the
+        batcher's running figure), or because even the luckiest request of the last window waited
+        that long (a standing queue, as CoDel sees it: it catches what the estimate misses). The limit
+        is a few calls of the model (service/tuning.py), so a queue of a few calls is not overload;
+        the estimate keeps an accepted request's wait near the limit even when the load jumps to
+        several times the capacity (the standing queue alone is seen only once it has formed, and a
+        queue up to ~3x the limit long was admitted by then); a slow client's upload does not count
+        (the wait starts once the headers are in)."""
         if inflight >= self.settings.queue_max:
             return True
-        return inflight >= MIN_INFLIGHT and self.standing > self.delay_limit
+        return inflight >= MIN_INFLIGHT and (self.standing > self.delay_limit or self.backlog_s() > self.delay_limit)
 
     def count(self, reason: str) -> None:
         self.counts[reason] += 1
@@ -167,7 +188,20 @@ class Guard:
 
     def stats(self) -> dict:
         return {"connections": len(self.protocols), "draining": self.draining,
-                "queue_delay_ms": round(1000 * self.standing, 2), **self.counts}
+                "queue_delay_ms": round(1000 * self.standing, 2), "queue_delay_limit_ms": round(1000 * self.delay_limit, 1),
+                "backlog_ms": round(1000 * self.backlog_s(), 1),
+                **self.counts, **({"balance": self.gate.stats()} if self.gate is not None else {})}
+
+    def should_move(self, protocol) -> bool:
+        """Ask this connection's client to reconnect (Connection: close on this answer): this worker
+        holds more than its share of connections (service/workers.py), and nothing is pipelined
+        behind this request on the connection."""
+        if self.gate is None or protocol is None or getattr(protocol, "pipeline", None):
+            return False
+        if self.gate.table.over_share():
+            self.gate.moved += 1
+            return True
+        return False
 
     def _sweep(self) -> None:
         """Close what waits too long: headers not complete, bodies stalled."""
@@ -200,6 +234,7 @@ class GuardedProtocol(HttpToolsProtocol):
     shedding = False  # ignore the rest of this request (it is answered, or being refused)
     over_cap = False  # this connection came over MAX_CONNECTIONS: its first request gets a 503
     pending: bytes | None = None  # a shed answer, sent once the request's small body is in
+    lost = False
 
     def connection_made(self, transport) -> None:
         super().connection_made(transport)
@@ -213,6 +248,9 @@ class GuardedProtocol(HttpToolsProtocol):
     def connection_lost(self, exc) -> None:
         if self.guard is not None:
             self.guard.protocols.discard(self)
+            if self.guard.gate is not None and not self.lost:
+                self.guard.gate.closed()
+        self.lost = True
         self.waiting_since = self.body_seen = None
         super().connection_lost(exc)
 
@@ -251,13 +289,14 @@ class GuardedProtocol(HttpToolsProtocol):
             return
         guard = self.guard
         if guard is not None and (self.cycle is None or self.cycle.response_complete) and (
-            self.over_cap or (guard.overloaded(len(self.tasks)) and is_work(self.parser.get_method(), self.url.split(b"?", 1)[0]))
+            self.over_cap or (guard.overloaded(len(self.tasks)) and guard.is_work(self.parser.get_method(), self.url.split(b"?", 1)[0]))
         ):
             self.shed(guard)
             return
         self.body_seen = time.monotonic()
-        self.scope[ADMITTED] = self.body_seen
         super().on_headers_complete()
+        self.scope[ADMITTED] = self.body_seen
+        self.scope[PROTOCOL] = self
 
     def shed(self, guard: Guard) -> None:
         """Answer 503 + Retry-After without running the app. A small body is read (and dropped)
@@ -321,10 +360,16 @@ def install_protocol() -> None:
     (docs/service.md, "Request path, event loop")."""
     import uvicorn.loops.auto as loops
     import uvicorn.protocols.http.auto as auto
-    from uvicorn.loops.asyncio import asyncio_loop_factory
+    import uvicorn.protocols.http.httptools_impl as httptools_impl
+
+    from .workers import GatedLoop
 
     auto.AutoHTTPProtocol = GuardedProtocol
-    loops.auto_loop_factory = asyncio_loop_factory
+    loops.auto_loop_factory = lambda use_subprocess=False: GatedLoop
+    # uvicorn stops reading a connection once 64 KiB of its body wait for the app; a 3x224x224 input
+    # (600 KB) then takes ten pause/resume rounds through the loop. Our routes read the body at once
+    # (up to MAX_BODY_BYTES), so a larger window costs no memory that reading would not.
+    httptools_impl.HIGH_WATER_LIMIT = max(httptools_impl.HIGH_WATER_LIMIT, BODY_WINDOW)
 
 
 # --- the supervisor (`bentoml serve` process) -------------------------------------------------
@@ -333,9 +378,11 @@ API_SOCKET = "_bento_api_server"  # BentoML's name for the public listening sock
 SO_ATTACH_FILTER = 26  # <asm-generic/socket.h>
 
 
-def install_supervisor(drain_s: float) -> None:
+def install_supervisor(drain_s: float, respawn: bool = True, prepare=None) -> None:
     """Patch BentoML's watcher/arbiter factories before `bentoml serve` calls them (it imports this
-    service first): respawn always, reap on SIGCHLD, stop listening after the drain window."""
+    service first): `prepare(env)` once before the first worker starts (the service measures the
+    model there and hands the figures to the workers through `env`); with `respawn`, respawn always
+    and reap on SIGCHLD; stop listening after the drain window."""
     import bentoml._internal.utils.circus as bento_circus
     import bentoml.serving as serving
 
@@ -345,13 +392,18 @@ def install_supervisor(drain_s: float) -> None:
     create_arbiter = bento_circus.create_standalone_arbiter
 
     def guarded_watcher(*args, **kwargs):
+        if prepare is not None:
+            kwargs["env"] = env = dict(kwargs.get("env") or {})
+            prepare(env)
         watcher = create_watcher(*args, **kwargs)
-        watcher.respawn = True  # BentoML: `not running_inside_container()`
+        if respawn:
+            watcher.respawn = True  # BentoML: `not running_inside_container()`
         return watcher
 
     def guarded_arbiter(watchers, **kwargs):
         arbiter = create_arbiter(watchers, **kwargs)
-        watch_children(arbiter)
+        if respawn:
+            watch_children(arbiter)
         arbiter.exit_stack.callback(refuse_new_connections_later, arbiter, drain_s)
         return arbiter
 

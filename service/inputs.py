@@ -5,7 +5,9 @@ Pure functions on bytes and numpy arrays, so they are unit-testable without a se
 
 from __future__ import annotations
 
+import functools
 import io
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -110,18 +112,48 @@ def images_from_raw_float32(body: bytes, spec: InputSpec) -> np.ndarray:
     return check_batch(flat.reshape(-1, *spec.sample_shape), spec, "raw float32 input")
 
 
+@functools.lru_cache(maxsize=64)
+def _parse_npy_header(head: bytes) -> tuple:
+    stream = io.BytesIO(head)
+    version = np.lib.format.read_magic(stream)
+    read = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}.get(version)
+    if read is None:
+        raise ValueError(f".npy format version {version} is not supported; use 1.0 or 2.0 (numpy.save writes 1.0)")
+    return (*read(stream), stream.tell())
+
+
+def npy_header(body: bytes) -> tuple:
+    """(shape, fortran_order, dtype, data offset) of a .npy body; clients send the same header again
+    and again, so its parse (numpy's literal_eval) is cached by its bytes."""
+    try:
+        if body[6:8] == b"\x01\x00" and len(body) >= 10:
+            end = 10 + int.from_bytes(body[8:10], "little")
+        elif body[6:8] == b"\x02\x00" and len(body) >= 12:
+            end = 12 + int.from_bytes(body[8:12], "little")
+        else:
+            end = min(len(body), 1 << 16)
+        return _parse_npy_header(body[:end])
+    except Exception as exc:  # a malformed header makes numpy raise ValueError, SyntaxError, TokenError, EOFError, ...
+        raise unprocessable(f"not a readable .npy array: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+
+
 def images_from_npy(body: bytes, spec: InputSpec) -> np.ndarray:
-    """application/x-npy: one .npy array (no pickles) of numbers."""
+    """application/x-npy: one .npy array (no pickles) of numbers, read in place from the body
+    (np.load would copy it through a file object: ~2.5 ms for one 3x224x224 image, more than the
+    rest of the request path)."""
     if not body:
         raise bad_request("empty request body: send one .npy array")
-    try:
-        array = np.load(io.BytesIO(body), allow_pickle=False)
-    except ValueError as exc:
-        raise unprocessable(f"not a readable .npy array without pickles: {exc}") from None
-    except (OSError, EOFError) as exc:
-        raise unprocessable(f"not a readable .npy array: {exc}") from None
-    if not isinstance(array, np.ndarray) or array.dtype.kind not in NUMERIC_KINDS:
-        raise unprocessable(f".npy array must hold numbers, got dtype {getattr(array, 'dtype', '?')}")
+    shape, fortran_order, dtype, offset = npy_header(body)
+    if dtype.hasobject:
+        raise unprocessable("not a readable .npy array without pickles: it holds Python objects")
+    if dtype.kind not in NUMERIC_KINDS:
+        raise unprocessable(f".npy array must hold numbers, got dtype {dtype}")
+    count = math.prod(shape)
+    if len(body) - offset < count * dtype.itemsize:
+        raise unprocessable(f"not a readable .npy array: the data is truncated ({len(body) - offset} bytes for "
+                            f"{count} values of {dtype})")
+    flat = np.frombuffer(body, dtype=dtype, count=count, offset=offset)
+    array = flat.reshape(shape[::-1]).T if fortran_order else flat.reshape(shape)
     return check_batch(array, spec, ".npy input")
 
 

@@ -12,7 +12,6 @@ BentoML's metrics, tracing and timeout middlewares, so /metrics still counts eve
 from __future__ import annotations
 
 import logging
-import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,7 +20,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from .errors import ClientError
-from .guard import ADMITTED
+from .guard import PROTOCOL
 
 logger = logging.getLogger("bentoml.service.routing")
 
@@ -41,8 +40,13 @@ class Route:
     body: dict[str, str] = field(default_factory=dict)  # content type -> schema name (docs.py)
     answers: dict[int, str] = field(default_factory=dict)  # status -> schema name or description
     produces: str = JSON
-    client: bool = False  # callable through BentoML's Python client (listed in /schema.json)
+    client_input: dict | None = None  # its input in BentoML's client schema: listed in /schema.json
+    work: bool = False  # runs the model: counted in the queue, shed under overload (service/guard.py)
     tag: str = "model"
+
+    @property
+    def client(self) -> bool:
+        return self.client_input is not None
 
 
 def route(method: str, path: str, summary: str, **kwargs: Any):
@@ -57,6 +61,21 @@ def route(method: str, path: str, summary: str, **kwargs: Any):
 
 def routes_of(cls) -> tuple[Route, ...]:
     return tuple(fn.__route__ for fn in vars(cls).values() if hasattr(fn, "__route__"))
+
+
+def work_matcher(routes: tuple[Route, ...]):
+    """(method, path as bytes) -> does it run the model? From the routes marked `work=True`, so a new
+    model route cannot miss load shedding."""
+    router = Router(None, tuple(r for r in routes if r.work))
+
+    def is_work(method: bytes, path: bytes) -> bool:
+        try:
+            m, p = method.decode("ascii"), path.decode("ascii")
+        except UnicodeDecodeError:
+            return False
+        return (m, p) in router.fixed or router.match(m, p)[0] is not None
+
+    return is_work
 
 
 def json_response(content: object, status: int = 200, headers: dict | None = None) -> Response:
@@ -125,9 +144,6 @@ class Router:
         import bentoml
 
         service = bentoml.get_current_service()
-        admitted = scope.get(ADMITTED)
-        if admitted is not None:
-            service.guard.started(time.monotonic() - admitted)
         request = Request(scope, receive)
         try:
             response = await getattr(service, r.handler)(request)
@@ -138,6 +154,9 @@ class Router:
             response = error_response(500, "internal server error; see the server log")
         # Answered before the request body was read (a refusal): close instead of reading it.
         # Draining after SIGTERM: every answer closes its connection, so clients move elsewhere.
-        if (scope["method"] == "POST" and not scope.get(BODY_READ)) or service.guard.draining:
+        # This worker holds more than its share of connections: this client reconnects, to another
+        # worker (service/workers.py).
+        if ((scope["method"] == "POST" and not scope.get(BODY_READ)) or service.guard.draining
+                or service.guard.should_move(scope.get(PROTOCOL))):
             response.headers["connection"] = "close"
         await response(scope, receive, send)

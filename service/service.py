@@ -27,12 +27,14 @@ from .config import Settings
 from .contract import ModelLoadError, load_contract, read_header, read_verified, parse_contract
 from .docs import client_schema, openapi
 from .errors import ClientError, bad_request, too_large, unprocessable, unsupported_media
-from .guard import Guard, install_protocol, install_supervisor
-from .images import upload_to_input
+from .guard import ADMITTED, Guard, install_protocol, install_supervisor
+from .images import image_to_input, peek_image
 from .inputs import InputSpec, images_from_json, images_from_npy, images_from_raw_float32, parse_bool
-from .batching import MicroBatcher
+from .batching import Batcher
 from .model import Model
-from .routing import BODY_READ, JSON, Router, error_response, json_response, route, routes_of
+from .routing import BODY_READ, JSON, Router, error_response, json_response, route, routes_of, work_matcher
+from .tuning import TUNING_ENV, TuningError, decode, derive, measure_in_subprocess, time_batches
+from .workers import Gate, GatedLoop, WorkerTable, table_path
 
 logger = logging.getLogger("bentoml.service")
 
@@ -43,22 +45,15 @@ STATIC = Path(__file__).with_name("static")
 RAW_FLOAT32 = "application/octet-stream"
 NPY = "application/x-npy"
 MULTIPART = "multipart/form-data"
+# decode + convert cost of an upload per pixel of the file (docs/service.md, "Uploads"): decides
+# what leaves the event loop; an estimate, measured for PNG, the dearer format per pixel
+DECODE_S_PER_PIXEL = 20e-9
 TENSOR_ERRORS = {400: "", 413: "", 415: "", 422: "", 503: ""}
 PAGE_HEADERS = {"content-security-policy": "default-src 'self'; img-src 'self' data: blob:",
                 "x-content-type-options": "nosniff"}
 # Swagger UI sets inline styles and draws data: images; still nothing from outside this server.
 DOCS_HEADERS = {"content-security-policy": "default-src 'self'; style-src 'self' 'unsafe-inline'; img-src 'self' data:",
                 "x-content-type-options": "nosniff"}
-
-
-def resolve_model_path(settings: Settings) -> str:
-    """A model from the BentoML store (MODEL_TAG, set inside a bento) wins over MODEL_PATH."""
-    if settings.model_tag:
-        try:
-            return bentoml.models.get(settings.model_tag).path_of(STORE_MODEL_FILE)
-        except bentoml.exceptions.NotFound:
-            raise ModelLoadError(f"model {settings.model_tag!r} is not in the BentoML model store; run `make bento`") from None
-    return settings.model_path
 
 
 def refuse_bad_model_early(settings: Settings) -> None:
@@ -68,7 +63,7 @@ def refuse_bad_model_early(settings: Settings) -> None:
     `bentoml serve` at once with one line and exit status 2. Workers skip this (their __init__
     does the same checks on the bytes it loads)."""
     try:
-        path = Path(resolve_model_path(settings))
+        path = Path(settings.resolve_model_path())
         data, sha256 = read_verified(path)
         header = read_header(data)
         parse_contract(header.metadata, sha256, str(path), header)
@@ -77,16 +72,28 @@ def refuse_bad_model_early(settings: Settings) -> None:
         raise SystemExit(2) from None
 
 
-def in_worker() -> bool:
+def measure_for_workers(env: dict) -> None:
+    """In `bentoml serve`'s own process, once, before the first worker starts: time the model
+    (service/tuning.py) and hand the figures to every worker, respawned ones too, through `env`.
+    A setting that cannot work with the measured cost stops `bentoml serve` here: one line, exit 2."""
+    if TUNING_ENV not in os.environ:
+        try:
+            os.environ[TUNING_ENV] = measure_in_subprocess()
+        except TuningError as exc:
+            print(f"refusing to start: {exc}", file=sys.stderr)
+            raise SystemExit(2) from None
+    env[TUNING_ENV] = os.environ[TUNING_ENV]
+
+
+def worker_index() -> int | None:
     from bentoml._internal.context import server_context
 
-    return getattr(server_context, "worker_index", None) is not None
+    return getattr(server_context, "worker_index", None)
 
 
-if not in_worker():
+if worker_index() is None:
     refuse_bad_model_early(SETTINGS)
-    if SETTINGS.fast_respawn:
-        install_supervisor(SETTINGS.drain_s)
+    install_supervisor(SETTINGS.drain_s, SETTINGS.fast_respawn, prepare=measure_for_workers)
 install_protocol()
 
 
@@ -126,18 +133,32 @@ class Classifier:
     def __init__(self) -> None:
         settings = self.settings = SETTINGS
         try:
-            contract, data = load_contract(resolve_model_path(settings))
-            self.model = Model(contract, data, settings.provider, settings.intra_op_threads, settings.chunk_images)
-        except ModelLoadError as exc:  # changed since start-up: say so in one line
+            contract, data = load_contract(settings.resolve_model_path())
+            seconds = decode(os.environ.get(TUNING_ENV), contract.sha256)  # measured by `bentoml serve`
+            self.model = Model(contract, data, settings.provider, settings.intra_op_threads, settings.chunk_images,
+                               timed_runs=0 if seconds else 3)
+            if seconds is None:  # not started by `bentoml serve` (or another model): measure here
+                seconds = time_batches(self.model, (settings.latency_budget_ms or 500.0) / 1000)
+            self.tuning = derive(seconds, settings)
+        except (ModelLoadError, TuningError) as exc:  # changed since start-up: say so in one line
             logger.error("refusing to start: %s", exc)
             raise SystemExit(f"refusing to start: {exc}") from None
+        self.model.seconds_per_sample = seconds[1]
         del data
         self.contract = contract
         self.spec = InputSpec.of(contract, settings.max_images)
-        self.inline_samples = max(1, int(settings.inline_budget_ms / 1000 / max(self.model.seconds_per_sample, 1e-9)))
         self.executor = ThreadPoolExecutor(1, thread_name_prefix="onnx")  # onnxruntime has its own threads
-        self.batcher = MicroBatcher(self.model.run, min(settings.batch_max_images, self.inline_samples))
-        self.guard = Guard(settings)
+        self.decoder = ThreadPoolExecutor(1, thread_name_prefix="decode")  # big uploads, off the event loop
+        index = worker_index()
+        self.table = WorkerTable(table_path(os.getppid()), settings.workers, index - 1) \
+            if index is not None and 0 < index <= settings.workers else None
+        gate = GatedLoop.gate = Gate(self.table) if self.table is not None else None
+        self.started_all = False  # every worker has been loaded at once (readiness, not_ready)
+        self.batcher = Batcher(self.model.run, self.tuning.batch_max, self.tuning.inline_max, self.executor,
+                               seconds_per_input=self.tuning.call_s(self.tuning.batch_max) / self.tuning.batch_max)
+        self.guard = Guard(settings, self.tuning.queue_delay_s, self.tuning.window_s, work_matcher(ROUTES), gate,
+                           self.batcher.backlog_s)
+        self.batcher.started = self.guard.started
         self.guard.start()
         self.docs_json = json_response(openapi(ROUTES, contract, SERVICE_NAME, settings.max_images, settings.max_body_bytes)).body
         self.schema_json = json_response(client_schema(ROUTES, SERVICE_NAME)).body
@@ -148,11 +169,15 @@ class Classifier:
             # so a full collection under load walks only request garbage (a latency tail otherwise).
             gc.collect()
             gc.freeze()
-        logger.info("serving %s (%s %s, %s, sha256 %s…) on %s; %.3f ms per input; inline up to %d "
-                    "inputs per call; worker pid %d", contract.name, contract.layout, list(contract.input_shape),
+        if self.table is not None:
+            self.table.set_loaded()
+        t = self.tuning
+        logger.info("serving %s (%s %s, %s, sha256 %s…) on %s; %.3f ms per input; calls of up to %d inputs "
+                    "(%d on the event loop); shedding past %.0f ms of queue; worker %s of %d, pid %d", contract.name,
+                    contract.layout, list(contract.input_shape),
                     f"{contract.classes} classes" if contract.classifier else f"outputs {contract.outputs_text}",
-                    contract.sha256[:12], self.model.device.upper(),
-                    1000 * self.model.seconds_per_sample, self.inline_samples, os.getpid())
+                    contract.sha256[:12], self.model.device.upper(), 1000 * seconds[1], t.batch_max, t.inline_max,
+                    1000 * t.queue_delay_s, index, settings.workers, os.getpid())
 
     def describe(self) -> dict:
         c, s, m = self.contract, self.settings, self.model
@@ -173,19 +198,25 @@ class Classifier:
             "classifier": c.classifier,
             "classify_refusal": c.classify_refusal,
             "runtime": {"providers": m.providers, "device": m.device, "intra_op_threads": m.intra_op_threads,
-                        "ms_per_input": round(1000 * m.seconds_per_sample, 4), "inline_max_inputs": self.inline_samples,
-                        "batch_max_inputs": self.batcher.max_batch,
-                        "workers": s.workers, "bentoml_version": bentoml.__version__},
+                        "ms_per_input": round(1000 * m.seconds_per_sample, 4), "workers": s.workers,
+                        "bentoml_version": bentoml.__version__, "derived": self.tuning.describe()},
             "settings": s.public(),
         }
 
-    async def run(self, batch: np.ndarray) -> list[np.ndarray]:
-        """The model's outputs for a validated batch (every output, in the contract's order): small ones coalesce with the other requests
-        of this loop pass into one call on the event loop (no thread hop); a batch bigger than the
-        inline budget runs in this worker's inference thread so the loop keeps answering."""
-        if batch.shape[0] <= self.batcher.max_batch:
-            return await self.batcher(batch)
-        return await asyncio.get_running_loop().run_in_executor(self.executor, self.model.run, batch)
+    async def run(self, batch: np.ndarray, request: Request) -> list[np.ndarray]:
+        """The model's outputs for a validated batch (every output, in the contract's order), through
+        the batcher (service/batching.py): one call at a time, coalesced with what arrives meanwhile,
+        on the event loop only when the call is cheap."""
+        return await self.batcher(batch, request.scope.get(ADMITTED))
+
+    async def decode_upload(self, data: bytes, invert: bool | None) -> np.ndarray:
+        """An upload -> the model's input; pictures too big to convert within INLINE_BUDGET_MS (by
+        their pixel count) are converted in the worker's decode thread, off the event loop."""
+        image = peek_image(data)  # the header only
+        args = (image, self.contract, invert, self.settings.classify_margin)
+        if image.width * image.height * DECODE_S_PER_PIXEL <= self.settings.inline_budget_ms / 1000:
+            return image_to_input(*args)
+        return await asyncio.get_running_loop().run_in_executor(self.decoder, image_to_input, *args)
 
     def predictions(self, outputs: list[np.ndarray]) -> list[dict]:
         probabilities = self.model.probabilities(outputs[self.contract.class_index])
@@ -197,7 +228,9 @@ class Classifier:
 
     @route("POST", "/predict", "Run the model on a batch of inputs of its own shape: a classifier's predictions, "
            "else every output by name", body={JSON: "Images", RAW_FLOAT32: "RawFloat32", NPY: "Npy"},
-           answers={200: "PredictAnswer", **TENSOR_ERRORS}, client=True)
+           answers={200: "PredictAnswer", **TENSOR_ERRORS}, work=True,
+           client_input={"properties": {"images": {"format": "numpy-array", "title": "Images", "type": "tensor"}},
+                         "required": ["images"], "title": "Input", "type": "object"})
     async def predict(self, request: Request) -> Response:
         media_type = media_type_of(request)
         parse = {"": images_from_json, JSON: images_from_json, RAW_FLOAT32: images_from_raw_float32,
@@ -206,13 +239,17 @@ class Classifier:
             raise unsupported_media(f"Content-Type {media_type!r} is not supported by /predict; "
                                     f"use {JSON}, {RAW_FLOAT32} (raw float32) or {NPY}")
         batch = parse(await read_body(request, self.settings.max_body_bytes), self.spec)
-        outputs = await self.run(batch)
+        outputs = await self.run(batch, request)
         if self.contract.classifier:
             return json_response({"predictions": self.predictions(outputs)})
         return json_response({"outputs": dict(zip(self.contract.output_names, map(np.ascontiguousarray, outputs)))})
 
     @route("POST", "/classify", "Classify one uploaded PNG/JPEG (image models)", body={MULTIPART: "Upload"},
-           answers={200: "Prediction", **TENSOR_ERRORS}, client=True)
+           answers={200: "Prediction", **TENSOR_ERRORS}, work=True,
+           client_input={"properties": {"image": {"content_type": "image/*", "format": "image", "title": "Image",
+                                                  "type": "file"},
+                                        "invert": {"title": "Invert", "type": "boolean"}},
+                         "required": ["image"], "title": "Input", "type": "object"})
     async def classify(self, request: Request) -> Response:
         if self.contract.classify_refusal:
             raise unprocessable(self.contract.classify_refusal)
@@ -238,8 +275,8 @@ class Classifier:
             data = await upload.read()
         finally:
             await form.close()
-        batch = upload_to_input(data, self.contract, invert, self.settings.classify_margin)
-        return json_response(self.predictions(await self.run(batch))[0])
+        batch = await self.decode_upload(data, invert)
+        return json_response(self.predictions(await self.run(batch, request))[0])
 
     @route("GET", "/metadata", "The served model: input shape/layout/range, outputs, labels (classifiers), limits",
            answers={200: "Metadata"})
@@ -249,12 +286,25 @@ class Classifier:
 
     # --- probes and docs ----------------------------------------------------------------------
 
-    @route("GET", "/readyz", "Readiness: 503 from the moment the worker got SIGTERM", answers={200: "Ready", 503: ""},
-           tag="probes")
-    async def readyz(self, request: Request) -> Response:
+    def not_ready(self) -> str | None:
+        """Why this server cannot take work now (None: it can): draining, or, until every worker
+        has loaded its model once, a worker still starting (no client connects while only the
+        first one serves). A worker's later respawn does not make the server unready: the others
+        serve meanwhile, and taking the pod out would move all of its load onto other pods."""
         if self.guard.draining:
-            return error_response(503, "draining: this worker got SIGTERM and is shutting down")
-        return json_response({"ready": True})
+            return "draining: this worker got SIGTERM and is shutting down"
+        if self.table is not None and not self.started_all:
+            if not self.table.all_ready():
+                waiting = [w["worker"] for w in self.table.describe() if not (w["live"] and w["loaded"])]
+                return f"starting: worker {', '.join(map(str, waiting))} of {self.settings.workers} has not loaded its model yet"
+            self.started_all = True
+        return None
+
+    @route("GET", "/readyz", "Readiness: 503 until every worker has loaded its model, and from the moment the "
+           "server got SIGTERM", answers={200: "Ready", 503: ""}, tag="probes")
+    async def readyz(self, request: Request) -> Response:
+        why = self.not_ready()
+        return error_response(503, why) if why else json_response({"ready": True})
 
     @route("GET", "/", "This page: upload or draw an image, see the label and the probabilities",
            answers={200: "Text"}, produces="text/html", tag="page")
@@ -307,7 +357,8 @@ class Classifier:
     @route("GET", "/v2/health/ready", "OIP v2 readiness (false while draining)", answers={200: "Ready", 503: ""},
            tag="oip-v2")
     async def v2_ready(self, request: Request) -> Response:
-        return json_response({"ready": not self.guard.draining}, 503 if self.guard.draining else 200)
+        ready = self.not_ready() is None
+        return json_response({"ready": ready}, 200 if ready else 503)
 
     @route("GET", "/v2/models/{name}", "OIP v2 model metadata", answers={200: "ModelMetadataV2", 404: ""}, tag="oip-v2")
     async def v2_model(self, request: Request) -> Response:
@@ -331,7 +382,7 @@ class Classifier:
 
     @route("POST", "/v2/models/{name}/infer", "OIP v2 inference: JSON tensors or the binary tensor extension",
            body={JSON: "InferRequestV2", RAW_FLOAT32: "Binary"},
-           answers={200: "InferResponseV2", 404: "", **TENSOR_ERRORS}, tag="oip-v2")
+           answers={200: "InferResponseV2", 404: "", **TENSOR_ERRORS}, work=True, tag="oip-v2")
     async def v2_infer(self, request: Request) -> Response:
         self.check_model(request)
         media_type = media_type_of(request)
@@ -339,19 +390,22 @@ class Classifier:
             raise unsupported_media(f"Content-Type {media_type!r} is not supported; use {JSON}")
         body = await read_body(request, self.settings.max_body_bytes)
         infer = oip.parse_infer_request(body, request.headers.get(oip.HEADER_LENGTH), self.contract, self.spec)
-        content, headers = oip.infer_response(infer, await self.run(infer.images), self.contract)
+        content, headers = oip.infer_response(infer, await self.run(infer.images, request), self.contract)
         return Response(content, 200, headers={k: v for k, v in headers.items() if k != "content-type"},
                         media_type=headers["content-type"])
 
     @route("POST", "/v2/models/{name}/versions/{version}/infer", "OIP v2 inference (version 1)",
            body={JSON: "InferRequestV2", RAW_FLOAT32: "Binary"},
-           answers={200: "InferResponseV2", 404: "", **TENSOR_ERRORS}, tag="oip-v2")
+           answers={200: "InferResponseV2", 404: "", **TENSOR_ERRORS}, work=True, tag="oip-v2")
     async def v2_infer_version(self, request: Request) -> Response:
         return await self.v2_infer(request)
 
     @bentoml.on_shutdown
     def close(self) -> None:
         self.executor.shutdown(wait=False)
+        self.decoder.shutdown(wait=False)
+        if self.table is not None:
+            self.table.close()
 
 
 ROUTES = routes_of(Classifier)

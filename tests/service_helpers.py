@@ -12,6 +12,9 @@ Contract version 3 (`outputs` describes every graph output):
   [N,4,256] and scores [N,3,256] (a sigmoid per class and anchor), paths "[0]" and "[1]";
 - "features-v3": a classifier with a second output: [N,20] -> class scores [N,3] ("scores",
   output_name) and their maximum "top" [N] (a rank-1 output).
+A model with a real model's cost (issue 25): `build_slow_model(out_dir, layers)`, [N,8,64,64] ->
+`layers` 3x3 convolutions of 64 channels (~150 M multiply-adds each: ~10-20 ms per input and layer
+on one core) -> 3 logits.
 """
 
 from __future__ import annotations
@@ -99,6 +102,32 @@ def build_model(out_dir: Path, kind: str = "fmnist-v1", seed: int = 0) -> Path:
     return _save(model, meta, out_dir)
 
 
+def build_slow_model(out_dir: Path, layers: int = 2, seed: int = 0) -> Path:
+    """A classifier that costs what real models cost per input (module docstring)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(seed)
+    inits = [numpy_helper.from_array((rng.standard_normal((64, 8, 3, 3)) * 0.2).astype(np.float32), "w0"),
+             numpy_helper.from_array((rng.standard_normal((3, 64)) * 0.2).astype(np.float32), "fc_w"),
+             numpy_helper.from_array(np.zeros(3, np.float32), "fc_b")]
+    nodes = [helper.make_node("Conv", ["image", "w0"], ["h0"], kernel_shape=[3, 3], pads=[1, 1, 1, 1])]
+    for i in range(1, layers + 1):
+        inits.append(numpy_helper.from_array((rng.standard_normal((64, 64, 3, 3)) * 0.05).astype(np.float32), f"w{i}"))
+        nodes += [helper.make_node("Conv", [f"h{i - 1}", f"w{i}"], [f"c{i}"], kernel_shape=[3, 3], pads=[1, 1, 1, 1]),
+                  helper.make_node("Relu", [f"c{i}"], [f"h{i}"])]
+    nodes += [helper.make_node("GlobalAveragePool", [f"h{layers}"], ["pooled"]),
+              helper.make_node("Flatten", ["pooled"], ["flat"], axis=1),
+              helper.make_node("Gemm", ["flat", "fc_w", "fc_b"], ["logits"], transB=1)]
+    graph = helper.make_graph(nodes, "standin_slow", [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["n", 8, 64, 64])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["n", 3])], initializer=inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    model.ir_version = 10
+    meta = {"contract_version": "2", "name": "slow", "arch": "standin-slow", "folded": "true", "input_layout": "NCHW",
+            "input_range": "[0.0, 1.0]", "input_name": "image", "output_name": "logits",
+            "input_shape": json.dumps([None, 8, 64, 64]), "labels": json.dumps(["a", "b", "c"])}
+    return _save(model, meta, out_dir)
+
+
 def _save(model, meta: dict[str, str], out_dir: Path) -> Path:
     import onnx
 
@@ -170,4 +199,4 @@ def serve(model_path: Path, log_path: Path, port: int | None = None, **env: str)
                          name="bentoml serve")
 
 
-__all__ = ["LABELS", "REPO", "build_model", "free_port", "serve"]
+__all__ = ["LABELS", "REPO", "build_model", "build_slow_model", "free_port", "serve"]

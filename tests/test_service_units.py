@@ -23,11 +23,11 @@ import pytest
 from PIL import Image
 
 from service import oip
-from service.batching import MicroBatcher
+from service.batching import Batcher
 from service.contract import ModelLoadError, load_contract, parse_contract, read_header
 from service.docs import client_schema, openapi
 from service.errors import ClientError
-from service.guard import Guard, canned, is_work
+from service.guard import Guard, canned
 from service.images import crop_to_object, upload_to_input
 from service.inputs import InputSpec, images_from_json, images_from_npy, images_from_raw_float32, parse_bool
 from service.model import CPU, CUDA, Model, active_device, choose_providers, softmax
@@ -227,7 +227,7 @@ def test_tampered_missing_and_corrupt_models_are_refused(models, tmp_path):
     data = bytearray(models["rgb32"].read_bytes())
     data[len(data) // 2] ^= 1
     (tmp_path / "model.onnx").write_bytes(bytes(data))
-    with pytest.raises(ModelLoadError, match="does not match its recorded sha256"):
+    with pytest.raises(ModelLoadError, match="does not match its recorded sha256.*re-export it"):
         load_contract(tmp_path / "model.onnx")
     junk = b"this is not an onnx protobuf"
     (tmp_path / "model.onnx").write_bytes(junk)
@@ -421,6 +421,25 @@ def test_raw_and_npy_bodies(models):
         images_from_npy(pickled.getvalue(), spec)
 
 
+def test_npy_bodies_are_read_in_place_in_any_order_and_byte_order(models):
+    spec = spec_of(models, "rgb32")
+    x = np.random.default_rng(4).random((2, 3, 32, 32))
+    for variant in (x.astype(np.float32), np.asfortranarray(x), x.astype(">f4"), x.astype(np.float16)):
+        buf = io.BytesIO()
+        np.save(buf, variant)
+        got = images_from_npy(buf.getvalue(), spec)
+        assert got.dtype == np.float32 and got.flags.c_contiguous
+        np.testing.assert_array_equal(got, variant.astype(np.float32))
+    buf = io.BytesIO()
+    np.save(buf, x.astype(np.float32))
+    body = buf.getvalue()
+    for broken, message in ((body[:-4], "truncated"), (body[:20], "not a readable .npy"), (b"\x93NUMPY\x03\x00" + body[8:], "version"),
+                            (b"not npy at all", "not a readable .npy")):
+        with pytest.raises(ClientError, match=message) as excinfo:
+            images_from_npy(broken, spec)
+        assert excinfo.value.status == 422
+
+
 def test_parse_bool():
     assert parse_bool("true", "invert") is True and parse_bool("false", "invert") is False
     assert parse_bool(None, "invert") is None and parse_bool("", "invert") is None
@@ -599,7 +618,7 @@ def test_batcher_coalesces_caps_and_keeps_order():
         return [batch.reshape(batch.shape[0], -1)[:, :2] * 2, batch.sum(axis=(1, 2, 3))]
 
     async def main():
-        batcher = MicroBatcher(infer, max_batch=8)
+        batcher = Batcher(infer, max_batch=8, inline_max=8)
         inputs = [np.full((1 + i % 3, 1, 2, 2), float(i), np.float32) for i in range(10)]
         return inputs, await asyncio.gather(*(batcher(x) for x in inputs)), batcher.stats()
 
@@ -611,6 +630,83 @@ def test_batcher_coalesces_caps_and_keeps_order():
     assert stats["onnx_calls"] == len(calls)
 
 
+def test_batcher_runs_big_calls_in_the_thread_one_at_a_time_and_reports_queue_waits():
+    import threading
+    import time as _time
+    from concurrent.futures import ThreadPoolExecutor
+
+    loop_thread, calls, ticks, waits = [], [], [], []
+    running = threading.Event()
+
+    def infer(batch):  # ~50 ms a call; never two at once
+        assert not running.is_set()
+        running.set()
+        start = _time.monotonic()
+        _time.sleep(0.05)
+        calls.append((threading.current_thread() is loop_thread[0], batch.shape[0], start, _time.monotonic()))
+        running.clear()
+        return [batch[:, 0] * 3]
+
+    async def main():
+        loop_thread.append(threading.current_thread())
+        batcher = Batcher(infer, max_batch=4, inline_max=1, executor=ThreadPoolExecutor(1), started=waits.append)
+        done = asyncio.Event()
+
+        async def ticker():  # does the loop run while the model works?
+            while not done.is_set():
+                ticks.append(_time.monotonic())
+                await asyncio.sleep(0.002)
+
+        admitted = _time.monotonic()
+        inputs = [np.full((1, 2), float(i), np.float32) for i in range(9)]
+        ticking = asyncio.ensure_future(ticker())
+        results = await asyncio.gather(*(batcher(x, admitted) for x in inputs))
+        done.set()
+        await ticking
+        return inputs, results, batcher.stats()
+
+    inputs, results, stats = asyncio.run(main())
+    for x, (y,) in zip(inputs, results):
+        np.testing.assert_array_equal(y, x[:, 0] * 3)
+    sizes = [n for _, n, _, _ in calls]
+    assert sum(sizes) == 9 and max(sizes) <= 4 and sizes == [4, 4, 1]  # coalesced up to the cap, in order
+    assert [on_loop for on_loop, _, _, _ in calls] == [False, False, True]  # over inline_max: in the thread
+    in_thread = [(a, b) for on_loop, _, a, b in calls if not on_loop]
+    assert any(a < t < b for t in ticks for a, b in in_thread)  # the loop ran while the thread computed
+    assert stats["calls_in_thread"] == 2 and stats["onnx_calls"] == 3
+    assert len(waits) == 9 and max(waits) >= 0.1  # the last request waited for the first two calls
+
+
+def test_batcher_knows_its_backlog_and_the_guard_sheds_before_the_queue_forms():
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    release = threading.Event()
+    seen = []
+
+    def infer(batch):
+        release.wait(5)
+        return [batch]
+
+    async def main():
+        batcher = Batcher(infer, max_batch=2, inline_max=0, executor=ThreadPoolExecutor(1), seconds_per_input=0.1)
+        guard = Guard(FakeSettings(), queue_delay_s=0.5, backlog_s=batcher.backlog_s)  # limit: 5 inputs' worth
+        tasks = [asyncio.ensure_future(batcher(np.zeros((1, 2), np.float32))) for _ in range(4)]
+        await asyncio.sleep(0.05)
+        seen.append((batcher.queued_inputs, round(batcher.backlog_s(), 3), guard.overloaded(4)))
+        tasks += [asyncio.ensure_future(batcher(np.zeros((3, 2), np.float32)))]
+        await asyncio.sleep(0.05)
+        seen.append((batcher.queued_inputs, round(batcher.backlog_s(), 3), guard.overloaded(5), guard.overloaded(3)))
+        release.set()
+        await asyncio.gather(*tasks)
+        seen.append((batcher.queued_inputs, guard.overloaded(5)))
+
+    asyncio.run(main())
+    assert seen[0] == (4, 0.4, False)  # 0.4 s of work queued: under the 0.5 s limit
+    assert seen[1] == (7, 0.7, True, False)  # 0.7 s: shed, unless fewer than MIN_INFLIGHT requests are in
+    assert seen[2] == (0, False)
+
+
 def test_batcher_failure_reaches_every_waiter_and_it_keeps_working():
     state = {"fail": True}
 
@@ -620,7 +716,7 @@ def test_batcher_failure_reaches_every_waiter_and_it_keeps_working():
         return [batch]
 
     async def main():
-        batcher = MicroBatcher(infer)
+        batcher = Batcher(infer, max_batch=32, inline_max=32)
         failed = await asyncio.gather(*(batcher(np.zeros((1, 2), np.float32)) for _ in range(3)), return_exceptions=True)
         state["fail"] = False
         return failed, await batcher(np.ones((1, 2), np.float32))
@@ -660,9 +756,26 @@ def test_guard_sheds_on_a_standing_queue_and_past_the_cap():
     assert b"connection: close" in guard.shed_close and b"content-length: " in guard.too_many
 
 
-def test_work_paths_and_canned_answers():
+def test_work_paths_come_from_the_route_marks_and_canned_answers(models, monkeypatch):
+    monkeypatch.setenv("MODEL_PATH", str(models["features"]))
+    from service.routing import route, routes_of, work_matcher
+    from service.service import ROUTES
+
+    is_work = work_matcher(ROUTES)
     assert is_work(b"POST", b"/predict") and is_work(b"POST", b"/v2/models/m/infer") and is_work(b"POST", b"/classify")
-    assert not is_work(b"GET", b"/readyz") and not is_work(b"POST", b"/metadata")
+    assert is_work(b"POST", b"/v2/models/m/versions/1/infer")
+    assert not is_work(b"GET", b"/readyz") and not is_work(b"POST", b"/metadata") and not is_work(b"GET", b"/predict")
+    assert not is_work(b"POST", b"/v2/models/m/ready") and not is_work(b"POST", b"/\xff")
+
+    class Extra:  # a new model route is shed as soon as it is marked, with no list to update
+        @route("POST", "/segment", "x", work=True)
+        async def segment(self, request): ...
+
+        @route("POST", "/echo", "x")
+        async def echo(self, request): ...
+
+    extra = work_matcher(routes_of(Extra))
+    assert extra(b"POST", b"/segment") and not extra(b"POST", b"/echo")
     assert canned(408, "Request Timeout", "x", close=True).startswith(b"HTTP/1.1 408 Request Timeout\r\n")
 
 

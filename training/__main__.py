@@ -1,18 +1,17 @@
-"""python -m training --arch seed-cnn --data-dir DIR --out artifacts/runs/seed-cnn"""
+"""python -m training --arch seed-cnn --data-dir DIR --out artifacts/runs/seed-cnn [--if-stale]"""
 import argparse
 import sys
 from pathlib import Path
 
-from training.artifacts import save_run
+from training.config import ARCH_DEFAULTS, DEFAULTS, resolve_config
 from training.data import DEFAULT_DATA_DIR, DataError
 from training.models import ARCHS
-from training.plots import plot_history
-from training.train import ARCH_DEFAULTS, DEFAULTS, train
+from training.provenance import trained_on, why_stale
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="python -m training", description="Train a BN/Dropout model on Fashion-MNIST. "
-                                "Defaults are seed-cnn's; other families change some (training/train.py ARCH_DEFAULTS).")
+                                "Defaults are seed-cnn's; other families change some (training/config.py ARCH_DEFAULTS).")
     p.add_argument("--arch", choices=list(ARCHS), default=DEFAULTS["arch"], help=f"model family (default: {DEFAULTS['arch']})")
     p.add_argument("--data-dir", default=DEFAULT_DATA_DIR,
                    help=f"directory with the Fashion-MNIST IDX files, .gz ok (default: {DEFAULT_DATA_DIR})")
@@ -32,6 +31,9 @@ def parse_args(argv=None):
     p.add_argument("--hflip", action="store_true", help="augment with random horizontal flips")
     p.add_argument("--no-lean", action="store_true",
                    help="seed-cnn: train the seed's own layers instead of LeanSeedCNN (same function, slower)")
+    p.add_argument("--if-stale", action="store_true",
+                   help="train only when --out holds no run trained on these data files (their sha256), this recipe "
+                        "and this seed; say what changed when it trains again (make pipeline uses it)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     return p.parse_args(argv)
 
@@ -46,6 +48,18 @@ def main(argv=None) -> int:
         cfg["lean"] = False
     out = Path(args.out or f"artifacts/runs/{args.arch}")
     try:
+        if args.if_stale:  # a current run is reused without loading any data
+            wanted = trained_on(resolve_config(cfg), args.data_dir)
+            reasons = why_stale(out, wanted)
+            if not reasons:
+                print(f"train: {out} is current (trained on the data in {args.data_dir}, this recipe and seed "
+                      f"{wanted['seed']}), reused; delete it or `make clean` to train it again")
+                return 0
+            print(f"train: training {out}: " + "; ".join(reasons), flush=True)
+        from training.artifacts import save_run
+        from training.plots import plot_history
+        from training.train import train
+
         model, cfg = train(cfg, args.data_dir, progress=not args.quiet)
     except (DataError, ValueError) as e:
         print(f"training: {e}", file=sys.stderr)

@@ -11,54 +11,11 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from common.machine import cpu_summary
 from training import data
+from training.config import ARCH_DEFAULTS, DEFAULTS, resolve_config  # noqa: F401 (their old home)
 from training.models import PIXEL_MEAN, PIXEL_STD, LeanSeedCNN, build
-
-# Plain config values; `python -m training --help` can override each one.
-DEFAULTS = dict(
-    arch="seed-cnn",
-    epochs=14,
-    batch_size=128,
-    lr=2e-3,
-    weight_decay=5e-4,
-    label_smoothing=0.1,  # bounded, calibrated logits; see README "Why label smoothing"
-    ema=0.0,              # >0: evaluate and keep an exponential moving average of the weights (decay per step)
-    hflip=False,          # random horizontal flips (clothes are left-right symmetric)
-    shift=0,              # random translations of up to this many pixels, per image, zero fill
-    patience=4,          # epochs without a better validation accuracy before stopping
-    val_size=5000,       # held out of the 60k training images; the 10k test set is only for the report
-    seed=0,
-    dropout=True,
-    subset=0,            # >0: train on this many images only (tests, smoke runs)
-    threads=0,           # 0: one per core this process may use
-    lean=True,           # seed-cnn: train LeanSeedCNN (same function and gradients, less memory traffic)
-    keep_freed=True,     # raise glibc malloc's thresholds for this process (keep_freed_memory)
-)
-
-
-# Per-family settings that differ from DEFAULTS, each measured (README "Training").
-ARCH_DEFAULTS = {
-    # lr 4e-3 with decoupled weight decay 0.05 on the weight matrices: 92.12 / 92.33 / 92.12% test with
-    # seeds 0 / 1 / 2 at 20 epochs, lr 2e-3 and decay 5e-4 92.10% (seed 0; `make recipes`, docs/training.md)
-    "seed-cnn": dict(epochs=20, lr=4e-3, weight_decay=0.05),
-    # BN after ReLU in an MLP: with weak decay its logits drift to |z| ~ 100-270 and float32 itself
-    # (torch vs float64, torch vs onnxruntime, folded or not) then differs by 1e-4 > the 1e-5 parity
-    # tolerance. Decoupled weight decay 0.1 keeps |z| < 65 and parity within 0.65 of the tolerance,
-    # at the same accuracy (88.9% vs 88.7%).
-    # 2026-11-24: with lr 2e-3 a unit that ReLU keeps dead on the training set gets BN gain
-    # gamma/sqrt(eps) ~ 340 and seed 0 missed parity (ORT unfolded vs torch, both float32: 3.8e-5);
-    # lr 1e-3 passes with seeds 0 and 1 at 89.02 / 88.94% (was 88.60 / 88.71%), docs/training.md.
-    "mlp-bn": dict(epochs=20, weight_decay=0.1, lr=1e-3),
-    "keras-cnn": dict(epochs=20, weight_decay=0.1),
-    "deep-cnn": dict(epochs=15, hflip=True),
-}
-
-
-def resolve_config(cfg: dict) -> dict:
-    """DEFAULTS, then the family's own settings, then what the caller set explicitly."""
-    arch = cfg.get("arch", DEFAULTS["arch"])
-    return {**DEFAULTS, **ARCH_DEFAULTS.get(arch, {}), **cfg}
-
+from training.provenance import trained_on
 
 def keep_freed_memory() -> bool:
     """glibc's malloc gives a freed block larger than its mmap threshold back to the OS, so a
@@ -132,6 +89,7 @@ def evaluate(model, images: torch.Tensor, labels: torch.Tensor, batch_size: int 
 def train(cfg: dict, data_dir: str, progress: bool = True) -> tuple[torch.nn.Module, dict]:
     """Returns the best model (eval mode) and the config, extended with metrics and history."""
     cfg = resolve_config(cfg)
+    provenance = trained_on(cfg, data_dir)  # what it is trained on: the data files' sha256, the recipe, the seed
     cfg["threads"] = set_threads(cfg["threads"])
     if cfg["keep_freed"]:
         keep_freed_memory()
@@ -222,5 +180,7 @@ def train(cfg: dict, data_dir: str, progress: bool = True) -> tuple[torch.nn.Mod
         history=history,
         train_seconds=round(time.perf_counter() - started, 1),
         torch_version=torch.__version__,
+        trained_on=provenance,
+        machine=cpu_summary(),  # the 4th digit of the accuracy depends on it (docs/training.md, "Determinism")
     )
     return model, cfg

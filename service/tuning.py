@@ -1,0 +1,211 @@
+"""Settings the served model's own cost decides (issue 25; docs/service.md, "Settings from the model").
+
+The defaults used to be constants fitted to a 0.06 ms model. Now, when `bentoml serve` starts and
+before any worker does, one short-lived process (`measure_in_subprocess`, so the supervisor never
+holds an onnxruntime session) loads the model at the workers' own session settings and times one
+call at batch sizes 1, 2, 4, ... (each the best of two, while a call stays within the latency budget
+and the whole measurement within MEASURE_S). Every worker, and every respawned one, gets the figures
+through its environment (TUNING_ENV) and derives from them, unless a variable overrides it:
+
+- the batch cap: the largest measured batch whose call fits LATENCY_BUDGET_MS (default 500 ms);
+- the inline cap: calls of up to this many inputs run on the event loop, when one takes no more
+  than INLINE_BUDGET_MS; anything bigger runs in the worker's inference thread;
+- the shedding threshold: a standing queue of QUEUE_CALLS full calls is not overload, so
+  QUEUE_DELAY_MS defaults to max(250 ms, QUEUE_CALLS x one call at the batch cap); the window the
+  standing queue is judged over is two such calls (at least 100 ms).
+
+A setting that cannot work (a latency budget below one call of the model) is refused before any
+worker starts, in one line naming the variable and the measured cost.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+TUNING_ENV = "BNFOLD_TUNING"  # the measured cost, JSON, handed from `bentoml serve` to its workers
+DEFAULT_LATENCY_BUDGET_MS = 500.0
+QUEUE_CALLS = 8
+QUEUE_DELAY_FLOOR_MS = 250.0
+MIN_WINDOW_S = 0.1
+MAX_MEASURED_BATCH = 64
+MEASURE_S = 2.0  # at most this long timing batches (batch 1 is timed by the warm-up)
+REPEATS = 2
+
+
+class TuningError(ValueError):
+    """A setting that cannot work with this model on this host (one line)."""
+
+
+def cgroup_cpu_limit() -> float | None:
+    """The CPU quota of this process's cgroup in cores (v2 cpu.max, or v1 cfs quota/period), if any."""
+    for quota_file, period_file in (("/sys/fs/cgroup/cpu.max", None),
+                                    ("/sys/fs/cgroup/cpu/cpu.cfs_quota_us", "/sys/fs/cgroup/cpu/cpu.cfs_period_us")):
+        try:
+            fields = Path(quota_file).read_text().split()
+            quota, period = fields[0], (fields[1] if period_file is None else Path(period_file).read_text().strip())
+            if quota not in ("max", "-1"):
+                return int(quota) / int(period)
+        except (OSError, ValueError, IndexError):
+            continue
+    return None
+
+
+def usable_cores() -> int:
+    """CPUs this process may use: its affinity mask, and its cgroup's CPU quota when there is one."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    limit = cgroup_cpu_limit()
+    if limit is not None:
+        cores = min(cores, max(1, math.ceil(limit)))
+    return max(1, cores)
+
+
+def time_batches(model, budget_s: float, limit_s: float = MEASURE_S) -> dict[int, float]:
+    """{batch size: seconds per call}: 1 from the model's warm-up, then 2, 4, ... while the call is
+    predicted to fit `budget_s` and the measurement `limit_s`."""
+    seconds = {1: model.seconds_per_sample}
+    low = model.contract.input_range[0] if model.contract.input_range else 0.0
+    spent, b = 0.0, 1
+    while b < MAX_MEASURED_BATCH:
+        predicted = 2 * seconds[b]
+        if predicted > budget_s or spent + REPEATS * predicted > limit_s:
+            break
+        b *= 2
+        batch = np.full((b, *model.contract.sample_shape), low, np.float32)
+        times = []
+        for _ in range(REPEATS):
+            start = time.perf_counter()
+            model.run(batch)
+            times.append(time.perf_counter() - start)
+        seconds[b] = min(times)
+        spent += sum(times)
+    return seconds
+
+
+@dataclass(frozen=True)
+class Tuning:
+    seconds: dict[int, float]  # measured: batch size -> seconds per call
+    latency_budget_s: float
+    batch_max: int
+    inline_max: int  # 0: no call runs on the event loop
+    queue_delay_s: float
+    window_s: float
+    why: dict[str, str]
+
+    def call_s(self, n: int) -> float:
+        """Predicted seconds of one call of n inputs (linear beyond the largest measured batch)."""
+        sizes = sorted(self.seconds)
+        at_or_below = [b for b in sizes if b <= n]
+        b = at_or_below[-1] if at_or_below else sizes[0]
+        return self.seconds[b] * n / b
+
+    def describe(self) -> dict:
+        return {"ms_per_call": {str(b): round(1000 * t, 3) for b, t in sorted(self.seconds.items())},
+                "best_batch": min(self.seconds, key=lambda b: self.seconds[b] / b),
+                "latency_budget_ms": round(1000 * self.latency_budget_s, 1), "batch_max_inputs": self.batch_max,
+                "inline_max_inputs": self.inline_max, "queue_delay_ms": round(1000 * self.queue_delay_s, 1),
+                "queue_window_ms": round(1000 * self.window_s, 1), "why": self.why}
+
+
+def derive(seconds: dict[int, float], settings) -> Tuning:
+    """The settings of module docstring from measured `seconds`; TuningError for one that cannot work."""
+    t1 = seconds[1]
+    why = {}
+    if settings.latency_budget_ms is None:
+        budget = max(DEFAULT_LATENCY_BUDGET_MS / 1000, t1)
+        why["latency_budget"] = (f"default {DEFAULT_LATENCY_BUDGET_MS:g} ms" if budget > t1 else
+                                 f"one call of one input ({1000 * t1:.0f} ms): the default {DEFAULT_LATENCY_BUDGET_MS:g} ms "
+                                 "is shorter, so calls are not batched")
+    else:
+        budget = settings.latency_budget_ms / 1000
+        if t1 > budget:
+            raise TuningError(f"LATENCY_BUDGET_MS={settings.latency_budget_ms:g} is below one call of the model: "
+                              f"{1000 * t1:.1f} ms for one input, measured at start")
+        why["latency_budget"] = "LATENCY_BUDGET_MS"
+    fitting = [b for b, t in seconds.items() if t <= budget]
+    if settings.batch_max_images is None:
+        batch_max = max(fitting)
+        why["batch_max"] = (f"the largest measured batch whose call fits the latency budget "
+                            f"({batch_max}: {1000 * seconds[batch_max]:.1f} ms)")
+    else:
+        batch_max = settings.batch_max_images
+        why["batch_max"] = "BATCH_MAX_IMAGES"
+    inline_budget = settings.inline_budget_ms / 1000
+    inline_max = min(batch_max, max((b for b, t in seconds.items() if t <= inline_budget), default=0))
+    why["inline_max"] = (f"calls up to {inline_max} inputs take <= INLINE_BUDGET_MS ({settings.inline_budget_ms:g} ms)"
+                         if inline_max else f"one call takes {1000 * t1:.2f} ms > INLINE_BUDGET_MS "
+                                            f"({settings.inline_budget_ms:g} ms): every call runs in the inference thread")
+    tuning = Tuning(dict(seconds), budget, batch_max, inline_max, 0.0, 0.0, why)
+    call = tuning.call_s(batch_max)
+    if settings.queue_delay_ms is None:
+        queue_delay = max(QUEUE_DELAY_FLOOR_MS / 1000, QUEUE_CALLS * call)
+        why["queue_delay"] = (f"{QUEUE_CALLS} calls at the batch cap ({QUEUE_CALLS} x {1000 * call:.1f} ms)"
+                              if queue_delay > QUEUE_DELAY_FLOOR_MS / 1000 else
+                              f"the floor of {QUEUE_DELAY_FLOOR_MS:g} ms ({QUEUE_CALLS} calls at the batch cap take "
+                              f"{1000 * QUEUE_CALLS * call:.1f} ms)")
+    else:
+        queue_delay = settings.queue_delay_ms / 1000
+        why["queue_delay"] = "QUEUE_DELAY_MS"
+    window = max(MIN_WINDOW_S, 2 * call)
+    return Tuning(dict(seconds), budget, batch_max, inline_max, queue_delay, window, why)
+
+
+# --- measured once per `bentoml serve`, handed to the workers ----------------------------------------
+
+def encode(sha256: str, seconds: dict[int, float]) -> str:
+    return json.dumps({"sha256": sha256, "seconds": {str(b): t for b, t in seconds.items()}})
+
+
+def decode(text: str | None, sha256: str) -> dict[int, float] | None:
+    """The figures handed down, if they are of this very model."""
+    try:
+        data = json.loads(text or "")
+        if data["sha256"] != sha256:
+            return None
+        return {int(b): float(t) for b, t in data["seconds"].items()}
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
+def measure_in_subprocess(timeout: float = 300.0) -> str:
+    """Run `python -m service.tuning` (same environment) and return its JSON; raises TuningError."""
+    root = str(Path(__file__).resolve().parent.parent)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
+    done = subprocess.run([sys.executable, "-m", "service.tuning"], capture_output=True, text=True, env=env,
+                          timeout=timeout, cwd=root)
+    if done.returncode != 0:
+        lines = (done.stderr or done.stdout).strip().splitlines()
+        raise TuningError(lines[-1] if lines else f"measuring the model failed (exit {done.returncode})")
+    return done.stdout.strip().splitlines()[-1]
+
+
+def main() -> int:
+    """Load the model as a worker does, time it, check the settings, print the figures as JSON."""
+    from .config import Settings
+    from .contract import ModelLoadError, load_contract
+    from .model import Model
+
+    settings = Settings.from_env()
+    try:
+        contract, data = load_contract(settings.resolve_model_path())
+        model = Model(contract, data, settings.provider, settings.intra_op_threads, settings.chunk_images)
+        budget = (settings.latency_budget_ms or DEFAULT_LATENCY_BUDGET_MS) / 1000
+        seconds = time_batches(model, max(budget, model.seconds_per_sample))
+        derive(seconds, settings)  # refuse what cannot work, here, before any worker starts
+    except (ModelLoadError, TuningError) as exc:
+        print(str(exc), file=sys.stderr)
+        return 2
+    print(encode(contract.sha256, seconds))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
