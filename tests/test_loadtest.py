@@ -18,7 +18,7 @@ import pytest
 from common.files import write_with_checksum
 from common.procs import REPO, ServerProcess, free_port, port_open, probe
 from loadtest.__main__ import capacity_from_bench, parse_args, rss_growth
-from loadtest.bench import goals_of, request, table
+from loadtest.bench import Prober, goals_of, request, table
 from loadtest.core import CLIENT_ERROR_TAG, LoadTargetError, LocustRun, judge, parse_duration, require_local_host, \
     run_locust
 from loadtest.workload import BATCH, LABELS, DataError, build, check, describe, load, metadata_of, save
@@ -377,6 +377,9 @@ def test_bench_goals_can_fail():
     assert "ours vs ours@main" in lines[4][0] and "short at 8: 12.7 vs 25.0 img/s" in lines[4][0]
     assert "ours vs triton" in lines[5][0] and "short at 8: 12.7 vs 25.0 img/s, p99 800 vs 700 ms" in lines[5][0]
     assert "| 1 | ours | 8 | 12.7 | 0.49x | 400.0 / 800.0 | 12.00 (1.20x) | 0 | 0 | – | 400 / 1,500 |" in table(bad)
+    prober = Prober(0)  # a probe that got no answer (or not 200) counts as its 2 s timeout, never as NaN
+    prober.rows = [("/livez", 0.01, 200)] * 99 + [("/readyz", 2.0, 0)]
+    assert prober.summary() == {"probes": 100, "probe_p99_ms": 2000.0, "probe_max_ms": 2000.0, "probes_over_1s": 1}
 
 
 def test_oip_request_is_what_the_service_parses():
