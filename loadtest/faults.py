@@ -50,6 +50,7 @@ import numpy as np
 import psutil
 
 from common.files import write_json
+from common.machine import cpu_summary
 from common.procs import ProcessError, ServerProcess, free_port
 from loadtest.core import parse_duration
 
@@ -766,7 +767,7 @@ def main(argv=None) -> int:
         return 2
     args.out.mkdir(parents=True, exist_ok=True)
     report = {"command": "python -m loadtest.faults " + " ".join(sys.argv[1:] if argv is None else argv),
-              "date": time.strftime("%Y-%m-%d %H:%M:%S"), "load_average_before": os.getloadavg(),
+              "date": time.strftime("%Y-%m-%d %H:%M:%S"), "load_average_before": os.getloadavg(), "cpu": cpu_summary(),
               "workers": args.workers, **({"image": args.image} if args.image else {}), "scenarios": {}}
     checks_all: list[tuple[str, Check]] = []
     for name in args.only:

@@ -78,8 +78,8 @@ def measure_for_workers(env: dict) -> None:
     A setting that cannot work with the measured cost stops `bentoml serve` here: one line, exit 2."""
     if TUNING_ENV not in os.environ:
         try:
-            os.environ[TUNING_ENV] = measure_in_subprocess()
-        except TuningError as exc:
+            os.environ[TUNING_ENV] = measure_in_subprocess(SETTINGS.resolve_model_path())
+        except (TuningError, ModelLoadError) as exc:
             print(f"refusing to start: {exc}", file=sys.stderr)
             raise SystemExit(2) from None
     env[TUNING_ENV] = os.environ[TUNING_ENV]

@@ -175,10 +175,13 @@ def decode(text: str | None, sha256: str) -> dict[int, float] | None:
         return None
 
 
-def measure_in_subprocess(timeout: float = 300.0) -> str:
-    """Run `python -m service.tuning` (same environment) and return its JSON; raises TuningError."""
+def measure_in_subprocess(model_path: str, timeout: float = 300.0) -> str:
+    """Run `python -m service.tuning` on `model_path` (the file the workers will load: inside a bento
+    the model comes from the store through a bento argument the child would not see) in the same
+    environment otherwise, and return its JSON; raises TuningError."""
     root = str(Path(__file__).resolve().parent.parent)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
+    env = {**os.environ, "MODEL_PATH": str(model_path), "MODEL_TAG": "",
+           "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
     done = subprocess.run([sys.executable, "-m", "service.tuning"], capture_output=True, text=True, env=env,
                           timeout=timeout, cwd=root)
     if done.returncode != 0:
