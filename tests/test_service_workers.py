@@ -145,7 +145,7 @@ class Knobs:
 
 def test_derived_settings_for_a_tiny_and_a_slow_model():
     tiny = derive({1: 0.0001, 2: 0.00015, 4: 0.0002, 8: 0.0004, 16: 0.0008, 32: 0.0016, 64: 0.0032}, Knobs())
-    assert tiny.batch_max == 64 and tiny.inline_max == 32 and tiny.queue_delay_s == pytest.approx(0.25)
+    assert tiny.batch_max == 64 and tiny.inline_max == 32 and tiny.queue_delay_s == pytest.approx(1.0)
     assert tiny.window_s == pytest.approx(0.1)
     slow = derive({1: 0.08, 2: 0.15, 4: 0.31}, Knobs())  # ResNet-50-like: 500 ms fits 4, not 8
     assert slow.batch_max == 4 and slow.inline_max == 0
