@@ -2,7 +2,7 @@
 
     python -m bench.uploads                 # the service's own path, and PIL / OpenCV / simplejpeg side by side
 
-Times, in this process on one core, JPEG bytes -> the model's input (RGB 224x224 for an ImageNet
+Times (CPU time of this process, one thread), JPEG bytes -> the model's input (RGB 224x224 for an ImageNet
 model, grey 28x28 for Fashion-MNIST), for a 224x224 and a 1920x1080 photo-like JPEG (quality 90):
 
 - `service`: service/images.py `upload_to_input`, what /classify runs (decode with PIL's JPEG draft
@@ -99,12 +99,14 @@ def opencv(cv2, data: bytes, size: int, grey: bool) -> np.ndarray:
 
 
 def median_ms(fn, data: bytes, rounds: int) -> float:
+    """Median CPU time of this process per call (one thread does the work: on an idle machine this is
+    the wall time; on a busy one it is not inflated by waiting for a core)."""
     fn(data)
     times = []
     for _ in range(rounds):
-        start = time.perf_counter()
+        start = time.process_time()
         fn(data)
-        times.append(time.perf_counter() - start)
+        times.append(time.process_time() - start)
     return 1000 * float(np.median(times))
 
 

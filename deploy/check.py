@@ -38,6 +38,7 @@ import time
 from pathlib import Path
 
 from common.files import write_json
+from common.machine import cpu_summary
 from common.procs import free_port
 from deploy import k8s, tools
 from deploy.container import container_ip, http, run, run_args
@@ -378,7 +379,7 @@ def main(argv: list[str] | None = None) -> int:
              "balancer marked each old replica down": (
                  [s["sigterm_to_balancer_down_s"] is not None for s in figures["rolling"]["steps"]], [True, True])}
     report = {"command": "python -m deploy.check " + " ".join(sys.argv[1:] if argv is None else argv),
-              "date": time.strftime("%Y-%m-%d %H:%M:%S"), "load_average_before": load_before,
+              "date": time.strftime("%Y-%m-%d %H:%M:%S"), "load_average_before": load_before, "cpu": cpu_summary(),
               "load_average_after": [round(x, 2) for x in os.getloadavg()], "wall_s": round(time.monotonic() - t0, 1),
               **figures, "goals": {k: {"value": v, "goal": g, "pass": v == g} for k, (v, g) in goals.items()}}
     report["passed"] = all(g["pass"] for g in report["goals"].values())

@@ -27,6 +27,7 @@ import urllib.request
 from pathlib import Path
 
 from common.files import write_json
+from common.machine import cpu_summary
 from deploy import k8s, tools
 
 REPO = Path(__file__).resolve().parent.parent
@@ -210,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
     manifests = k8s.render(image, args.out.parent / "k8s" / "bnfold.yaml")
     report = {"image": image, "bento": bento, "model_tag": model_tag, "model_sha256": sha256, "model": str(args.model),
               "base_image": base, "base_python": python, "size_mb": round(size_mb, 1), "user": user,
-              "build_s": round(build_s, 1), "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+              "build_s": round(build_s, 1), "date": time.strftime("%Y-%m-%d %H:%M:%S"), "cpu": cpu_summary(),
               "load_average": [round(x, 2) for x in os.getloadavg()], "manifests": str(manifests),
               "command": "python -m deploy.container " + " ".join(sys.argv[1:] if argv is None else argv), **checks}
     goals = {f"size <= {MAX_MB} MB": size_mb <= MAX_MB, "non-root user": user not in ("", "root", "0"),

@@ -16,7 +16,7 @@ the server's /metadata, so any contract model works):
   overload        open loop at 3x the measured capacity for 30 s: 0 timeouts, 0 resets, the excess
                   shed with 503 + Retry-After, p99 of the accepted requests <= 2x the shedding
                   threshold the service derived (/metadata), goodput >= 0.9x capacity, p99 in the
-                  first second afterwards back to normal
+                  second after the left-over queue drained (the threshold) back to normal
   stalled         200 connections stalled mid-headers: all closed by the server within 15 s
   oversize        a declared 1 GB body and a 30 MB JSON body: 413, connection closed, body not read
 
@@ -50,6 +50,7 @@ import numpy as np
 import psutil
 
 from common.files import write_json
+from common.machine import cpu_summary
 from common.procs import ProcessError, ServerProcess, free_port
 from loadtest.core import parse_duration
 
@@ -109,11 +110,27 @@ class HttpConn(asyncio.Protocol):
                 headers[name.strip().lower()] = value.strip()
             self.head = (int(lines[0].split(b" ", 2)[1]), headers)
             self.need = end + 4 + int(headers.get(b"content-length", b"0"))
-        if len(self.buf) >= self.need and self.waiter is not None and not self.waiter.done():
+        chunked = self.head[1].get(b"transfer-encoding", b"").lower() == b"chunked"
+        body = self._chunks(self.need) if chunked else None  # (KServe's binary answers are chunked)
+        if (body is not None or not chunked and len(self.buf) >= self.need) and self.waiter is not None \
+                and not self.waiter.done():
             status, headers = self.head
             self.keep = headers.get(b"connection", b"").lower() != b"close"
             body_start = self.need - int(headers.get(b"content-length", b"0"))
-            self.waiter.set_result((status, headers, bytes(self.buf[body_start:self.need])))
+            self.waiter.set_result((status, headers, body if chunked else bytes(self.buf[body_start:self.need])))
+
+    def _chunks(self, pos: int) -> bytes | None:
+        """The body of a chunked answer starting at `pos`, or None while its last chunk is on its way."""
+        parts = []
+        while (eol := self.buf.find(b"\r\n", pos)) >= 0:
+            size = int(bytes(self.buf[pos:eol]).split(b";")[0], 16)
+            if size == 0:
+                return b"".join(parts) if self.buf.find(b"\r\n\r\n", eol) >= 0 else None
+            if len(self.buf) < eol + 4 + size:
+                return None
+            parts.append(bytes(self.buf[eol + 2:eol + 2 + size]))
+            pos = eol + 4 + size
+        return None
 
     def connection_lost(self, exc) -> None:
         self.keep = False
@@ -541,7 +558,9 @@ def overload(server: ServerProcess, raw: bytes, seconds: float = 30.0, factor: f
              capacity_conns: int = 16, capacity_s: float = 8.0, queue_delay_ms: float = 250.0) -> tuple[dict, list[Check]]:
     """Capacity (closed loop, `capacity_conns` connections: enough to keep both workers busy, few
     enough not to queue into the shedding), then `factor` x capacity open-loop for `seconds`,
-    then half the capacity again to see latency come back."""
+    then half the capacity again to see latency come back: the queue left by the overload is at
+    most the shedding threshold long, so it is judged in the second after that (drain_s)."""
+    drain_s = queue_delay_ms / 1000
 
     async def main():
         async with Load(server.port, timeout=10) as load:
@@ -556,13 +575,13 @@ def overload(server: ServerProcess, raw: bytes, seconds: float = 30.0, factor: f
             elapsed = time.monotonic() - t0
             generator_cpu = (sum(me.cpu_times()[:2]) - cpu0) / elapsed
             t_after = time.monotonic()
-            after = await load.open_loop(raw, capacity / 2, 5.0)
+            after = await load.open_loop(raw, capacity / 2, drain_s + 3.0)
             return capacity, cap, base, over, elapsed, generator_cpu, after, t_after
 
     capacity, cap, base, over, elapsed, generator_cpu, after, t_after = run(main())
     guard = guard_counts(server.port)
     o, b = over.summary(), base.summary()
-    first = after.window(t_after, t_after + 1.0).summary()
+    first = after.window(t_after + drain_s, t_after + drain_s + 1.0).summary()
     ok = o["statuses"].get("200", 0)
     goodput = ok / elapsed / capacity if capacity else 0.0
     timeouts = o["errors"].get("timeout", 0) + o["errors"].get("connect_timeout", 0)
@@ -587,7 +606,7 @@ def overload(server: ServerProcess, raw: bytes, seconds: float = 30.0, factor: f
                     f"<= {2 * queue_delay_ms:.0f} ms (2x the shedding threshold of {queue_delay_ms:.0f} ms)",
                     o["ok_p99_ms"] is not None and o["ok_p99_ms"] <= 2 * queue_delay_ms),
               Check("goodput", f"{goodput:.2f}x capacity", ">= 0.9x capacity", goodput >= 0.9),
-              Check("p99 in the first second after", first["p99_ms"],
+              Check(f"p99 in the second after the queue drained ({drain_s:.2f} s: the shedding threshold)", first["p99_ms"],
                     f"<= {back_goal:.0f} ms (2x the {b['p99_ms']} ms before, at least 50)",
                     first["p99_ms"] is not None and first["p99_ms"] <= back_goal)]
     return figures, checks
@@ -748,7 +767,7 @@ def main(argv=None) -> int:
         return 2
     args.out.mkdir(parents=True, exist_ok=True)
     report = {"command": "python -m loadtest.faults " + " ".join(sys.argv[1:] if argv is None else argv),
-              "date": time.strftime("%Y-%m-%d %H:%M:%S"), "load_average_before": os.getloadavg(),
+              "date": time.strftime("%Y-%m-%d %H:%M:%S"), "load_average_before": os.getloadavg(), "cpu": cpu_summary(),
               "workers": args.workers, **({"image": args.image} if args.image else {}), "scenarios": {}}
     checks_all: list[tuple[str, Check]] = []
     for name in args.only:

@@ -72,7 +72,7 @@ class Guard:
     """Per-worker fault state (owned by the service instance; the protocol finds it through it)."""
 
     def __init__(self, settings, queue_delay_s: float | None = None, window_s: float = WINDOW_S,
-                 is_work=None, gate=None) -> None:
+                 is_work=None, gate=None, backlog_s=None) -> None:
         self.settings = settings
         self.protocols: set[GuardedProtocol] = set()
         self.counts = dict.fromkeys(REASONS, 0)
@@ -83,6 +83,7 @@ class Guard:
         self.window = window_s
         self.is_work = is_work or is_work_default
         self.gate = gate  # service/workers.py: connections spread over the workers (None: one process)
+        self.backlog_s = backlog_s or (lambda: 0.0)  # seconds of model work already queued in this worker
         self.standing = 0.0  # the shortest queue wait (admission -> its model call starts) in the last full window
         self._window_min = float("inf")
         self._window_end = 0.0
@@ -167,14 +168,19 @@ class Guard:
             self._window_min = waited
 
     def overloaded(self, inflight: int) -> bool:
-        """Shed new work? When even the luckiest request of the last window (two calls of the
-        model, at least 100 ms) waited longer than the queue delay limit in this worker before its
-        model call started (a standing queue, as CoDel sees it), or past QUEUE_MAX requests. The
-        limit is a few calls of the model (service/tuning.py), so a queue of a few calls is not
-        overload, and a slow client's upload does not count (the wait starts once the headers are in)."""
+        """Shed new work? Past QUEUE_MAX requests in this worker; or, with at least MIN_INFLIGHT, when
+        a new request would wait longer than the queue delay limit for its model call: because the
+        inputs already queued would take that long at the model's measured cost (`backlog_s`, the
+        batcher's running figure), or because even the luckiest request of the last window waited
+        that long (a standing queue, as CoDel sees it: it catches what the estimate misses). The limit
+        is a few calls of the model (service/tuning.py), so a queue of a few calls is not overload;
+        the estimate keeps an accepted request's wait near the limit even when the load jumps to
+        several times the capacity (the standing queue alone is seen only once it has formed, and a
+        queue up to ~3x the limit long was admitted by then); a slow client's upload does not count
+        (the wait starts once the headers are in)."""
         if inflight >= self.settings.queue_max:
             return True
-        return inflight >= MIN_INFLIGHT and self.standing > self.delay_limit
+        return inflight >= MIN_INFLIGHT and (self.standing > self.delay_limit or self.backlog_s() > self.delay_limit)
 
     def count(self, reason: str) -> None:
         self.counts[reason] += 1
@@ -183,6 +189,7 @@ class Guard:
     def stats(self) -> dict:
         return {"connections": len(self.protocols), "draining": self.draining,
                 "queue_delay_ms": round(1000 * self.standing, 2), "queue_delay_limit_ms": round(1000 * self.delay_limit, 1),
+                "backlog_ms": round(1000 * self.backlog_s(), 1),
                 **self.counts, **({"balance": self.gate.stats()} if self.gate is not None else {})}
 
     def should_move(self, protocol) -> bool:

@@ -35,8 +35,8 @@ OBJECT_THRESHOLD = 20.0
 # Big pictures are worked on at no less than this many times the model's input size (each side).
 REDUCE_TO = 2
 # The object's box and the background are found on a copy of at most this many pixels a side.
-PROBE_SIDE = 256
-REDUCING_GAP = 3.0  # PIL's resize: box-reduce first when shrinking more than this (near-identical result)
+PROBE_SIDE = 128
+REDUCING_GAP = 2.0  # PIL's resize: box-reduce first when shrinking more than this (what its thumbnail() uses)
 
 
 def peek_image(data: bytes) -> Image.Image:
@@ -121,7 +121,7 @@ def border_level(pixels: np.ndarray) -> np.ndarray:
 def object_box(pixels: np.ndarray, background: np.ndarray) -> tuple[int, int, int, int]:
     """(top, bottom, left, right) of the pixels that differ from `background`; the whole picture
     when nothing does."""
-    distance = np.abs(pixels - background).max(axis=2)
+    distance = np.abs(pixels - background).max(axis=2) if pixels.shape[2] > 1 else np.abs(pixels[..., 0] - background[0])
     rows = np.flatnonzero((distance > OBJECT_THRESHOLD).any(axis=1))
     cols = np.flatnonzero((distance > OBJECT_THRESHOLD).any(axis=0))
     if rows.size == 0:
@@ -153,13 +153,20 @@ def crop_to_object(pixels: np.ndarray, background: np.ndarray, margin: float, as
     return canvas
 
 
-def crop_and_resize(image: Image.Image, background: np.ndarray, margin: float, height: int, width: int) -> Image.Image:
+def probe_of(image: Image.Image) -> Image.Image:
+    """A box-reduced copy of at most PROBE_SIDE pixels a side (the picture itself when smaller)."""
+    factor = -(-max(image.size) // PROBE_SIDE)
+    return image.reduce(factor) if factor > 1 else image
+
+
+def crop_and_resize(image: Image.Image, background: np.ndarray, margin: float, height: int, width: int,
+                    probe: Image.Image | None = None) -> Image.Image:
     """crop_to_object + an antialiased resize to height x width, on the uint8 picture: the object's
     box is found on a copy of at most PROBE_SIDE pixels a side; only the crop is resized (Lanczos,
     which widens its support when shrinking; PIL box-reduces first when shrinking more than
-    REDUCING_GAP times, which it documents as almost identical) and placed in its frame."""
-    factor = -(-max(image.size) // PROBE_SIDE)
-    probe = image.reduce(factor) if factor > 1 else image
+    REDUCING_GAP times, as its own thumbnail() does: 1.5 instead of 5.2 ms for 960x540 -> 224) and
+    placed in its frame."""
+    probe = probe or probe_of(image)
     top, bottom, left, right = object_box(pixels_of(probe), background)
     sy, sx = image.height / probe.height, image.width / probe.width  # back to the picture's pixels, outward
     box = (int(left * sx), int(top * sy), min(image.width, int(np.ceil(right * sx))), min(image.height, int(np.ceil(bottom * sy))))
@@ -185,12 +192,12 @@ def image_to_input(image: Image.Image, contract: Contract, invert: bool | None =
     fill = 255 if contract.background == "light" else 0
     image = to_mode(decode_image(image, height, width), channels, fill)
     exact = image.size == (width, height)  # the model's size: taken as it is, no crop, no resize
-    factor = 1 if exact else -(-max(image.size) // PROBE_SIDE)
-    background = border_level(pixels_of(image.reduce(factor) if factor > 1 else image))
+    probe = image if exact else probe_of(image)
+    background = border_level(pixels_of(probe))
     if invert is None:
         seen = "light" if background.mean() > 127.5 else "dark"
         invert = contract.background is not None and seen != contract.background
-    pixels = pixels_of(image if exact else crop_and_resize(image, background, margin, height, width))
+    pixels = pixels_of(image if exact else crop_and_resize(image, background, margin, height, width, probe))
     if invert:
         pixels = 255.0 - pixels
     lo, hi = contract.input_range or (0.0, 1.0)

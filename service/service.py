@@ -78,8 +78,8 @@ def measure_for_workers(env: dict) -> None:
     A setting that cannot work with the measured cost stops `bentoml serve` here: one line, exit 2."""
     if TUNING_ENV not in os.environ:
         try:
-            os.environ[TUNING_ENV] = measure_in_subprocess()
-        except TuningError as exc:
+            os.environ[TUNING_ENV] = measure_in_subprocess(SETTINGS.resolve_model_path())
+        except (TuningError, ModelLoadError) as exc:
             print(f"refusing to start: {exc}", file=sys.stderr)
             raise SystemExit(2) from None
     env[TUNING_ENV] = os.environ[TUNING_ENV]
@@ -134,19 +134,20 @@ class Classifier:
         settings = self.settings = SETTINGS
         try:
             contract, data = load_contract(settings.resolve_model_path())
-            seconds = decode(os.environ.get(TUNING_ENV), contract.sha256)  # measured by `bentoml serve`
+            measured = decode(os.environ.get(TUNING_ENV), contract.sha256)  # by `bentoml serve`, before any worker
             self.model = Model(contract, data, settings.provider, settings.intra_op_threads, settings.chunk_images,
-                               timed_runs=0 if seconds else 3)
-            if seconds is None:  # not started by `bentoml serve` (or another model): measure here
-                seconds = time_batches(self.model, (settings.latency_budget_ms or 500.0) / 1000)
-            self.tuning = derive(seconds, settings)
+                               timed_runs=0 if measured else 1)
+            if measured is None:  # not started by `bentoml serve` (or another model): measure here
+                measured = time_batches(self.model, max(self.model.seconds_per_sample, (settings.latency_budget_ms or 500.0) / 1000))
+            seconds, cpu = measured
+            self.tuning = derive(seconds, settings, cpu)
         except (ModelLoadError, TuningError) as exc:  # changed since start-up: say so in one line
             logger.error("refusing to start: %s", exc)
             raise SystemExit(f"refusing to start: {exc}") from None
         self.model.seconds_per_sample = seconds[1]
         del data
         self.contract = contract
-        self.spec = InputSpec.of(contract, settings.max_images)
+        self.spec = InputSpec.of(contract, self.tuning.max_images)
         self.executor = ThreadPoolExecutor(1, thread_name_prefix="onnx")  # onnxruntime has its own threads
         self.decoder = ThreadPoolExecutor(1, thread_name_prefix="decode")  # big uploads, off the event loop
         index = worker_index()
@@ -154,11 +155,13 @@ class Classifier:
             if index is not None and 0 < index <= settings.workers else None
         gate = GatedLoop.gate = Gate(self.table) if self.table is not None else None
         self.started_all = False  # every worker has been loaded at once (readiness, not_ready)
-        self.guard = Guard(settings, self.tuning.queue_delay_s, self.tuning.window_s, work_matcher(ROUTES), gate)
         self.batcher = Batcher(self.model.run, self.tuning.batch_max, self.tuning.inline_max, self.executor,
-                               self.guard.started)
+                               seconds_per_input=self.tuning.call_s(self.tuning.batch_max) / self.tuning.batch_max)
+        self.guard = Guard(settings, self.tuning.queue_delay_s, self.tuning.window_s, work_matcher(ROUTES), gate,
+                           self.batcher.backlog_s)
+        self.batcher.started = self.guard.started
         self.guard.start()
-        self.docs_json = json_response(openapi(ROUTES, contract, SERVICE_NAME, settings.max_images, settings.max_body_bytes)).body
+        self.docs_json = json_response(openapi(ROUTES, contract, SERVICE_NAME, self.spec.max_images, settings.max_body_bytes)).body
         self.schema_json = json_response(client_schema(ROUTES, SERVICE_NAME)).body
         self.static = {name: (STATIC / name).read_bytes() for name in ("index.html", "page.js", "page.css", "docs.html", "docs.js")}
         self.about = self.describe()
@@ -188,7 +191,7 @@ class Classifier:
             "input": {"name": c.input_name, "layout": c.layout, "shape": list(c.input_shape),
                       "accepted_shapes": c.accepted_shapes, "channels": c.channels, "height": c.height,
                       "width": c.width, "range": list(c.input_range) if c.input_range else None,
-                      "background": c.background, "dtype": "float32", "max_images_per_request": s.max_images,
+                      "background": c.background, "dtype": "float32", "max_images_per_request": self.spec.max_images,
                       "max_body_bytes": s.max_body_bytes, "content_types": [JSON, RAW_FLOAT32, NPY],
                       "classify": c.classify_refusal is None},
             "output": {"name": c.output_name, "kind": c.output_kind, "shape": [None, c.classes]} if c.classifier else None,

@@ -101,9 +101,11 @@ def test_lock_pins_every_package_with_a_hash():
     assert "uv" not in pins and "setuptools" not in pins
 
 
-def test_bento_dockerfile_is_lean(model_dir, tmp_path):
-    """`bentoml build` renders the image's Dockerfile from bentofile.yaml + deploy/Dockerfile.j2."""
-    env = {**os.environ, "BENTOML_HOME": str(tmp_path / "bentoml"), "BENTOML_DO_NOT_TRACK": "true"}
+@pytest.fixture(scope="module")
+def bento(model_dir, tmp_path_factory):
+    """`make bento`'s two steps: the model into a fresh BentoML store, `bentoml build` with its tag."""
+    home = tmp_path_factory.mktemp("bentoml")
+    env = {**os.environ, "BENTOML_HOME": str(home), "BENTOML_DO_NOT_TRACK": "true"}
     bentoml = str(Path(sys.executable).with_name("bentoml"))
     tag = subprocess.run([sys.executable, "-m", "service.store", str(model_dir / "model.onnx")], cwd=REPO, env=env,
                          capture_output=True, text=True, check=True).stdout.strip()
@@ -111,15 +113,40 @@ def test_bento_dockerfile_is_lean(model_dir, tmp_path):
                            capture_output=True, text=True)
     assert built.returncode == 0, built.stderr[-2000:]
     name, version = built.stdout.strip().split("__tag__:")[1].split(":")
-    bento = tmp_path / "bentoml" / "bentos" / name / version
-    dockerfile = (bento / "env" / "docker" / "Dockerfile").read_text()
+    return {"env": env, "tag": tag, "bento": f"{name}:{version}", "dir": home / "bentos" / name / version}
+
+
+def test_bento_dockerfile_is_lean(bento):
+    """`bentoml build` renders the image's Dockerfile from bentofile.yaml + deploy/Dockerfile.j2."""
+    dockerfile = (bento["dir"] / "env" / "docker" / "Dockerfile").read_text()
     assert "ARG BASE_IMAGE=python:3.11-slim\nFROM ${BASE_IMAGE}" in dockerfile
     for absent in ("apt-get", "build-essential", "uv pip", "uv venv", "--mount="):
         assert absent not in dockerfile, absent
     for present in ("--require-hashes", "--no-cache-dir", "STOPSIGNAL SIGTERM", "USER bentoml", "HEALTHCHECK"):
         assert present in dockerfile, present
-    assert (bento / "src" / "deploy" / "requirements.lock").read_bytes() == (REPO / "deploy" / "requirements.lock").read_bytes()
-    assert yaml.safe_load((bento / "bento.yaml").read_text())["args"]["model_tag"] == tag
+    assert (bento["dir"] / "src" / "deploy" / "requirements.lock").read_bytes() == (REPO / "deploy" / "requirements.lock").read_bytes()
+    assert yaml.safe_load((bento["dir"] / "bento.yaml").read_text())["args"]["model_tag"] == bento["tag"]
+
+
+def test_the_bento_serves_its_store_model(bento, model_dir, tmp_path):
+    """What the image runs: `bentoml serve <bento>` from the bento's own source, the model from the
+    store through the bento argument (not MODEL_PATH): measured at start, every worker loaded."""
+    import httpx
+
+    from common.procs import ServerProcess, free_port
+
+    port = free_port()
+    bentoml = str(Path(sys.executable).with_name("bentoml"))
+    env = {k: v for k, v in bento["env"].items() if k not in ("MODEL_PATH", "MODEL_TAG", "PYTHONPATH")}
+    server = ServerProcess([bentoml, "serve", bento["bento"], "--host", "127.0.0.1", "--port", str(port)], port,
+                           tmp_path / "serve.log", env={**env, "MODEL_PATH": str(tmp_path / "not-there.onnx")},
+                           cwd=tmp_path, name="bentoml serve <bento>")
+    with server:
+        server.wait_ready(180)
+        meta = httpx.get(f"{server.url}/metadata").json()
+    expected = (model_dir / "model.onnx.sha256").read_text().split()[0]
+    assert meta["model"]["sha256"] == expected and meta["model"]["path"].startswith(str(bento["env"]["BENTOML_HOME"]))
+    assert meta["runtime"]["derived"]["ms_per_call"]["1"] > 0
 
 
 def test_container_without_a_model_says_how_to_make_one(tmp_path):

@@ -677,6 +677,36 @@ def test_batcher_runs_big_calls_in_the_thread_one_at_a_time_and_reports_queue_wa
     assert len(waits) == 9 and max(waits) >= 0.1  # the last request waited for the first two calls
 
 
+def test_batcher_knows_its_backlog_and_the_guard_sheds_before_the_queue_forms():
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    release = threading.Event()
+    seen = []
+
+    def infer(batch):
+        release.wait(5)
+        return [batch]
+
+    async def main():
+        batcher = Batcher(infer, max_batch=2, inline_max=0, executor=ThreadPoolExecutor(1), seconds_per_input=0.1)
+        guard = Guard(FakeSettings(), queue_delay_s=0.5, backlog_s=batcher.backlog_s)  # limit: 5 inputs' worth
+        tasks = [asyncio.ensure_future(batcher(np.zeros((1, 2), np.float32))) for _ in range(4)]
+        await asyncio.sleep(0.05)
+        seen.append((batcher.queued_inputs, round(batcher.backlog_s(), 3), guard.overloaded(4)))
+        tasks += [asyncio.ensure_future(batcher(np.zeros((3, 2), np.float32)))]
+        await asyncio.sleep(0.05)
+        seen.append((batcher.queued_inputs, round(batcher.backlog_s(), 3), guard.overloaded(5), guard.overloaded(3)))
+        release.set()
+        await asyncio.gather(*tasks)
+        seen.append((batcher.queued_inputs, guard.overloaded(5)))
+
+    asyncio.run(main())
+    assert seen[0] == (4, 0.4, False)  # 0.4 s of work queued: under the 0.5 s limit
+    assert seen[1] == (7, 0.7, True, False)  # 0.7 s: shed, unless fewer than MIN_INFLIGHT requests are in
+    assert seen[2] == (0, False)
+
+
 def test_batcher_failure_reaches_every_waiter_and_it_keeps_working():
     state = {"fail": True}
 
