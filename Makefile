@@ -16,7 +16,7 @@ HOST ?= 127.0.0.1
 # the model serve, bento, the load tests and faults use: the one exported last, as it is
 MODEL_PATH ?= $(ARTIFACTS)/model.onnx
 
-.PHONY: help setup setup-serve setup-dev data browser pipeline train export verify test ablation recipes bench-model serve bento \
+.PHONY: help setup setup-serve setup-load setup-dev data browser pipeline train export verify test ablation recipes bench-model serve bento \
 	faults loadtest bench-serve soak examples keras-seeds bench-onnx-fold readme-results clean
 
 help:
@@ -25,7 +25,8 @@ help:
 	@echo "                       (INT8=1: also an INT8 model verified on this host, docs/int8.md)"
 	@echo "  make test            set-up with the dev extra, data, headless browser, the whole pytest suite"
 	@echo "Stages (ARCH=seed-cnn|mlp-bn|keras-cnn|deep-cnn, DATA_DIR=$(DATA_DIR)):"
-	@echo "  make setup           .venv with torch==2.13.0 and the project (setup-serve: + BentoML; setup-dev: + dev extra)"
+	@echo "  make setup           .venv with torch==2.13.0 and the project (setup-serve: + BentoML; setup-load: + the load"
+	@echo "                       tools; setup-dev: + the dev extra)"
 	@echo "  make data            the Fashion-MNIST IDX files (apt-get install dataset-fashion-mnist when missing)"
 	@echo "  make browser         chromium + chromium-driver for the page test (apt-get, as root)"
 	@echo "  make train           train ARCH into artifacts/runs/ARCH (skipped when current: same data files, recipe, seed)"
@@ -45,7 +46,9 @@ help:
 	@echo "  make bento           MODEL_PATH into BentoML's model store, then bentoml build (then: bentoml serve bnfold-classifier:latest)"
 	@echo "  make examples        request bodies for the curl examples (EXAMPLES_DIR=/tmp/fmnist)"
 	@echo "  make loadtest        locust scenarios with checks (USERS=16 RUN_TIME=30s P99_MS=1000 TAGS=...)"
-	@echo "  make bench-serve     ours vs naive baselines, side by side (QUICK=1: ~5 min)"
+	@echo "  make bench-serve     any model: in-process ceiling, ours at 1-32 clients, open loop, naive FastAPI, peers"
+	@echo "                       (PyTriton, TorchServe, KServe, LitServe; own venvs); goals -> exit code (~10 min; QUICK=1)"
+	@echo "  make bench-real      seed-cnn, MobileNetV2, ResNet-50 (224, 448), YOLOv8n exported and bench-served (~1 h)"
 	@echo "  make soak            fixed load for SOAK_TIME=10m, RSS growth and errors"
 	@echo "  make faults          killed worker, SIGTERM, 3x overload, stalled clients, oversize bodies (ONLY=...; IMAGE=tag: on the image)"
 	@echo "Beyond one machine (docs/deploy.md; MODEL_PATH as for serve):"
@@ -79,13 +82,18 @@ $(VENV)/.serve-installed: $(VENV)/.installed
 
 # compileall: some packages ship files for other Python versions that do not compile; pip skips them
 # alike, so its exit status is not the set-up's.
+$(VENV)/.load-installed: $(VENV)/.installed
+	$(PIP) -e '.[load]'
+	@touch $@ $(VENV)/.serve-installed
+
 $(VENV)/.dev-installed: $(VENV)/.installed
 	$(PIP) -e '.[dev]'
 	@$(PY) -m compileall -q -j 0 "$$($(PY) -c 'import sysconfig; print(sysconfig.get_path("purelib"))')" > /dev/null 2>&1 || :
-	@touch $@ $(VENV)/.serve-installed
+	@touch $@ $(VENV)/.serve-installed $(VENV)/.load-installed
 
 setup: $(VENV)/.installed
 setup-serve: $(VENV)/.serve-installed
+setup-load: $(VENV)/.load-installed
 setup-dev: $(VENV)/.dev-installed
 
 data:
@@ -163,32 +171,35 @@ bento: setup-serve
 	$(VENV)/bin/bentoml build --arg model_tag=$$tag && \
 	echo "serve the bento: $(VENV)/bin/bentoml serve bnfold-classifier:latest --host $(HOST) --port $(PORT)  (or: make container)"
 
-faults: setup-dev
+faults: setup-load
 	$(if $(IMAGE),,$(NEED_MODEL))
 	$(LOCK) $(PY) -m loadtest.faults $(if $(IMAGE),--image $(IMAGE) --out $(ARTIFACTS)/faults-image,--model "$(MODEL_PATH)" --out $(ARTIFACTS)/faults) \
 		$(if $(ONLY),--only $(ONLY)) $(if $(OVERLOAD_TIME),--overload-time $(OVERLOAD_TIME))
 
-loadtest: setup-dev data
+loadtest: setup-load data
 	$(NEED_MODEL)
 	$(PY) -m loadtest run --model "$(MODEL_PATH)" --port $(PORT) --users $(or $(USERS),16) \
 		$(if $(SPAWN_RATE),--spawn-rate $(SPAWN_RATE)) --run-time $(or $(RUN_TIME),30s) --processes $(or $(PROCESSES),2) \
 		--p99-ms $(or $(P99_MS),1000) $(if $(TAGS),--tags $(TAGS)) $(if $(TARGET_RPS),--target-rps $(TARGET_RPS)) \
 		--data-dir "$(DATA_DIR)" --out $(ARTIFACTS)/loadtest
 
-bench-serve: setup-dev data
+# One benchmark for any model (docs/loadtest.md). SETUPS=naive-fastapi,triton,... (none: ours and the ceiling
+# only), CLIENTS=1,8,32, ROUNDS=2, PRECISION=int8; the peers' venvs (.venv-peers/NAME) are made on first use,
+# before BENCH_LOCK is taken (held while measuring, not by make: installs run outside it).
+bench-serve: setup-load data
 	$(NEED_MODEL)
-	$(LOCK) $(PY) -m loadtest bench --model "$(MODEL_PATH)" $(if $(QUICK),--quick) --processes $(or $(PROCESSES),2) \
-		$(if $(BENCH_USERS),--users $(BENCH_USERS)) $(if $(SETUPS),--setups $(SETUPS)) \
-		--data-dir "$(DATA_DIR)" --out $(ARTIFACTS)/bench_serve
+	$(PY) -m loadtest bench --model "$(MODEL_PATH)" $(if $(QUICK),--quick) $(if $(SETUPS),--setups $(SETUPS)) \
+		$(if $(CLIENTS),--clients $(CLIENTS)) $(if $(ROUNDS),--rounds $(ROUNDS)) $(if $(PRECISION),--env PRECISION=$(PRECISION)) \
+		$(if $(BENCH_LOCK),--lock "$(BENCH_LOCK)") --data-dir "$(DATA_DIR)" --out $(ARTIFACTS)/bench_serve
 
-soak: setup-dev data
+soak: setup-load data
 	$(NEED_MODEL)
 	$(LOCK) $(PY) -m loadtest soak --model "$(MODEL_PATH)" --time $(or $(SOAK_TIME),10m) $(if $(SOAK_WARMUP),--warmup $(SOAK_WARMUP)) \
 		--processes $(or $(PROCESSES),2) --bench-results $(ARTIFACTS)/bench_serve/results.json \
 		--data-dir "$(DATA_DIR)" --out $(ARTIFACTS)/soak
 
 # example request bodies for the curl examples (JSON, raw float32, .npy, OIP v2, PNG/JPEG)
-examples: setup-dev data
+examples: setup-load data
 	$(NEED_MODEL)
 	$(PY) -m loadtest examples --model "$(MODEL_PATH)" --data-dir "$(DATA_DIR)" --out $(or $(EXAMPLES_DIR),/tmp/fmnist)
 
@@ -278,6 +289,15 @@ bench-int8: setup-dev data $(ZOO_VENV)/.installed
 	flock $(BENCH_INT8_LOCK) $(PY) -m export.bench_int8 all --runs $(subst $(space),$(comma),$(foreach a,$(subst $(comma), ,$(INT8_RUNS)),$(ARTIFACTS)/runs/$(a))) \
 		--model-dirs $(subst $(space),$(comma),$(foreach n,$(subst $(comma), ,$(INT8_ZOO)),$(ARTIFACTS)/bench_int8/zoo/$(n))) \
 		--data-dir "$(DATA_DIR)" --out $(ARTIFACTS)/bench_int8
+
+# Real models through the project's CLI, each bench-served with issue 25's goals (bench/real.py): resumable,
+# FORCE=1 redoes, ONLY=resnet50,yolov8n, ROUNDS=2; each benchmark holds ZOO_LOCK while it measures. Its tables
+# replace docs/service.md's "Serving real models" results (plots in docs/img/bench_real/). Exit 1 when a goal is short.
+.PHONY: bench-real
+bench-real: setup-load data $(ZOO_VENV)/.installed
+	$(ZOO_PIP) ultralytics torch==2.14.1 torchvision==0.29.1
+	$(PY) -m bench.real --out $(ARTIFACTS)/bench_real --lock $(ZOO_LOCK) --data-dir "$(DATA_DIR)" --docs docs/service.md \
+		$(if $(ONLY),--only $(ONLY)) $(if $(FORCE),--force) $(if $(ROUNDS),--rounds $(ROUNDS))
 
 # torchvision/timm models through python -m export: `make setup-zoo`, then `.venv-zoo/bin/python -m export --model
 # torchvision.models:resnet50 ...` (torchvision does not import beside the project venv's torch 2.13.0)

@@ -110,11 +110,27 @@ class HttpConn(asyncio.Protocol):
                 headers[name.strip().lower()] = value.strip()
             self.head = (int(lines[0].split(b" ", 2)[1]), headers)
             self.need = end + 4 + int(headers.get(b"content-length", b"0"))
-        if len(self.buf) >= self.need and self.waiter is not None and not self.waiter.done():
+        chunked = self.head[1].get(b"transfer-encoding", b"").lower() == b"chunked"
+        body = self._chunks(self.need) if chunked else None  # (KServe's binary answers are chunked)
+        if (body is not None or not chunked and len(self.buf) >= self.need) and self.waiter is not None \
+                and not self.waiter.done():
             status, headers = self.head
             self.keep = headers.get(b"connection", b"").lower() != b"close"
             body_start = self.need - int(headers.get(b"content-length", b"0"))
-            self.waiter.set_result((status, headers, bytes(self.buf[body_start:self.need])))
+            self.waiter.set_result((status, headers, body if chunked else bytes(self.buf[body_start:self.need])))
+
+    def _chunks(self, pos: int) -> bytes | None:
+        """The body of a chunked answer starting at `pos`, or None while its last chunk is on its way."""
+        parts = []
+        while (eol := self.buf.find(b"\r\n", pos)) >= 0:
+            size = int(bytes(self.buf[pos:eol]).split(b";")[0], 16)
+            if size == 0:
+                return b"".join(parts) if self.buf.find(b"\r\n\r\n", eol) >= 0 else None
+            if len(self.buf) < eol + 4 + size:
+                return None
+            parts.append(bytes(self.buf[eol + 2:eol + 2 + size]))
+            pos = eol + 4 + size
+        return None
 
     def connection_lost(self, exc) -> None:
         self.keep = False

@@ -14,31 +14,34 @@ def _save(fig, path: Path) -> None:
     plt.close(fig)
 
 
-def sweep(rows: list[dict], out: Path, title: str) -> None:
-    """throughput_vs_users.png and latency_vs_users.png (p50 / p95 / p99) of the closed-loop sweeps."""
-    by_setup: dict[str, list[dict]] = {}
-    for r in sorted(rows, key=lambda r: r["users"]):
-        if r["kind"] == "sweep" and r["setup"] != "in-process":
-            by_setup.setdefault(r["setup"], []).append(r)
-    users = sorted({r["users"] for points in by_setup.values() for r in points})
-    for name, keys in (("throughput_vs_users.png", ["rps"]), ("latency_vs_users.png", ["p50", "p95", "p99"])):
-        fig, axes = plt.subplots(1, len(keys), figsize=(4.7 * len(keys) + 2.3, 4.5), sharey=True, squeeze=False)
-        for ax, key in zip(axes[0], keys):
-            for setup, points in by_setup.items():
-                ax.plot([p["users"] for p in points], [p[key] for p in points], marker="o", label=setup)
-            ax.set_xscale("log", base=2)
-            ax.set_xticks(users, [str(u) for u in users])
-            ax.minorticks_off()
-            ax.grid(True, which="both", alpha=0.3)
-            ax.set(xlabel="concurrent users (closed loop)")
-            if key == "rps":
-                ax.set(ylim=(0, None), ylabel="throughput (req/s, single-input /predict)")
-            else:  # locust reports sub-millisecond times as 0 ms: symlog keeps them on the plot
-                ax.set_yscale("symlog", linthresh=1.0)
-                ax.set(title=f"{key} latency", ylabel="ms (single-input /predict)" if key == "p50" else "")
-        axes[0][-1].legend(loc="best", fontsize="small")
-        fig.suptitle(title)
-        _save(fig, out / name)
+def bench(rows: list[dict], path: Path, title: str) -> None:
+    """img/s, p99 and server CPU per image against closed-loop clients, a line per setup and round; the
+    in-process ceiling dashed."""
+    keys = (("img_s", "images/s"), ("p99_ms", "p99 latency (ms)"), ("server_cpu_ms_per_img", "server CPU ms per image"))
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.8))
+    rounds = len({r["round"] for r in rows}) > 1
+    lines: dict[str, list[dict]] = {}
+    for r in rows:
+        if r["kind"] == "closed" and r["ok"]:
+            lines.setdefault(r["setup"] + (f" (round {r['round']})" if rounds else ""), []).append(r)
+    for ax, (key, label) in zip(axes, keys):
+        for i, (name, points) in enumerate(lines.items()):
+            ax.plot([p["clients"] for p in points], [p[key] for p in points], marker="o", label=name, color=f"C{i % 10}")
+        for r in rows:
+            if r["kind"] == "ceiling" and key != "p99_ms":
+                ax.axhline(r[key], color="black", linestyle="--", linewidth=1,
+                           label=f"in-process ceiling ({r['clients']} proc)" if r["round"] == 1 else None)
+        ax.set_xscale("log", base=2)
+        clients = sorted({p["clients"] for points in lines.values() for p in points})
+        ax.set_xticks(clients, [str(c) for c in clients])
+        ax.set(xlabel="keep-alive clients (closed loop)", ylabel=label)
+        ax.set_yscale("log" if key == "p99_ms" else "linear")
+        if key != "p99_ms":
+            ax.set_ylim(0, None)
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0].legend(loc="best", fontsize="small")
+    fig.suptitle(title)
+    _save(fig, path)
 
 
 def soak(seconds: list[float], rss_mib: list[float], series: dict, warmup_s: float, path: Path, title: str) -> None:

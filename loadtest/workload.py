@@ -193,8 +193,8 @@ def build(t: Target, model: str | Path | None = None, data_dir=DEFAULT_DATA_DIR,
           batches: int = 4) -> dict[str, list[Sample]]:
     """Pre-encoded samples per scenario."""
     if model and t.sha256 and sha256_file(model) != t.sha256:
-        raise DataError(f"{model} is not the served model (sha256 differs from /metadata): "
-                        "pass the served file as --model for label checks, or no --model")
+        raise DataError(f"{model} is not the served model (sha256 differs from /metadata): give the served file "
+                        "(MODEL_PATH=… with make, --model otherwise) for label checks")
     batch = min(BATCH, t.max_images)
     x, u8, truth = inputs(t, max(n, batch), model, data_dir)
     exp = (lambda idx: None) if truth is None else (lambda idx: [int(truth[i]) for i in idx])

@@ -96,6 +96,8 @@ def render_pipeline_times(path: Path) -> Rendered:
     total = sum(s["seconds"] for s in stages)
     cells = " · ".join(f"{s['stage']} {s['seconds']:.0f}" + ("" if s["ran"] else " (reused)") for s in stages)
     body = f"wall seconds: {cells} → **total {total:.0f} s** ({total / 60:.1f} min)"
+    if t.get("load_average_before"):
+        body += f"; load average {t['load_average_before'][0]:.1f} before, {t['load_average_after'][0]:.1f} after"
     note = ""
     if reused:
         note = (f"Not a full run: {', '.join(reused)} reused what was there, so the total is not the time "
@@ -175,20 +177,35 @@ def render_onnx_fold(path: Path) -> Rendered:
     return Rendered(body, date=b["date"], command=b["command"], cpu=cpu_text(b.get("cpu")), short=short)
 
 
-def render_bench_serve(path: Path) -> Rendered:
-    """bench_serve/results.md (python -m loadtest bench): the table; its goal list becomes one line."""
-    text = re.sub(r"^!\[.*$", "", path.read_text().strip(), flags=re.M).strip()
-    first, _, rest = text.partition("\n")
-    command = re.search(r"`([^`]+)`", first)
-    date = re.search(r"\d{4}-\d{2}-\d{2}( \d\d:\d\d)?", first)
-    setting = re.sub(r"^Command: `[^`]+` \(", "", first).rstrip(")")
-    goals = re.findall(r"^- (.*) — (met|SHORT)$", rest, flags=re.M)
-    short = [g for g, verdict in goals if verdict == "SHORT"]
-    body = re.sub(r"^Goals:\n(- .* — (met|SHORT)\n?)+", "", rest.strip(), flags=re.M).rstrip()
-    if goals:
-        body += f"\n\nGoals: {len(goals) - len(short)} of {len(goals)} met."
-    return Rendered(f"{setting}\n\n{body}" if setting != first else body, date=date.group(0) if date else date_of(path),
-                    command=command.group(1) if command else "", short=short)
+def render_serving(path: Path) -> Rendered:
+    """bench_serve/results.json (python -m loadtest bench) or bench_real/summary.json (make bench-real): a row per
+    model, ours at the most clients against the in-process ceiling and the best other setup; each goal short."""
+    real = json.loads(path.read_text())
+    if "meta" in real:  # one benchmark
+        real = {"date": real["meta"]["date"], "command": real["meta"]["command"], "models": {real["meta"]["model_name"]: real}}
+    rows, short, cpu = [], [], ""
+    for name, res in real["models"].items():
+        machine = res.get("meta", {}).get("cpu")
+        cpu = cpu or (cpu_text(machine) if isinstance(machine, dict) else "")
+        got = [r for r in res.get("rows", []) if r["round"] == 1 and r["kind"] in ("closed", "ceiling")]
+        ceil = next((r for r in got if r["kind"] == "ceiling"), None)
+        top = max((r["clients"] for r in got if r["setup"] == "ours"), default=None)
+        at = {r["setup"]: r for r in got if r["clients"] == top and r["kind"] == "closed"}
+        short += [f"{name}: {f}" for f in res.get("failed", [])]
+        if not ceil or "ours" not in at:
+            continue
+        ours, others = at.pop("ours"), sorted(at.values(), key=lambda r: -r["img_s"])
+        met = [g["met"] for g in res["goals"]]
+        rows.append(f"| {name} | {ceil['img_s']:,.1f} | {ours['img_s']:,.1f} ({ours['img_s'] / ceil['img_s']:.2f}x) | "
+                    f"{ours['p99_ms']:,.0f} | {ours['server_cpu_ms_per_img'] / ceil['server_cpu_ms_per_img']:.2f}x | "
+                    + (f"{others[0]['setup']} {others[0]['img_s']:,.1f}, p99 {others[0]['p99_ms']:,.0f}" if others else "–")
+                    + f" | {sum(met)} of {len(met)} |")
+        short += [f"{name}: {g['goal'].split(': ', 1)[-1].split('; short at')[0]}" for g in res["goals"] if not g["met"]]
+    body = "\n".join(["One image per request, keep-alive clients; ours at the most clients (every step, layout and load: "
+                      "docs/service.md, \"Serving real models\", or the results.md beside the report):", "",
+                      "| model | in-process ceiling img/s | ours img/s (× ceiling) | ours p99 ms | ours server CPU/img × "
+                      "in-process | best other setup: img/s, p99 ms | goals met |", "|---|---|---|---|---|---|---|", *rows])
+    return Rendered(body, date=real["date"], command=real.get("command", ""), cpu=cpu, short=short)
 
 
 def render_soak(path: Path) -> Rendered:
@@ -292,10 +309,13 @@ SECTIONS = [
             "make bench-onnx-fold", render_onnx_fold,
             measures=("export/onnx_fold.py", "export/onnx_graph.py", "export/bench_onnx_fold.py"),
             plots=("bench_onnx_fold/throughput.png",), cpu_dependent="the speed ratios"),
-    Section("bench-serve", "Serving benchmark: our service vs naive baselines", "bench_serve/results.md",
-            "make bench-serve QUICK=1", render_bench_serve, measures=("service/", "loadtest/"),
-            plots=("bench_serve/throughput_vs_users.png", "bench_serve/latency_vs_users.png"),
-            cpu_dependent="the rates and latencies"),
+    Section("bench-serve", "Serving benchmark: ours vs the in-process ceiling, naive FastAPI and the peers",
+            "bench_serve/results.json", "make bench-serve", render_serving, measures=("service/", "loadtest/"),
+            plots=("bench_serve/bench_serve.png",), cpu_dependent="the rates, latencies and CPU times"),
+    Section("bench-real", "Serving real models: seed-cnn, MobileNetV2, ResNet-50, YOLOv8n made by the CLI",
+            "bench_real/summary.json", "make bench-real", render_serving,
+            measures=("service/", "loadtest/", "bench/real.py"), plots=("bench_real/resnet50/bench/bench_serve.png",),
+            cpu_dependent="the rates, latencies and CPU times"),
     Section("soak", "Soak", "soak/soak.json", "make soak", render_soak, measures=("service/",), plots=("soak/soak.png",),
             cpu_dependent="the rates"),
     Section("faults", "Fault battery", "faults/faults.json", "make faults", render_faults,

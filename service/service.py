@@ -136,20 +136,21 @@ class Classifier:
         try:
             contract, data = load_contract(settings.resolve_model_path())
             data, self.precision = choose_precision(contract, data, settings)  # INT8 where proven here (docs/int8.md)
-            # measured by `bentoml serve` (on model.onnx: a worker that serves INT8 measures its own model)
-            seconds = decode(os.environ.get(TUNING_ENV), contract.sha256) if self.precision["what"] == "fp32" else None
+            # by `bentoml serve`, before any worker (of model.onnx: a worker that serves INT8 measures its own model)
+            measured = decode(os.environ.get(TUNING_ENV), contract.sha256) if self.precision["what"] == "fp32" else None
             self.model = Model(contract, data, settings.provider, settings.intra_op_threads, settings.chunk_images,
-                               timed_runs=0 if seconds else 3)
-            if seconds is None:  # not started by `bentoml serve` (or another model): measure here
-                seconds = time_batches(self.model, (settings.latency_budget_ms or 500.0) / 1000)
-            self.tuning = derive(seconds, settings)
+                               timed_runs=0 if measured else 1)
+            if measured is None:  # not started by `bentoml serve` (or another model): measure here
+                measured = time_batches(self.model, max(self.model.seconds_per_sample, (settings.latency_budget_ms or 500.0) / 1000))
+            seconds, cpu = measured
+            self.tuning = derive(seconds, settings, cpu)
         except (ModelLoadError, TuningError) as exc:  # changed since start-up: say so in one line
             logger.error("refusing to start: %s", exc)
             raise SystemExit(f"refusing to start: {exc}") from None
         self.model.seconds_per_sample = seconds[1]
         del data
         self.contract = contract
-        self.spec = InputSpec.of(contract, settings.max_images)
+        self.spec = InputSpec.of(contract, self.tuning.max_images)
         self.executor = ThreadPoolExecutor(1, thread_name_prefix="onnx")  # onnxruntime has its own threads
         self.decoder = ThreadPoolExecutor(1, thread_name_prefix="decode")  # big uploads, off the event loop
         index = worker_index()
@@ -163,7 +164,7 @@ class Classifier:
                            self.batcher.backlog_s)
         self.batcher.started = self.guard.started
         self.guard.start()
-        self.docs_json = json_response(openapi(ROUTES, contract, SERVICE_NAME, settings.max_images, settings.max_body_bytes)).body
+        self.docs_json = json_response(openapi(ROUTES, contract, SERVICE_NAME, self.spec.max_images, settings.max_body_bytes)).body
         self.schema_json = json_response(client_schema(ROUTES, SERVICE_NAME)).body
         self.static = {name: (STATIC / name).read_bytes() for name in ("index.html", "page.js", "page.css", "docs.html", "docs.js")}
         self.about = self.describe()
@@ -193,7 +194,7 @@ class Classifier:
             "input": {"name": c.input_name, "layout": c.layout, "shape": list(c.input_shape),
                       "accepted_shapes": c.accepted_shapes, "channels": c.channels, "height": c.height,
                       "width": c.width, "range": list(c.input_range) if c.input_range else None,
-                      "background": c.background, "dtype": "float32", "max_images_per_request": s.max_images,
+                      "background": c.background, "dtype": "float32", "max_images_per_request": self.spec.max_images,
                       "max_body_bytes": s.max_body_bytes, "content_types": [JSON, RAW_FLOAT32, NPY],
                       "classify": c.classify_refusal is None},
             "output": {"name": c.output_name, "kind": c.output_kind, "shape": [None, c.classes]} if c.classifier else None,

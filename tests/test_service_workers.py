@@ -139,26 +139,34 @@ class Knobs:
     batch_max_images: int | None = None
     queue_delay_ms: float | None = None
     inline_budget_ms: float = 2.0
+    max_images: int = 1024
+    request_timeout_s: int = 60
 
 
 def test_derived_settings_for_a_tiny_and_a_slow_model():
     tiny = derive({1: 0.0001, 2: 0.00015, 4: 0.0002, 8: 0.0004, 16: 0.0008, 32: 0.0016, 64: 0.0032}, Knobs())
-    assert tiny.batch_max == 64 and tiny.inline_max == 32 and tiny.queue_delay_s == pytest.approx(0.25)
+    assert tiny.batch_max == 64 and tiny.inline_max == 32 and tiny.queue_delay_s == pytest.approx(1.0)
     assert tiny.window_s == pytest.approx(0.1)
     slow = derive({1: 0.08, 2: 0.15, 4: 0.31}, Knobs())  # ResNet-50-like: 500 ms fits 4, not 8
     assert slow.batch_max == 4 and slow.inline_max == 0
     assert slow.queue_delay_s == pytest.approx(8 * 0.31) and slow.window_s == pytest.approx(0.62)
+    # batch 2 costs 8% more CPU per input than batch 1 (YOLOv8n here): no coalescing past 1
+    assert derive({1: 0.026, 2: 0.056, 4: 0.11}, Knobs(), cpu={1: 0.026, 2: 0.0562, 4: 0.1112}).batch_max == 1
+    mnv2 = derive({1: 0.0086, 2: 0.0164, 4: 0.036}, Knobs(), cpu={1: 0.0086, 2: 0.0164, 4: 0.0359})
+    assert mnv2.batch_max == 2 and mnv2.describe()["best_batch"] == 2  # 4 is 9% dearer per input than 2
     huge = derive({1: 1.2}, Knobs())  # one call over the default budget: no batching, no refusal
     assert huge.batch_max == 1 and huge.latency_budget_s == pytest.approx(1.2) and "not batched" in huge.why["latency_budget"]
     fixed = derive({1: 0.08, 2: 0.15, 4: 0.31}, Knobs(latency_budget_ms=200, batch_max_images=3, queue_delay_ms=900))
     assert (fixed.batch_max, fixed.queue_delay_s) == (3, 0.9) and fixed.why["queue_delay"] == "QUEUE_DELAY_MS"
+    assert tiny.max_images == 1024 and slow.max_images == 400  # 30 s at its cheapest 75 ms per input (batch 2)
+    assert "REQUEST_TIMEOUT_S" in slow.why["max_images"] and huge.max_images == 25
     with pytest.raises(TuningError, match=r"LATENCY_BUDGET_MS=50 is below one call of the model: 80.0 ms"):
         derive({1: 0.08}, Knobs(latency_budget_ms=50))
 
 
 def test_figures_handed_to_workers_are_only_used_for_the_same_model():
-    text = encode("ab" * 32, {1: 0.08, 2: 0.15})
-    assert decode(text, "ab" * 32) == {1: 0.08, 2: 0.15}
+    text = encode("ab" * 32, {1: 0.08, 2: 0.15}, {1: 0.079, 2: 0.16})
+    assert decode(text, "ab" * 32) == ({1: 0.08, 2: 0.15}, {1: 0.079, 2: 0.16})
     assert decode(text, "cd" * 32) is None and decode(None, "ab" * 32) is None and decode("{", "x") is None
 
 

@@ -1,1 +1,1 @@
-"""Servers the benchmark compares ours against: naive_fastapi, naive_bentoml, do_nothing (its ceiling)."""
+"""Servers the benchmark compares ours against: naive_fastapi, do_nothing (the generator's ceiling), peers."""

@@ -2,10 +2,10 @@
 
 It never decodes the body or runs a model, so its throughput is what the load generator itself can
 push through HTTP here: the ceiling any real server is measured against. Raw ASGI on uvicorn keeps
-the server's share of the CPU as small as it gets; ``--fastapi`` serves it from a FastAPI route
-(the ceiling of a Python web framework). The answer is class 0, uniform over the model's labels.
+the server's share of the CPU as small as it gets. The answer is class 0, uniform over the model's
+labels (no outputs for a model that is not a classifier).
 
-    python -m loadtest.baselines.do_nothing --model artifacts/model.onnx --port 3002 [--fastapi]
+    python -m loadtest.baselines.do_nothing --model artifacts/model.onnx --port 3002
 """
 import argparse
 import asyncio
@@ -30,38 +30,22 @@ async def app(scope, receive, send):
     await send({"type": "http.response.body", "body": STATE["answer"]})
 
 
-def fastapi_app():
-    from fastapi import FastAPI, Request, Response
-
-    api = FastAPI()
-
-    @api.post("/predict")
-    async def predict(request: Request) -> Response:
-        await request.body()
-        if STATE["delay_s"]:
-            await asyncio.sleep(STATE["delay_s"])
-        return Response(STATE["answer"], media_type="application/json")
-
-    return api
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(prog="python -m loadtest.baselines.do_nothing", description=__doc__.splitlines()[0],
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     ap.add_argument("--model", default="", help="contract ONNX file whose labels the answer uses ('' = Fashion-MNIST's)")
-    ap.add_argument("--host", default="127.0.0.1", help="address to listen on")
-    ap.add_argument("--port", type=int, default=3002, help="port to listen on")
-    ap.add_argument("--fastapi", action="store_true", help="serve the canned answer from a FastAPI route")
+    ap.add_argument("--port", type=int, default=3002, help="port to listen on (127.0.0.1)")
+    ap.add_argument("--workers", "--threads", type=int, help="ignored: one process (what the bench passes every server)")
     ap.add_argument("--delay-ms", type=float, default=0.0, help="wait this long before each answer (tests of p99)")
     args = ap.parse_args()
     labels = metadata_of(args.model)["labels"] if args.model else LABELS
     answer = json.dumps({"predictions": [{"label": labels[0], "class_id": 0, "probabilities": [1 / len(labels)]
-                                          * len(labels)}]}, separators=(",", ":")).encode()
+                                          * len(labels)}]} if labels else {"outputs": {}}, separators=(",", ":")).encode()
     STATE.update(answer=answer, delay_s=max(args.delay_ms, 0.0) / 1000.0,
                  headers=[(b"content-type", b"application/json"), (b"content-length", str(len(answer)).encode())])
     import uvicorn
 
-    uvicorn.run(fastapi_app() if args.fastapi else app, host=args.host, port=args.port, log_level="warning",
+    uvicorn.run(app, host="127.0.0.1", port=args.port, log_level="warning",
                 access_log=False)
 
 
