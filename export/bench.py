@@ -89,7 +89,7 @@ def main(argv=None) -> int:
             results[str(batch_size)]["ORT INT8"]["vs_fp32"] = round(statistics.median(rounds["ORT INT8"]) / fp32, 2)
 
     report = {"arch": arch, "threads": 1, "rounds": args.rounds, "seconds_per_round": args.seconds,
-              "torch_version": torch.__version__, "results": results}
+              "torch_version": torch.__version__, "cpu": host_isa(), "results": results}
     if int8 is not None:  # accuracy on all test images, FP32 (folded) and INT8, as onnxruntime runs them here
         accuracy = {name: float(np.mean(np.concatenate([sessions[name].run(None, {"image": images[i:i + 1000]})[0]
                                                         for i in range(0, len(images), 1000)]).argmax(1) == labels))

@@ -124,11 +124,14 @@ def _name(text: str) -> str:
     return str(text).split(" (")[0]
 
 
-def bn_statistics(folded: onnx.ModelProto, fold_report: dict, module=None, pass_input=None) -> tuple[dict, dict]:
-    """{layer node name in `folded`: Stats(β, |γ|)} for every BatchNorm folded backward into one layer:
-    fx-pass folds through the torch module names (the BN module's weight and bias; the layer by the
-    name scope of its ONNX node), ONNX-pass folds through the BatchNormalization node of the pass's input
-    graph (its scale and B) or, for a torch source, the BN module its node came from."""
+def bn_statistics(folded: onnx.ModelProto, fold_report: dict, module=None, pass_input=None,
+                  unfolded: onnx.ModelProto | None = None) -> tuple[dict, dict]:
+    """{layer node name in `folded`: Stats(β, |γ|)} for every BatchNorm folded backward into one layer.
+    A fold record that names its nodes (`into_nodes`: the layer in model.onnx, `bn_nodes`: the BN in
+    model_unfolded.onnx) is read by them; otherwise fx-pass folds through the torch module names (the BN
+    module's weight and bias; the layer by the name scope of its ONNX node), ONNX-pass folds through the
+    BatchNormalization node of the pass's input graph (its scale and B) or, for a torch source, the BN
+    module its node came from."""
     from export.fold_report import torch_module_of
 
     layers = {n.name: n for n in folded.graph.node if n.op_type in ("Conv", "Gemm")}
@@ -137,6 +140,8 @@ def bn_statistics(folded: onnx.ModelProto, fold_report: dict, module=None, pass_
         by_scope.setdefault(torch_module_of(node), []).append(node.name)
     inits = {t.name: t for t in pass_input.graph.initializer} if pass_input is not None else {}
     bn_nodes = {n.name: n for n in pass_input.graph.node} if pass_input is not None else {}
+    reference = {n.name: n for n in unfolded.graph.node} if unfolded is not None else {}
+    reference_inits = {t.name: t for t in unfolded.graph.initializer} if unfolded is not None else {}
     stats, missing = {}, []
     for entry in fold_report.get("folded", []):
         if entry.get("direction") != "backward" or entry.get("kind", "batchnorm") != "batchnorm":
@@ -146,7 +151,15 @@ def bn_statistics(folded: onnx.ModelProto, fold_report: dict, module=None, pass_
             missing.append({"bn": entry.get("bn"), "why": "folded into several layers (after a concat)"})
             continue
         gamma_beta, layer = None, None
-        if entry.get("pass") == "fx":
+        named = [reference[n] for n in entry.get("bn_nodes") or [] if n in reference
+                 and reference[n].op_type == "BatchNormalization"]
+        if len(entry.get("into_nodes") or []) == 1 and len(named) == 1:  # the record names both nodes
+            layer = entry["into_nodes"][0] if entry["into_nodes"][0] in layers else None
+            bn = named[0]
+            if bn.input[1] in reference_inits and bn.input[2] in reference_inits:
+                gamma_beta = tuple(onnx.numpy_helper.to_array(reference_inits[bn.input[i]]).astype(np.float64)
+                                   for i in (1, 2))
+        elif entry.get("pass") == "fx":
             names = by_scope.get(_name(into), [])
             layer = names[0] if len(names) == 1 else None
             gamma_beta = _module_gamma_beta(module, _name(entry.get("bn", "")))
@@ -196,7 +209,7 @@ class Result:
 
 
 def build(options: Options, source, folded: onnx.ModelProto, fold_report: dict, reference: list, reference_what: str,
-          exact_rows: np.ndarray | None, steps, pass_input=None) -> Result:
+          exact_rows: np.ndarray | None, steps, pass_input=None, unfolded: onnx.ModelProto | None = None) -> Result:
     """Everything in memory: equalize, absorb, quantize, correct, check; the files' bytes when it passed.
     `folded` is model.onnx as it will be published (with its metadata); `reference` the float64 outputs on
     source.inputs (or, when none runs, the float32 model's)."""
@@ -211,7 +224,7 @@ def build(options: Options, source, folded: onnx.ModelProto, fold_report: dict, 
     fp32_bytes = folded.SerializeToString()
     work = copy.deepcopy(folded)
     with steps("int8: BN statistics of the folded layers"):
-        stats, report["statistics"] = bn_statistics(folded, fold_report, source.module, pass_input)
+        stats, report["statistics"] = bn_statistics(folded, fold_report, source.module, pass_input, unfolded)
     if options.equalize:
         with steps("int8: cross-layer equalization"):
             net = Net(work)

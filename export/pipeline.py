@@ -384,7 +384,7 @@ def export(source: Source, out: str | Path, verify_only: bool = False, int8=None
         return 0 if result["passed"] else 1
     quantized = None
     if int8 is not None and result["passed"]:  # in memory first: an internal error publishes nothing
-        quantized = build_int8(int8, checks, folded, fold_report, source.graph if source.module is None else None)
+        quantized = build_int8(int8, checks, folded, unfolded, fold_report, source.graph if source.module is None else None)
         report["int8"] = quantized.report
     if result["passed"]:
         report["files"] = {name: {"sha256": save_model(m, out / name)} for name, m in ((UNFOLDED, unfolded), (FOLDED, folded))}
@@ -404,7 +404,7 @@ def export(source: Source, out: str | Path, verify_only: bool = False, int8=None
     return 0
 
 
-def build_int8(options, checks: Checks, folded: onnx.ModelProto, fold_report: dict, pass_input):
+def build_int8(options, checks: Checks, folded: onnx.ModelProto, unfolded: onnx.ModelProto, fold_report: dict, pass_input):
     """The INT8 step (export/int8.py), in memory, against the float64 reference (or, when none runs, the
     published float32 model as onnxruntime runs it)."""
     from export.int8 import build
@@ -414,7 +414,7 @@ def build_int8(options, checks: Checks, folded: onnx.ModelProto, fold_report: di
     else:
         reference = run_ort(ort_session(folded, optimize=True), checks.source.inputs, checks.names)
         what, rows = "the published float32 model (no float64 copy runs)", None
-    return build(options, checks.source, folded, fold_report, reference, what, rows, checks.steps, pass_input)
+    return build(options, checks.source, folded, fold_report, reference, what, rows, checks.steps, pass_input, unfolded)
 
 
 def publish_int8(quantized, out: Path) -> dict:
