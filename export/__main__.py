@@ -73,6 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="re-verify the ONNX files already in --out against the source (default: off)")
     p.add_argument("--if-stale", action="store_true", help="do nothing when --out already holds a verified export "
                    "of this exact source and these options (default: off)")
+    p.add_argument("--no-merge", action="store_true", help="keep train-time branches of one input (RepVGG, MobileOne, "
+                   "FastViT blocks) as they are, e.g. for quantization-aware training, instead of merging each block "
+                   "into one conv (default: merge, proven exact in float64; docs/export.md)")
     return p
 
 
@@ -115,12 +118,13 @@ def main(argv=None) -> int:
         args = parse_args(argv)
         out = Path(args.out)
         source = make_source(args)
+        source.request["merge"] = not args.no_merge
         from export.pipeline import REPORT, export, is_current
 
         if args.if_stale and is_current(source, out):
             print(f"export: {out / 'model.onnx'} is already a verified export of {source.path}")
             return 0
-        code = export(source, out, verify_only=args.verify_only)
+        code = export(source, out, verify_only=args.verify_only, merge=not args.no_merge)
     except (BadInput, FileNotFoundError, DataError, ValueError, onnx.checker.ValidationError) as e:  # FoldError is a ValueError
         print(f"export: {one_line(e, limit=600)}", file=sys.stderr)
         return 2

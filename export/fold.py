@@ -29,7 +29,7 @@ from torch.nn import functional as F
 
 from export.fold_math import (CONV_TRANSPOSE_FORWARD, affine_of_bn, affine_of_elementwise,  # noqa: F401 (public here too)
                               compose_affine, fold_backward_arrays, fold_forward_arrays, grouped_channels)
-from export.fold_records import FoldRecord
+from export.fold_records import FoldRecord, MergeRecord
 from export.fx_trace import FoldError, Untraceable, clone, mistrace, record_calls, trace  # noqa: F401
 
 _BatchNorm = nn.modules.batchnorm._BatchNorm
@@ -41,10 +41,13 @@ class FoldReport:
     kept: list[FoldRecord] = field(default_factory=list)     # kept, and why
     removed_dropout: list[str] = field(default_factory=list)
     untraceable: list[dict] = field(default_factory=list)  # {"module", "reason"}: called whole, not traced
+    merged: list[MergeRecord] = field(default_factory=list)         # export/merge_fx.py: blocks merged into one conv
+    merge_refused: list[MergeRecord] = field(default_factory=list)  # and blocks it refused, with why
 
     def as_dict(self) -> dict:
         return {"folded": [r.as_dict() for r in self.folded], "kept": [r.as_dict() for r in self.kept],
-                "removed_dropout": self.removed_dropout, "untraceable": self.untraceable}
+                "removed_dropout": self.removed_dropout, "untraceable": self.untraceable,
+                "merged": [r.as_dict() for r in self.merged], "merge_refused": [r.as_dict() for r in self.merge_refused]}
 
 
 # --- coverage: what folds into what (both passes read these) ------------------------------------

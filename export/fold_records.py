@@ -1,6 +1,8 @@
 """What the fold passes say they did: one record per BatchNorm (or BN-like per-channel affine chain),
 folded into layers or kept and why, made the same way by the fx pass (export/fold.py) and the ONNX
-graph pass (export/onnx_fold.py), and written into the contract's `fold_report` by `as_dict`.
+graph pass (export/onnx_fold.py), and one per block of branches merged into one conv (or refused),
+by both merges (export/merge_fx.py, export/merge_onnx.py); `as_dict` writes them into the contract's
+`fold_report`.
 
 No torch here: the ONNX pass imports it without torch.
 """
@@ -42,9 +44,35 @@ class FoldRecord:
         return entry
 
 
+@dataclass(frozen=True)
+class MergeRecord:
+    """Branches of one input merged into one conv (export/merge.py), or refused and why."""
+    pass_name: str                   # "fx" or "onnx"
+    block: str                       # the block: its modules' common path, or its sum's node
+    input: str | None = None         # what every branch reads
+    branches: tuple[str, ...] = ()   # each branch, from the input to its sum, as people read it
+    into: str | None = None          # the merged conv: "stages.1.0.merged (Conv2d 3x3)"
+    after: tuple[str, ...] = ()      # affine ops on sums it also took in (a BN after the sum, a layer scale)
+    bns: tuple[str, ...] = ()        # the BatchNorms it removed (identity branches, after the sum)
+    bn_modules: tuple[str, ...] = () # their torch modules, where known
+    nodes: tuple[str, ...] = ()      # ONNX pass: the nodes it replaced
+    reason: str | None = None        # refused: why
+
+    def as_dict(self) -> dict:
+        if self.reason is not None:
+            return {"block": self.block, "reason": self.reason, "pass": self.pass_name}
+        entry = {"block": self.block, "input": self.input, "branches": list(self.branches), "into": self.into,
+                 "pass": self.pass_name, "after": list(self.after), "bns": list(self.bns)}
+        if self.bn_modules:
+            entry["bn_modules"] = list(self.bn_modules)
+        if self.nodes:
+            entry["nodes"] = list(self.nodes)
+        return entry
+
+
 def entry(record) -> dict:
-    """A report entry as a dict, from a FoldRecord or from a dict already (a stand-in pass's)."""
-    return record.as_dict() if isinstance(record, FoldRecord) else dict(record)
+    """A report entry as a dict, from a record or from a dict already (a stand-in pass's)."""
+    return record.as_dict() if isinstance(record, (FoldRecord, MergeRecord)) else dict(record)
 
 
 def torch_module_of(node) -> str | None:

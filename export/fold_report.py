@@ -15,14 +15,17 @@ def _same_bn(scope: str | None, fx_entry: dict) -> bool:
     return scope is not None and module is not None and (module == scope or module.startswith(scope + "."))
 
 
-def merge_fold_reports(fx: dict | None, onnx_pass: dict, before: onnx.ModelProto, after: onnx.ModelProto) -> dict:
+def merge_fold_reports(fx: dict | None, onnx_pass: dict, before: onnx.ModelProto, after: onnx.ModelProto,
+                       merge: bool = True) -> dict:
     """One fold report for both passes. `folded`: every fold, tagged with the pass that made it
     (`pass`), the torch module of an ONNX-pass fold (`module`) and what it is (`kind`: "batchnorm",
     or "affine" for a per-channel map that is not a BatchNorm, such as a layer scale). `kept`: one
     entry per BatchNorm left in `after`: the fx pass's entry (named after the module), with the ONNX
     pass's reason as "onnx_reason" when that pass could not fold it either; "node" names its
-    BatchNormalization node. A BN the fx pass kept and the ONNX pass folded is in `folded` only.
-    Entries are FoldRecords (or dicts, from a stand-in pass)."""
+    BatchNormalization node. A BN the fx pass kept and the ONNX pass folded (or merged) is not kept.
+    `merged` / `merge_refused`: both passes' merges of branches into one conv (export/merge.py), and
+    the blocks they refused with why; with merge=False (--no-merge) both empty and a note says so.
+    Entries are records (or dicts, from a stand-in pass)."""
     module_of = {n.name: torch_module_of(n) for n in before.graph.node}
     op_of = {n.name: n.op_type for n in before.graph.node}
     left = [n for n in after.graph.node if n.op_type in BN_OPS]
@@ -54,6 +57,11 @@ def merge_fold_reports(fx: dict | None, onnx_pass: dict, before: onnx.ModelProto
         pop_fx(scope)  # an fx-kept BN the ONNX pass folded: not kept
         folded.append(dict(e, **{"pass": "onnx", "kind": kind(e, scope)}, **({"module": scope} if scope else {})))
 
+    merged_blocks = [entry(e) for e in fx.get("merged", [])] + [entry(e) for e in onnx_pass.get("merged", [])]
+    for e in map(entry, onnx_pass.get("merged", [])):
+        for module in e.get("bn_modules", []):
+            pop_fx(module)  # an fx-kept BN the ONNX pass merged away: not kept
+
     kept, explained = [], set()
     for e in map(entry, onnx_pass.get("kept", [])):
         scope = scope_of(e)
@@ -71,17 +79,27 @@ def merge_fold_reports(fx: dict | None, onnx_pass: dict, before: onnx.ModelProto
             "bn": f"{node.name} ({node.op_type})", "pass": None, "kind": "batchnorm", "node": node.name,
             "reason": "left in the graph; " + ("neither pass reported why" if fx else "the ONNX graph pass did not say why")})
     kept += fx_kept  # kept by fx, seen by neither the ONNX pass nor as a BatchNormalization node
-    merged = {"folded": folded, "kept": kept, "removed_dropout": fx.get("removed_dropout", []),
-              "removed": onnx_pass.get("removed", []), "untraceable": fx.get("untraceable", []),
-              "notes": onnx_pass.get("notes", [])}
-    merged.update({f"onnx_{k}": v for k, v in onnx_pass.items() if k not in ("folded", "kept", "removed", "notes")})
-    return merged
+    refused = [entry(e) for e in fx.get("merge_refused", []) + onnx_pass.get("merge_refused", [])]
+    notes = list(onnx_pass.get("notes", [])) + ([] if merge else ["merging off (--no-merge): branches kept as they are"])
+    report = {"folded": folded, "kept": kept, "merged": merged_blocks, "merge_refused": refused,
+              "removed_dropout": fx.get("removed_dropout", []), "removed": onnx_pass.get("removed", []),
+              "untraceable": fx.get("untraceable", []), "notes": notes}
+    report.update({f"onnx_{k}": v for k, v in onnx_pass.items()
+                   if k not in ("folded", "kept", "removed", "notes", "merged", "merge_refused")})
+    return report
 
 
 def summary(fold_report: dict, torch_source: bool) -> str:
-    """One line: BatchNorms folded (per pass), other per-channel affine ops folded, what stayed."""
+    """One line: BatchNorms folded (per pass), other per-channel affine ops folded, blocks of branches
+    merged into one conv (and refused), what stayed."""
     folded, kept = fold_report["folded"], fold_report["kept"]
-    if not folded and not kept and not fold_report.get("removed"):
+    merged, refused = fold_report.get("merged", []), fold_report.get("merge_refused", [])
+    merges = ""
+    if merged or refused:
+        bns = sum(len(e.get("bns", [])) for e in merged)
+        merges = (f", merged {len(merged)} block(s) of branches into one conv each"
+                  + (f" ({bns} BatchNorm(s) with them)" if bns else "") + (f", refused {len(refused)}" if refused else ""))
+    if not folded and not kept and not fold_report.get("removed") and not merged and not refused:
         return "nothing to fold: no BatchNorm in the graph; exported and verified as is"
     bns = [e for e in folded if e.get("kind", "batchnorm") == "batchnorm"]
     affine = len(folded) - len(bns)
@@ -90,5 +108,5 @@ def summary(fold_report: dict, torch_source: bool) -> str:
     text = f"folded {affine} per-channel affine op(s), " if affine else "folded "
     text += (f"{len(bns)} BatchNorm(s) ({by_pass['fx']} by the fx pass, {by_pass['onnx']} by the ONNX graph pass)"
              if torch_source else f"{len(bns)} BatchNorm(s) with the ONNX graph pass")
-    text += f", kept {len(kept) - kept_affine}"
+    text += merges + f", kept {len(kept) - kept_affine}"
     return text + (f" and {kept_affine} per-channel affine op(s)" if kept_affine else "")

@@ -119,12 +119,13 @@ def record_calls(model: nn.Module, example: tuple, holds) -> dict[str, tuple]:
 
 
 class _ShapeRecorder(fx.Interpreter):
-    """Runs a traced graph node by node, noting each tensor's shape in node.meta["fold_shape"]."""
+    """Runs a traced graph node by node, noting each tensor's shape and dtype in node.meta["fold_shape"]
+    and node.meta["fold_dtype"]."""
 
     def run_node(self, n):
         out = super().run_node(n)
         if isinstance(out, torch.Tensor):
-            n.meta["fold_shape"] = tuple(out.shape)
+            n.meta["fold_shape"], n.meta["fold_dtype"] = tuple(out.shape), out.dtype
         return out
 
 
