@@ -91,6 +91,8 @@ class Refusal:
     reason: str
     nodes: list = field(default_factory=list)
     name: str = ""
+    term: object = None                 # the branch value it refused for, when it was one branch
+    elsewhere: bool = False             # that branch reads another input: it is no branch of the block
 
 
 # --- the sub-graph below a sum ---------------------------------------------------------------------
@@ -164,13 +166,30 @@ def match(view, root) -> Block | Refusal | None:
     nodes, name = _inner(tree), view.block_name(_inner(tree), root)
     for term, path in terms:
         if _source(term) != x:
-            return Refusal(root, _why_not_on(view, term, x), nodes, name)
+            why = _why_not_on(view, term, x)
+            return Refusal(root, why, nodes, name, _source(term), why.startswith(DIFFERENT_INPUTS))
     try:
         conv = _merged(view, tree, x)
     except _Refused as e:
         return Refusal(root, str(e), nodes, name)
     return Block(x, root, conv, nodes, view.op(x).what or "the input", [_branch(t, p) for t, p in terms], _after(tree),
                  [n.op for n in _walk(tree) if n.op.batchnorm], name)
+
+
+DIFFERENT_INPUTS = "its branches read different inputs"
+
+
+def reported(refusals: list, blocks: list) -> list:
+    """The refusals worth reporting, once each: not a sum whose other-input branch merely sits beside
+    a block that merged inside it (RepGhost's residual add around its merged module)."""
+    roots, seen, out = {b.root for b in blocks}, set(), []
+    for r in refusals:
+        inner = any(n in roots for n in r.nodes if n != r.root)
+        if (r.elsewhere and inner) or (r.term, r.reason) in seen:
+            continue
+        seen.add((r.term, r.reason))
+        out.append(r)
+    return out
 
 
 def _walk(tree: _Tree):
@@ -215,7 +234,7 @@ def _why_not_on(view, term: _Tree, x) -> str:
         if depth < 12 and id(node) not in seen:
             seen.add(id(node))
             todo += [(p, depth + 1) for p in view.producers(node)]
-    return (f"its branches read different inputs: {view.op(x).what or the_input} and "
+    return (f"{DIFFERENT_INPUTS}: {view.op(x).what or the_input} and "
             f"{view.op(start).what or 'another value'}")
 
 

@@ -56,26 +56,26 @@ def merge_branches(model: nn.Module, report: FoldReport, example: tuple | None =
 def _merge_graph(gm: fx.GraphModule, prefix: str, report: FoldReport, only) -> None:
     names = {r.module: r.bn for r in report.folded + report.kept if r.module}  # the fold pass's names of BNs
     view = FxView(gm, prefix, names)
-    explained: set = set()
-    merged_modules = set()
+    explained, refusals, blocks = set(), [], []
     for node in reversed(list(gm.graph.nodes)):
         if node in view.erased or node in explained:
             continue
         found = merge.match(view, node)
-        if found is None:
-            continue
-        explained.update(found.nodes)
-        if isinstance(found, merge.Refusal):
-            report.merge_refused.append(MergeRecord("fx", found.name, reason=found.reason))
-            continue
-        if only is not None and found.name not in only:
-            continue
-        into = _apply(gm, view, found)
-        bns = [op for op in found.bns]
-        merged_modules.update(op.module for op in bns if op.module)
-        report.merged.append(MergeRecord("fx", found.name, found.input, tuple(found.branches), into, tuple(found.after),
-                                         tuple(op.what for op in bns), tuple(op.module for op in bns if op.module)))
-    report.kept = [r for r in report.kept if r.module not in merged_modules]  # merged: no longer kept
+        if isinstance(found, merge.Refusal):  # refused for one branch: the sums inside may merge without it
+            refusals.append(found)
+            if found.term is None:
+                explained.update(found.nodes)
+        elif found is not None:
+            explained.update(found.nodes)
+            if only is None or found.name in only:
+                into = _apply(gm, view, found)
+                blocks.append(found)
+                report.merged.append(MergeRecord(
+                    "fx", found.name, found.input, tuple(found.branches), into, tuple(found.after),
+                    tuple(op.what for op in found.bns), tuple(op.module for op in found.bns if op.module)))
+    report.merge_refused += [MergeRecord("fx", r.name, reason=r.reason) for r in merge.reported(refusals, blocks)]
+    merged = {op.module for b in blocks for op in b.bns if op.module}
+    report.kept = [r for r in report.kept if r.module not in merged]  # merged: no longer kept
     gm.graph.lint()
     gm.recompile()
     gm.delete_all_unused_submodules()

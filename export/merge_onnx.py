@@ -28,26 +28,26 @@ def merge_onnx(model: onnx.ModelProto, report: dict, only=None) -> tuple[onnx.Mo
     view = OnnxView(graph)
     report.setdefault("merged", [])
     report.setdefault("merge_refused", [])
-    explained, merged_nodes = set(), set()
+    explained, refusals, blocks, merged_nodes = set(), [], [], set()
     for node in reversed(list(graph._topological())):
         if not node.output or node.output[0] in explained:
             continue
         found = merge.match(view, node.output[0])
-        if found is None:
-            continue
-        explained.update(found.nodes)
-        if isinstance(found, merge.Refusal):
-            report["merge_refused"].append(MergeRecord("onnx", found.name, reason=found.reason))
-            continue
-        if only is not None and found.name not in only:
-            continue
-        nodes = [graph.producer[v].name or v for v in found.nodes]
-        into = _apply(graph, view, found)
-        merged_nodes.update(nodes)
-        bns = found.bns
-        report["merged"].append(MergeRecord(
-            "onnx", found.name, found.input, tuple(found.branches), into, tuple(found.after), tuple(op.what for op in bns),
-            tuple(op.module for op in bns if op.module), tuple(nodes)))
+        if isinstance(found, merge.Refusal):  # refused for one branch: the sums inside may merge without it
+            refusals.append(found)
+            if found.term is None:
+                explained.update(found.nodes)
+        elif found is not None:
+            explained.update(found.nodes)
+            if only is None or found.name in only:
+                nodes = [graph.producer[v].name or v for v in found.nodes]
+                into = _apply(graph, view, found)
+                blocks.append(found)
+                merged_nodes.update(nodes)
+                report["merged"].append(MergeRecord(
+                    "onnx", found.name, found.input, tuple(found.branches), into, tuple(found.after),
+                    tuple(op.what for op in found.bns), tuple(op.module for op in found.bns if op.module), tuple(nodes)))
+    report["merge_refused"] += [MergeRecord("onnx", r.name, reason=r.reason) for r in merge.reported(refusals, blocks)]
     report["kept"] = [r for r in report.get("kept", []) if not set(_nodes(r)) & merged_nodes]
     if not report["merged"]:
         return model, report

@@ -318,3 +318,24 @@ def test_no_merge_on_a_graph_with_nothing_to_merge_is_no_error(rep_files, tmp_pa
         assert code == 0, captured.err
         assert report["fold"]["merged"] == report["fold"]["merge_refused"] == []
         assert report["summary"].startswith("nothing to fold")
+
+
+def test_a_refused_branch_leaves_the_rest_of_its_sum_to_merge():
+    """MobileOne's n-ary sum with an activation on its last conv branch: the sum of the others (and
+    the identity BN) still merges; the refusal is reported once."""
+    class Chain(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.identity = nn.BatchNorm2d(4)
+            self.convs = nn.ModuleList([byo_models.conv_bn(4, 4, 3), byo_models.conv_bn(4, 4, 3),
+                                        nn.Sequential(byo_models.conv_bn(4, 4, 3), nn.ReLU())])
+
+        def forward(self, x):
+            out = 0 + self.identity(x)
+            for conv in self.convs:
+                out = out + conv(x)
+            return out
+
+    error, report, merged = fold_and_merge(Chain(), torch.rand(2, 4, 6, 6))
+    assert error < EXACT and [len(r.branches) for r in report.merged] == [3] and batchnorms(merged) == 0
+    assert [r.reason.split(" on a branch")[0] for r in report.merge_refused] == ["an activation (convs.2.1 (ReLU))"]
