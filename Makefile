@@ -99,27 +99,25 @@ export: $(RUN_DIR)/weights.safetensors
 verify: setup
 	$(PY) -m export --run $(RUN_DIR) --data-dir "$(DATA_DIR)" --out $(ARTIFACTS) --verify-only
 
-# The stages run one after another; the pipeline ends with each stage's wall time (a stage whose
-# output was already there shows ~0 s). The benchmark runs again only when model.onnx changed since
-# it last ran (`make bench-model` always runs).
-STAGE_TIMES := $(ARTIFACTS)/pipeline_times.tsv
-timed = s=$$EPOCHREALTIME; $(2) || exit $$?; \
-	awk -v n='$(1)' -v a=$$s -v b=$$EPOCHREALTIME 'BEGIN { printf "%s\t%.1f\n", n, b - a }' >> $(STAGE_TIMES)
+# The stages run one after another (scripts/pipeline.py runs each of these targets and times it). A stage
+# whose output did not change reused what was there, and the table says so; artifacts/pipeline_times.json
+# is written only by a run that succeeded and did some work (a failed run, or one that reused everything,
+# leaves the last good record). The benchmark runs again only when model.onnx changed since it last ran
+# (`make bench-model` always runs).
 # (the pipeline runs the benchmark itself: `make bench-model` would first re-check the export it just made)
 BENCH_MODEL = $(PY) -m export.bench --model-dir $(ARTIFACTS) --run $(RUN_DIR) --data-dir "$(DATA_DIR)" --out $(ARTIFACTS)/bench_model.json
-BENCH_IF_STALE := if [ ! $(ARTIFACTS)/bench_model.json -nt $(ARTIFACTS)/model.onnx ]; then $(BENCH_MODEL); \
-	else echo "bench-model: $(ARTIFACTS)/bench_model.json is newer than model.onnx, reused (make bench-model re-measures)"; fi
 
 pipeline:
-	@mkdir -p $(ARTIFACTS) && : > $(STAGE_TIMES)
-	@$(call timed,set-up,$(MAKE) --no-print-directory setup)
-	@$(call timed,data,$(MAKE) --no-print-directory data)
-	@$(call timed,train,$(MAKE) --no-print-directory train)
-	@$(call timed,export+verify,$(MAKE) --no-print-directory export)
-	@$(call timed,bench-model,$(BENCH_IF_STALE))
-	@$(call timed,report,$(PY) -m export.report $(ARTIFACTS))
-	@echo "make pipeline, wall seconds per stage ($(STAGE_TIMES)):"
-	@awk -F'\t' '{ t += $$2; printf "  %-14s %7.1f\n", $$1, $$2 } END { printf "  %-14s %7.1f\n", "total", t }' $(STAGE_TIMES)
+	@$(PYTHON) scripts/pipeline.py --artifacts $(ARTIFACTS) --run-dir $(RUN_DIR) --venv $(VENV) \
+		--command "make pipeline$(if $(strip $(MAKEOVERRIDES)), $(strip $(MAKEOVERRIDES)))"
+
+# the pipeline's last two stages (scripts/pipeline.py)
+.PHONY: pipeline-bench pipeline-report
+pipeline-bench:
+	@if [ ! $(ARTIFACTS)/bench_model.json -nt $(ARTIFACTS)/model.onnx ]; then $(BENCH_MODEL); \
+	else echo "bench-model: $(ARTIFACTS)/bench_model.json is newer than model.onnx, reused (make bench-model re-measures)"; fi
+pipeline-report:
+	@$(PY) -m export.report $(ARTIFACTS)
 
 test: setup-dev data browser
 	$(PY) -m pytest -q

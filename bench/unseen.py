@@ -71,7 +71,7 @@ def one(name: str, out: Path) -> dict:
     (work / "export.log").write_text(done.stdout + done.stderr)
     row = {"model": name, "exit": done.returncode, "seconds": round(time.monotonic() - t0, 1)}
     report = work / "export" / "export_report.json"
-    if done.returncode == 2 or not report.exists():
+    if done.returncode in (2, 3) or not report.exists():  # bad input, or an internal error (no report)
         return {**row, "why": (done.stderr.strip().splitlines() or ["?"])[-1][:300]}
     r = json.loads(report.read_text())
     parity, fold = r["parity"], r.get("fold", {})

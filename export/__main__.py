@@ -2,10 +2,14 @@
 
 Fold BN, strip Dropout, export model.onnx (folded) and model_unfolded.onnx (the reference), check
 parity, write export_report.json. Nothing is published unless parity passes; exit 1 when it
-fails, 2 on bad input (one line on stderr, nothing written). docs/export.md has the guide."""
+fails, 2 on bad input (one line on stderr, nothing written), 3 on an internal error (a bug of
+ours, not your input: one line naming the traceback's file, nothing published). docs/export.md has the guide."""
 import argparse
+import os
 import re
 import sys
+import tempfile
+import traceback
 from pathlib import Path
 
 import onnx
@@ -22,7 +26,10 @@ EPILOG = """examples:
   python -m export --onnx keras_model.onnx --labels labels.json --out exports/keras_model
 
 labels files: .txt with one label per line (no blank lines), or .json holding a list of strings;
-their count must equal the model's number of outputs K. Without --labels: class_0 ... class_{K-1}."""
+their count must equal the model's number of outputs K. Without --labels: class_0 ... class_{K-1}.
+
+exit status: 0 published (or verified); 1 a check failed (nothing published, the failing step named);
+2 bad input (one line, nothing written); 3 internal error, a bug of ours (one line naming the traceback's file)."""
 
 
 class Parser(argparse.ArgumentParser):
@@ -70,7 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--data-dir", default=DEFAULT_DATA_DIR, help=f"Fashion-MNIST IDX files (default: {DEFAULT_DATA_DIR})")
     p.add_argument("-h", "--help", action="help", help="show this help and exit")
     p.add_argument("--verify-only", action="store_true",
-                   help="re-verify the ONNX files already in --out against the source (default: off)")
+                   help="re-verify the ONNX files already in --out against the source and print the result; "
+                   "read-only: writes nothing, not even the report (default: off)")
     p.add_argument("--if-stale", action="store_true", help="do nothing when --out already holds a verified export "
                    "of this exact source and these options (default: off)")
     p.add_argument("--no-merge", action="store_true", help="keep train-time branches of one input (RepVGG, MobileOne, "
@@ -113,24 +121,46 @@ def make_source(args: argparse.Namespace):
     return from_run(args.run or DEFAULT_RUN, args.data_dir)
 
 
+def internal_error(e: BaseException) -> int:
+    """Exit 3: one line that says it is a bug of ours, not the user's input, and where the traceback is."""
+    fd, path = tempfile.mkstemp(prefix="bnfold-export-", suffix=".traceback.txt")
+    with os.fdopen(fd, "w") as f:
+        f.write(f"python -m export {' '.join(sys.argv[1:])}\n\n")
+        traceback.print_exception(e, file=f)
+    print(f"export: internal error, a bug in bnfold and not your input ({type(e).__name__}: {one_line(e, 300)}); "
+          f"nothing published; the traceback is in {path} (please report it)", file=sys.stderr)
+    return 3
+
+
 def main(argv=None) -> int:
-    try:
+    """0 published (or verified), 1 a check failed, 2 bad input (one line), 3 internal error (export/errors.py)."""
+    try:  # reading the user's input: any error here is the input's
         args = parse_args(argv)
         out = Path(args.out)
         source = make_source(args)
         source.request["merge"] = not args.no_merge
-        from export.pipeline import REPORT, export, is_current
+    except (BadInput, FileNotFoundError, DataError, ValueError, onnx.checker.ValidationError) as e:
+        print(f"export: {one_line(e, limit=600)}", file=sys.stderr)
+        return 2
+    except Exception as e:
+        return internal_error(e)
+    from export.fold import FoldError
+    from export.pipeline import REPORT, export, is_current
 
+    try:  # folding, exporting, verifying: the user's input still can be at fault (BadInput: an untraceable model,
+        # FoldError: a BN that normalizes with batch statistics), anything else is a bug of ours
         if args.if_stale and is_current(source, out):
             print(f"export: {out / 'model.onnx'} is already a verified export of {source.path}")
             return 0
         code = export(source, out, verify_only=args.verify_only, merge=not args.no_merge)
-    except (BadInput, FileNotFoundError, DataError, ValueError, onnx.checker.ValidationError) as e:  # FoldError is a ValueError
+    except (BadInput, FoldError) as e:
         print(f"export: {one_line(e, limit=600)}", file=sys.stderr)
         return 2
+    except Exception as e:
+        return internal_error(e)
     if code:
-        print(f"export: verification failed; see {out / REPORT}" + ("" if args.verify_only else "; no model written"),
-              file=sys.stderr)
+        print("export: verification failed; the table above says where (--verify-only: nothing written)" if args.verify_only
+              else f"export: verification failed; see {out / REPORT}; no model written", file=sys.stderr)
     return code
 
 

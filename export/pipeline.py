@@ -17,6 +17,7 @@ import contextlib
 import copy
 import json
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -34,10 +35,10 @@ from export.merge_onnx import merge_onnx
 from export.onnx_export import (BN_OPS, contract_metadata, export_to_proto, node_counts, output_kind, read_metadata,
                                 rename_value, save_model, simplify, with_metadata)
 from export.onnx_fold import fold_onnx
+from export.report import REPORT_FORMAT
 from export.sources import Source
-from export.verify import (ATOL, EXACT_RTOL, FACTOR, RTOL, batch_plan, exactness, fidelity, format_table, ort_session,
-                           ulp_perturbed,
-                           run_ort, run_torch)
+from export.verify import (ATOL, EXACT_RTOL, FACTOR, RTOL, Exactness, batch_plan, check_dict, exactness, fidelity, tally,
+                           format_table, ort_session, run_ort, run_torch, ulp_perturbed)
 
 FOLDED, UNFOLDED, REPORT = "model.onnx", "model_unfolded.onnx", "export_report.json"
 # The exactness checks run on the first EXACT_ROWS verification rows: a wrong fold shows on every
@@ -45,6 +46,14 @@ FOLDED, UNFOLDED, REPORT = "model.onnx", "model_unfolded.onnx", "export_report.j
 # torch, more through onnx.reference); the other rows (16 to 256, the 10k test images of a --run)
 # are for float32 error statistics and accuracy.
 EXACT_ROWS = 8
+
+
+@dataclass(frozen=True, kw_only=True)
+class MergeExactness(Exactness):
+    """A merge step's exactness; when it failed, the block found wrong on its own by bisecting the merged
+    blocks (`culprit`, None when none is alone) after `tried` partial merges."""
+    culprit: str | None = None
+    tried: int | None = None
 
 
 class VerificationFailed(Exception):
@@ -76,7 +85,8 @@ def is_current(source: Source, out: Path) -> bool:
     """--if-stale: `out` already holds a verified export of exactly this source and these options."""
     try:
         report = json.loads((out / REPORT).read_text())
-        return (report["request"] == json.loads(json.dumps(source.request)) and report["parity"]["passed"]
+        return (report.get("report_format") == REPORT_FORMAT and report["parity"]["passed"]
+                and report["request"] == json.loads(json.dumps(source.request))
                 and json.loads(read_metadata(out / FOLDED)["source"])["sha256"] == source.sha256
                 and all(sha256_file(out / name) == entry["sha256"] for name, entry in report["files"].items()))
     except Exception:  # missing, unreadable or corrupt: any doubt means export again
@@ -113,13 +123,12 @@ class Checks:
             result = exactness(run_folded(), [r[:len(self.exact_rows)] for r in reference], self.names)
         except Float64Unavailable:
             raise
-        except Exception as e:
-            result = {"error": f"{type(e).__name__}: {one_line(e)}", "passed": False}
+        except Exception as e:  # the folded model does not run: the fold broke it
+            result = Exactness(status="failed", why=f"the folded float64 model does not run: {type(e).__name__}: "
+                                                    f"{one_line(e)}")
         self.exact[step] = result
-        if not result["passed"]:
-            raise VerificationFailed(step, result.get("error") or (
-                f"the folded float64 model is {result['relative']:.2e} of the output's scale from the unfolded one "
-                f"(exact folds agree to {EXACT_RTOL:g}): a wrong fold"))
+        if not result.passed:
+            raise VerificationFailed(step, result.why)
 
     def onnx_pass(self, before: onnx.ModelProto, report: dict, folded: onnx.ModelProto,
                   published: onnx.ModelProto) -> None:
@@ -127,11 +136,11 @@ class Checks:
         then the same for its merge (`published` is `folded` merged), when it merged anything."""
         merged = bool(report.get("merged"))
         if not changed_numerics(report):
-            self.exact["ONNX pass"] = {"skipped": "it changed nothing but Identity/Dropout nodes", "passed": True}
+            self.exact["ONNX pass"] = Exactness(status="skipped", why="it changed nothing but Identity/Dropout nodes")
         if self.ref64 is None:
             for step, done in (("ONNX pass", changed_numerics(report)), ("ONNX merge", merged)):
                 if done:
-                    self.exact[step] = {"skipped": f"no float64 copy runs ({self.why64})", "passed": True}
+                    self.exact[step] = Exactness(status="skipped", why=f"no float64 copy runs ({self.why64})")
             return
         if not changed_numerics(report) and not merged:
             return
@@ -156,7 +165,7 @@ class Checks:
                                         lambda only: Float64Graph(merge_onnx(folded64, {}, only)[0])(self.exact_rows),
                                         reference)
             except Float64Unavailable as e:
-                self.exact[step] = {"skipped": str(e), "passed": True}
+                self.exact[step] = Exactness(status="skipped", why=str(e))
                 self.notes.append(f"the ONNX pass's {'merges' if step == 'ONNX merge' else 'folds'} are not proven exact: {e}")
 
     def merged_or_fail(self, step: str, blocks: list[str], run_merged, reference: list[np.ndarray]) -> None:
@@ -165,21 +174,22 @@ class Checks:
         try:
             self.exact_or_fail(step, lambda: run_merged(None), reference)
         except VerificationFailed as failure:
-            if "relative" not in self.exact[step]:
+            result = self.exact[step]
+            if result.relative is None:  # it does not run, or has other outputs: that says enough
                 raise
             rows = [r[:len(self.exact_rows)] for r in reference]
             errors = {}
 
             def wrong(only):
-                errors[tuple(only)] = exactness(run_merged(set(only)), rows, self.names)["relative"]
+                errors[tuple(only)] = exactness(run_merged(set(only)), rows, self.names).relative
                 return errors[tuple(only)] > EXACT_RTOL
 
             block = culprit(blocks, wrong)
-            why = (f"the merged float64 model is {self.exact[step]['relative']:.2e} of the output's scale from the "
-                   f"unfolded one (exact merges agree to {EXACT_RTOL:g}): a wrong merge")
-            why += (f"; block {block} merged alone is {errors[(block,)]:.2e} off" if block else
-                    "; no block is wrong on its own")
-            self.exact[step]["blocks"] = {"culprit": block, "tried": len(errors)}
+            why = (f"the merged float64 model is {result.relative:.2e} of the output's scale from the unfolded one "
+                   f"(exact merges agree to {EXACT_RTOL:g}): a wrong merge")
+            why += f"; block {block} merged alone is {errors[(block,)]:.2e} off" if block else "; no block is wrong on its own"
+            self.exact[step] = MergeExactness(status="failed", why=why, relative=result.relative, outputs=result.outputs,
+                                              max_abs_diff=result.max_abs_diff, culprit=block, tried=len(errors))
             raise VerificationFailed(step, why) from failure
 
     def judge(self) -> dict:
@@ -194,28 +204,24 @@ class Checks:
                 result = fidelity({**self.variants, self.own: reference}, reference, self.own, s.scores, s.targets,
                                   against_float64=False)
         result.pop("passed")
-        failing = [n for n, r in result["variants"].items() if not r.get("passed")]
+        failing = {n: c for n, c in result["variants"].items() if c.status == "failed"}
         return self.result(passed=not failing, **({} if not failing else {
-            "failed_step": "deployment fidelity",
-            "why": "; ".join(f"{n}: {_miss(r) if 'max_abs_diff' in r else r['error']}"
-                             for n, r in result["variants"].items() if n in failing)}), **result)
+            "failed_step": "deployment fidelity", "why": "; ".join(f"{n}: {c.why}" for n, c in failing.items())}),
+            **result)
 
     def result(self, passed: bool, **fields) -> dict:
+        """The report's `parity`: every check in its report form (status, why, figures); passed = no check failed."""
         s = self.source
-        return {"passed": passed, "images": int(len(s.inputs)), "inputs": s.inputs_desc,
+        if "variants" in fields:
+            fields["variants"] = {name: check_dict(c) for name, c in fields["variants"].items()}
+        exactness = {step: check_dict(c) for step, c in self.exact.items()}
+        return {"passed": passed, "checks": tally({**exactness, **fields.get("variants", {})}),
+                "images": int(len(s.inputs)), "inputs": s.inputs_desc,
                 "batch_sizes": sorted(set(batch_plan(len(s.inputs)))),
                 "rule": {"exact_rtol": EXACT_RTOL, "atol": ATOL, "rtol": RTOL, "factor": FACTOR},
                 "reference": "the unfolded model in float64" if self.ref64 is not None else "the unfolded float32 model",
                 "float64": {"available": self.ref64 is not None, **({"why": self.why64} if self.why64 else {})},
-                "exactness": self.exact, "notes": self.notes, **fields}
-
-
-def _miss(row: dict) -> str:
-    text = f"{row['max_abs_diff']:.2e} from the reference ({row['tol_error']:.1f}x the tolerance"
-    text += f", {row['ratio']:.1f}x float32's own error)" if "ratio" in row else ")"
-    if row.get("argmax_disagreements"):
-        text += f", {row['argmax_disagreements']} argmax disagreements"
-    return text
+                "exactness": exactness, "notes": self.notes, **fields}
 
 
 def changed_numerics(onnx_report: dict) -> bool:
@@ -240,7 +246,7 @@ def build_torch(source: Source, out: Path, verify_only: bool, checks: Checks, me
         with steps("fx pass (float64; each trace checked on 2 rows)"):
             folded64, fx_report = fold_batchnorm(module64, (torch.from_numpy(checks.inputs64[:2]),))
         if not fx_report.folded:  # nothing folded: its traces were checked against the forward, nothing to prove
-            checks.exact["fx pass"] = {"skipped": "it folded nothing", "passed": True}
+            checks.exact["fx pass"] = Exactness(status="skipped", why="it folded nothing")
         else:
             with steps("fx pass exactness (float64)"):
                 checks.exact_or_fail("fx pass", lambda: run_torch(folded64, checks.exact_rows, dtype=torch.float64),
@@ -257,14 +263,18 @@ def build_torch(source: Source, out: Path, verify_only: bool, checks: Checks, me
     checks.own = "torch eval (float32)"
     checks.runs = lambda k: run_torch(ulp_perturbed(module, k), inputs)
     with steps("torch forms (float32)"):
-        checks.variants[checks.own] = run_torch(module, inputs)
+        try:
+            checks.variants[checks.own] = run_torch(module, inputs)
+        except Exception as e:  # the user's model itself, on the verification inputs: their input, not our bug
+            raise BadInput(f"the model raises on the verification inputs ({len(inputs)} rows, batches of up to 1000): "
+                           f"{type(e).__name__}: {one_line(e)}") from None
         try:
             checks.variants["torch folded"] = run_torch(folded_module, inputs)
         except Exception as e:
             raise VerificationFailed("fx pass", f"the folded module does not run: {type(e).__name__}: {one_line(e)}")
     if verify_only:
-        checks.exact["ONNX pass"] = {"skipped": "not re-run by --verify-only (the published graph is judged below)",
-                                     "passed": True}
+        checks.exact["ONNX pass"] = Exactness(status="skipped",
+                                              why="not re-run by --verify-only (the published graph is judged below)")
         return _published(source, out)
     example, names = (2, *source.input_shape[1:]), checks.names
     with steps("torch.onnx.export, unfolded"):
@@ -298,7 +308,7 @@ def fx_merge(module64, folded64, fx_report, checks: Checks) -> None:
     with checks.steps("fx merge (float64)"):
         merge_branches(folded64, fx_report, example)
     if not fx_report.merged:
-        checks.exact["fx merge"] = {"skipped": "it merged nothing", "passed": True}
+        checks.exact["fx merge"] = Exactness(status="skipped", why="it merged nothing")
         return
 
     def run_merged(only):
@@ -321,8 +331,8 @@ def build_onnx(source: Source, out: Path, verify_only: bool, checks: Checks, mer
     checks.runs = lambda k: run_ort(ort_session(ulp_perturbed(source.reference_graph, k), optimize=False), source.inputs,
                                     plan=[step] * -(-len(source.inputs) // step))
     if verify_only:
-        checks.exact["ONNX pass"] = {"skipped": "not re-run by --verify-only (the published graph is judged below)",
-                                     "passed": True}
+        checks.exact["ONNX pass"] = Exactness(status="skipped",
+                                              why="not re-run by --verify-only (the published graph is judged below)")
         return _published(source, out)
     with checks.steps("ONNX pass" + (" and merge" if merge else "")):
         folded_graph, onnx_report = fold_onnx(graph)
@@ -361,7 +371,8 @@ def onnx_forms(checks: Checks, unfolded: onnx.ModelProto, folded: onnx.ModelProt
 def export(source: Source, out: str | Path, verify_only: bool = False, merge: bool = True) -> int:
     """Fold, merge, check, export, verify, publish. Returns 0, or 1 when a check fails (nothing
     published). Raises BadInput for input that cannot be exported as given (nothing written).
-    merge=False (--no-merge) keeps branches of one input as they are (export/merge.py)."""
+    verify_only: judge the files already in `out` and report on stdout only; nothing is written (not
+    even the report). merge=False (--no-merge) keeps branches of one input as they are (export/merge.py)."""
     out = Path(out)
     for note in source.notes:
         print(f"note: {note}")
@@ -374,8 +385,11 @@ def export(source: Source, out: str | Path, verify_only: bool = False, merge: bo
     except VerificationFailed as e:
         result = checks.result(passed=False, failed_step=e.step, why=e.why, variants={})
         print(format_table(result))
-        write_json(out / REPORT, {"name": source.name, "request": source.request, "parity": result,
-                                  "timings": steps.times, "versions": versions()})
+        if verify_only:
+            print(read_only(out))
+        else:
+            write_json(out / REPORT, {"report_format": REPORT_FORMAT, "name": source.name, "request": source.request,
+                                      "parity": result, "timings": steps.times, "versions": versions()})
         return 1
     if not verify_only:
         print(f"{'exported' if source.module is not None else 'folded'} in {time.perf_counter() - started:.1f}s")
@@ -409,7 +423,8 @@ def export(source: Source, out: str | Path, verify_only: bool = False, merge: bo
     print(format_table(result))
     meta = read_metadata(folded)
     report = {
-        "contract_version": int(meta.get("contract_version", 1)), "name": meta.get("name", source.name),
+        "report_format": REPORT_FORMAT, "contract_version": int(meta.get("contract_version", 1)),
+        "name": meta.get("name", source.name),
         "source": json.loads(meta["source"]) if "source" in meta else {"kind": source.kind, "path": source.path},
         "request": source.request,
         "input": {"name": source.input_name, "shape": source.input_shape, "layout": source.layout,
@@ -424,16 +439,22 @@ def export(source: Source, out: str | Path, verify_only: bool = False, merge: bo
     if source.kind == "run":  # kept from version 1 (python -m export.report reads them)
         report.update(run=source.path, arch=source.extra_metadata["arch"], weights_sha256=source.sha256,
                       torch_test_accuracy=float(source.extra_metadata["test_accuracy"]))
-    if result["passed"] and not verify_only:
+    if verify_only:  # a re-check reports; it changes nothing on disk
+        print(("verified " if result["passed"] else "NOT verified: ") + f"{out / FOLDED}; " + read_only(out))
+        return 0 if result["passed"] else 1
+    if result["passed"]:
         report["files"] = {name: {"sha256": save_model(m, out / name)} for name, m in ((UNFOLDED, unfolded), (FOLDED, folded))}
-    elif result["passed"]:  # the files on disk are the ones just verified
-        report["files"] = {name: {"sha256": sha256_file(out / name)} for name in (UNFOLDED, FOLDED)}
     report["timings"]["total"] = round(time.perf_counter() - started, 2)
     write_json(out / REPORT, report)
     if not result["passed"]:
         return 1
-    print(f"wrote {out / FOLDED}, {out / UNFOLDED}, {out / REPORT}" if not verify_only else f"verified {out / FOLDED}")
+    print(f"wrote {out / FOLDED}, {out / UNFOLDED}, {out / REPORT}")
     return 0
+
+
+def read_only(out: Path) -> str:
+    return (f"--verify-only wrote nothing: {out / FOLDED}, {out / UNFOLDED} and {out / REPORT} are as they were "
+            "(the table above is the re-check)")
 
 
 def contract_fields(source: Source, unfolded: onnx.ModelProto, fold_report: dict) -> dict:

@@ -8,9 +8,16 @@ from pathlib import Path
 
 from common.files import write_text
 
+# export_report.json's own format: 2 = every check an object with "status" (export/verify.py's types);
+# the pipeline writes it, --if-stale re-exports a report of another format, this module refuses one
+REPORT_FORMAT = 2
+
 
 def results_table(artifacts: Path) -> str:
     export = json.loads((artifacts / "export_report.json").read_text())
+    if export.get("report_format") != REPORT_FORMAT:
+        raise ValueError(f"{artifacts / 'export_report.json'} was written by an older bnfold (its checks have no "
+                         "status); export again: make pipeline (or python -m export ...)")
     parity = export["parity"]["variants"]
     if "run" in export:  # one of our training runs
         config = json.loads((Path(export["run"]) / "config.json").read_text())
@@ -19,8 +26,7 @@ def results_table(artifacts: Path) -> str:
     else:  # --model / --onnx
         header = (f"Model `{export['name']}` ({export['source']['kind']}: {export['source']['path']}), verified on "
                   f"{export['parity']['images']} {export['parity'].get('inputs', 'inputs')}. {export.get('summary', '')}")
-    exact = "; ".join(f"{name} {r['relative']:.1e}" if "relative" in r else f"{name}: {r.get('skipped', 'not run')}"
-                      for name, r in export["parity"].get("exactness", {}).items())
+    exact = "; ".join(exactness_cell(name, r) for name, r in export["parity"].get("exactness", {}).items())
     lines = [header, "", f"Fold exactness in float64 (max |folded - unfolded| / max |unfolded|, exact below 1e-9): "
                          f"{exact or 'not checked'}.", "",
              f"| form | test accuracy | max abs diff vs {export['parity'].get('reference', 'torch eval')} | "
@@ -29,9 +35,10 @@ def results_table(artifacts: Path) -> str:
         accuracy = f"{row['accuracy']:.4f}" if "accuracy" in row else "n/a"
         agreement = f"{row['argmax_agreement']:.2%}" if "argmax_agreement" in row else ""
         if "max_abs_diff" not in row:
-            lines.append(f"| {name} | {accuracy} | FAILED: {row.get('error', '')} | | | NO |")
+            lines.append(f"| {name} | {accuracy} | FAILED: {row['why']} | | | NO |")
         else:
-            verdict = row.get("role") or (f"ok ({row['clause']})" if row.get("passed") else "FAILED")
+            verdict = {"passed": f"ok ({row.get('clause')})", "failed": f"FAILED: {row.get('why')}",
+                       "skipped": row.get("why")}[row["status"]]
             lines.append(f"| {name} | {accuracy} | {row['max_abs_diff']:.2e} | {row.get('tol_error', 0):.2f} | "
                          f"{agreement} | {verdict} |")
     lines += ["", f"Folded graph nodes: {export['nodes_folded']}",
@@ -48,6 +55,14 @@ def results_table(artifacts: Path) -> str:
                      for rows in bench["results"].values()]
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n" + trained_table(artifacts)
+
+
+def exactness_cell(name: str, check: dict) -> str:
+    """One exactness check as the results say it: its figure when it passed, what happened otherwise
+    (a skipped check proved nothing and says so)."""
+    if check["status"] == "passed":
+        return f"{name} {check['relative']:.1e}"
+    return f"{name} {check['status']}: {check['why']}"
 
 
 def trained_table(artifacts: Path) -> str:
@@ -84,6 +99,9 @@ def main(argv=None) -> int:
         table = results_table(artifacts)
     except FileNotFoundError as e:
         print(f"report: {e.filename} is missing; run `make pipeline` first", file=sys.stderr)
+        return 2
+    except ValueError as e:
+        print(f"report: {e}", file=sys.stderr)
         return 2
     write_text(artifacts / "results.md", table)
     print(table, end="")

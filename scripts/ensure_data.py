@@ -25,7 +25,9 @@ def main() -> int:
         print(f"data: Fashion-MNIST found in {data_dir}")
         return 0
     if str(data_dir) != DEFAULT_DIR:
-        print(f"data: {data_dir} lacks {', '.join(missing(data_dir))} (IDX files, optionally .gz)", file=sys.stderr)
+        print(f"data: {data_dir} lacks {', '.join(missing(data_dir))} (IDX files, optionally .gz): give DATA_DIR a "
+              f"directory that holds all four, or leave DATA_DIR out to use {DEFAULT_DIR} (docs/troubleshooting.md)",
+              file=sys.stderr)
         return 1
     if os.geteuid() != 0:
         print("data: Fashion-MNIST is missing; run `sudo apt-get install -y dataset-fashion-mnist` "

@@ -67,7 +67,7 @@ def test_export_report_records_parity(model_dir):
     report = json.loads((model_dir / "export_report.json").read_text())
     parity = report["parity"]
     assert parity["passed"] is True and parity["images"] == 10000 and parity["float64"]["available"]
-    assert parity["exactness"]["fx pass"]["passed"] and parity["exactness"]["fx pass"]["relative"] < 1e-12
+    assert parity["exactness"]["fx pass"]["status"] == "passed" and parity["exactness"]["fx pass"]["relative"] < 1e-12
     # Our own runs keep passing the plain rule on all 10k test images: within 1e-5 + 1e-5|ref| of the
     # float64 model, no argmax other than float32's own (the float32 clause is not needed here).
     judged = {name: row for name, row in parity["variants"].items() if name != parity["own"]}
@@ -116,10 +116,31 @@ def test_parity_failure_publishes_nothing(trained_run, data_dir, tmp_path, monke
     assert "VERIFICATION FAILED at fx pass: the folded float64 model is" in capsys.readouterr().out
 
 
-def test_verify_only_rechecks_published_files(model_dir, trained_run, data_dir):
+def snapshot(directory: Path) -> dict:
+    return {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in sorted(directory.iterdir())}
+
+
+def test_verify_only_rechecks_published_files_and_writes_nothing(model_dir, trained_run, data_dir, capsys, monkeypatch):
+    """Issue 26, 1: the re-check the README shows reports and changes nothing on disk, passing or failing:
+    export_report.json keeps the ONNX pass's exactness and the export's timings."""
+    import export.fold as fold
     from export.__main__ import main
 
-    assert main(["--run", str(trained_run), "--out", str(model_dir), "--data-dir", str(data_dir), "--verify-only"]) == 0
+    before = snapshot(model_dir)
+    args = ["--run", str(trained_run), "--out", str(model_dir), "--data-dir", str(data_dir), "--verify-only"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "VERIFICATION PASSED" in out and "--verify-only wrote nothing" in out
+    assert snapshot(model_dir) == before  # same files, same bytes, not even rewritten
+    report = json.loads((model_dir / "export_report.json").read_text())
+    assert "not re-run by --verify-only" not in json.dumps(report) and report["timings"]["total"] > 0
+
+    real = fold.bn_scale_shift  # a re-check that fails writes nothing either
+    monkeypatch.setattr(fold, "bn_scale_shift", lambda bn: (real(bn)[0], real(bn)[1] * 0))
+    assert main(args) == 1
+    captured = capsys.readouterr()
+    assert "VERIFICATION FAILED at fx pass" in captured.out and "nothing written" in captured.err
+    assert snapshot(model_dir) == before
 
 
 @pytest.mark.parametrize("args, message", [

@@ -133,11 +133,11 @@ def export_and_check(tmp_path, run, factory, shape, layout, fx_kept, untraceable
     parity = report["parity"]
     assert parity["passed"] and {1, 7} <= set(parity["batch_sizes"])
     fx_exact = parity["exactness"]["fx pass"]
-    assert parity["float64"]["available"] and fx_exact["passed"]
+    assert parity["float64"]["available"]
     if n_batchnorms(model) > len(fx_kept):  # the fx pass folded something: proven exact
-        assert fx_exact["relative"] < 1e-12, fx_exact
-    else:
-        assert fx_exact == {"skipped": "it folded nothing", "passed": True}
+        assert fx_exact["status"] == "passed" and fx_exact["passed"] and fx_exact["relative"] < 1e-12, fx_exact
+    else:  # nothing to prove: skipped, which is not passed
+        assert fx_exact == {"kind": "exactness", "status": "skipped", "why": "it folded nothing"}
     judged = {n: r for n, r in parity["variants"].items() if n != parity["own"]}
     assert len(judged) == 4 and all(r["clause"] == "within 1e-5" for r in judged.values()), judged
     assert parity["images"] == (40 if options.get("sample") else 256)
@@ -383,8 +383,8 @@ def test_a_form_that_cannot_run_fails_with_its_error():
 
     result = fidelity({"own": [np.eye(3, dtype=np.float32)], "ok": [np.eye(3, dtype=np.float32)], "broken": crashes,
                        "short": [np.eye(3, dtype=np.float32)[:, :2]]}, reference, "own", scores=0)
-    assert result["passed"] is False and result["variants"]["ok"]["passed"]
-    assert result["variants"]["broken"]["error"] == "RuntimeError: folded module lost its child"
-    assert not result["variants"]["broken"]["passed"] and "[3, 2]" in result["variants"]["short"]["error"]
+    assert result["passed"] is False and result["variants"]["ok"].passed
+    assert result["variants"]["broken"].why == "RuntimeError: folded module lost its child"
+    assert result["variants"]["broken"].status == "failed" and "[3, 2]" in result["variants"]["short"].why
     table = format_table({"images": 3, "passed": False, **result})
     assert "FAILED: RuntimeError: folded module lost its child" in table

@@ -1,7 +1,9 @@
 """scripts/readme_results.py: the README's results block is rebuilt from the reports that exist,
-each with its command and date, and says which command makes each missing one."""
+each with its command, date, CPU and freshness, and says which command makes each missing one."""
 import importlib.util
 import json
+import os
+import subprocess
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -15,41 +17,95 @@ def load_script():
     return module
 
 
-def test_block_is_rebuilt_from_the_reports_that_exist(tmp_path):
+def git(repo: Path, *args: str, date: str | None = None) -> None:
+    env = {"GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t",
+           "HOME": str(repo), "PATH": os.environ["PATH"], **({"GIT_AUTHOR_DATE": date, "GIT_COMMITTER_DATE": date}
+                                                             if date else {})}
+    subprocess.run(["git", "-C", str(repo), *args], check=True, capture_output=True, env=env)
+
+
+def commit(repo: Path, path: str, date: str, message: str) -> None:
+    (repo / path).parent.mkdir(parents=True, exist_ok=True)
+    (repo / path).write_text(message)
+    git(repo, "add", path)
+    git(repo, "commit", "-q", "-m", message, date=date)
+
+
+def test_block_is_rebuilt_from_the_reports_that_exist(tmp_path, capsys):
+    """Every section opens with its command, date and (where its numbers depend on it) the CPU; a section older
+    than the code it measures is marked stale with the commit that changed it; a short goal or a FAIL gets one
+    line of why (or is marked unexplained, and the script says so); a missing report keeps the README's text."""
     script = load_script()
     repo, artifacts = tmp_path / "repo", tmp_path / "artifacts"
     (artifacts / "faults").mkdir(parents=True)
     repo.mkdir()
-    (artifacts / "pipeline_times.tsv").write_text("set-up\t22.4\ndata\t0.1\ntrain\t169.1\nexport+verify\t17.7\n")
+    git(repo, "init", "-q")
+    commit(repo, "loadtest/core.py", "2026-12-05T10:00:00", "loadtest: a faster sampler")
+    (artifacts / "pipeline_times.json").write_text(json.dumps({
+        "command": "make pipeline", "date": "2026-12-07 13:21", "complete": True, "goal_s": 300,
+        "cpu": {"model": "AMD EPYC", "isa": "AVX-512 VNNI", "cores": 2},
+        "stages": [{"stage": "set-up", "seconds": 22.4, "ran": True}, {"stage": "data", "seconds": 0.1, "ran": True},
+                   {"stage": "train", "seconds": 169.1, "ran": True}, {"stage": "export+verify", "seconds": 17.7, "ran": True}]}))
+    (artifacts / "runs" / "seed-cnn").mkdir(parents=True)
+    (artifacts / "runs" / "seed-cnn" / "config.json").write_text(json.dumps(
+        {"machine": {"model": "AMD EPYC", "isa": "AVX-512 VNNI", "cores": 2}}))
+    (artifacts / "export_report.json").write_text(json.dumps({"run": str(artifacts / "runs" / "seed-cnn")}))
     (artifacts / "results.md").write_text(
         "Model `seed-cnn` (artifacts/runs/seed-cnn):\n\n| form | test accuracy |\n|---|---|\n| torch folded | 0.92 |\n"
         "\nFolded graph nodes: {'Conv': 1}\n")
     (artifacts / "soak").mkdir()
     (artifacts / "soak" / "soak.json").write_text(json.dumps({"ok": False, "reasons": ["p99 80 ms > 50"], "time": "1m",
         "offered_rps": 100, "achieved_rps": 99, "requests": 6000, "failures": 0, "p50_ms": 4, "p99_ms": 80,
-        "rss_baseline_mib": 400, "rss_final_mib": 401, "rss_growth": 0.0025, "warmup_s": 90}))
+        "rss_baseline_mib": 400, "rss_final_mib": 401, "rss_growth": 0.0025, "warmup_s": 90,
+        "command": "python -m loadtest soak", "date": "2026-11-24"}))
     (artifacts / "bench_serve").mkdir()
     (artifacts / "bench_serve" / "throughput_vs_users.png").write_bytes(PNG)
     (artifacts / "bench_serve" / "results.md").write_text(
-        "Command: `python -m loadtest bench`\n\n| a |\n|---|\n\nGoals:\n- speed: 3x (goal ≥2x) — met\n"
-        "- p99: 80 ms (goal ≤50 ms) — SHORT\n- errors: 0 (goal 0) — met\n")
+        "Command: `python -m loadtest bench` (4.4 min, 2026-11-23, 2 cores)\n\n| a |\n|---|\n\nGoals:\n"
+        "- speed: 3x (goal ≥2x) — met\n- p99: 80 ms (goal ≤50 ms) — SHORT\n- errors: 0 (goal 0) — met\n")
+    (artifacts / "faults" / "faults.json").write_text(json.dumps({
+        "command": "python -m loadtest.faults", "date": "2026-12-06 10:00", "workers": 2, "load_average_before": [0.5],
+        "scenarios": {"kill": {"checks": [{"figure": "lost requests", "value": 0, "goal": 0, "pass": True}]},
+                      "overload": {"checks": [{"figure": "goodput", "value": "0.72x", "goal": ">= 0.8x", "pass": False}]},
+                      "stalled": {"checks": [{"figure": "closed", "value": "190/200", "goal": "200/200", "pass": False}]}}}))
     readme = repo / "README.md"
-    readme.write_text(f"# x\n\nbefore\n{script.BEGIN}\nold text\n\n### Fault battery\n\n`make faults`, 2026-11-23: "
-                      f"the old figures\n\n### Soak\n\nthe old soak\n{script.END}\nafter\n")
+    readme.write_text(f"# x\n\nbefore\n{script.BEGIN}\nold text\n\n### Container image and rolling replace\n\n"
+                      f"`make deploy-check`, 2026-12-01 23:39: the old figures\n\n### Soak\n\nthe old soak\n{script.END}\nafter\n")
+    commit(repo, "deploy/check.py", "2026-12-03T10:00:00", "deploy: a new check")
 
     assert script.main(["--artifacts", str(artifacts), "--readme", str(readme)]) == 0
-    text = readme.read_text()
+    text, err = readme.read_text(), capsys.readouterr().err
     assert text.startswith("# x\n\nbefore\n") and text.endswith("after\n") and "old text" not in text
-    assert "set-up 22 · data 0 · train 169 · export+verify 18 → **total 209 s**" in text
-    assert "| torch folded | 0.92 |" in text and "`make pipeline`" in text and "Folded graph nodes" not in text
+    sections = script.sections_of(text.split(script.BEGIN)[1].split(script.END)[0])
+    times = sections["`make pipeline`: wall seconds per stage"]
+    assert "`make pipeline`, 2026-12-07 13:21; CPU: AMD EPYC, AVX-512 VNNI, 2 cores (the times depend on the CPU):" in times
+    assert "set-up 22 · data 0 · train 169 · export+verify 18 → **total 209 s**" in times and "Stale" not in times
+    model = sections["Model: accuracy, fold parity, onnxruntime speed"]
+    assert "; CPU: AMD EPYC, AVX-512 VNNI, 2 cores (the accuracy's 4th digit and the speeds depend on the CPU)" in model
+    assert "| torch folded | 0.92 |" in model and "Folded graph nodes" not in model
+    # stale: loadtest/ changed after the benchmark ran; the soak measures service/ only, which did not
+    serve = sections["Serving benchmark: our service vs naive baselines"]
+    assert "`make bench-serve QUICK=1` (`python -m loadtest bench`), 2026-11-23; CPU not recorded" in serve
+    assert "**Stale:** measured 2026-11-23; the code it measures (service/, loadtest/) changed since in 1 commit," in serve
+    assert "'loadtest: a faster sampler'" in serve and "Re-run `make bench-serve QUICK=1`" in serve
+    assert "Goals: 2 of 3 met." in serve and "- **Short:** p99: 80 ms (goal ≤50 ms) — **not explained yet**" in serve
     assert (repo / "docs" / "img" / "results" / "bench_serve-throughput_vs_users.png").read_bytes() == PNG
-    assert "![throughput_vs_users](docs/img/results/bench_serve-throughput_vs_users.png)" in text
-    assert "**FAIL: p99 80 ms > 50**" in text
-    assert "Goals: p99: 80 ms (goal ≤50 ms) — **short**; 2 of 3 met." in text and "— met" not in text
+    assert "![throughput_vs_users](docs/img/results/bench_serve-throughput_vs_users.png)" in serve
+    soak = sections["Soak"]
+    assert "**FAIL**" in soak and "Stale" not in soak and "the old soak" not in soak
+    faults = sections["Fault battery"]
+    assert "- **Short:** overload: goodput 0.72x (goal >= 0.8x) — the load generator shares the 2 cores" in faults
+    assert "- **Short:** stalled: closed 190/200 (goal 200/200) — **not explained yet**" in faults
+    assert "short and not explained yet (add a line to EXPLAINED): faults: stalled" in err and "overload" not in err
     assert "Not measured yet: `make bench-onnx-fold`" in text  # never measured
-    # a report missing from artifacts/ keeps the section the README had (its own command and date) ...
-    assert "`make faults`, 2026-11-23: the old figures" in text and "Not measured yet: `make faults`" not in text
-    assert "the old soak" not in text  # ... and a report that exists replaces it
+    # a report missing from artifacts/ keeps the section the README had, its freshness checked from its own date
+    deploy = sections["Container image and rolling replace"]
+    assert deploy.startswith("**Stale:** measured 2026-12-01 23:39; the code it measures (deploy/, service/)")
+    assert "'deploy: a new check'" in deploy and deploy.endswith("`make deploy-check`, 2026-12-01 23:39: the old figures")
+
+    # run again on its own output: the same text (the stale lines are redone, not stacked)
+    assert script.main(["--artifacts", str(artifacts), "--readme", str(readme)]) == 0
+    assert readme.read_text() == text
 
 
 def test_readme_without_the_markers_is_refused(tmp_path, capsys):

@@ -3,7 +3,9 @@ ground truth; a wrong fold fails the exactness check of the pass that made it (e
 written, the step named); float32 noise that no float32 program can avoid does not fail an exact fold.
 """
 import copy
+import dataclasses
 import json
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -26,13 +28,13 @@ RNG = np.random.default_rng(0)
 def test_exactness_tells_float64_rounding_from_a_wrong_fold():
     ref = [RNG.normal(size=(32, 10)) * 5]
     scale = np.abs(ref[0]).max()
-    assert exactness([ref[0] + 1e-13 * scale], ref, ["y"])["passed"]
-    assert exactness([ref[0] + 0.5 * EXACT_RTOL * scale], ref, ["y"])["passed"]
-    assert not exactness([ref[0] + 2 * EXACT_RTOL * scale], ref, ["y"])["passed"]
+    assert exactness([ref[0] + 1e-13 * scale], ref, ["y"]).status == "passed"
+    assert exactness([ref[0] + 0.5 * EXACT_RTOL * scale], ref, ["y"]).passed
+    assert exactness([ref[0] + 2 * EXACT_RTOL * scale], ref, ["y"]).status == "failed"
     wrong = ref[0].copy()
     wrong[:, 3] *= 1 + 1e-4  # one channel's scale off by 1e-4 relative
     result = exactness([wrong], ref, ["y"])
-    assert not result["passed"] and result["relative"] > 1e-6
+    assert not result.passed and result.relative > 1e-6 and "a wrong fold" in result.why
 
 
 def test_fidelity_clauses():
@@ -46,10 +48,12 @@ def test_fidelity_clauses():
              "too noisy": [ref + 60 * tol * noise]}
     result = fidelity(forms, [ref], "own", scores=0)
     rows = result["variants"]
-    assert rows["own"]["role"].startswith("float32's own") and rows["own"]["tol_error"] == pytest.approx(20, rel=1e-6)
-    assert rows["close"]["clause"] == "within 1e-5"
-    assert rows["as noisy"]["clause"] == f"<= {FACTOR:g}x float32's own" and rows["as noisy"]["ratio"] == pytest.approx(1.5)
-    assert rows["too noisy"]["clause"] is None and not rows["too noisy"]["passed"] and not result["passed"]
+    assert rows["own"].status == "skipped" and rows["own"].why.startswith("float32's own")  # not judged, not passed
+    assert rows["own"].tol_error == pytest.approx(20, rel=1e-6)
+    assert rows["close"].clause == "within 1e-5" and rows["close"].status == "passed"
+    assert rows["as noisy"].clause == f"<= {FACTOR:g}x float32's own" and rows["as noisy"].ratio == pytest.approx(1.5)
+    assert rows["too noisy"].clause is None and rows["too noisy"].status == "failed" and not result["passed"]
+    assert "3.0x float32's own error" in rows["too noisy"].why
 
 
 def test_fidelity_counts_argmax_disagreements_against_float32s_own():
@@ -59,11 +63,11 @@ def test_fidelity_counts_argmax_disagreements_against_float32s_own():
     flip_one[0, 0] = own[0, 0] = 10  # float32's own flips row 0 too
     flip_three[:3, 0] = 10
     result = fidelity({"own": [own], "one": [flip_one], "three": [flip_three]}, [ref], "own", scores=0)
-    assert result["variants"]["own"]["argmax_disagreements"] == 1
-    assert result["variants"]["one"]["passed"] and result["variants"]["one"]["clause"] == f"<= {FACTOR:g}x float32's own"
-    assert not result["variants"]["three"]["passed"]  # 3 disagreements > 2x float32's 1
+    assert result["variants"]["own"].argmax_disagreements == 1
+    assert result["variants"]["one"].passed and result["variants"]["one"].clause == f"<= {FACTOR:g}x float32's own"
+    assert not result["variants"]["three"].passed  # 3 disagreements > 2x float32's 1
     no_flip = fidelity({"own": [ref.copy()], "one": [flip_one]}, [ref], "own", scores=0)
-    assert not no_flip["variants"]["one"]["passed"]  # float32 itself disagrees nowhere: neither may a fold
+    assert not no_flip["variants"]["one"].passed  # float32 itself disagrees nowhere: neither may a fold
 
 
 def test_fidelity_draws_more_float32_runs_only_when_a_form_needs_them():
@@ -87,7 +91,7 @@ def test_fidelity_draws_more_float32_runs_only_when_a_form_needs_them():
                       runs=runs(chaotic))
     assert result["passed"] and drawn == [1, 2] and result["own_error"] == pytest.approx(90)
     assert result["float32_runs"]["tol_errors"] == pytest.approx([20, 30, 90])
-    assert result["variants"]["form"]["clause"] == f"<= {FACTOR:g}x float32's own"
+    assert result["variants"]["form"].clause == f"<= {FACTOR:g}x float32's own"
 
     drawn.clear()
     wrong = fidelity({"own": [ref + 20 * tol * noise], "form": [ref + 450 * tol * noise]}, [ref], "own", 0,
@@ -124,7 +128,7 @@ def test_on_an_ill_conditioned_net_the_float32_runs_stay_far_below_a_wrong_resul
         wrong.bn.weight[3] *= 1 + 1e-4
     result = fidelity({"own": run_torch(model, x), "wrong": run_torch(wrong, x)}, ref, "own", 0,
                       runs=lambda k: run_torch(ulp_perturbed(model, k), x))
-    own, runs = result["variants"]["own"]["tol_error"], result["float32_runs"]["tol_errors"]
+    own, runs = result["variants"]["own"].tol_error, result["float32_runs"]["tol_errors"]
     assert own > 10 and max(runs) < 10 * own, runs  # float32 noise, run to run: the same order
     assert not result["passed"] and len(runs) == 1 + SPREAD_RUNS
 
@@ -234,11 +238,11 @@ def test_the_unbroken_passes_publish(injected_files, tmp_path, capsys):
                                          str(injected_files / "w.safetensors"), "--input-shape", "3,12,12"],
                                         tmp_path / "torch", capsys)
     assert code == 0, captured.err
-    assert report["parity"]["exactness"]["fx pass"]["passed"]
+    assert report["parity"]["exactness"]["fx pass"]["status"] == "passed"
     assert [e["bn"].split(" ")[0] for e in report["fold"]["kept"] if e["pass"] == "fx"] == ["bn2"]
     code, captured, report = run_export(["--onnx", str(injected_files / "injected.onnx")], tmp_path / "onnx", capsys)
     assert code == 0, captured.err
-    assert report["parity"]["exactness"]["ONNX pass"]["passed"] and report["fold"]["folded"]
+    assert report["parity"]["exactness"]["ONNX pass"]["status"] == "passed" and report["fold"]["folded"]
 
 
 @pytest.mark.parametrize("error", list(FX))
@@ -292,7 +296,94 @@ def test_a_model_without_a_float64_copy_is_judged_by_the_float32_clause_and_says
     assert code == 0, captured.err
     parity = report["parity"]
     assert not parity["float64"]["available"] and "cannot run in float64" in parity["float64"]["why"]
+    # nothing proves the ONNX pass here: skipped, which is never passed
     assert parity["reference"] == "the unfolded float32 model" and parity["exactness"] == {
-        "ONNX pass": {"skipped": parity["exactness"]["ONNX pass"]["skipped"], "passed": True}}
-    assert all(r["clause"] == "within 1e-5" for n, r in parity["variants"].items() if n != parity["own"])
+        "ONNX pass": {"kind": "exactness", "status": "skipped", "why": parity["exactness"]["ONNX pass"]["why"]}}
+    assert all(r["clause"] == "within 1e-5" and r["kind"] == "float32 vs float32"
+               for n, r in parity["variants"].items() if n != parity["own"])
     assert "fold exactness not proven, the float32 clause decided" in captured.out
+
+
+# --- typed results and exit codes (contract 1 and 2 of the team plan) -------------------------------------
+
+def test_a_check_has_a_status_and_a_skipped_one_is_never_passed():
+    from export.errors import InternalError
+    from export.verify import Exactness, Float32VsFloat64, tally
+
+    done = Exactness(status="passed", relative=1e-15, max_abs_diff=2e-15)
+    skipped = Exactness(status="skipped", why="it folded nothing")
+    wrong = Float32VsFloat64(status="failed", why="3.1e-03 from the reference", max_abs_diff=3.1e-3, tol_error=310.0)
+    assert done.as_dict() == {"kind": "exactness", "status": "passed", "passed": True, "relative": 1e-15,
+                              "max_abs_diff": 2e-15}
+    assert skipped.as_dict() == {"kind": "exactness", "status": "skipped", "why": "it folded nothing"}
+    assert not skipped.passed and wrong.as_dict()["passed"] is False and wrong.as_dict()["why"]
+    assert tally({"fx pass": done, "ONNX pass": skipped, "ORT folded": wrong}) == {
+        "passed": ["fx pass"], "failed": ["ORT folded"], "skipped": ["ONNX pass"]}
+    with pytest.raises(InternalError):
+        Exactness(status="skipped")  # a check that did not pass says why
+    with pytest.raises(InternalError):
+        Exactness(status="ok")
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        done.status = "failed"
+
+
+def test_verify_only_reports_the_onnx_pass_as_not_checked(injected_files, tmp_path, capsys):
+    """--verify-only does not re-run the ONNX pass: the check is skipped, never passed, and the verdict
+    line says which checks were not made."""
+    code, captured, _ = run_export(["--onnx", str(injected_files / "injected.onnx")], tmp_path / "out", capsys)
+    assert code == 0, captured.err
+    code, captured, _ = run_export(["--onnx", str(injected_files / "injected.onnx"), "--verify-only"],
+                                   tmp_path / "out", capsys)
+    assert code == 0, captured.err
+    assert "ONNX pass                          skipped: not re-run by --verify-only" in captured.out
+    assert "checks passed; not checked: ONNX pass (not re-run by --verify-only" in captured.out
+
+
+@pytest.mark.parametrize("where, error", [("simplify", ValueError("clean-up broke an invariant")),
+                                          ("fold_onnx", KeyError("missing initializer"))])
+def test_an_internal_error_exits_3_not_2(where, error, injected_files, tmp_path, capsys, monkeypatch):
+    """A bug of ours (here: an exception inside the clean-up or the ONNX pass) is exit 3 with one line that
+    says so and names the traceback's file; a ValueError no longer passes for bad input (exit 2)."""
+    import export.pipeline
+
+    def broken(*args, **kwargs):
+        raise error
+
+    monkeypatch.setattr(export.pipeline, where, broken)
+    out = tmp_path / "out"
+    args = (["--model", f"{__file__}:injected", "--weights", str(injected_files / "w.safetensors"), "--input-shape",
+             "3,12,12"] if where == "simplify" else ["--onnx", str(injected_files / "injected.onnx")])
+    code, captured, report = run_export(args, out, capsys)
+    assert code == 3, captured.err
+    line = captured.err.strip()
+    assert "\n" not in line and "internal error, a bug in bnfold and not your input" in line, line
+    assert type(error).__name__ in line and "nothing published" in line
+    trace = Path(line.split("the traceback is in ")[1].split(" ")[0])
+    assert "Traceback" in trace.read_text() and where in trace.read_text()
+    trace.unlink()
+    assert not (out / "model.onnx").exists() and report is None
+
+
+def test_bad_input_stays_exit_2(injected_files, tmp_path, capsys):
+    code, captured, report = run_export(["--model", f"{__file__}:injected", "--weights",
+                                         str(injected_files / "w.safetensors"), "--input-shape", "3,12"],
+                                        tmp_path / "out", capsys)
+    assert code == 2 and captured.err.startswith("export: ") and captured.err.count("\n") == 1, captured.err
+    assert "internal error" not in captured.err and report is None and not (tmp_path / "out").exists()
+
+
+def test_the_results_table_says_skipped_and_refuses_an_old_report(tmp_path):
+    """export/report.py (results.md, the README's model section): a skipped check is said to be skipped,
+    with its reason, never shown as a figure that passed; a report of the old format (checks without a
+    status) is refused with the command that makes a new one."""
+    from export.report import REPORT_FORMAT, exactness_cell, results_table
+    from export.verify import Exactness
+
+    assert exactness_cell("fx pass", Exactness(status="passed", relative=6e-16).as_dict()) == "fx pass 6.0e-16"
+    assert exactness_cell("ONNX pass", Exactness(status="skipped", why="not re-run").as_dict()) == \
+        "ONNX pass skipped: not re-run"
+    old = {"name": "m", "parity": {"exactness": {"ONNX pass": {"skipped": "x", "passed": True}}, "variants": {}}}
+    (tmp_path / "export_report.json").write_text(json.dumps(old))
+    with pytest.raises(ValueError, match="older bnfold.*export again"):
+        results_table(tmp_path)
+    assert REPORT_FORMAT == 2
