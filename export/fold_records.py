@@ -52,6 +52,8 @@ class MergeRecord:
     input: str | None = None         # what every branch reads
     branches: tuple[str, ...] = ()   # each branch, from the input to its sum, as people read it
     into: str | None = None          # the merged conv: "stages.1.0.merged (Conv2d 3x3)"
+    layer: str | None = None         # the same by name (torch module path / ONNX node name)
+    branch_layers: tuple[str, ...] = ()  # the branches' convs (and pools) it replaced, by name
     after: tuple[str, ...] = ()      # affine ops on sums it also took in (a BN after the sum, a layer scale)
     bns: tuple[str, ...] = ()        # the BatchNorms it removed (identity branches, after the sum)
     bn_modules: tuple[str, ...] = () # their torch modules, where known
@@ -62,7 +64,8 @@ class MergeRecord:
         if self.reason is not None:
             return {"block": self.block, "reason": self.reason, "pass": self.pass_name}
         entry = {"block": self.block, "input": self.input, "branches": list(self.branches), "into": self.into,
-                 "pass": self.pass_name, "after": list(self.after), "bns": list(self.bns)}
+                 "layer": self.layer, "branch_layers": list(self.branch_layers), "pass": self.pass_name,
+                 "after": list(self.after), "bns": list(self.bns)}
         if self.bn_modules:
             entry["bn_modules"] = list(self.bn_modules)
         if self.nodes:

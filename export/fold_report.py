@@ -16,7 +16,7 @@ def _same_bn(scope: str | None, fx_entry: dict) -> bool:
 
 
 def merge_fold_reports(fx: dict | None, onnx_pass: dict, before: onnx.ModelProto, after: onnx.ModelProto,
-                       merge: bool = True) -> dict:
+                       merge: bool = True, reference: onnx.ModelProto | None = None) -> dict:
     """One fold report for both passes. `folded`: every fold, tagged with the pass that made it
     (`pass`), the torch module of an ONNX-pass fold (`module`) and what it is (`kind`: "batchnorm",
     or "affine" for a per-channel map that is not a BatchNorm, such as a layer scale). `kept`: one
@@ -25,6 +25,8 @@ def merge_fold_reports(fx: dict | None, onnx_pass: dict, before: onnx.ModelProto
     BatchNormalization node. A BN the fx pass kept and the ONNX pass folded (or merged) is not kept.
     `merged` / `merge_refused`: both passes' merges of branches into one conv (export/merge.py), and
     the blocks they refused with why; with merge=False (--no-merge) both empty and a note says so.
+    Each folded entry also names its layers' nodes in `after` (`into_nodes`: the merged conv's, when a
+    merge took the layer in) and its BN's nodes in `reference`, the unfolded graph (`bn_nodes`).
     Entries are records (or dicts, from a stand-in pass)."""
     module_of = {n.name: torch_module_of(n) for n in before.graph.node}
     op_of = {n.name: n.op_type for n in before.graph.node}
@@ -61,6 +63,7 @@ def merge_fold_reports(fx: dict | None, onnx_pass: dict, before: onnx.ModelProto
     for e in map(entry, onnx_pass.get("merged", [])):
         for module in e.get("bn_modules", []):
             pop_fx(module)  # an fx-kept BN the ONNX pass merged away: not kept
+    _name_nodes(folded, merged_blocks, after, reference if reference is not None else before)
 
     kept, explained = [], set()
     for e in map(entry, onnx_pass.get("kept", [])):
@@ -87,6 +90,28 @@ def merge_fold_reports(fx: dict | None, onnx_pass: dict, before: onnx.ModelProto
     report.update({f"onnx_{k}": v for k, v in onnx_pass.items()
                    if k not in ("folded", "kept", "removed", "notes", "merged", "merge_refused")})
     return report
+
+
+_LAYER_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+
+
+def _name_nodes(folded: list[dict], merged: list[dict], after: onnx.ModelProto, reference: onnx.ModelProto) -> None:
+    """`into_nodes` and `bn_nodes` of each folded entry (for readers that work on the graphs: INT8's bias
+    correction needs each folded conv's BN). A layer a merge took in is the merged conv now."""
+    now = {layer: m["layer"] for m in merged for layer in m.get("branch_layers", []) if m.get("layer")}
+    by_scope, names = {}, {n.name for n in after.graph.node}
+    for n in after.graph.node:
+        if n.op_type in _LAYER_OPS:
+            by_scope.setdefault(torch_module_of(n), []).append(n.name)
+    bns = {}
+    for n in reference.graph.node:
+        if n.op_type in BN_OPS:
+            bns.setdefault(torch_module_of(n), []).append(n.name)
+    for e in folded:
+        layers = [now.get(layer, layer) for layer in e.get("layers", [])]
+        e["into_nodes"] = [n for layer in layers for n in ([layer] if layer in names else by_scope.get(layer, []))]
+        e["bn_nodes"] = bns.get(e.get("module"), []) if e.get("module") else [
+            n for n in e.get("nodes", []) if n in {m.name for m in reference.graph.node if m.op_type in BN_OPS}]
 
 
 def summary(fold_report: dict, torch_source: bool) -> str:

@@ -82,6 +82,7 @@ class Block:
     branches: list[str]                 # each branch, from x to its sum, as people read it
     after: list[str]                    # affine ops after a sum (a BN after it, a layer scale)
     bns: list[Op]                       # the BatchNorms it removes
+    convs: list = field(default_factory=list)  # the branches' conv (and pool) nodes
     name: str = ""                      # the block: the modules' common path (or the sum's node)
 
 
@@ -173,7 +174,7 @@ def match(view, root) -> Block | Refusal | None:
     except _Refused as e:
         return Refusal(root, str(e), nodes, name)
     return Block(x, root, conv, nodes, view.op(x).what or "the input", [_branch(t, p) for t, p in terms], _after(tree),
-                 [n.op for n in _walk(tree) if n.op.batchnorm], name)
+                 [n.op for n in _walk(tree) if n.op.batchnorm], [t.node for t, _ in terms if t.op.kind == CONV], name)
 
 
 DIFFERENT_INPUTS = "its branches read different inputs"

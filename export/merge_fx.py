@@ -68,11 +68,12 @@ def _merge_graph(gm: fx.GraphModule, prefix: str, report: FoldReport, only) -> N
         elif found is not None:
             explained.update(found.nodes)
             if only is None or found.name in only:
-                into = _apply(gm, view, found)
+                layers = tuple(view.prefix + n.target for n in found.convs)
+                layer, into = _apply(gm, view, found)
                 blocks.append(found)
                 report.merged.append(MergeRecord(
-                    "fx", found.name, found.input, tuple(found.branches), into, tuple(found.after),
-                    tuple(op.what for op in found.bns), tuple(op.module for op in found.bns if op.module)))
+                    "fx", found.name, found.input, tuple(found.branches), into, view.prefix + layer, layers,
+                    tuple(found.after), tuple(op.what for op in found.bns), tuple(op.module for op in found.bns if op.module)))
     report.merge_refused += [MergeRecord("fx", r.name, reason=r.reason) for r in merge.reported(refusals, blocks)]
     merged = {op.module for b in blocks for op in b.bns if op.module}
     report.kept = [r for r in report.kept if r.module not in merged]  # merged: no longer kept
@@ -285,8 +286,9 @@ def _evaluate(gm, node, memo: dict):
 
 # --- the rewrite ---------------------------------------------------------------------------------------
 
-def _apply(gm: fx.GraphModule, view: FxView, block: merge.Block) -> str:
-    """Replace the block's nodes by one conv module called on x; returns the conv as people read it."""
+def _apply(gm: fx.GraphModule, view: FxView, block: merge.Block) -> tuple[str, str]:
+    """Replace the block's nodes by one conv module called on x; returns its path in `gm` and the conv
+    as people read it."""
     conv, x = block.conv, block.x
     dims = conv.weight.ndim - 2
     dtype = x.meta.get("fold_dtype", torch.get_default_dtype())
@@ -315,7 +317,7 @@ def _apply(gm: fx.GraphModule, view: FxView, block: merge.Block) -> str:
         view.erased.add(node)
     _erase_unused_constants(gm, inputs, view)
     size = "x".join(map(str, conv.weight.shape[2:]))
-    return f"{view.prefix}{name} ({type(layer).__name__} {size}" + (f", groups {conv.groups})" if conv.groups > 1 else ")")
+    return name, f"{view.prefix}{name} ({type(layer).__name__} {size}" + (f", groups {conv.groups})" if conv.groups > 1 else ")")
 
 
 def _exists(gm, name: str) -> bool:

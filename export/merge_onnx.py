@@ -41,11 +41,12 @@ def merge_onnx(model: onnx.ModelProto, report: dict, only=None) -> tuple[onnx.Mo
             explained.update(found.nodes)
             if only is None or found.name in only:
                 nodes = [graph.producer[v].name or v for v in found.nodes]
-                into = _apply(graph, view, found)
+                layers = tuple(graph.producer[v].name or v for v in found.convs)
+                layer, into = _apply(graph, view, found)
                 blocks.append(found)
                 merged_nodes.update(nodes)
                 report["merged"].append(MergeRecord(
-                    "onnx", found.name, found.input, tuple(found.branches), into, tuple(found.after),
+                    "onnx", found.name, found.input, tuple(found.branches), into, layer, layers, tuple(found.after),
                     tuple(op.what for op in found.bns), tuple(op.module for op in found.bns if op.module), tuple(nodes)))
     report["merge_refused"] += [MergeRecord("onnx", r.name, reason=r.reason) for r in merge.reported(refusals, blocks)]
     report["kept"] = [r for r in report.get("kept", []) if not set(_nodes(r)) & merged_nodes]
@@ -177,7 +178,7 @@ class OnnxView:
                   what=what, module=module)
 
 
-def _apply(graph: Graph, view: OnnxView, block: merge.Block) -> str:
+def _apply(graph: Graph, view: OnnxView, block: merge.Block) -> tuple[str, str]:
     """One Conv node on x in place of the block's nodes; its output keeps the root's name."""
     conv, root = block.conv, block.root
     dtype = next((graph.const(graph.producer[v].input[1]).dtype for v in block.nodes
@@ -203,4 +204,4 @@ def _apply(graph: Graph, view: OnnxView, block: merge.Block) -> str:
     graph.nodes = [n for n in graph.nodes if id(n) not in gone] + [new]
     graph.refresh()
     size = "x".join(map(str, conv.weight.shape[2:]))
-    return f"{name} (Conv {size}" + (f", group {conv.groups})" if conv.groups > 1 else ")")
+    return name, f"{name} (Conv {size}" + (f", group {conv.groups})" if conv.groups > 1 else ")")

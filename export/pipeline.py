@@ -298,7 +298,8 @@ def build_torch(source: Source, out: Path, verify_only: bool, checks: Checks, me
         folded_graph, onnx_report = fold_onnx(cleaned)
         merged_graph, onnx_report = merge_onnx(folded_graph, onnx_report) if merge else (folded_graph, onnx_report)
     checks.onnx_pass(cleaned, onnx_report, folded_graph, merged_graph)
-    return unfolded, merged_graph, merge_fold_reports(fx_report.as_dict(), onnx_report, cleaned, merged_graph, merge)
+    return unfolded, merged_graph, merge_fold_reports(fx_report.as_dict(), onnx_report, cleaned, merged_graph, merge,
+                                                      reference=unfolded)
 
 
 def fx_merge(module64, folded64, fx_report, checks: Checks) -> None:
