@@ -96,6 +96,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--if-stale", action="store_true", help="do nothing when --out already holds a verified export "
                    "of this exact source and these options (--run: and these data files, its run trained on them); "
                    "else say why it exports again (default: off)")
+    p.add_argument("--no-merge", action="store_true", help="keep train-time branches of one input (RepVGG, MobileOne, "
+                   "FastViT blocks) as they are, e.g. for quantization-aware training, instead of merging each block "
+                   "into one conv (default: merge, proven exact in float64; docs/export.md)")
     return p
 
 
@@ -185,6 +188,7 @@ def main(argv=None) -> int:
         out = Path(args.out)
         check_int8_flags(args)
         source = make_source(args)
+        source.request["merge"] = not args.no_merge
         int8 = int8_options(args, source)
     except (BadInput, FileNotFoundError, DataError, ValueError, onnx.checker.ValidationError) as e:
         print(f"export: {one_line(e, limit=600)}", file=sys.stderr)
@@ -203,7 +207,7 @@ def main(argv=None) -> int:
                       + (" and the data it was verified on" if source.kind == "run" else "") + "; reused")
                 return 0
             print(f"export: exporting {source.path}: {why}")
-        code = export(source, out, verify_only=args.verify_only, int8=int8)
+        code = export(source, out, verify_only=args.verify_only, merge=not args.no_merge, int8=int8)
     except (BadInput, FoldError) as e:
         print(f"export: {one_line(e, limit=600)}", file=sys.stderr)
         return 2

@@ -151,8 +151,37 @@ def render_zoo(path: Path) -> Rendered:
     if r50:
         text += f" ResNet-50 at 224x224 exported and verified in {r50['seconds']:.0f} s ({r50['rows']} rows)."
     text += " Every model, tool and reason: [docs/zoo.md](docs/zoo.md)."
-    return Rendered(text, date=meta["dates"], command=meta.get("command", "make bench-zoo"),
-                    cpu=cpu_text(meta.get("cpu")))
+    merges, short = render_merges(models)
+    return Rendered(text + merges, date=meta["dates"], command=meta.get("command", "make bench-zoo"),
+                    cpu=cpu_text(meta.get("cpu")), short=short)
+
+
+def render_merges(models: list[dict]) -> tuple[str, list[str]]:
+    """The re-parameterizable models' rows (bench/zoo_merge.py) against issue 23's goals: 0 BNs left,
+    Conv nodes ≤ timm's reparameterize_model, every merge ≤ 1e-9 of the output in float64, and
+    mobileone_s0 ≥ 4x the as-exported model's onnxruntime img/s."""
+    rows, short = [], []
+    for m in models:
+        g = m.get("merge")
+        if not g or "error" in g:
+            short += [f"{m['name']}: merge part: {g['error']}"] if g else []
+            continue
+        c, ours = g["conv"], g["diff"]["ours"]
+        rows.append(f"| {m['name']} | {g['bn_left']} | {c['ours']} · {c['timm']} · {c['as exported']} | "
+                    f"{ours['relative']:.0e} · {g['diff']['timm (float32 merge)']['relative']:.0e} | "
+                    f"{g['img_s']['ours']:.0f} · {g['img_s']['as exported']:.0f} · {g['img_s']['timm']:.0f} | "
+                    f"**{g['speedup']:.2f}x** |")
+        short += [f"{m['name']}: {g['bn_left']} BNs left"] if g["bn_left"] else []
+        short += [f"{m['name']}: {c['ours']} Conv nodes, timm's {c['timm']}"] if c["ours"] > c["timm"] else []
+        short += [f"{m['name']}: merge {ours['relative']:.1e} of the output (goal 1e-9)"] if not ours["relative"] <= 1e-9 else []
+        short += [f"mobileone_s0: {g['speedup']:.2f}x the as-exported img/s (goal 4x)"] \
+            if m["name"] == "mobileone_s0" and g["speedup"] < 4 else []
+    if not rows:
+        return "", short
+    return "\n\n" + "\n".join([
+        "Train-time branches merged into one conv (ours vs timm's `reparameterize_model`; onnxruntime 1 thread, batch 1, "
+        "one run):", "", "| model | BNs left | Conv: ours · timm · as exported | float64 |diff| rel.: ours · timm | "
+        "img/s: ours · as exported · timm | ours / as exported |", "|---|---|---|---|---|---|", *rows]), short
 
 
 def render_onnx_fold(path: Path) -> Rendered:
@@ -299,8 +328,8 @@ SECTIONS = [
             render_pipeline_times, measures=("Makefile", "scripts/pipeline.py", "training/", "export/"),
             cpu_dependent="the times"),
     Section("bench-zoo", "Real models: torchvision and timm through `python -m export`, beside the tools people use "
-            "instead", "bench_zoo/results.json", "make bench-zoo", render_zoo, measures=("export/", "bench/zoo.py"),
-            plots=("bench_zoo/bn_left.png",), cpu_dependent="the seconds"),
+            "instead", "bench_zoo/results.json", "make bench-zoo", render_zoo, measures=("export/", "bench/zoo.py", "bench/zoo_merge.py"),
+            plots=("bench_zoo/bn_left.png",), cpu_dependent="the seconds and img/s"),
     Section("int8", "INT8 on this host: accuracy and speed", "bench_int8/results.json", "make bench-int8", render_int8,
             measures=("export/int8.py", "export/int8_graph.py", "export/int8_quant.py", "export/int8_check.py",
                       "export/bench_int8.py", "training/models.py"),
