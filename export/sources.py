@@ -65,6 +65,9 @@ class Source:
     notes: list[str] = field(default_factory=list)      # what was inferred or changed, printed and reported
     outputs: list[dict] = field(default_factory=list)   # every output: {name, shape, dtype, path} (contract v3)
 
+    def __post_init__(self) -> None:
+        self.request.setdefault("merge", True)  # the default; --no-merge sets False (export/__main__.py)
+
     @property
     def scores(self) -> int | None:
         """Index of the class-score output among `outputs`, None when the model is not a classifier."""

@@ -3,7 +3,10 @@ the start-up fingerprint check on this host, and a wrong INT8 model with a fresh
 reason in /metadata and the log)."""
 import hashlib
 import json
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import httpx
@@ -17,6 +20,8 @@ from service.contract import load_contract
 from service.precision import choose
 from service_helpers import build_model, serve
 from test_int8 import tamper
+
+REPO = Path(__file__).resolve().parent.parent
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -101,3 +106,23 @@ def test_a_decision_handed_down_is_honoured_only_for_the_file_it_checked(int8_di
     _resign(directory / "model_int8.onnx", tamper(onnx.load(directory / "model_int8.onnx"), "scale").SerializeToString())
     again, info = choose(contract, data, settings, decided=decided)  # another file since: decided again, refused
     assert info["what"] == "fp32" and "fingerprint check failed" in info["why"] and again == data
+
+
+def test_the_model_store_keeps_the_int8_form_so_a_bento_can_serve_it(int8_dir, tmp_path):
+    """`make bento` stores model.onnx with its INT8 files; the stored copy passes the same start-up check, and
+    a store entry without them (FP32 only) is another version."""
+    env = {**os.environ, "BENTOML_HOME": str(tmp_path / "home"), "BENTOML_DO_NOT_TRACK": "true"}
+    fp32_only = _copy(int8_dir, tmp_path / "fp32", names=("model.onnx",))
+
+    def store(directory: Path) -> str:
+        return subprocess.run([sys.executable, "-m", "service.store", str(directory / "model.onnx")], cwd=REPO,
+                              env=env, capture_output=True, text=True, check=True).stdout.strip()
+
+    with_int8, without = store(int8_dir), store(fp32_only)
+    assert with_int8 != without and with_int8.split(":")[0] == without.split(":")[0]
+    stored = tmp_path / "home" / "models" / with_int8.replace(":", "/")
+    assert sorted(p.name for p in stored.iterdir() if p.name != "model.yaml") == sorted(
+        p.name for p in int8_dir.iterdir() if p.name.startswith("model.onnx") or p.name.startswith("model_int8"))
+    data, info = _choose(stored, "int8")
+    assert info["what"] == "int8" and data == (int8_dir / "model_int8.onnx").read_bytes()
+    assert not any(p.name.startswith("model_int8") for p in (tmp_path / "home" / "models" / without.replace(":", "/")).iterdir())
