@@ -201,6 +201,8 @@ def measure(setup: str, args, x: np.ndarray, t, layout, rnd: int, bar) -> tuple[
     """Every step of one setup on its own server: rows, and (ours) the /metadata it served with."""
     out = args.out / "servers" / f"{setup.replace('@', '-')}-r{rnd}"
     proc, fmt = server_of(setup, args.served, free_port(), layout, out / "server.log", args.env, t.name)
+    if setup.startswith("ours") and t.labels is None:  # not a classifier: its tensors both ways in OIP v2 binary,
+        fmt = "oip"  # as Triton and KServe get them (YOLOv8n's answers are ~7 MB as JSON)
     raw, rows, meta = request(fmt, t, x), [], None
 
     def step(kind: str, clients: int, seconds: float, **extra) -> None:
