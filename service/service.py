@@ -409,7 +409,9 @@ class Classifier:
     def close(self) -> None:
         self.executor.shutdown(wait=False)
         self.decoder.shutdown(wait=False)
-        if self.table is not None:
+        if GatedLoop.gate is not None:
+            GatedLoop.gate.close()
+        elif self.table is not None:
             self.table.close()
 
 

@@ -6,10 +6,13 @@ worker woke first, and keep-alive clients stay there: in 3 of 15 runs one worker
 connection while the other idled (ResNet-50 at 0.50x of the in-process ceiling).
 
 Here, each worker keeps one slot of a small table in shared memory (pid, open connections, loaded,
-heartbeat), and its event loop (`GatedLoop`) accepts a connection only while this worker has no
-more connections than the least-loaded live worker; otherwise it stops watching the listening
-socket until that changes (checked every TICK_S and whenever one of its connections closes). A
-worker over its fair share (ceil(connections / live workers)) answers its next response with
+heartbeat, paused), and its event loop (`GatedLoop`) accepts a connection only while this worker
+holds at most `slack(least)` more connections than the least-loaded live worker (exact balance
+for a few connections, within 1/8 for many, so a storm of new connections is taken in batches
+rather than one connection per hand-over); otherwise it stops watching the listening socket until
+that changes: every TICK_S, whenever one of its connections closes, and at once when a peer pauses
+(the peer sends a byte to this worker's wake socket, a unix datagram socket beside the table). A
+worker over that bound by more than one connection answers its next response with
 `Connection: close` (service/routing.py), so clients that keep their connections for hours move,
 on their next request, to a worker that takes connections. A worker counts as live while its
 process exists and its event loop beat within STALE_S (a dead or stuck worker is left out: its
@@ -33,8 +36,8 @@ from pathlib import Path
 
 TICK_S = 0.05  # heartbeat, and how often a paused worker looks whether it may accept again
 STALE_S = 0.5  # a worker whose loop has not beaten for this long is not live (dead, stuck or gone)
-FIELDS = ("pid", "connections", "loaded", "beat_ns")
-PID, CONNECTIONS, LOADED, BEAT = range(len(FIELDS))
+FIELDS = ("pid", "connections", "loaded", "beat_ns", "paused")
+PID, CONNECTIONS, LOADED, BEAT, PAUSED = range(len(FIELDS))
 ACCEPT_ERRORS = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)  # asyncio's: retry in a second
 
 
@@ -42,6 +45,11 @@ def table_path(supervisor_pid: int) -> Path:
     """One table per `bentoml serve` (its arbiter is every worker's parent)."""
     base = Path("/dev/shm") if Path("/dev/shm").is_dir() and os.access("/dev/shm", os.W_OK) else Path(tempfile.gettempdir())
     return base / f"bnfold-workers-{supervisor_pid}"
+
+
+def slack(least: int) -> int:
+    """How many connections a worker may hold beyond the least-loaded live one and still accept."""
+    return least // 8
 
 
 def alive(pid: int) -> bool:
@@ -83,6 +91,7 @@ class WorkerTable:
         self._set(PID, os.getpid())
         self._set(CONNECTIONS, 0)
         self._set(LOADED, 0)
+        self._set(PAUSED, 0)
         self.beat()
         self.peers: list[int] = []  # live peers, as of the last refresh
 
@@ -124,18 +133,25 @@ class WorkerTable:
         now = time.monotonic_ns()
         self.peers = [w for w in range(self.workers) if w != self.index and self.is_live(w, now)]
 
+    def least(self) -> int | None:
+        """The fewest connections a live peer holds (None: no live peer)."""
+        return min((self._get(w, CONNECTIONS) for w in self.peers), default=None)
+
     def may_accept(self) -> bool:
-        """Take a new connection? Only while no live peer has fewer (ties: both take)."""
-        mine = self.connections
-        return all(mine <= self._get(w, CONNECTIONS) for w in self.peers)
+        """Take a new connection? Only while at most slack(least) ahead of every live peer (ties take)."""
+        least = self.least()
+        return least is None or self.connections <= least + slack(least)
 
     def over_share(self) -> bool:
-        """More connections than ceil(total / live workers): one should move."""
-        if not self.peers:
-            return False
-        mine = self.connections
-        total = mine + sum(self._get(w, CONNECTIONS) for w in self.peers)
-        return mine > -(-total // (len(self.peers) + 1))
+        """More than one connection beyond what may_accept lets a worker reach: one should move."""
+        least = self.least()
+        return least is not None and self.connections > least + slack(least) + 1
+
+    def set_paused(self, paused: bool) -> None:
+        self._set(PAUSED, int(paused))
+
+    def paused_peers(self) -> list[int]:
+        return [w for w in self.peers if self._get(w, PAUSED)]
 
     def all_ready(self) -> bool:
         now = time.monotonic_ns()
@@ -147,33 +163,79 @@ class WorkerTable:
                  "loaded": bool(self._get(w, LOADED)), "live": self.is_live(w, now)} for w in range(self.workers)]
 
     def close(self) -> None:
+        """This worker is leaving; the last one out removes the table."""
         self._set(LOADED, 0)
         self._set(PID, 0)
+        if not any(self._get(w, PID) and alive(self._get(w, PID)) for w in range(self.workers)):
+            self.path.unlink(missing_ok=True)
+
+
+def wake_path(table: Path, worker: int) -> str:
+    return f"{table}-w{worker}.sock"
 
 
 class Gate:
-    """The accept policy of one worker's loop: a WorkerTable plus the paused listening socket."""
+    """The accept policy of one worker's loop: a WorkerTable, the paused listening socket, and the
+    wake socket through which a peer that pauses tells this worker to look again."""
 
     def __init__(self, table: WorkerTable) -> None:
         self.table = table
         self.resume = None  # set while paused: re-registers the listening socket
         self.pauses = 0
         self.moved = 0  # connections asked to move (Connection: close) for balance
+        self.woken = 0
+        self.watching = False  # the wake socket is registered with the loop
+        self.wake = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.wake.setblocking(False)
+        path = wake_path(table.path, table.index)
+        try:
+            Path(path).unlink(missing_ok=True)  # left by an earlier worker in this slot
+            self.wake.bind(path)
+        except OSError:  # path too long, or not ours: the heartbeat alone resumes this worker
+            self.wake.close()
+            self.wake = None
 
     def tick(self) -> None:
         self.table.refresh()
+        self.look()
+
+    def look(self) -> None:
         if self.resume is not None and self.table.may_accept():
             self.resume()
 
     def closed(self) -> None:
         """One of this worker's connections closed."""
         self.table.add(-1)
-        if self.resume is not None and self.table.may_accept():
-            self.resume()
+        self.look()
+
+    def on_wake(self) -> None:
+        try:
+            while True:
+                self.wake.recv(64)
+        except OSError:  # drained (BlockingIOError) or closed
+            pass
+        self.woken += 1
+        self.look()
+
+    def paused(self) -> None:
+        """This worker stopped accepting: its paused peers may be the ones to take the next connections."""
+        self.pauses += 1
+        self.table.set_paused(True)
+        for w in self.table.paused_peers() if self.wake is not None else ():
+            try:
+                self.wake.sendto(b"!", wake_path(self.table.path, w))
+            except OSError:  # gone, or its queue is full (it has been told already)
+                pass
+
+    def close(self) -> None:
+        if self.wake is not None:
+            self.wake.close()
+            Path(wake_path(self.table.path, self.table.index)).unlink(missing_ok=True)
+        self.table.close()
 
     def stats(self) -> dict:
-        return {"accepting": self.resume is None, "pauses": self.pauses, "moved_for_balance": self.moved,
-                "workers": self.table.describe()}
+        return {"accepting": self.resume is None, "pauses": self.pauses, "woken_by_peers": self.woken,
+                "moved_for_balance": self.moved, "workers": self.table.describe()}
 
 
 class GatedLoop(SelectorEventLoop):
@@ -209,11 +271,15 @@ class GatedLoop(SelectorEventLoop):
     def _pause(self, gate: Gate, *args) -> None:
         sock: socket.socket = args[1]
         self._remove_reader(sock.fileno())
-        gate.pauses += 1
+        if not gate.watching and gate.wake is not None:
+            self._add_reader(gate.wake.fileno(), gate.on_wake)
+            gate.watching = True
 
         def resume() -> None:
             gate.resume = None
+            gate.table.set_paused(False)
             if sock.fileno() >= 0 and not self.is_closed():  # uvicorn may have closed it meanwhile
                 self._add_reader(sock.fileno(), self._accept_connection, *args)
 
         gate.resume = resume
+        gate.paused()

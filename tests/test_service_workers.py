@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 
 from service.tuning import TuningError, decode, derive, encode
-from service.workers import BEAT, PID, Gate, GatedLoop, WorkerTable
+from service.workers import BEAT, PID, Gate, GatedLoop, WorkerTable, slack
 
 # --- the worker table --------------------------------------------------------------------------
 
@@ -52,6 +52,19 @@ def test_table_accepts_only_while_not_ahead_and_moves_connections_over_the_share
     assert me.over_share()  # 6 vs 4: ceil(10 / 2) = 5 < 6: still over
     peer.add(1)
     assert not me.over_share() and not peer.over_share()  # 6 vs 5
+
+
+def test_many_connections_are_balanced_within_an_eighth_and_moved_only_beyond_that(tmp_path):
+    me, peer = two_workers(tmp_path)
+    peer.add(16)
+    me.add(16 + slack(16))
+    assert slack(16) == 2 and slack(7) == 0
+    assert me.may_accept()  # 18 vs 16: within 16 // 8, so a storm is taken in batches
+    me.add(1)
+    assert not me.may_accept() and not me.over_share()  # 19: what accepting can reach; nothing moves
+    me.add(1)
+    assert me.over_share() and not peer.over_share()  # 20 vs 16: one should move
+    assert peer.may_accept()
 
 
 def test_a_dead_or_stuck_peer_is_left_out(tmp_path):
@@ -107,6 +120,37 @@ def test_gated_loop_pauses_the_listening_socket_and_resumes(tmp_path):
         for c in clients:
             c.close()
         loop.close()
+
+
+def test_a_peer_that_pauses_wakes_this_worker_at_once(tmp_path):
+    """The peer pausing (it is ahead) resumes this paused worker through its wake socket, without
+    waiting for a heartbeat: no tick() is called here."""
+    me, peer = two_workers(tmp_path)
+    loop = GatedLoop()
+    GatedLoop.gate = gate = Gate(me)
+    peer_gate = Gate(peer)
+    sock = socket.create_server(("127.0.0.1", 0))
+    clients = []
+    try:
+        server = loop.run_until_complete(loop.create_server(asyncio.Protocol, sock=sock))
+        clients = [socket.create_connection(sock.getsockname()) for _ in range(6)]
+        loop.run_until_complete(asyncio.sleep(0.05))
+        assert me.connections == 1 and gate.resume is not None and gate.woken == 0
+        peer.add(3)
+        peer.refresh()
+        assert peer.paused_peers() == [0]
+        peer_gate.paused()  # as GatedLoop._pause does in the peer's process
+        loop.run_until_complete(asyncio.sleep(0.05))  # less than a heartbeat
+        assert gate.woken == 1 and me.connections == 4  # woken, caught up with the peer, paused again
+        server.close()
+    finally:
+        GatedLoop.gate = None
+        for c in clients:
+            c.close()
+        peer_gate.close()
+        gate.close()
+        loop.close()
+    assert not (tmp_path / "table").exists()  # the last worker out removes the table
 
 
 def test_without_a_gate_the_loop_is_asyncios():
