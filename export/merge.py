@@ -180,6 +180,28 @@ def match(view, root) -> Block | Refusal | None:
 DIFFERENT_INPUTS = "its branches read different inputs"
 
 
+def scan(view, roots, apply, only=None) -> tuple[list[Block], list[Refusal]]:
+    """Every block of branches to merge, matched once each from the outputs back; `apply(block)` rewrites the
+    graph as each is found (later matches see the rewritten graph, and `roots` is read as the scan goes).
+    `only`, a set of block names, limits the merges to those. Returns the blocks applied and the refusals
+    worth reporting."""
+    explained, refusals, blocks = set(), [], []
+    for root in roots:
+        if root in explained:
+            continue
+        found = match(view, root)
+        if isinstance(found, Refusal):  # refused for one branch: the sums inside may merge without it
+            refusals.append(found)
+            if found.term is None:
+                explained.update(found.nodes)
+        elif found is not None:
+            explained.update(found.nodes)
+            if only is None or found.name in only:
+                apply(found)
+                blocks.append(found)
+    return blocks, reported(refusals, blocks)
+
+
 def reported(refusals: list, blocks: list) -> list:
     """The refusals worth reporting, once each: not a sum whose other-input branch merely sits beside
     a block that merged inside it (RepGhost's residual add around its merged module)."""
