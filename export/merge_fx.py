@@ -56,25 +56,17 @@ def merge_branches(model: nn.Module, report: FoldReport, example: tuple | None =
 def _merge_graph(gm: fx.GraphModule, prefix: str, report: FoldReport, only) -> None:
     names = {r.module: r.bn for r in report.folded + report.kept if r.module}  # the fold pass's names of BNs
     view = FxView(gm, prefix, names)
-    explained, refusals, blocks = set(), [], []
-    for node in reversed(list(gm.graph.nodes)):
-        if node in view.erased or node in explained:
-            continue
-        found = merge.match(view, node)
-        if isinstance(found, merge.Refusal):  # refused for one branch: the sums inside may merge without it
-            refusals.append(found)
-            if found.term is None:
-                explained.update(found.nodes)
-        elif found is not None:
-            explained.update(found.nodes)
-            if only is None or found.name in only:
-                layers = tuple(view.prefix + n.target for n in found.convs)
-                layer, into = _apply(gm, view, found)
-                blocks.append(found)
-                report.merged.append(MergeRecord(
-                    "fx", found.name, found.input, tuple(found.branches), into, view.prefix + layer, layers,
-                    tuple(found.after), tuple(op.what for op in found.bns), tuple(op.module for op in found.bns if op.module)))
-    report.merge_refused += [MergeRecord("fx", r.name, reason=r.reason) for r in merge.reported(refusals, blocks)]
+
+    def rewrite(block: merge.Block) -> None:
+        layers = tuple(view.prefix + n.target for n in block.convs)
+        layer, into = _apply(gm, view, block)
+        report.merged.append(MergeRecord(
+            "fx", block.name, block.input, tuple(block.branches), into, view.prefix + layer, layers,
+            tuple(block.after), tuple(op.what for op in block.bns), tuple(op.module for op in block.bns if op.module)))
+
+    roots = (node for node in reversed(list(gm.graph.nodes)) if node not in view.erased)  # erased as blocks merge
+    blocks, refusals = merge.scan(view, roots, rewrite, only)
+    report.merge_refused += [MergeRecord("fx", r.name, reason=r.reason) for r in refusals]
     merged = {op.module for b in blocks for op in b.bns if op.module}
     report.kept = [r for r in report.kept if r.module not in merged]  # merged: no longer kept
     gm.graph.lint()
