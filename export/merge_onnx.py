@@ -28,27 +28,20 @@ def merge_onnx(model: onnx.ModelProto, report: dict, only=None) -> tuple[onnx.Mo
     view = OnnxView(graph)
     report.setdefault("merged", [])
     report.setdefault("merge_refused", [])
-    explained, refusals, blocks, merged_nodes = set(), [], [], set()
-    for node in reversed(list(graph._topological())):
-        if not node.output or node.output[0] in explained:
-            continue
-        found = merge.match(view, node.output[0])
-        if isinstance(found, merge.Refusal):  # refused for one branch: the sums inside may merge without it
-            refusals.append(found)
-            if found.term is None:
-                explained.update(found.nodes)
-        elif found is not None:
-            explained.update(found.nodes)
-            if only is None or found.name in only:
-                nodes = [graph.producer[v].name or v for v in found.nodes]
-                layers = tuple(graph.producer[v].name or v for v in found.convs)
-                layer, into = _apply(graph, view, found)
-                blocks.append(found)
-                merged_nodes.update(nodes)
-                report["merged"].append(MergeRecord(
-                    "onnx", found.name, found.input, tuple(found.branches), into, layer, layers, tuple(found.after),
-                    tuple(op.what for op in found.bns), tuple(op.module for op in found.bns if op.module), tuple(nodes)))
-    report["merge_refused"] += [MergeRecord("onnx", r.name, reason=r.reason) for r in merge.reported(refusals, blocks)]
+    merged_nodes = set()
+
+    def rewrite(block: merge.Block) -> None:
+        nodes = [graph.producer[v].name or v for v in block.nodes]
+        layers = tuple(graph.producer[v].name or v for v in block.convs)
+        layer, into = _apply(graph, view, block)
+        merged_nodes.update(nodes)
+        report["merged"].append(MergeRecord(
+            "onnx", block.name, block.input, tuple(block.branches), into, layer, layers, tuple(block.after),
+            tuple(op.what for op in block.bns), tuple(op.module for op in block.bns if op.module), tuple(nodes)))
+
+    roots = [node.output[0] for node in reversed(list(graph._topological())) if node.output]
+    _, refusals = merge.scan(view, roots, rewrite, only)
+    report["merge_refused"] += [MergeRecord("onnx", r.name, reason=r.reason) for r in refusals]
     report["kept"] = [r for r in report.get("kept", []) if not set(_nodes(r)) & merged_nodes]
     if not report["merged"]:
         return model, report
