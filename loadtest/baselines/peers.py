@@ -77,7 +77,7 @@ def torchserve(a) -> None:
     with open(os.path.join(work, "config.properties"), "w") as f:
         f.write(f"inference_address=http://127.0.0.1:{a.port}\nmanagement_address=http://127.0.0.1:{free_port()}\n"
                 f"metrics_address=http://127.0.0.1:{free_port()}\ndisable_token_authorization=true\n"
-                f"default_workers_per_model={a.workers}\nmodels={json.dumps(models)}\n")
+                f"default_workers_per_model={a.workers}\nmax_response_size={1 << 30}\nmodels={json.dumps(models)}\n")
     os.environ.update(PEER_THREADS=str(a.threads), PEER_MODEL=os.path.basename(a.model), LOG_LOCATION=work,
                       METRICS_LOCATION=work)  # (else logs/ in the working directory)
     os.execv(os.path.join(bin_dir, "torchserve"), ["torchserve", "--start", "--foreground", "--ncs", "--model-store", work,
