@@ -96,6 +96,8 @@ def render_pipeline_times(path: Path) -> Rendered:
     total = sum(s["seconds"] for s in stages)
     cells = " · ".join(f"{s['stage']} {s['seconds']:.0f}" + ("" if s["ran"] else " (reused)") for s in stages)
     body = f"wall seconds: {cells} → **total {total:.0f} s** ({total / 60:.1f} min)"
+    if t.get("load_average_before"):
+        body += f"; load average {t['load_average_before'][0]:.1f} before, {t['load_average_after'][0]:.1f} after"
     note = ""
     if reused:
         note = (f"Not a full run: {', '.join(reused)} reused what was there, so the total is not the time "

@@ -191,6 +191,14 @@ def _build_v3(out_dir: Path, kind: str, rng) -> Path:
     return _save(model, meta, out_dir)
 
 
+def served_5xx(metrics: str) -> list[str]:
+    """The /metrics lines that count 5xx answers, but /readyz's 503 while a worker is still loading
+    (what a start-up poll sees): not ready is an answer, not a server error."""
+    return [line for line in metrics.splitlines()
+            if 'http_response_code="5' in line and float(line.rsplit(" ", 1)[1]) > 0
+            and not ('endpoint="/readyz"' in line and 'http_response_code="503"' in line)]
+
+
 def serve(model_path: Path, log_path: Path, port: int | None = None, **env: str) -> ServerProcess:
     """`bentoml serve` of our service on 127.0.0.1 (not started yet: use as a context manager)."""
     port = port or free_port()
@@ -199,4 +207,4 @@ def serve(model_path: Path, log_path: Path, port: int | None = None, **env: str)
                          name="bentoml serve")
 
 
-__all__ = ["LABELS", "REPO", "build_model", "build_slow_model", "free_port", "serve"]
+__all__ = ["LABELS", "REPO", "build_model", "build_slow_model", "free_port", "serve", "served_5xx"]

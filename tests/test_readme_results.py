@@ -43,6 +43,7 @@ def test_block_is_rebuilt_from_the_reports_that_exist(tmp_path, capsys):
     commit(repo, "loadtest/core.py", "2026-12-05T10:00:00", "loadtest: a faster sampler")
     (artifacts / "pipeline_times.json").write_text(json.dumps({
         "command": "make pipeline", "date": "2026-12-07 13:21", "complete": True, "goal_s": 300,
+        "load_average_before": [0.4, 0.5, 0.6], "load_average_after": [1.9, 1, 1],
         "cpu": {"model": "AMD EPYC", "isa": "AVX-512 VNNI", "cores": 2},
         "stages": [{"stage": "set-up", "seconds": 22.4, "ran": True}, {"stage": "data", "seconds": 0.1, "ran": True},
                    {"stage": "train", "seconds": 169.1, "ran": True}, {"stage": "export+verify", "seconds": 17.7, "ran": True}]}))
@@ -87,7 +88,8 @@ def test_block_is_rebuilt_from_the_reports_that_exist(tmp_path, capsys):
     sections = script.sections_of(text.split(script.BEGIN)[1].split(script.END)[0])
     times = sections["`make pipeline`: wall seconds per stage"]
     assert "`make pipeline`, 2026-12-07 13:21; CPU: AMD EPYC, AVX-512 VNNI, 2 cores (the times depend on the CPU):" in times
-    assert "set-up 22 · data 0 · train 169 · export+verify 18 → **total 209 s**" in times and "Stale" not in times
+    assert "set-up 22 · data 0 · train 169 · export+verify 18 → **total 209 s** (3.5 min); load average 0.4 before, " \
+        "1.9 after." in times and "Stale" not in times and "Short" not in times
     model = sections["Model: accuracy, fold parity, onnxruntime speed"]
     assert "; CPU: AMD EPYC, AVX-512 VNNI, 2 cores (the accuracy's 4th digit and the speeds depend on the CPU)" in model
     assert "| torch folded | 0.92 |" in model and "Folded graph nodes" not in model
