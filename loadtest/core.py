@@ -31,20 +31,15 @@ class LoadTargetError(ValueError):
 
 
 def require_local_host(url: str) -> str:
-    """``url`` if it points at this machine; load tests never leave localhost."""
+    """``url`` if it is http(s) to this machine (every address its host name has is a loopback one)."""
     parts = urlsplit(url)
-    host = parts.hostname
-    if parts.scheme not in ("http", "https") or not host:
-        raise LoadTargetError(f"host must look like http://127.0.0.1:3000, got {url!r}")
     try:
-        address = ipaddress.ip_address("127.0.0.1" if host == "localhost" else host)
-    except ValueError:
-        try:
-            address = ipaddress.ip_address(socket.gethostbyname(host))
-        except OSError as e:
-            raise LoadTargetError(f"cannot resolve {host!r}: {e}") from None
-    if not address.is_loopback:
-        raise LoadTargetError(f"refusing to load {host}: load tests only target localhost / 127.0.0.1")
+        local = parts.scheme in ("http", "https") and all(
+            ipaddress.ip_address(a[4][0]).is_loopback for a in socket.getaddrinfo(parts.hostname, None))
+    except (OSError, ValueError):  # no host, or one that does not resolve
+        local = False
+    if not local:
+        raise LoadTargetError(f"refusing to load {url!r}: load tests only target localhost, e.g. http://127.0.0.1:3000")
     return url
 
 
@@ -80,34 +75,25 @@ class LocustRun:
     prefix: Path
     tags: list[str] = field(default_factory=list)
     processes: int = 1
-    spawn_rate: float | None = None  # None: all users at once
+    spawn_rate: float = 0.0  # 0: all users at once
     user_rps: float = 0.0  # > 0: constant_throughput per user
     p99_ms: float = 0.0
-    workload: str | None = None  # a saved load (workload.save); else locust builds its own from:
-    model: str | None = None  # the served ONNX file: label checks against it (None: none)
-    data_dir: str | None = None
-    html: bool = False
-    reset_stats: bool = True  # measure from the moment every user is running
-    history: bool = False  # --csv-full-history
+    workload: str | None = None  # a saved load (workload.save); else locust builds its own from GET /metadata
+    report: bool = False  # for people: HTML report, per-second history, every request (else: once all users run)
 
     def argv(self) -> list[str]:
         require_local_host(self.host)
         if not 1 <= self.users <= MAX_USERS or not 0 < parse_duration(self.run_time) <= MAX_RUN_SECONDS:
             raise LoadTargetError(f"users must be 1..{MAX_USERS} and the run time at most {MAX_RUN_SECONDS} s")
-        argv = [sys.executable, "-m", "locust", "-f", str(LOCUSTFILE), "--headless", "--only-summary",
+        port = str(free_port())  # locust's fixed 5557 would collide between concurrent runs
+        return [sys.executable, "-m", "locust", "-f", str(LOCUSTFILE), "--headless", "--only-summary",
                 "-H", self.host, "-u", str(self.users), "-r", f"{self.spawn_rate or self.users:g}",
                 "-t", self.run_time, "--stop-timeout", "5", "--csv", str(self.prefix),
                 "--verdict-file", f"{self.prefix}_verdict.json", "--user-rps", f"{self.user_rps:.6g}",
-                "--p99-ms", f"{self.p99_ms:g}"]
-        port = str(free_port())  # locust's fixed 5557 would collide between concurrent runs
-        argv += ["--processes", str(self.processes), "--master-bind-port", port, "--master-port", port] if self.processes > 1 else []
-        argv += ["--tags", *self.tags] if self.tags else []
-        argv += ["--model", self.model] if self.model else []
-        argv += ["--workload", self.workload] if self.workload else []
-        argv += ["--data-dir", self.data_dir] if self.data_dir else []
-        argv += ["--html", f"{self.prefix}_report.html"] if self.html else []
-        argv += ["--reset-stats"] if self.reset_stats else []
-        return argv + (["--csv-full-history"] if self.history else [])
+                "--p99-ms", f"{self.p99_ms:g}", *(["--tags", *self.tags] if self.tags else []),
+                *(["--processes", str(self.processes), "--master-bind-port", port, "--master-port", port]
+                  if self.processes > 1 else []), *(["--workload", self.workload] if self.workload else []),
+                *(["--html", f"{self.prefix}_report.html", "--csv-full-history"] if self.report else ["--reset-stats"])]
 
 
 def run_locust(run: LocustRun, progress: bool = False) -> dict:
@@ -126,14 +112,13 @@ def run_locust(run: LocustRun, progress: bool = False) -> dict:
     return {**json.loads(verdict_path.read_text()), "exit": proc.proc.returncode, "log": proc.log()}
 
 
-class TreeSampler:
-    """Background samples (wall-clock time, CPU seconds, RSS bytes) of a process and its children;
-    the CPU used over any window is read off the samples afterwards."""
+class TreeSampler(threading.Thread):
+    """Samples (wall-clock time, CPU seconds, RSS bytes) of a process and all its children in the background,
+    every `interval` s while it is entered; the CPU used over any window is read off the samples afterwards."""
 
     def __init__(self, pid: int, interval: float = 0.25):
-        self.pid, self.interval, self.times, self.cpu, self.rss = pid, interval, [], [], []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
+        super().__init__(daemon=True)
+        self.pid, self.interval, self.times, self.cpu, self.rss, self.done = pid, interval, [], [], [], threading.Event()
 
     def sample(self) -> None:
         cpu = rss = 0
@@ -148,18 +133,18 @@ class TreeSampler:
         self.cpu.append(cpu)
         self.rss.append(rss)
 
-    def _run(self) -> None:
-        while not self._stop.wait(self.interval):
+    def run(self) -> None:
+        while not self.done.wait(self.interval):
             self.sample()
 
     def __enter__(self) -> "TreeSampler":
         self.sample()
-        self._thread.start()
+        self.start()
         return self
 
     def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
+        self.done.set()
+        self.join()
         self.sample()
 
     def cpu_seconds(self, t0: float, t1: float) -> float:

@@ -25,7 +25,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # locust adds o
 from common.files import write_json  # noqa: E402
 from loadtest.core import CLIENT_ERROR_TAG, LoadTargetError, judge, require_local_host  # noqa: E402
 from loadtest.workload import (DEFAULT_DATA_DIR, SCENARIOS, DataError, build, check, describe, fetch_metadata,  # noqa: E402
-                               load)
+                               load, uploads)
+from service.contract import ModelLoadError  # noqa: E402
 
 log = logging.getLogger("loadtest")
 STATE: dict = {}  # this process's target and samples, set on test_start
@@ -60,11 +61,11 @@ def _prepare(environment) -> None:
             doc, work = load(opts.workload)
         else:
             doc = fetch_metadata(environment.host)
-            work = build(describe(doc), opts.model or None, opts.data_dir)
+            work = build(doc, opts.model or None, opts.data_dir)
         STATE.update(target=(target := describe(doc)), work=work)
-    except (DataError, OSError, KeyError, ValueError, TypeError) as e:
+    except (DataError, ModelLoadError, OSError, KeyError, ValueError, TypeError) as e:
         return _fail(environment, f"cannot build the load: {type(e).__name__}: {e}")
-    if not target.image:  # /classify takes image uploads only
+    if not uploads(target):  # /classify takes image uploads only
         ModelUser.tasks = [t for t in ModelUser.tasks if "png" not in t.locust_tag_set]
         if not ModelUser.tasks:
             _fail(environment, f"only the png scenario was asked for and {target.name} is not an image model")

@@ -1,18 +1,23 @@
-"""Real serving frameworks on the same ONNX file, each as its documentation shows, for `python -m loadtest bench`.
-Run from the peer's own venv (.venv-peers/NAME; the benchmark makes it):
+"""The servers `python -m loadtest bench` measures ours against, each on one contract ONNX file at 127.0.0.1:P:
 
-    python -m loadtest.baselines.peers {triton,torchserve,kserve,litserve} --model M --port P --workers W --threads T
+    python -m loadtest.baselines {naive-fastapi,do-nothing,triton,torchserve,kserve,litserve} --model M --port P \\
+        [--workers W --threads T]
 
-W model instances (Triton) or worker processes, each one onnxruntime session with T intra-op threads, on
-127.0.0.1:P. Triton (PyTriton) batches with its dynamic batcher, TorchServe with its own batching; KServe and
-LitServe serve one request per call. This file is also TorchServe's handler (`handle`). Imports nothing of the
-project: a peer's venv has only numpy, onnxruntime and the peer."""
+W worker processes (Triton: model instances), each one onnxruntime session with T intra-op threads.
+  naive-fastapi  FastAPI + onnxruntime as most people write it first: the body as JSON (pydantic-typed) or .npy,
+                 the call in FastAPI's thread pool, softmax in numpy; /predict only
+  do-nothing     raw ASGI that drains the body and answers class 0 without running anything: what the load
+                 generator itself can push through HTTP here, the ceiling of any server (one process)
+  triton         Triton through PyTriton with its dynamic batcher; torchserve with its own batching (this file is
+                 its handler: `handle`); kserve and litserve one request per call, each as its documentation shows
+The peers run from their own venvs (.venv-peers/NAME, made by the benchmark): numpy, onnxruntime and the peer only,
+so nothing else is imported at the top of this file."""
 import argparse
+import asyncio
 import base64
 import io
 import json
 import os
-import socket
 import subprocess
 import sys
 import sysconfig
@@ -21,6 +26,13 @@ import tempfile
 import numpy as np
 
 MAX_BATCH = 8  # Triton's and TorchServe's batch cap (dynamic batching takes what is queued, up to this)
+MAX_IMAGES = 1024  # naive FastAPI's request cap
+
+
+def free_port() -> int:
+    from common.procs import free_port  # not at the top: TorchServe imports this file as its handler
+
+    return free_port()
 
 
 def session(model: str, threads: int):
@@ -31,20 +43,88 @@ def session(model: str, threads: int):
     return ort.InferenceSession(model, opts, providers=["CPUExecutionProvider"])
 
 
-def name_of(sess) -> str:
-    return sess.get_modelmeta().custom_metadata_map.get("name", "model")  # the contract's, as /metadata says
+def meta(sess, key: str, default: str):
+    """A contract metadata value, JSON-decoded: the model's name (as /metadata says it) or its labels."""
+    return json.loads(sess.get_modelmeta().custom_metadata_map.get(key, json.dumps(default)))
 
 
 def run(sess, x: np.ndarray) -> dict:
     return dict(zip([o.name for o in sess.get_outputs()], sess.run(None, {sess.get_inputs()[0].name: x})))
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+# --- naive FastAPI -------------------------------------------------------------------------------------------
+def naive_app():  # uvicorn's factory, one per worker process
+    from fastapi import FastAPI, Request
+    from fastapi.concurrency import run_in_threadpool
+    from fastapi.responses import JSONResponse
+    from pydantic import BaseModel
+
+    class PredictRequest(BaseModel):
+        images: list[list[list[float]]] | list[list[list[list[float]]]]
+
+    sess = session(os.environ["NAIVE_MODEL"], int(os.environ["NAIVE_THREADS"]))
+    labels, shape = meta(sess, "labels", None), tuple(sess.get_inputs()[0].shape[1:])
+    app = FastAPI()
+
+    @app.post("/predict")
+    async def predict(request: Request):
+        body = await request.body()
+        if request.headers.get("content-type", "").startswith("application/x-npy"):
+            x = np.load(io.BytesIO(body), allow_pickle=False).astype(np.float32)
+        else:
+            x = np.asarray(PredictRequest.model_validate_json(body).images, dtype=np.float32)
+        if x.size == len(x) * np.prod(shape):  # [N,H,W] for one-channel models
+            x = x.reshape(len(x), *shape)
+        if x.shape[1:] != shape or not 1 <= len(x) <= MAX_IMAGES:
+            return JSONResponse({"error": f"images must be [N,{','.join(map(str, shape))}], 1<=N<={MAX_IMAGES}"},
+                                status_code=422)
+        outputs = await run_in_threadpool(run, sess, x)
+        if labels is None:
+            return {"outputs": {name: out.tolist() for name, out in outputs.items()}}
+        logits = next(iter(outputs.values()))
+        e = np.exp(logits - logits.max(axis=1, keepdims=True))
+        probs = e / e.sum(axis=1, keepdims=True)
+        return {"predictions": [{"label": labels[int(p.argmax())], "class_id": int(p.argmax()),
+                                 "probabilities": p.tolist()} for p in probs]}
+
+    return app
 
 
+def naive_fastapi(a) -> None:
+    import uvicorn
+
+    os.environ.update(NAIVE_MODEL=a.model, NAIVE_THREADS=str(a.threads))
+    uvicorn.run("loadtest.baselines:naive_app", factory=True, workers=a.workers, host="127.0.0.1", port=a.port,
+                log_level="warning")
+
+
+# --- do-nothing ----------------------------------------------------------------------------------------------
+ANSWER: dict = {}  # do-nothing's body, headers and delay, set once by do_nothing()
+
+
+async def nothing_app(scope, receive, send):
+    while (await receive()).get("more_body", False):  # drain the body, as any real server must
+        pass
+    if ANSWER["delay_s"]:
+        await asyncio.sleep(ANSWER["delay_s"])
+    await send({"type": "http.response.start", "status": 200, "headers": ANSWER["headers"]})
+    await send({"type": "http.response.body", "body": ANSWER["body"]})
+
+
+def do_nothing(a) -> None:
+    """Class 0 of uniform probabilities over the model's labels (no outputs when it has none), after --delay-ms
+    (tests of p99: without it locust rounds the answer time to 0 ms)."""
+    import uvicorn
+
+    labels = meta(session(a.model, 1), "labels", None)
+    body = json.dumps({"predictions": [{"label": labels[0], "class_id": 0, "probabilities": [1 / len(labels)]
+                                        * len(labels)}]} if labels else {"outputs": {}}, separators=(",", ":")).encode()
+    ANSWER.update(body=body, delay_s=max(a.delay_ms, 0.0) / 1000,
+                  headers=[(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())])
+    uvicorn.run(nothing_app, host="127.0.0.1", port=a.port, log_level="warning", access_log=False, lifespan="off")
+
+
+# --- the peers -----------------------------------------------------------------------------------------------
 def triton(a) -> None:
     from pytriton.decorators import batch
     from pytriton.model_config import DynamicBatcher, ModelConfig, Tensor
@@ -59,7 +139,7 @@ def triton(a) -> None:
     config = TritonConfig(http_address="127.0.0.1", http_port=a.port, grpc_address="127.0.0.1", grpc_port=free_port(),
                           allow_metrics=False)
     with Triton(config=config) as server:
-        server.bind(name_of(s), [batch(lambda sess=sess, **x: run(sess, *x.values())) for sess in sessions],
+        server.bind(meta(s, "name", "model"), [batch(lambda sess=sess, **x: run(sess, *x.values())) for sess in sessions],
                     inputs=[tensor(s.get_inputs()[0])], outputs=[tensor(o) for o in s.get_outputs()],
                     config=ModelConfig(max_batch_size=MAX_BATCH, batcher=DynamicBatcher()))
         server.serve()
@@ -74,7 +154,7 @@ def torchserve(a) -> None:
                     "--archive-format", "no-archive", "--force"], check=True)
     models = {"model": {"1.0": {"defaultVersion": True, "marName": "model", "minWorkers": a.workers,
                                 "maxWorkers": a.workers, "batchSize": MAX_BATCH, "maxBatchDelay": 1, "responseTimeout": 120}}}
-    with open(os.path.join(work, "config.properties"), "w") as f:
+    with open(os.path.join(work, "config.properties"), "w") as f:  # answers up to 1 GiB (YOLOv8n's JSON: 8 MB)
         f.write(f"inference_address=http://127.0.0.1:{a.port}\nmanagement_address=http://127.0.0.1:{free_port()}\n"
                 f"metrics_address=http://127.0.0.1:{free_port()}\ndisable_token_authorization=true\n"
                 f"default_workers_per_model={a.workers}\nmax_response_size={1 << 30}\nmodels={json.dumps(models)}\n")
@@ -96,11 +176,8 @@ def handle(data, context):
         model = os.path.join(context.system_properties["model_dir"], os.environ.get("PEER_MODEL", "model.onnx"))
         SESSION["s"] = session(model, int(os.environ.get("PEER_THREADS", "1")))
     xs = [np.load(io.BytesIO(bytes(r.get("body") or r.get("data"))), allow_pickle=False) for r in data]
-    out, answers, i = run(SESSION["s"], np.concatenate(xs)), [], 0
-    for x in xs:
-        answers.append(json.dumps({k: v[i:i + len(x)].tolist() for k, v in out.items()}))
-        i += len(x)
-    return answers
+    out, ends = run(SESSION["s"], np.concatenate(xs)), np.cumsum([len(x) for x in xs])
+    return [json.dumps({k: v[end - len(x):end].tolist() for k, v in out.items()}) for x, end in zip(xs, ends)]
 
 
 try:  # KServe's worker processes unpickle the model: its class lives at module level
@@ -112,7 +189,7 @@ except ImportError:
 class OnnxModel(KServeModel):
     def __init__(self, model: str, threads: int):
         self.model, self.threads = model, threads
-        super().__init__(name_of(session(model, 1)))
+        super().__init__(meta(session(model, 1), "name", "model"))
         self.load()
 
     def load(self) -> bool:
@@ -175,17 +252,25 @@ def litserve(a) -> None:
                                   log_level="warning")
 
 
+SERVERS = {"naive-fastapi": naive_fastapi, "do-nothing": do_nothing, "triton": triton, "torchserve": torchserve,
+           "kserve": kserve, "litserve": litserve}
+
+
 def main() -> None:
-    ap = argparse.ArgumentParser(prog="python -m loadtest.baselines.peers", description=__doc__.splitlines()[0])
-    ap.add_argument("peer", choices=["triton", "torchserve", "kserve", "litserve"])
-    ap.add_argument("--model", required=True, help="the ONNX file")
+    ap = argparse.ArgumentParser(prog="python -m loadtest.baselines", description=__doc__.splitlines()[0],
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap.add_argument("server", choices=SERVERS)
+    ap.add_argument("--model", required=True, help="the contract ONNX file")
     ap.add_argument("--port", type=int, required=True, help="HTTP port on 127.0.0.1")
-    ap.add_argument("--workers", type=int, default=2, help="model instances / worker processes")
+    ap.add_argument("--workers", type=int, default=1, help="worker processes / model instances")
     ap.add_argument("--threads", type=int, default=1, help="onnxruntime intra-op threads of each")
     ap.add_argument("--work", default=None, help="TorchServe's model store and logs (default: a new temp folder)")
+    ap.add_argument("--delay-ms", type=float, default=0.0, help="do-nothing: wait this long before each answer")
     a = ap.parse_args()
+    if not os.path.isfile(a.model):
+        raise SystemExit(f"error: model not found: {a.model}")
     a.model = os.path.abspath(a.model)
-    globals()[a.peer](a)
+    SERVERS[a.server](a)
 
 
 if __name__ == "__main__":
