@@ -132,7 +132,8 @@ def soak(args, command: str) -> int:
     plots.soak(seconds, rss_mib, series, args.warmup_s, args.out / "soak.png",
                f"soak: {offered:.0f} req/s offered ({args.fraction:.0%} of {capacity:.0f}), "
                f"{args.warmup_s:.0f} s warm-up + {args.time}")
-    print(outcome(reasons, v) + f" | RSS {base:.0f} -> {final:.0f} MiB ({growth:+.1%}) | {args.out}/soak.json, soak.png")
+    print(outcome(reasons, v) + f" | RSS {base:.0f} -> {final:.0f} MiB ({growth:+.1%}) | {args.out}/soak.json, "
+          "soak.png")
     return 0 if not reasons else 1
 
 
@@ -188,13 +189,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     r.add_argument("--target-rps", type=float, default=0.0, help="offered req/s in total; 0 = closed loop")
     b = mode("bench", [model], "artifacts/bench_serve", "one benchmark for any model: the in-process ceiling, ours, "
              "naive FastAPI and the peers at the same layout and clients; goals -> exit code")
-    b.add_argument("--clients", type=clients, default="1,2,4,8,16,32", help="closed-loop keep-alive clients, a step each")
+    b.add_argument("--clients", type=clients, default="1,2,4,8,16,32", help="keep-alive clients, a step each")
     b.add_argument("--setups", default="naive-fastapi,triton,torchserve,kserve,litserve",
                    help=f"besides ours and the ceiling, from {', '.join(SETUPS)}, ours@GITREF (none: only those)")
     b.add_argument("--images", type=int, default=1, help="inputs per request")
     b.add_argument("--step-time", type=parse_duration, default="10s", help="measured per step")
     b.add_argument("--settle", type=parse_duration, default="2s", help="load before each step's measured window")
-    b.add_argument("--warmup", type=parse_duration, default="5s", help="per server, at the most clients, before its steps")
+    b.add_argument("--warmup", type=parse_duration, default="5s", help="per server, at the most clients, first")
     b.add_argument("--open-fraction", type=float, default=0.9, help="open loop at this x ours' capacity; 0 = none")
     b.add_argument("--open-time", type=parse_duration, default="20s", help="how long the open loop offers its load")
     b.add_argument("--rounds", type=int, default=1, help="the whole sequence this many times (goals: in every run)")

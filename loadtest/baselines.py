@@ -1,17 +1,10 @@
-"""The servers `python -m loadtest bench` measures ours against, each on one contract ONNX file at 127.0.0.1:P:
+"""The servers `python -m loadtest bench` measures ours against (docs/loadtest.md), each serving one contract
+ONNX file on 127.0.0.1 with W worker processes (Triton: model instances) of one onnxruntime session of T threads:
 
-    python -m loadtest.baselines {naive-fastapi,do-nothing,triton,torchserve,kserve,litserve} --model M --port P \\
-        [--workers W --threads T]
+    python -m loadtest.baselines {naive-fastapi,do-nothing,triton,torchserve,kserve,litserve} --model M --port P
 
-W worker processes (Triton: model instances), each one onnxruntime session with T intra-op threads.
-  naive-fastapi  FastAPI + onnxruntime as most people write it first: the body as JSON (pydantic-typed) or .npy,
-                 the call in FastAPI's thread pool, softmax in numpy; /predict only
-  do-nothing     raw ASGI that drains the body and answers class 0 without running anything: what the load
-                 generator itself can push through HTTP here, the ceiling of any server (one process)
-  triton         Triton through PyTriton with its dynamic batcher; torchserve with its own batching (this file is
-                 its handler: `handle`); kserve and litserve one request per call, each as its documentation shows
-The peers run from their own venvs (.venv-peers/NAME, made by the benchmark): numpy, onnxruntime and the peer only,
-so nothing else is imported at the top of this file."""
+The peers run from their own venvs (.venv-peers/NAME): numpy, onnxruntime and the peer only, so nothing else is
+imported at the top of this file (TorchServe imports it as its handler)."""
 import argparse
 import asyncio
 import base64
@@ -53,7 +46,9 @@ def run(sess, x: np.ndarray) -> dict:
 
 
 # --- naive FastAPI -------------------------------------------------------------------------------------------
-def naive_app():  # uvicorn's factory, one per worker process
+def naive_app():
+    """FastAPI + onnxruntime as most people write it first: the body as JSON (pydantic-typed) or .npy, the call in
+    FastAPI's thread pool, softmax in numpy; /predict only (uvicorn's factory, one per worker process)."""
     from fastapi import FastAPI, Request
     from fastapi.concurrency import run_in_threadpool
     from fastapi.responses import JSONResponse
@@ -99,32 +94,30 @@ def naive_fastapi(a) -> None:
 
 
 # --- do-nothing ----------------------------------------------------------------------------------------------
-ANSWER: dict = {}  # do-nothing's body, headers and delay, set once by do_nothing()
-
-
-async def nothing_app(scope, receive, send):
-    while (await receive()).get("more_body", False):  # drain the body, as any real server must
-        pass
-    if ANSWER["delay_s"]:
-        await asyncio.sleep(ANSWER["delay_s"])
-    await send({"type": "http.response.start", "status": 200, "headers": ANSWER["headers"]})
-    await send({"type": "http.response.body", "body": ANSWER["body"]})
-
-
 def do_nothing(a) -> None:
-    """Class 0 of uniform probabilities over the model's labels (no outputs when it has none), after --delay-ms
-    (tests of p99: without it locust rounds the answer time to 0 ms)."""
+    """Raw ASGI that drains the body and answers class 0 of uniform probabilities (no outputs for a model that is
+    not a classifier) without running anything, after --delay-ms (without it locust rounds p99 to 0 ms): what the
+    load generator itself can push through HTTP here, the ceiling of any server (one process)."""
     import uvicorn
 
     labels = meta(session(a.model, 1), "labels", None)
     body = json.dumps({"predictions": [{"label": labels[0], "class_id": 0, "probabilities": [1 / len(labels)]
                                         * len(labels)}]} if labels else {"outputs": {}}, separators=(",", ":")).encode()
-    ANSWER.update(body=body, delay_s=max(a.delay_ms, 0.0) / 1000,
-                  headers=[(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())])
-    uvicorn.run(nothing_app, host="127.0.0.1", port=a.port, log_level="warning", access_log=False, lifespan="off")
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+
+    async def app(scope, receive, send):
+        while (await receive()).get("more_body", False):  # drain the body, as any real server must
+            pass
+        if a.delay_ms > 0:
+            await asyncio.sleep(a.delay_ms / 1000)
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
+
+    uvicorn.run(app, host="127.0.0.1", port=a.port, log_level="warning", access_log=False, lifespan="off")
 
 
-# --- the peers -----------------------------------------------------------------------------------------------
+# --- the peers: Triton (PyTriton) with its dynamic batcher, TorchServe with its own batching, KServe and LitServe
+# one request per call, each as its documentation shows ------------------------------------------------------
 def triton(a) -> None:
     from pytriton.decorators import batch
     from pytriton.model_config import DynamicBatcher, ModelConfig, Tensor
@@ -135,11 +128,13 @@ def triton(a) -> None:
                                                                   os.environ.get("LD_LIBRARY_PATH")]))
     sessions = [session(a.model, a.threads) for _ in range(a.workers)]  # one model instance each
     s = sessions[0]
-    tensor = lambda t: Tensor(name=t.name, dtype=np.float32, shape=tuple(d if isinstance(d, int) else -1 for d in t.shape[1:]))  # noqa: E731
+    tensor = lambda t: Tensor(name=t.name, dtype=np.float32,  # noqa: E731
+                              shape=tuple(d if isinstance(d, int) else -1 for d in t.shape[1:]))
     config = TritonConfig(http_address="127.0.0.1", http_port=a.port, grpc_address="127.0.0.1", grpc_port=free_port(),
                           allow_metrics=False)
     with Triton(config=config) as server:
-        server.bind(meta(s, "name", "model"), [batch(lambda sess=sess, **x: run(sess, *x.values())) for sess in sessions],
+        infer = [batch(lambda sess=sess, **x: run(sess, *x.values())) for sess in sessions]
+        server.bind(meta(s, "name", "model"), infer,
                     inputs=[tensor(s.get_inputs()[0])], outputs=[tensor(o) for o in s.get_outputs()],
                     config=ModelConfig(max_batch_size=MAX_BATCH, batcher=DynamicBatcher()))
         server.serve()
@@ -152,16 +147,16 @@ def torchserve(a) -> None:
     subprocess.run([os.path.join(bin_dir, "torch-model-archiver"), "--model-name", "model", "--version", "1.0",
                     "--handler", os.path.abspath(__file__), "--extra-files", a.model, "--export-path", work,
                     "--archive-format", "no-archive", "--force"], check=True)
-    models = {"model": {"1.0": {"defaultVersion": True, "marName": "model", "minWorkers": a.workers,
-                                "maxWorkers": a.workers, "batchSize": MAX_BATCH, "maxBatchDelay": 1, "responseTimeout": 120}}}
+    models = {"model": {"1.0": {"defaultVersion": True, "marName": "model", "minWorkers": a.workers, "maxWorkers":
+                                a.workers, "batchSize": MAX_BATCH, "maxBatchDelay": 1, "responseTimeout": 120}}}
     with open(os.path.join(work, "config.properties"), "w") as f:  # answers up to 1 GiB (YOLOv8n's JSON: 8 MB)
         f.write(f"inference_address=http://127.0.0.1:{a.port}\nmanagement_address=http://127.0.0.1:{free_port()}\n"
                 f"metrics_address=http://127.0.0.1:{free_port()}\ndisable_token_authorization=true\n"
                 f"default_workers_per_model={a.workers}\nmax_response_size={1 << 30}\nmodels={json.dumps(models)}\n")
     os.environ.update(PEER_THREADS=str(a.threads), PEER_MODEL=os.path.basename(a.model), LOG_LOCATION=work,
                       METRICS_LOCATION=work)  # (else logs/ in the working directory)
-    os.execv(os.path.join(bin_dir, "torchserve"), ["torchserve", "--start", "--foreground", "--ncs", "--model-store", work,
-                                                   "--ts-config", os.path.join(work, "config.properties"),
+    os.execv(os.path.join(bin_dir, "torchserve"), ["torchserve", "--start", "--foreground", "--ncs", "--model-store",
+                                                   work, "--ts-config", os.path.join(work, "config.properties"),
                                                    "--models", "model=model", "--disable-token-auth"])
 
 
@@ -180,10 +175,14 @@ def handle(data, context):
     return [json.dumps({k: v[end - len(x):end].tolist() for k, v in out.items()}) for x, end in zip(xs, ends)]
 
 
-try:  # KServe's worker processes unpickle the model: its class lives at module level
+try:  # KServe's and LitServe's worker processes unpickle the model: its class lives at module level
     from kserve import Model as KServeModel
 except ImportError:
     KServeModel = object
+try:
+    from litserve import LitAPI
+except ImportError:
+    LitAPI = object
 
 
 class OnnxModel(KServeModel):
@@ -218,12 +217,6 @@ def kserve(a) -> None:
 
     ModelServer(http_port=a.port, grpc_port=free_port(), enable_grpc=False, workers=a.workers).start(
         [OnnxModel(a.model, a.threads)])
-
-
-try:  # the same for LitServe's inference workers
-    from litserve import LitAPI
-except ImportError:
-    LitAPI = object
 
 
 class LitOnnx(LitAPI):

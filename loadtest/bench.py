@@ -1,12 +1,10 @@
 """`python -m loadtest bench` (`make bench-serve MODEL_PATH=…`): one serving benchmark for any contract model.
 
-One server at a time on 127.0.0.1, the same inputs and clients for each (docs/loadtest.md): the ceiling
-(onnxruntime in-process at the layout our service serves with, its session options), ours (`bentoml serve .`,
-closed loop at each of --clients keep-alive clients with /livez and /readyz probed meanwhile, then an open loop),
-ours@REF (our service as it was at git REF) and the servers of loadtest/baselines.py, each peer from its own venv.
-A request is one body of --images inputs in the server's own format. The load generator is the fault battery's
-(asyncio on uvloop); its CPU is measured apart from the server's (psutil, the server's whole process tree).
-Goals (issue 25) are lines in results.md; exit 1 when one is short or a setup could not run."""
+One server at a time on 127.0.0.1 with the same inputs and clients (docs/loadtest.md): the in-process ceiling at
+the layout ours serves with, ours (closed loop at each of --clients, /livez and /readyz probed meanwhile, then an
+open loop), ours@REF and the servers of loadtest/baselines.py. The load generator is the fault battery's; its CPU
+is measured apart from the server's whole process tree. Goals (issue 25) are lines in results.md; exit 1 when one
+is short or a setup could not run."""
 import asyncio
 import base64
 import fcntl
@@ -76,7 +74,8 @@ def server_of(setup: str, model: str, port: int, layout: tuple[int, int] | None,
             subprocess.run(f"git -C {REPO} archive {setup.split('@', 1)[1]} service bentofile.yaml | tar -x -C {cwd}",
                            shell=True, check=True)
         argv = [sys.executable, "-m", "bentoml", "serve", ".", "--host", HOST, "--port", str(port)]
-        return ServerProcess(argv, port, log, {"MODEL_PATH": str(Path(model).resolve()), **env}, cwd=cwd, name=setup), "npy"
+        env = {"MODEL_PATH": str(Path(model).resolve()), **env}
+        return ServerProcess(argv, port, log, env, cwd=cwd, name=setup), "npy"
     ready, fmt = SERVERS[setup]
     argv = [peer_python(setup) if setup in PEERS else sys.executable, "-m", "loadtest.baselines", setup, "--model",
             model, "--port", str(port), "--workers", str(layout[0]), "--threads", str(layout[1]),
@@ -180,7 +179,8 @@ def measure(setup: str, args, x: np.ndarray, t, layout, rnd: int, bar) -> tuple[
         ok = s["statuses"].get("200", 0)
         rows.append({"round": rnd, "setup": setup, "kind": kind, "clients": clients, "loadavg": os.getloadavg()[0],
                      "requests": s["requests"], "ok": ok, "shed": s["shed"], "errors": s["requests"] - ok - s["shed"],
-                     "shed_frac": s["shed"] / max(s["requests"], 1), "rps": ok / seconds, "img_s": ok * len(x) / seconds,
+                     "shed_frac": s["shed"] / max(s["requests"], 1), "rps": ok / seconds,
+                     "img_s": ok * len(x) / seconds,
                      "p50_ms": s["ok_p50_ms"], "p99_ms": s["ok_p99_ms"], "statuses": s["statuses"],
                      "server_cpu_ms_per_img": 1000 * cpu_s / (ok * len(x)) if ok else None, "failures": s["errors"],
                      "server_cpu_pct": 100 * cpu_s / seconds, "client_cpu_ms_per_req": 1000 * client_cpu / max(sent, 1),
@@ -222,7 +222,8 @@ def goals_of(rows: list[dict], g) -> list[tuple[str, bool]]:
                               + ("; short at " + ", ".join(short) if short else ""), not short))
         if (op := at.get(("ours", "open", 0))) is not None:
             lines.append((f"{tag}open loop at {op['rate']:.1f} req/s ({g.open_fraction}x capacity): {op['ok']} of "
-                          f"{op['requests']} answers 200, statuses {op['statuses']}, p99 {op['p99_ms']} ms (goal: all 200)",
+                          f"{op['requests']} answers 200, statuses {op['statuses']}, p99 {op['p99_ms']} ms "
+                          "(goal: all 200)",
                           op["ok"] == op["requests"] > 0))
         if g.goal_probe_ms and busy and all("probes" in r for r in busy):
             p99, worst = max(r["probe_p99_ms"] for r in busy), max(r["probe_max_ms"] for r in busy)
@@ -260,8 +261,9 @@ def table(rows: list[dict]) -> str:
         c = ceil.get(r["round"])
         x = lambda key: f" ({r[key] / c[key]:.2f}x)" if c and r.get(key) and r is not c else ""  # noqa: E731
         shed = f"{r['shed']} ({r['shed'] / r['requests']:.1%})" if r.get("shed") else "0"
-        who = {"open": f"open {r.get('rate', 0):.1f} req/s", "ceiling": f"{r['clients']} proc"}.get(r["kind"], r["clients"])
-        head.append(f"| {r['round']} | {r['setup']} | {who} | {fmt(r['img_s'], 1)} | {x('img_s').strip(' ()') or '–'} | "
+        who = {"open": f"open {r.get('rate', 0):.1f} req/s", "ceiling": f"{r['clients']} proc"}
+        head.append(f"| {r['round']} | {r['setup']} | {who.get(r['kind'], r['clients'])} | {fmt(r['img_s'], 1)} | "
+                    f"{x('img_s').strip(' ()') or '–'} | "
                     f"{fmt(r['p50_ms'], 1)} / {fmt(r['p99_ms'], 1)} | {fmt(r.get('server_cpu_ms_per_img'), 2)}"
                     f"{x('server_cpu_ms_per_img')} | {shed} | {r.get('errors', 0)} | "
                     f"{fmt(r.get('client_cpu_ms_per_req'), 3)} | "
@@ -284,7 +286,8 @@ def report(rows, meta, failed, args, started: float) -> list[tuple[str, bool]]:
     write_text(args.out / "results.md", "\n".join([
         f"`{meta['command']}` ({meta['date']}, {meta['minutes']} min, {cpu_text(meta['cpu'])}; load before: "
         f"{meta['uptime_before']}; after: {meta['uptime_after']})", "",
-        f"Model {meta['model_name']} ({meta['served']}, sha256 {meta['sha256'][:12]}…), served as {meta['layout_text']}; "
+        f"Model {meta['model_name']} ({meta['served']}, sha256 {meta['sha256'][:12]}…), "
+        f"served as {meta['layout_text']}; "
         f"{args.images} input(s) per request, {args.step_time:g} s per step after {args.settle:g} s settling.", "",
         table(rows), "", "Goals:", *(f"- {text} — {'met' if ok else 'SHORT'}" for text, ok in goals),
         *(f"- {f} — NOT MEASURED" for f in failed), "", "![bench-serve](bench_serve.png)", ""]))
@@ -306,7 +309,8 @@ def bench(args, command: str) -> int:
             failed.append(f"{peer}: {str(e).splitlines()[0]}")
             args.setups.remove(peer)
     steps = len(args.clients) * (1 + len(args.setups)) + (args.open_fraction > 0) + 1
-    with open(args.lock or os.devnull, "w") as lock, tqdm(total=args.rounds * steps, desc="bench-serve", unit="step") as bar:
+    with open(args.lock or os.devnull, "w") as lock, \
+            tqdm(total=args.rounds * steps, desc="bench-serve", unit="step") as bar:
         if args.lock:
             bar.set_postfix_str(f"waiting for {args.lock}")
             fcntl.flock(lock, fcntl.LOCK_EX)  # held to the end: nothing else measures meanwhile
@@ -340,5 +344,5 @@ def bench(args, command: str) -> int:
                     bar.update(len(args.clients))
                 report(rows, meta, failed, args, started)  # partial results survive a crash
     goals = report(rows, meta, failed, args, started)
-    print((args.out / "results.md").read_text() + f"\nresults.json, results.md, bench_serve.png and logs in {args.out}/")
+    print((args.out / "results.md").read_text() + f"\nresults.json, results.md, bench_serve.png, logs: {args.out}/")
     return 0 if rows and all(ok for _, ok in goals) and not failed else 1

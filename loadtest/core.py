@@ -118,7 +118,8 @@ class TreeSampler(threading.Thread):
 
     def __init__(self, pid: int, interval: float = 0.25):
         super().__init__(daemon=True)
-        self.pid, self.interval, self.times, self.cpu, self.rss, self.done = pid, interval, [], [], [], threading.Event()
+        self.pid, self.interval, self.done = pid, interval, threading.Event()
+        self.times, self.cpu, self.rss = [], [], []
 
     def sample(self) -> None:
         cpu = rss = 0
@@ -136,6 +137,7 @@ class TreeSampler(threading.Thread):
     def run(self) -> None:
         while not self.done.wait(self.interval):
             self.sample()
+        self.sample()
 
     def __enter__(self) -> "TreeSampler":
         self.sample()
@@ -145,7 +147,6 @@ class TreeSampler(threading.Thread):
     def __exit__(self, *exc) -> None:
         self.done.set()
         self.join()
-        self.sample()
 
     def cpu_seconds(self, t0: float, t1: float) -> float:
         return float(np.interp(t1, self.times, self.cpu) - np.interp(t0, self.times, self.cpu))

@@ -1,12 +1,10 @@
-"""Locust scenarios (``workload.SCENARIOS``, chosen with ``--tags``; none = the weighted mix) for any
-served contract model, requests built from its GET /metadata, every answer checked for status,
-shape, probabilities summing to 1 and, where known, the label. Closed loop, or ``--user-rps`` per
-user. On quitting the master (or single process) judges: a non-4xx failure, or p99 over
-``--p99-ms``, exits 1; a load that cannot be built exits 2. ``python -m loadtest run`` wraps this;
-directly, from the repository root::
+"""Locust scenarios (``workload.SCENARIOS``, chosen with ``--tags``; none = the weighted mix) for any served contract
+model, every answer checked (``workload.check``); closed loop, or ``--user-rps`` per user. On quitting the master
+(or single process) judges: a non-4xx failure, or p99 over ``--p99-ms``, exits 1; a load that cannot be built
+exits 2. ``python -m loadtest run`` wraps this; directly, from the repository root::
 
-    locust -f loadtest/locustfile.py --headless -H http://127.0.0.1:3000 -u 16 -r 16 -t 30s \\
-        --processes 2 --model artifacts/model.onnx
+    locust -f loadtest/locustfile.py --headless -H http://127.0.0.1:3000 -u 16 -r 16 -t 30s --processes 2 \\
+        --model artifacts/model.onnx
 """
 import itertools
 import json
@@ -24,8 +22,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # locust adds o
 
 from common.files import write_json  # noqa: E402
 from loadtest.core import CLIENT_ERROR_TAG, LoadTargetError, judge, require_local_host  # noqa: E402
-from loadtest.workload import (DEFAULT_DATA_DIR, SCENARIOS, DataError, build, check, describe, fetch_metadata,  # noqa: E402
-                               load, uploads)
+from loadtest.workload import (DEFAULT_DATA_DIR, SCENARIOS, DataError, build, check, describe,  # noqa: E402
+                               fetch_metadata, load, uploads)
 from service.contract import ModelLoadError  # noqa: E402
 
 log = logging.getLogger("loadtest")

@@ -1,15 +1,9 @@
-"""What to send and what to expect, for any served contract model (docs/onnx-contract.md).
-
-The target is read from the server's GET /metadata (its model's contract, parsed by the service's own rules:
-service/contract.py). A model of 28x28 one-channel inputs (any layout) with Fashion-MNIST's labels gets the
-real test set; with its ONNX file at hand, only test images the same model, run in-process, classifies
-correctly with a logit margin >= 2 are sent, and their true labels are expected: a wrong label under load
-means the server scrambled something (batch order, preprocessing), not that the model was unsure. Any other
-model gets seeded random inputs in its declared range. A model that is not a classifier (contract v3:
-several outputs, no labels) gets the same bodies, no /classify, and every answer is checked for each
-output's name and shape. Every body is encoded once, up front: on 2 cores the load generator is the
-bottleneck and must not spend its CPU on encoding.
-"""
+"""What to send and what to expect, for any served contract model (its GET /metadata, read by the service's own
+rules: service/contract.py). A Fashion-MNIST classifier gets the real test set and, with its ONNX file at hand,
+only images the same model run in-process classifies right with a logit margin >= 2, their labels expected: a
+wrong label under load means the server scrambled something. Any other model gets seeded random inputs in its
+declared range and shape checks (every output's, for a model that is not a classifier). Every body is encoded
+once, up front: on 2 cores the load generator must not spend its CPU on encoding (docs/loadtest.md)."""
 import base64
 import io
 import json
@@ -22,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from common.files import sha256_file, write_json
+from loadtest.baselines import session
 from service.contract import Contract, load_contract, parse_contract
 from training.data import DEFAULT_DATA_DIR, LABELS, DataError, load_split_uint8, to_float  # noqa: F401 (re-exported)
 
@@ -64,11 +59,7 @@ def uploads(t: Contract) -> bool:  # /classify takes image uploads for these onl
 def reference_scores(model_path: str | Path, t: Contract, x: np.ndarray) -> np.ndarray:
     """Logits (or log-probabilities) of the served ONNX file run in-process, on one CPU thread (it must not
     fight the server for cores)."""
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = 1
-    sess = ort.InferenceSession(str(model_path), opts, providers=["CPUExecutionProvider"])
+    sess = session(str(model_path), 1)
     out = np.concatenate([sess.run([t.output_name], {t.input_name: x[i:i + 256]})[0] for i in range(0, len(x), 256)])
     return np.log(np.clip(out, 1e-30, None)) if t.output_kind == "probabilities" else out
 
@@ -190,7 +181,8 @@ def check(t: Contract, answer: dict, sample, oip: bool = False) -> str | None:
         return None if got == want else f"outputs {got}, expected {want}"
     if oip:
         out = answer["outputs"][0]
-        if (answer.get("model_name"), out["shape"], out["datatype"], len(out["data"])) != (t.name, [n, k], "FP32", n * k):
+        got = (answer.get("model_name"), out["shape"], out["datatype"], len(out["data"]))
+        if got != (t.name, [n, k], "FP32", n * k):
             return f"{answer.get('model_name')!r} {out['datatype']} {out['shape']}, expected {t.name!r} FP32 [{n}, {k}]"
         got = [max(range(k), key=out["data"][i * k:(i + 1) * k].__getitem__) for i in range(n)]
     else:
