@@ -1,5 +1,8 @@
 # One entry per stage; stages share files under artifacts/, not globals. `make help` lists them.
 SHELL := /bin/bash
+comma := ,
+empty :=
+space := $(empty) $(empty)
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -19,6 +22,7 @@ MODEL_PATH ?= $(ARTIFACTS)/model.onnx
 help:
 	@echo "Set-up (two commands do all of it):"
 	@echo "  make pipeline        set-up, data, train ARCH=$(ARCH), export, verify, bench-model, report; time per stage"
+	@echo "                       (INT8=1: also an INT8 model verified on this host, docs/int8.md)"
 	@echo "  make test            set-up with the dev extra, data, headless browser, the whole pytest suite"
 	@echo "Stages (ARCH=seed-cnn|mlp-bn|keras-cnn|deep-cnn, DATA_DIR=$(DATA_DIR)):"
 	@echo "  make setup           .venv with torch==2.13.0 and the project (setup-serve: + BentoML; setup-load: + the load"
@@ -26,9 +30,9 @@ help:
 	@echo "  make data            the Fashion-MNIST IDX files (apt-get install dataset-fashion-mnist when missing)"
 	@echo "  make browser         chromium + chromium-driver for the page test (apt-get, as root)"
 	@echo "  make train           train ARCH into artifacts/runs/ARCH (skipped when current: same data files, recipe, seed)"
-	@echo "  make export          fold + export + verify ARCH's run into artifacts/ (skipped when current: same weights, data)"
+	@echo "  make export          fold + export + verify ARCH's run into artifacts/ (skipped when current; INT8=1 MAX_DROP=pp)"
 	@echo "  make verify          re-check artifacts/model.onnx against ARCH's run (read-only: writes nothing)"
-	@echo "  make bench-model     torch vs onnxruntime images/s, batch 1 and 64"
+	@echo "  make bench-model     torch vs onnxruntime images/s, batch 1 and 64 (and INT8 beside FP32 when exported)"
 	@echo "  make ablation        seed-cnn with and without dropout (EPOCHS=...)"
 	@echo "  make recipes         seed-cnn training recipes side by side: epochs, seconds, test accuracy (~20 min)"
 	@echo "  make keras-seeds     the two seed Keras models: train, Keras' ONNX export, fold, verify"
@@ -36,8 +40,9 @@ help:
 	@echo "  make setup-zoo       .venv-zoo: torch 2.14.1 + torchvision 0.29.1 + timm (~5.5 GB) for --model torchvision/timm"
 	@echo "  make bench-zoo       28 torchvision/timm nets through python -m export, beside torch.fx/torch.onnx/onnxsim/... (own venv)"
 	@echo "  make bench-unseen    architectures and weights bench-zoo never uses, through the CLI (~20 min, own venv)"
+	@echo "  make bench-int8      INT8: equalization/bias-correction ablation on our runs, ResNet-50/MobileNetV2 INT8 vs FP32"
 	@echo "Serving and load (MODEL_PATH=$(MODEL_PATH); never trains or exports):"
-	@echo "  make serve           serve MODEL_PATH on HOST=$(HOST) PORT=$(PORT): page at /, Swagger UI at /docs"
+	@echo "  make serve           serve MODEL_PATH on HOST=$(HOST) PORT=$(PORT): page at /, Swagger UI at /docs (PRECISION=auto|int8|fp32)"
 	@echo "  make bento           MODEL_PATH into BentoML's model store, then bentoml build (then: bentoml serve bnfold-classifier:latest)"
 	@echo "  make examples        request bodies for the curl examples (EXAMPLES_DIR=/tmp/fmnist)"
 	@echo "  make loadtest        locust scenarios with checks (USERS=16 RUN_TIME=30s P99_MS=1000 TAGS=...)"
@@ -105,8 +110,10 @@ train: setup data
 
 # --if-stale: skip when model.onnx was already exported (and verified) from these exact weights and data;
 # otherwise it says why it exports again.
+# INT8=1: also model_int8.onnx, quantized, verified on this host and fingerprinted (docs/int8.md; MAX_DROP=pp).
+INT8_FLAGS = $(if $(filter 1 yes true,$(INT8)),--int8 $(if $(MAX_DROP),--max-drop $(MAX_DROP)))
 export: train
-	$(PY) -m export --run $(RUN_DIR) --data-dir "$(DATA_DIR)" --out $(ARTIFACTS) --if-stale
+	$(PY) -m export --run $(RUN_DIR) --data-dir "$(DATA_DIR)" --out $(ARTIFACTS) --if-stale $(INT8_FLAGS)
 
 verify: setup
 	$(PY) -m export --run $(RUN_DIR) --data-dir "$(DATA_DIR)" --out $(ARTIFACTS) --verify-only
@@ -156,7 +163,7 @@ LOCK = $(if $(BENCH_LOCK),flock "$(BENCH_LOCK)")
 # Every knob is an environment variable (docs/service.md, "Settings").
 serve: setup-serve
 	$(NEED_MODEL)
-	MODEL_PATH="$(MODEL_PATH)" $(VENV)/bin/bentoml serve service.service:Classifier --host $(HOST) --port $(PORT)
+	MODEL_PATH="$(MODEL_PATH)" $(if $(PRECISION),PRECISION="$(PRECISION)") $(VENV)/bin/bentoml serve service.service:Classifier --host $(HOST) --port $(PORT)
 
 bento: setup-serve
 	$(NEED_MODEL)
@@ -264,6 +271,24 @@ $(ZOO_VENV)/.installed: pyproject.toml
 bench-unseen: $(ZOO_VENV)/.installed
 	$(ZOO_PIP) ultralytics torch==2.14.1 torchvision==0.29.1
 	$(ZOO_PY) -m bench.unseen --out $(ARTIFACTS)/bench_unseen $(if $(ONLY),--only $(ONLY))
+
+# INT8 benchmarks (docs/int8.md): the ablation on our runs (trains the missing ones: deep-cnn and mobile-cnn
+# take ~20 min each on 2 idle cores), ResNet-50 and MobileNetV2 exported with --int8 by the bench-zoo venv
+# (calibrated random weights, random calibration: a speed benchmark; --max-drop 100, the report shows SQNR and
+# agreement), then INT8 against FP32 on one thread. Holds BENCH_LOCK (default the machine's benchmark lock).
+.PHONY: bench-int8
+INT8_RUNS ?= seed-cnn,deep-cnn,mobile-cnn
+INT8_ZOO ?= resnet50,mobilenet_v2
+BENCH_INT8_LOCK ?= /tmp/bnfold-cpu.lock
+bench-int8: setup-dev data $(ZOO_VENV)/.installed
+	@for a in $(subst $(comma), ,$(INT8_RUNS)); do $(MAKE) --no-print-directory train ARCH=$$a RUN_DIR=$(ARTIFACTS)/runs/$$a || exit $$?; done
+	@for n in $(subst $(comma), ,$(INT8_ZOO)); do d=$(ARTIFACTS)/bench_int8/zoo/$$n; mkdir -p $$d; \
+		PYTHONPATH=$(CURDIR) $(ZOO_PY) -c "from pathlib import Path; from bench.zoo import prepare; prepare('$$n', Path('$$d/weights.safetensors'), 'int8')" && \
+		PYTHONPATH=$(CURDIR) $(ZOO_PY) -m export --model bench/zoo_models.py:$$n --weights $$d/weights.safetensors --input-shape 3,224,224 \
+			--name $$n --out $$d --int8 --calib random --max-drop 100 --if-stale || exit $$?; done
+	flock $(BENCH_INT8_LOCK) $(PY) -m export.bench_int8 all --runs $(subst $(space),$(comma),$(foreach a,$(subst $(comma), ,$(INT8_RUNS)),$(ARTIFACTS)/runs/$(a))) \
+		--model-dirs $(subst $(space),$(comma),$(foreach n,$(subst $(comma), ,$(INT8_ZOO)),$(ARTIFACTS)/bench_int8/zoo/$(n))) \
+		--data-dir "$(DATA_DIR)" --out $(ARTIFACTS)/bench_int8
 
 # Real models through the project's CLI, each bench-served with issue 25's goals (bench/real.py): resumable,
 # FORCE=1 redoes, ONLY=resnet50,yolov8n, ROUNDS=2; each benchmark holds ZOO_LOCK while it measures. Its tables

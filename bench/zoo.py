@@ -4,7 +4,8 @@ Torchvision/timm architectures (bench/zoo_models.py) through `python -m export -
 what torch.fx `fuse`, torch.onnx.export(dynamo=True, optimize=True), onnxsim, onnxslim and onnxoptimizer
 leave. Per model, in its own process (`--one NAME`): random init with calibrated BN statistics saved
 as safetensors (`prepare`), our CLI in a subprocess (`run_ours`), the peers (`run_peers`), and every
-published form checked against the model in float64 (`check`). Cached per model in
+published form checked against the model in float64 (`check`), and for the re-parameterizable ones
+our merge beside timm's `reparameterize_model` (bench/zoo_merge.py). Cached per model in
 OUT/models/NAME.json (`keys`). Method and numbers: docs/zoo.md.
 """
 import argparse
@@ -44,8 +45,10 @@ def keys(name: str, rows: int | None) -> dict:
 
     setting = hashlib.sha256(repr((MODELS[name], SIZES.get(name, SIZE), SEED, CALIBRATION, CHECK_ROWS)).encode()).hexdigest()[:8]
     code = digest([*ROOT.glob("export/*.py"), *ROOT.glob("common/*.py")])
-    return {"ours": f"{setting}-{code}" + (f"-rows{rows}" if rows else ""),
-            "peers": f"{setting}-v{PEERS_VERSION}"}
+    from bench.zoo_merge import MERGE_VERSION
+
+    ours = f"{setting}-{code}" + (f"-rows{rows}" if rows else "")
+    return {"ours": ours, "peers": f"{setting}-v{PEERS_VERSION}", "merge": f"{ours}-m{MERGE_VERSION}"}
 
 
 def one_line(e: BaseException | str, limit: int = 400) -> str:
@@ -280,6 +283,15 @@ def one(name: str, out: Path, parts: list[str], timeout: float, rows: int | None
                               key=k["ours"])
     if "peers" in parts:
         result["peers"] = dict(run_peers(model, n_bn, x, ref64, own, work), key=k["peers"])
+    if "merge" in parts:
+        from bench.zoo_merge import run_merge
+
+        try:
+            merge = run_merge(model, work / "export", x, ref64) if result.get("ours", {}).get("published") else {
+                "error": "our export was not published"}
+        except Exception as e:  # noqa: BLE001 -- recorded, shown in the table
+            merge = {"error": one_line(e)}
+        result["merge"] = dict(merge, key=k["merge"])
     result["versions"] = {"torch": torch.__version__}
     path.write_text(json.dumps(result, indent=1))
     return result
@@ -295,7 +307,10 @@ def run_zoo(names: list[str], out: Path, timeout: float, rows: int | None, force
         k = keys(name, rows)
         path = out / "models" / f"{name}.json"
         cached = json.loads(path.read_text()) if path.exists() else {}
-        parts = [p for p in ("ours", "peers") if force or cached.get(p, {}).get("key") != k[p]]
+        from bench.zoo_models import REPARAM
+
+        parts = [p for p in ("ours", "peers", "merge") if (p != "merge" or name in REPARAM)
+                 and (force or cached.get(p, {}).get("key") != k[p])]
         bar.set_description(f"{name} ({'+'.join(parts) or 'cached'})")
         if parts:
             with open(lock or os.devnull, "a") as held:
@@ -331,7 +346,7 @@ def main(argv=None) -> int:
     p.add_argument("--lock", help="flock this file around each model (the timing columns), e.g. /tmp/bnfold-cpu.lock")
     p.add_argument("--report", action="store_true", help="only write the summary from the cached records")
     p.add_argument("--one", help=argparse.SUPPRESS)
-    p.add_argument("--parts", default="ours,peers", help=argparse.SUPPRESS)
+    p.add_argument("--parts", default="ours,peers,merge", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     names = args.only.split(",") if args.only else list(MODELS)
     unknown = [n for n in names if n not in MODELS]

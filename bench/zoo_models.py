@@ -31,9 +31,14 @@ MODELS = {
     "cspresnet50": ("timm", {}, "cross-stage partial"),
     "hrnet_w18_small": ("timm", {}, "multi-resolution fuse"),
     "resnest14d": ("timm", {}, "split attention"),
-    "repvgg_a2": ("timm", {}, "train-time branches"),
+    "repvgg_a2": ("timm", {}, "train-time branches: 3x3 + 1x1 + identity BN"),
     "ghostnet_100": ("timm", {}, "ghost modules"),
+    "mobileone_s0": ("timm", {}, "train-time branches: 4 convs + scale + identity BN, summed in a loop"),
+    "fastvit_t8": ("timm", {}, "train-time branches: x + layer_scale(mixer(x) - norm(x)), large kernels"),
+    "repvit_m0_9": ("timm", {}, "train-time branches: BN after the sum, SE"),
 }
+# the re-parameterizable ones: bench-zoo compares our merge with timm's reparameterize_model (bench/zoo_merge.py)
+REPARAM = ("repvgg_a2", "mobileone_s0", "fastvit_t8", "repvit_m0_9")
 
 
 def build(name: str):

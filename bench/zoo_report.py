@@ -6,6 +6,7 @@ import time
 from pathlib import Path
 
 from bench.zoo import CHAOTIC, FACTOR, PEERS
+from bench.zoo_merge import table as merge_table
 from common.files import atomic_write, write_json, write_text
 
 TOOLS = ("ours", *PEERS)
@@ -87,6 +88,7 @@ def markdown(results: list[dict], meta: dict) -> str:
               f"(failed runs not counted): " + ", ".join(
                   f"{t} {sum(left(r, t)[0] or 0 for r in results)} ({sum(left(r, t)[0] is None for r in results)} failed)"
                   for t in TOOLS) + f", of {sum(bns(r) or 0 for r in results)} BNs.", ""]
+    lines += merge_table(results)
     lines += ["## Not published by ours, and why", ""]
     lines += [f"- **{r['name']}**: {why_not(r)}" for r in results if not r.get("ours", {}).get("published")] or ["- none"]
     lines += ["", "## How ours passed (the new verification: clause per float32 form, worst ratio to float32's own error)", ""]

@@ -75,6 +75,20 @@ def build_parser() -> argparse.ArgumentParser:
                      "background, as in Fashion-MNIST (default: not recorded)")
     run = p.add_argument_group("--run only")
     run.add_argument("--data-dir", default=DEFAULT_DATA_DIR, help=f"Fashion-MNIST IDX files (default: {DEFAULT_DATA_DIR})")
+    q = p.add_argument_group("INT8 (docs/int8.md): quantize the folded graph, verify it on this host, publish "
+                             "model_int8.onnx beside model.onnx only when it passes")
+    q.add_argument("--int8", action="store_true", help="static post-training quantization (QDQ, per-channel symmetric "
+                   "weights) after the float32 forms passed (default: off)")
+    q.add_argument("--calib", metavar="X.npy|random", help="calibration inputs [N, *input shape] (read with "
+                   "allow_pickle=False, in the input range), or `random` (seeded uniform rows; the report says so) "
+                   "(default: 1,024 training images for --run; required with --model and --onnx)")
+    q.add_argument("--max-drop", metavar="PP", help="largest accuracy drop against the float64 model, in percentage "
+                   "points, 0-100; without labels the top-1 disagreement with float64 (default: 0.5)")
+    q.add_argument("--no-equalize", action="store_true", help="no cross-layer equalization (default: on)")
+    q.add_argument("--no-absorb", action="store_true", help="no high-bias absorption (default: on)")
+    q.add_argument("--no-bias-correction", action="store_true", help="no analytic bias correction (default: on)")
+    q.add_argument("--int8-types", metavar="T", help="U8S8, U8S8R (7-bit weights), S8S8 or U8U8 (default: auto: U8S8 "
+                   "on VNNI hosts, U8S8R on x86 without VNNI, where 8-bit weights saturate; S8S8 on ARM)")
     p.add_argument("-h", "--help", action="help", help="show this help and exit")
     p.add_argument("--verify-only", action="store_true",
                    help="re-verify the ONNX files already in --out against the source and print the result; "
@@ -82,6 +96,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--if-stale", action="store_true", help="do nothing when --out already holds a verified export "
                    "of this exact source and these options (--run: and these data files, its run trained on them); "
                    "else say why it exports again (default: off)")
+    p.add_argument("--no-merge", action="store_true", help="keep train-time branches of one input (RepVGG, MobileOne, "
+                   "FastViT blocks) as they are, e.g. for quantization-aware training, instead of merging each block "
+                   "into one conv (default: merge, proven exact in float64; docs/export.md)")
     return p
 
 
@@ -119,6 +136,40 @@ def make_source(args: argparse.Namespace):
     return from_run(args.run or DEFAULT_RUN, args.data_dir)
 
 
+def int8_options(args: argparse.Namespace, source):
+    """export.int8.Options from the INT8 flags (None without --int8); bad values are BadInput."""
+    if not args.int8:
+        return None
+    from export.int8 import Options, parse_max_drop, prepare
+
+    options = Options(calib=args.calib, max_drop=0.5 if args.max_drop is None else parse_max_drop(args.max_drop),
+                      equalize=not args.no_equalize, absorb=not args.no_absorb,
+                      bias_correction=not args.no_bias_correction, types=args.int8_types or "auto",
+                      data_dir=args.data_dir)
+    options = prepare(options, source)
+    source.request["int8"] = options.request()
+    return options
+
+
+def check_int8_flags(args: argparse.Namespace) -> None:
+    """The INT8 flags alone, before any model is loaded."""
+    flags = {"calib": args.calib, "max_drop": args.max_drop, "no_equalize": args.no_equalize or None,
+             "no_absorb": args.no_absorb or None, "no_bias_correction": args.no_bias_correction or None,
+             "int8_types": args.int8_types}
+    given = [f"--{k.replace('_', '-')}" for k, v in flags.items() if v is not None]
+    if given and not args.int8:
+        raise BadInput(f"{given[0]} applies to --int8 only")
+    if args.int8 and args.verify_only:
+        raise BadInput("--int8 with --verify-only: re-verifying an INT8 model is not supported; export again")
+    if args.max_drop is not None:
+        from export.int8 import parse_max_drop
+        parse_max_drop(args.max_drop)
+    if args.int8_types is not None:
+        from export.int8_quant import TYPES
+        if args.int8_types not in TYPES:
+            raise BadInput(f"--int8-types {args.int8_types!r}: want one of {', '.join(TYPES)}")
+
+
 def internal_error(e: BaseException) -> int:
     """Exit 3: one line that says it is a bug of ours, not the user's input, and where the traceback is."""
     fd, path = tempfile.mkstemp(prefix="bnfold-export-", suffix=".traceback.txt")
@@ -135,7 +186,10 @@ def main(argv=None) -> int:
     try:  # reading the user's input: any error here is the input's
         args = parse_args(argv)
         out = Path(args.out)
+        check_int8_flags(args)
         source = make_source(args)
+        source.request["merge"] = not args.no_merge
+        int8 = int8_options(args, source)
     except (BadInput, FileNotFoundError, DataError, ValueError, onnx.checker.ValidationError) as e:
         print(f"export: {one_line(e, limit=600)}", file=sys.stderr)
         return 2
@@ -153,7 +207,7 @@ def main(argv=None) -> int:
                       + (" and the data it was verified on" if source.kind == "run" else "") + "; reused")
                 return 0
             print(f"export: exporting {source.path}: {why}")
-        code = export(source, out, verify_only=args.verify_only)
+        code = export(source, out, verify_only=args.verify_only, merge=not args.no_merge, int8=int8)
     except (BadInput, FoldError) as e:
         print(f"export: {one_line(e, limit=600)}", file=sys.stderr)
         return 2
@@ -161,8 +215,22 @@ def main(argv=None) -> int:
         return internal_error(e)
     if code:
         print("export: verification failed; the table above says where (--verify-only: nothing written)" if args.verify_only
-              else f"export: verification failed; see {out / REPORT}; no model written", file=sys.stderr)
+              else f"export: verification failed; see {out / REPORT}; {published_after_failure(out / REPORT)}",
+              file=sys.stderr)
     return code
+
+
+def published_after_failure(report_path: Path) -> str:
+    """What a failed export left published: nothing, or the FP32 files when only INT8 failed."""
+    import json
+
+    try:
+        report = json.loads(report_path.read_text())
+    except (OSError, ValueError):
+        return "no model written"
+    if report.get("files"):
+        return f"published {', '.join(report['files'])} (FP32); INT8 not published: {report['int8'].get('failed_step')}"
+    return "no model written"
 
 
 if __name__ == "__main__":

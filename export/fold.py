@@ -1,151 +1,56 @@
-"""Fold eval-mode BatchNorm into the neighbouring Conv/ConvTranspose/Linear, and strip Dropout.
+"""The fx pass: fold eval-mode BatchNorm into the neighbouring Conv/ConvTranspose/Linear, and strip
+Dropout, in a torch.fx graph of the module.
 
-In eval mode a BatchNorm is a per-channel affine map  y = x·s + t  with
+A BN right after a layer folds backward into it, a BN before the next layer folds forward into it
+(the math: export/fold_math.py). Forward folds are exact through MaxPool only when every s > 0 (max
+commutes with a positive affine map; a negative scale swaps max for min), through Flatten by
+repeating s and t per spatial position, and never into a padded Conv (the padded zeros would
+become t after folding) nor into a ConvTranspose (see LAYERS). A BN after a torch.cat of several
+layers' outputs folds backward by splitting s and t across them. Where no exact fold exists the BN
+stays and the report says why. A BN with track_running_stats=False normalizes with batch
+statistics even in eval mode: it is not an affine map and cannot be folded (F.batch_norm on a
+weight, as in the weight standardization of timm's StdConv2d/ScaledStdConv2d, is no BatchNorm of
+activations and is left as it is).
 
-    s = γ / √(σ² + ε),   t = β − μ·s         (γ = 1, β = 0 when affine=False)
-
-Backward fold, BN right after a layer (y = BN(W·x + b)):
-
-    W' = W·s  (scale each output channel),   b' = b·s + t   (b = 0 when the layer has no bias)
-
-Forward fold, BN before the next layer (z = W·BN(x) + b), as in Keras' Dense/Conv2D examples
-where BN sits after the activation:
-
-    W' = W·s  (scale each input channel),    b' = b + W·t
-
-It is exact through MaxPool only when every s > 0 (max commutes with a positive affine map; a
-negative scale swaps max for min), through Flatten by repeating s and t per spatial position, and
-never into a padded Conv (the padded zeros would become t after folding) nor into a ConvTranspose
-(see LAYERS). A BN after a torch.cat of several layers' outputs folds backward by splitting s and
-t across them. Where no exact fold exists the BN stays and the report says why. A BN with
-track_running_stats=False normalizes with batch statistics even in eval mode: it is not an affine
-map and cannot be folded (F.batch_norm on a weight, as in the weight standardization of timm's
-StdConv2d/ScaledStdConv2d, is no BatchNorm of activations and is left as it is).
-
-The math (affine_of_bn, affine_of_elementwise, compose_affine, fold_backward_arrays,
-fold_forward_arrays) runs in float64 on plain arrays, then casts back to the model's dtype; the
-ONNX graph pass (export/onnx_fold.py) calls the same functions. The PyTorch pass is a short
-pattern match over an fx graph, in the manner of torch.fx.experimental.optimization.fuse, driven
-by two tables: LAYERS (what a BN folds into, and how its weight holds channels) and NORMS (what
-is a BatchNorm, and how to read its s and t).
+The pass is a short pattern match over an fx graph, in the manner of
+torch.fx.experimental.optimization.fuse, driven by two tables: LAYERS (what a BN folds into, and
+how its weight holds channels) and NORMS (what is a BatchNorm, and how to read its s and t).
+Tracing, and checking each trace against the forward, is export/fx_trace.py.
 """
 import copy
 import inspect
-import traceback
 import weakref
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import torch
 from torch import fx, nn
 from torch.nn import functional as F
 
-from export.errors import one_line
+from export.fold_math import (CONV_TRANSPOSE_FORWARD, affine_of_bn, affine_of_elementwise,  # noqa: F401 (public here too)
+                              compose_affine, fold_backward_arrays, fold_forward_arrays, grouped_channels)
+from export.fold_records import FoldRecord, MergeRecord
+from export.fx_trace import FoldError, Untraceable, clone, mistrace, record_calls, trace  # noqa: F401
 
 _BatchNorm = nn.modules.batchnorm._BatchNorm
 
 
-class FoldError(ValueError):
-    """A model we refuse to fold; the message names the layer."""
-
-
 @dataclass
 class FoldReport:
-    folded: list[dict] = field(default_factory=list)     # {"bn", "into", "direction", "kind"}
-    kept: list[dict] = field(default_factory=list)       # {"bn", "reason", "kind"}
+    folded: list[FoldRecord] = field(default_factory=list)   # folded into layers
+    kept: list[FoldRecord] = field(default_factory=list)     # kept, and why
     removed_dropout: list[str] = field(default_factory=list)
     untraceable: list[dict] = field(default_factory=list)  # {"module", "reason"}: called whole, not traced
+    merged: list[MergeRecord] = field(default_factory=list)         # export/merge_fx.py: blocks merged into one conv
+    merge_refused: list[MergeRecord] = field(default_factory=list)  # and blocks it refused, with why
 
     def as_dict(self) -> dict:
-        return {"folded": self.folded, "kept": self.kept, "removed_dropout": self.removed_dropout,
-                "untraceable": self.untraceable}
-
-
-# --- the fold math: one formula, one place; the fx pass below and the ONNX graph pass use it ---
-
-def affine_of_bn(gamma, beta, mean, var, eps: float) -> tuple[np.ndarray, np.ndarray]:
-    """A BatchNorm in eval mode as y = x·s + t per channel: s = γ/√(σ²+ε), t = β − μ·s (float64)."""
-    gamma, beta, mean, var = (np.asarray(a, dtype=np.float64) for a in (gamma, beta, mean, var))
-    scale = gamma / np.sqrt(var + eps)
-    return scale, beta - mean * scale
-
-
-def grouped_channels(n_major: int, n_minor: int, groups: int) -> np.ndarray:
-    """[n_major, n_minor] channel numbers along a grouped weight axis: index i of the major axis is
-    in group g = i // (n_major/groups), whose channels are g·n_minor … g·n_minor + n_minor − 1."""
-    group = np.arange(n_major) // (n_major // groups)
-    return group[:, None] * n_minor + np.arange(n_minor)[None, :]
-
-
-def fold_backward_arrays(weight, bias, scale, shift, out_axis: int = 0, groups: int = 1) -> tuple[np.ndarray, np.ndarray]:
-    """BN after the layer, y = (W·x + b)·s + t:  W' = W·s along the output channels, b' = b·s + t.
-    `bias` None means no bias. A ConvTranspose keeps its weight as [in, out/groups, k…]
-    (out_axis=1, groups > 1): the output channel of W[i, j] is g·(out/groups) + j for the group
-    g of input i. Returns float64 arrays."""
-    weight = np.asarray(weight, dtype=np.float64)
-    scale, shift = np.asarray(scale, dtype=np.float64), np.asarray(shift, dtype=np.float64)
-    if out_axis == 0 or groups == 1:
-        if scale.size != weight.shape[out_axis]:
-            raise ValueError(f"{scale.size} channels do not match weight axis {out_axis} of {weight.shape}")
-        view = [1] * weight.ndim
-        view[out_axis] = -1
-        s = scale.reshape(view)
-    else:
-        channel = grouped_channels(weight.shape[0], weight.shape[1], groups)
-        if scale.size != weight.shape[1] * groups:
-            raise ValueError(f"{scale.size} channels do not match {groups} groups of {weight.shape[1]}")
-        s = scale[channel].reshape(channel.shape + (1,) * (weight.ndim - 2))
-    bias = np.zeros(scale.size) if bias is None else np.asarray(bias, dtype=np.float64)
-    return weight * s, bias * scale + shift
-
-
-def fold_forward_arrays(weight, bias, scale, shift, out_axis: int = 0, in_axis: int = 1,
-                        groups: int = 1) -> tuple[np.ndarray, np.ndarray]:
-    """BN before the layer, z = W·(x·s + t) + b:  W' = W·s along the input axis, b' = b + Σ W·t
-    (summed over every axis but the output one). `scale`/`shift` hold one value per input of the
-    whole layer (all groups); a grouped conv's output channel o reads inputs g·k … g·k+k−1 of
-    group g = o // (out/groups), with k = in/groups. Returns float64 arrays."""
-    weight = np.moveaxis(np.asarray(weight, dtype=np.float64), (out_axis, in_axis), (0, 1))  # [out, in/g, ...]
-    scale, shift = np.asarray(scale, dtype=np.float64), np.asarray(shift, dtype=np.float64)
-    out_channels, in_per_group = weight.shape[:2]
-    channel = grouped_channels(out_channels, in_per_group, groups)  # [out, in/g]
-    spatial = (1,) * (weight.ndim - 2)
-    s, t = scale[channel].reshape(*channel.shape, *spatial), shift[channel].reshape(*channel.shape, *spatial)
-    bias = np.zeros(out_channels) if bias is None else np.asarray(bias, dtype=np.float64)
-    new_bias = bias + (weight * t).reshape(out_channels, -1).sum(1)
-    return np.moveaxis(weight * s, (0, 1), (out_axis, in_axis)), new_bias
-
-
-def affine_of_elementwise(op: str, const, const_first: bool = False):
-    """Add/Sub/Mul/Div of a tensor x with a constant c (as exporters write a BatchNorm: Keras' Sub →
-    Mul → Add) as y = x·s + t, with s and t shaped like c (float64). None for c / x, which is not
-    affine, and for x / c with a zero in c."""
-    c = np.asarray(const, dtype=np.float64)
-    one, zero = np.ones_like(c), np.zeros_like(c)
-    if op == "Add":
-        return one, c
-    if op == "Sub":
-        return (-one, c) if const_first else (one, -c)
-    if op == "Mul":
-        return c, zero
-    if op == "Div" and not const_first and np.all(c != 0):
-        return 1.0 / c, zero
-    return None
-
-
-def compose_affine(first, then) -> tuple[np.ndarray, np.ndarray]:
-    """x·s₁ + t₁, then ·s₂ + t₂:  x·(s₁·s₂) + (t₁·s₂ + t₂) (broadcasting)."""
-    (s1, t1), (s2, t2) = first, then
-    return np.asarray(s1, dtype=np.float64) * s2, np.asarray(t1, dtype=np.float64) * s2 + t2
+        return {"folded": [r.as_dict() for r in self.folded], "kept": [r.as_dict() for r in self.kept],
+                "removed_dropout": self.removed_dropout, "untraceable": self.untraceable,
+                "merged": [r.as_dict() for r in self.merged], "merge_refused": [r.as_dict() for r in self.merge_refused]}
 
 
 # --- coverage: what folds into what (both passes read these) ------------------------------------
-
-CONV_TRANSPOSE_FORWARD = ("a BN before a transposed conv does not fold into it: its kernel covers the output "
-                          "positions unevenly (at the borders and between strides), so the BN shift would not "
-                          "become one bias per output channel")
-
 
 @dataclass(frozen=True)
 class LayerRule:
@@ -236,6 +141,10 @@ def _is_norm_module(m: nn.Module) -> bool:
     return _norm_ranks(m) is not None
 
 
+def _holds_norm(m: nn.Module) -> bool:
+    return any(isinstance(d, _BatchNorm) or _is_norm_module(d) for d in m.modules())
+
+
 # --- the PyTorch (fx) pass: folding into modules ---
 
 def _with_weights(layer: nn.Module, weight: np.ndarray, bias: np.ndarray) -> nn.Module:
@@ -278,6 +187,7 @@ class _Norm:
     """One BatchNorm in a traced graph: a call of a NORMS module, or a functional F.batch_norm."""
     node: fx.Node
     name: str                      # the module, for the report: "layer1.0.bn1 (BatchNorm2d)"
+    module: str | None             # its path, "layer1.0.bn1" (None: a functional batch_norm of no module's buffers)
     scale: np.ndarray | None = None
     shift: np.ndarray | None = None
     ranks: tuple[int, ...] = ()    # input ranks it is known to take; () any
@@ -343,7 +253,7 @@ def _norm_of(gm: fx.GraphModule, root: nn.Module, modules: dict, node: fx.Node, 
             scale, shift = bn_scale_shift(m)
         except FoldError as e:
             raise FoldError(f"BatchNorm {prefix + node.target!r}: {e}") from None
-        return _Norm(node, name, scale, shift, _norm_ranks(m))
+        return _Norm(node, name, prefix + node.target, scale, shift, _norm_ranks(m))
     if node.op == "call_function" and node.target is F.batch_norm:
         if not _reads_input(node.args[0] if node.args else node.kwargs["input"]):
             return None  # it normalizes a weight, not activations: weight standardization (timm's StdConv2d)
@@ -377,19 +287,19 @@ def _functional_norm(gm: fx.GraphModule, root: nn.Module, node: fx.Node, prefix:
     constant = [s is None or (isinstance(s, fx.Node) and s.op == "get_attr") for s in stats]
     owner = a["running_mean"].target.rpartition(".")[0] if constant[0] and a["running_mean"] is not None else None
     try:  # named after the module that holds the statistics
-        name = _where(root.get_submodule(owner), prefix + owner)
+        name, module = _where(root.get_submodule(owner), prefix + owner), (prefix + owner).rstrip(".")
     except (AttributeError, TypeError):
-        name = f"{prefix}{node.name} (F.batch_norm)"
+        name, module = f"{prefix}{node.name} (F.batch_norm)", None
     if a["training"] is True or a["running_mean"] is None or a["running_var"] is None:
         raise FoldError(f"BatchNorm {name} normalizes with batch statistics even in eval mode (F.batch_norm with "
                         f"training=True or no running statistics), so it cannot be folded into a fixed layer")
     if a["training"] is not False or not all(constant) or not isinstance(a["eps"], float):
-        return _Norm(node, name, why_not="a functional batch_norm whose statistics, training flag or eps are "
+        return _Norm(node, name, module, why_not="a functional batch_norm whose statistics, training flag or eps are "
                                          "computed at run time, not constants of the model")
     mean, var, gamma, beta = (None if s is None else _attr(gm, s.target).detach().double().numpy() for s in stats)
     gamma = np.ones_like(var) if gamma is None else gamma
     beta = np.zeros_like(var) if beta is None else beta
-    return _Norm(node, name, *affine_of_bn(gamma, beta, mean, var, a["eps"]))
+    return _Norm(node, name, module, *affine_of_bn(gamma, beta, mean, var, a["eps"]))
 
 
 def _attr(gm: nn.Module, target: str):
@@ -547,8 +457,6 @@ def _fold_forward(gm, modules, norm: _Norm) -> tuple[str | None, str | None]:
         why = _layer_fits(layer, target, norm.node, norm, "in")
         if why:
             return None, why
-    if scale.size != _channels(layer, "in"):
-        return None, f"its {scale.size} channels do not line up with the inputs of {target.target}"
     _replace(gm, modules, target.target, fold_forward(layer, scale, shift))
     return target.target, None
 
@@ -571,7 +479,7 @@ def _fold_graph(gm: fx.GraphModule, root: nn.Module, prefix: str, report: FoldRe
         if norm is None:
             continue
         if norm.why_not:
-            report.kept.append({"bn": norm.name, "reason": norm.why_not, "kind": "batchnorm"})
+            report.kept.append(FoldRecord("fx", norm.name, module=norm.module, reason=norm.why_not))
             continue
         into, why_back = _fold_backward(gm, modules, norm)
         direction = "backward"
@@ -580,11 +488,11 @@ def _fold_graph(gm: fx.GraphModule, root: nn.Module, prefix: str, report: FoldRe
             into, direction = ([target] if target else None), "forward"
         if into is None:
             reason = why_forward if why_back is None else f"backward: {why_back}; forward: {why_forward}"
-            report.kept.append({"bn": norm.name, "reason": reason, "kind": "batchnorm"})
+            report.kept.append(FoldRecord("fx", norm.name, module=norm.module, reason=reason))
             continue
         _remove_norm(gm, norm)
-        report.folded.append({"bn": norm.name, "into": ", ".join(describe(t) for t in into), "direction": direction,
-                              "kind": "batchnorm"})
+        report.folded.append(FoldRecord("fx", norm.name, module=norm.module, layers=tuple(prefix + t for t in into),
+                                        into=", ".join(describe(t) for t in into), direction=direction))
 
     gm.graph.lint()
     gm.recompile()
@@ -595,154 +503,6 @@ def _replace(gm: fx.GraphModule, modules: dict, name: str, new: nn.Module) -> No
     parent, _, attr = name.rpartition(".")
     setattr(gm.get_submodule(parent) if parent else gm, attr, new)
     modules[name] = new
-
-
-# --- tracing, and checking the trace against the forward ---
-
-class _LeafTracer(fx.Tracer):
-    """fx's tracer with the named submodules, and every BatchNorm-like module, kept whole (called,
-    not traced into). When tracing fails it remembers the innermost submodule whose forward raised."""
-
-    def __init__(self, leaves: set[str]):
-        super().__init__()
-        self.leaves, self.failed_in = leaves, None
-
-    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return qualname in self.leaves or super().is_leaf_module(m, qualname)
-
-    def call_module(self, m, forward, args, kwargs):
-        try:
-            return super().call_module(m, forward, args, kwargs)
-        except Exception:
-            if self.failed_in is None:
-                try:
-                    self.failed_in = self.path_of_module(m)
-                except NameError:  # a module built inside forward: blame its owner
-                    pass
-            raise
-
-
-class _Untraceable(Exception):
-    """The module's own forward cannot be traced (not one of its submodules)."""
-
-
-def _trace(module: nn.Module) -> tuple[fx.GraphModule, dict[str, str]]:
-    """Symbolic trace in which every submodule fx cannot trace becomes a leaf: trace, make the
-    innermost module whose forward raised a leaf, trace again. Returns the graph and the leaves
-    with fx's reason. Raises _Untraceable when `module`'s own forward is what fails."""
-    leaves: dict[str, str] = {}
-    norms = {name for name, m in module.named_modules() if name and _is_norm_module(m)}  # probed before tracing
-    while True:
-        tracer = _LeafTracer(set(leaves) | norms)
-        try:
-            graph = tracer.trace(module)
-        except Exception as e:
-            reason = one_line(e) + _user_line(e)
-            if not tracer.failed_in or tracer.failed_in in leaves:
-                raise _Untraceable(reason) from None
-            leaves[tracer.failed_in] = reason
-            continue
-        return fx.GraphModule(tracer.root, graph, type(module).__name__), leaves
-
-
-def _user_line(error: Exception) -> str:
-    """ " (at file.py:12: if x.sum() > 0:)": the last line outside torch that the error passed through."""
-    torch_dir = str(Path(torch.__file__).parent)
-    frames = [f for f in traceback.extract_tb(error.__traceback__) if not f.filename.startswith(torch_dir)
-              and f.filename != __file__]
-    return f" (at {Path(frames[-1].filename).name}:{frames[-1].lineno}: {frames[-1].line})" if frames else ""
-
-
-def _clone(value):
-    if isinstance(value, torch.Tensor):
-        return value.clone()
-    if isinstance(value, (list, tuple)):
-        items = [_clone(v) for v in value]
-        return type(value)(*items) if hasattr(value, "_fields") else type(value)(items)
-    if isinstance(value, dict):
-        return type(value)((k, _clone(v)) for k, v in value.items())
-    return value
-
-
-def _record_calls(model: nn.Module, example: tuple) -> dict[str, tuple]:
-    """(args, kwargs, output) of the first call of each module _fold may trace while model(*example)
-    runs: the top level, and every module fx traces into that holds a BatchNorm."""
-    seen: dict[str, list] = {}
-    tracer = fx.Tracer()
-    traced = [(name, m) for name, m in model.named_modules() if not (name and tracer.is_leaf_module(m, name))
-              and any(isinstance(d, _BatchNorm) or _is_norm_module(d) for d in m.modules())]
-
-    def before(name):
-        def record(module, args, kwargs):
-            seen.setdefault(name, [_clone(args), _clone(kwargs)])
-        return record
-
-    def after(name):
-        def record(module, args, kwargs, output):
-            if len(seen[name]) == 2:
-                seen[name].append(_clone(output))
-        return record
-
-    handles = [h for name, m in traced for h in (m.register_forward_pre_hook(before(name), with_kwargs=True),
-                                                 m.register_forward_hook(after(name), with_kwargs=True))]
-    try:
-        with torch.no_grad():
-            model(*example)
-    except Exception as e:
-        raise FoldError(f"the model raises on the example input: {one_line(e)}") from None
-    finally:
-        for h in handles:
-            h.remove()
-    return {name: tuple(call) for name, call in seen.items() if len(call) == 3}
-
-
-class _ShapeRecorder(fx.Interpreter):
-    """Runs a traced graph node by node, noting each tensor's shape in node.meta["fold_shape"]."""
-
-    def run_node(self, n):
-        out = super().run_node(n)
-        if isinstance(out, torch.Tensor):
-            n.meta["fold_shape"] = tuple(out.shape)
-        return out
-
-
-def _mistrace(gm: fx.GraphModule, args: tuple, kwargs: dict, want) -> str | None:
-    """How the traced graph's output on these inputs differs from `want`, what the module's forward
-    gave (None: it does not)."""
-    with torch.no_grad():
-        try:
-            got = gm(*_clone(args), **_clone(kwargs)) if kwargs else _ShapeRecorder(gm).run(*_clone(args))
-        except Exception as e:  # noqa: BLE001 -- any failure is the answer
-            return f"it raises {type(e).__name__}: {one_line(e)}"
-    return _difference(got, want, "its output")
-
-
-def _difference(got, want, where: str) -> str | None:
-    """How `got` differs from `want` in structure, shape, dtype or value beyond float rounding
-    (1000 ulp of the largest value); None when it does not."""
-    if isinstance(want, torch.Tensor):
-        if not isinstance(got, torch.Tensor):
-            return f"{where} is a {type(got).__name__}, not a tensor"
-        if got.shape != want.shape or got.dtype != want.dtype:
-            return f"{where} is {got.dtype} {tuple(got.shape)}, not {want.dtype} {tuple(want.shape)}"
-        if not want.is_floating_point():
-            return None if torch.equal(got, want) else f"{where} differs"
-        tol = 1e3 * torch.finfo(want.dtype).eps
-        scale = float(want.abs().nan_to_num(0, 0, 0).max()) if want.numel() else 0.0
-        if not torch.allclose(got, want, rtol=tol, atol=tol * scale, equal_nan=True):
-            return f"{where} differs by up to {float((got - want).abs().nan_to_num(0, 0, 0).max()):.3g}"
-        return None
-    if type(got) is not type(want):
-        return f"{where} is a {type(got).__name__}, not a {type(want).__name__}"
-    if isinstance(want, (list, tuple)):
-        if len(got) != len(want):
-            return f"{where} has {len(got)} items, not {len(want)}"
-        return next((d for i, (g, w) in enumerate(zip(got, want)) if (d := _difference(g, w, f"{where}[{i}]"))), None)
-    if isinstance(want, dict):
-        if list(got) != list(want):
-            return f"{where} has the keys {list(got)}, not {list(want)}"
-        return next((d for k in want if (d := _difference(got[k], want[k], f"{where}[{k!r}]"))), None)
-    return None
 
 
 # --- the pass ---
@@ -763,18 +523,18 @@ def fold_batchnorm(model: nn.Module, example: tuple | None = None) -> tuple[nn.M
     is folded inside its children only, as above."""
     model = copy.deepcopy(model).eval()
     example = (example,) if isinstance(example, torch.Tensor) else example
-    calls = _record_calls(model, tuple(example)) if example is not None else {}
+    calls = record_calls(model, tuple(example), _holds_norm) if example is not None else {}
     report = FoldReport()
     return _fold(model, "", report, calls).eval(), report
 
 
 def _fold(module: nn.Module, prefix: str, report: FoldReport, calls: dict) -> nn.Module:
     try:
-        gm, leaves = _trace(module)
-    except _Untraceable as e:
+        gm, leaves = trace(module, {name for name, m in module.named_modules() if name and _is_norm_module(m)})
+    except Untraceable as e:
         return _fold_inside(module, prefix, str(e), report, calls)
     if prefix.rstrip(".") in calls:
-        why = _mistrace(gm, *calls[prefix.rstrip(".")])
+        why = mistrace(gm, *calls[prefix.rstrip(".")])
         if why:
             reason = f"fx's trace of {_where(module, prefix)} does not compute what its forward does: {why}"
             return _fold_inside(module, prefix, reason, report, calls)
@@ -806,9 +566,9 @@ def _fold_inside(module: nn.Module, prefix: str, reason: str, report: FoldReport
     for name, child in list(module.named_children()):
         path = f"{prefix}{name}"
         if isinstance(child, _BatchNorm) or _is_norm_module(child):
-            report.kept.append({"bn": f"{path} ({type(child).__name__})", "kind": "batchnorm",
-                                "reason": f"called by the forward of {where}, which fx cannot trace: {reason}"})
-        elif not any(isinstance(m, _BatchNorm) or _is_norm_module(m) for m in child.modules()):
+            report.kept.append(FoldRecord("fx", f"{path} ({type(child).__name__})", module=path,
+                                          reason=f"called by the forward of {where}, which fx cannot trace: {reason}"))
+        elif not _holds_norm(child):
             continue
         elif isinstance(child, _CONTAINERS) and path not in calls:
             _fold_inside(child, f"{path}.", reason, report, calls, owner=where)

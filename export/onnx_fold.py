@@ -5,10 +5,9 @@
 returns a new model (the input is not modified; float32 and float64 graphs alike, each folded in its
 own dtype) and a report:
 
-    folded              [{"bn", "into", "direction",   per-channel affine chains folded into a layer (or,
-                          "kind", "nodes"}]            after a Concat, into several: "into" names them all)
-    kept                [{"bn", "reason", "kind",      per-channel affine chains left in place, and why
-                          "nodes"}]
+    folded              [FoldRecord]                   per-channel affine chains folded into a layer (or,
+                                                       after a Concat, into several: `layers` names them all)
+    kept                [FoldRecord]                   per-channel affine chains left in place, and why
     removed             [{"node", "op", "why"}]        Identity, Dropout, no-op Cast, merged bias Add, scalar
                                                        affine nodes folded (input scaling), Pad moved into a
                                                        Conv, Transpose folded into weights
@@ -21,7 +20,9 @@ own dtype) and a report:
 
 `kind` is "batchnorm" for a chain with a BatchNormalization node or a per-channel Sub (the mean
 subtraction of Keras' Sub → Mul → Add), "affine" otherwise (ConvNeXt's layer scale, a per-channel
-Mul/Add: folded the same way, not a BatchNorm); `nodes` lists the chain's affine nodes.
+Mul/Add: folded the same way, not a BatchNorm); `nodes` lists the chain's affine nodes; `module` is the
+torch module of its BatchNormalization node (or last node) when torch.onnx's name scopes are there.
+The report holds FoldRecords (export/fold_records.py, as the fx pass's); `as_dict` writes them.
 
 An *affine chain* is a run of nodes, each read by the next one only, made of per-channel affine
 maps — BatchNormalization, or Add/Sub/Mul/Div with a constant operand that does not vary along the
@@ -29,7 +30,8 @@ batch axis (Keras writes a BatchNorm as Sub → Mul → Add in NHWC) — and of 
 through exactly: Transpose, Reshape/Flatten that keep the batch axis (the map is carried element by
 element, so NHWC flattening is exact), and MaxPool when every scale is > 0 and constant over space.
 Identity, Dropout and float→float Casts are removed first. The whole chain is one map
-y = L(x)·S + T (L the layout ops); it is folded, with the math of export/fold.py:
+y = L(x)·S + T (L the layout ops); it is folded, with the math of export/fold_math.py, into the
+layers of the LAYERS table:
 
   backward into the Conv / ConvTranspose / Gemm / MatMul that produces the chain's input, when that
            output is read by the chain alone (a MatMul keeps one Add for its bias); or, when the
@@ -37,7 +39,7 @@ y = L(x)·S + T (L the layout ops); it is folded, with the math of export/fold.p
            channel axis, into each of them, its slice of S and T;
   forward  into the Conv / Gemm / MatMul that reads the chain's output, when nothing else reads it and
            the Conv is not zero-padded (the padded zeros would become the shift). Never into a
-           ConvTranspose (export/fold.py's CONV_TRANSPOSE_FORWARD says why).
+           ConvTranspose (CONV_TRANSPOSE_FORWARD says why).
 
 Otherwise it stays, and "kept" says why. A chain is *BN-like* when it holds a BatchNormalization
 node or a constant with more than one value (per channel); a chain of scalar constants only (input
@@ -47,18 +49,53 @@ Pad and reductions until NHWC↔NCHW pairs meet and cancel; a Transpose right be
 MatMul/Gemm becomes a row permutation of the weights; zero Pads move into the next Conv. Graph
 inputs and outputs keep their names, types and shapes; the result passes onnx.checker (full_check).
 """
+from dataclasses import dataclass
+
 import numpy as np
 import onnx
 from onnx import helper
 
-from export.fold import (CONV_TRANSPOSE_FORWARD, affine_of_bn, affine_of_elementwise, compose_affine,
-                         fold_backward_arrays, fold_forward_arrays)
+from export.fold_math import (CONV_TRANSPOSE_FORWARD, affine_of_bn, affine_of_elementwise, compose_affine,
+                              fold_backward_arrays, fold_forward_arrays)
+from export.fold_records import FoldRecord, torch_module_of
 from export.onnx_graph import (FLOATS, Graph, attr, bn_derived_nodes, clean, describe, fuse_pad_into_conv,
                                node_counts, optimize_transposes, set_attr)
 
-LAYERS = ("Conv", "Gemm", "MatMul")  # a BN folds into these either way
-BACKWARD_ONLY = ("ConvTranspose",)    # and into these only from after them (CONV_TRANSPOSE_FORWARD)
 AFFINE_BINARY = ("Add", "Sub", "Mul", "Div")
+
+
+@dataclass(frozen=True)
+class OnnxLayer:
+    """How an ONNX layer holds its per-channel linear map, for folding a BN into it (the ONNX pass's
+    counterpart of export/fold.py's LAYERS)."""
+    out_axis: int                  # weight axis of its output channels
+    in_axis: int                   # weight axis of its input channels
+    channel_axis: int              # the channel axis of the tensors it reads and writes
+    grouped: bool = False          # `group` attribute; weight axis 1 then holds one group's channels
+    no_forward: str | None = None  # why a BN before it never folds into it (None: it does, unpadded)
+
+
+# Conv [out, in/group, k…]; ConvTranspose [in, out/group, k…]; Gemm B [K, N] or, with transB, [N, K];
+# MatMul B [K, N] on the last axis (its bias is the Add after it).
+LAYERS = {"Conv": OnnxLayer(0, 1, 1, grouped=True),
+          "ConvTranspose": OnnxLayer(1, 0, 1, grouped=True, no_forward=CONV_TRANSPOSE_FORWARD),
+          "Gemm": OnnxLayer(1, 0, 1), "Gemm transB": OnnxLayer(0, 1, 1),
+          "MatMul": OnnxLayer(1, 0, -1)}
+
+
+def layer_rule(node) -> OnnxLayer | None:
+    """The LAYERS entry of a node, None when a BN does not fold into it."""
+    return LAYERS.get("Gemm transB" if node.op_type == "Gemm" and attr(node, "transB", 0) else node.op_type)
+
+
+def _channels(layer, w, axis: int) -> int:
+    """The channels weight axis `axis` stands for (all groups')."""
+    rule = layer_rule(layer)
+    return w.shape[axis] * (attr(layer, "group", 1) if rule.grouped and axis == 1 else 1)
+
+
+def _groups(layer) -> int:
+    return attr(layer, "group", 1) if layer_rule(layer).grouped else 1
 
 
 def fold_onnx(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict]:
@@ -322,16 +359,10 @@ def _weights_and_map(graph: Graph, chain, layer, forward: bool):
 
 
 def _out_channels(layer, w) -> tuple[int, int, int, int]:
-    """(weight axis of the output channels, channel axis of the output, output channels, groups)."""
-    if layer.op_type == "Conv":
-        return 0, 1, w.shape[0], 1
-    if layer.op_type == "ConvTranspose":  # weight [in, out/group, k…]: grouped along axis 1
-        group = attr(layer, "group", 1)
-        return 1, 1, w.shape[1] * group, group
-    if layer.op_type == "Gemm":
-        out_axis = 0 if attr(layer, "transB", 0) else 1
-        return out_axis, 1, w.shape[out_axis], 1
-    return 1, -1, w.shape[1], 1  # MatMul: a bias Add right after it is part of the chain, so the fold starts from no bias
+    """(weight axis of the output channels, channel axis of the output, output channels, groups). A
+    MatMul's bias Add right after it is part of the chain, so its fold starts from no bias."""
+    rule = layer_rule(layer)
+    return rule.out_axis, rule.channel_axis, _channels(layer, w, rule.out_axis), _groups(layer)
 
 
 def _readers(graph: Graph, name: str) -> int:
@@ -367,7 +398,7 @@ def _fold_backward_concat(graph: Graph, chain, concat) -> tuple[list, str | None
     parts = []
     for i, name in enumerate(concat.input):
         layer = graph.producer.get(name)
-        if layer is None or layer.op_type not in LAYERS + BACKWARD_ONLY or list(concat.input).count(name) > 1:
+        if layer is None or layer_rule(layer) is None or list(concat.input).count(name) > 1:
             return [], f"input {i} of {describe(concat)}, {name}, is not the output of a Conv/ConvTranspose/Gemm/MatMul"
         if _readers(graph, name) != 1:
             return [], f"the output of {describe(layer)} is read by {_readers(graph, name)} consumers; a fold would change the others"
@@ -399,6 +430,9 @@ def _padded(conv) -> bool:
 
 def _fold_forward(graph: Graph, chain, layer) -> str | None:
     """Fold the chain into the layer that reads its output. Returns why not, or None when done."""
+    rule = layer_rule(layer)
+    if rule.no_forward:
+        return f"{rule.no_forward} ({describe(layer)})"
     if layer.input[0] != chain[-1].output[0]:
         return f"its output is not the data input of {describe(layer)}"
     if layer.op_type == "Conv" and _padded(layer):
@@ -409,19 +443,12 @@ def _fold_forward(graph: Graph, chain, layer) -> str | None:
     (w, b), st, why = _weights_and_map(graph, chain, layer, forward=True)
     if why:
         return why
-    groups = attr(layer, "group", 1) if layer.op_type == "Conv" else 1
-    if layer.op_type == "Conv":
-        out_axis, in_axis, axis, n = 0, 1, 1, w.shape[1] * groups
-    elif layer.op_type == "Gemm":
-        out_axis, in_axis = (0, 1) if attr(layer, "transB", 0) else (1, 0)
-        axis, n = 1, w.shape[in_axis]
-    else:
-        out_axis, in_axis, axis, n = 1, 0, -1, w.shape[0]
+    if layer.op_type == "MatMul":
         b = _matmul_bias(graph, layer)[1]
-    s, t = (_per_axis(a, axis, n) for a in st)
+    s, t = (_per_axis(a, rule.channel_axis, _channels(layer, w, rule.in_axis)) for a in st)
     if s is None or t is None:
         return f"its scale/shift does not line up with the input channels of {describe(layer)}"
-    new_w, new_b = fold_forward_arrays(w, b, s, t, out_axis=out_axis, in_axis=in_axis, groups=groups)
+    new_w, new_b = fold_forward_arrays(w, b, s, t, out_axis=rule.out_axis, in_axis=rule.in_axis, groups=_groups(layer))
     _set_weights(graph, layer, new_w, new_b)
     return None
 
@@ -445,7 +472,7 @@ def _fold_affine_chains(graph: Graph, report: dict) -> None:
         if bias_only and len(chain) == 1 and source is not None and source.op_type == "MatMul":
             continue  # the MatMul's own bias: already the form a fold would produce
         why_back = why_forward = None
-        if source is not None and source.op_type in LAYERS + BACKWARD_ONLY + ("Concat",):
+        if source is not None and (layer_rule(source) is not None or source.op_type == "Concat"):
             if source.op_type == "Concat":
                 layers, why_back = _fold_backward_concat(graph, chain, source)
             else:
@@ -463,9 +490,7 @@ def _fold_affine_chains(graph: Graph, report: dict) -> None:
         if target is None:
             why_forward = (f"{end} is a graph output" if end in graph.output_names else
                            f"{end} feeds {graph.uses(end)} consumers; a fold would change the others")
-        elif target.op_type in BACKWARD_ONLY:
-            why_forward = f"{CONV_TRANSPOSE_FORWARD} ({describe(target)})"
-        elif target.op_type not in LAYERS:
+        elif layer_rule(target) is None:
             why_forward = f"it is followed by {describe(target)}, which a per-channel affine map cannot pass through"
         else:
             why_forward = _fold_forward(graph, chain, target)
@@ -475,8 +500,7 @@ def _fold_affine_chains(graph: Graph, report: dict) -> None:
                 continue
         reason = why_forward if why_back is None else f"backward: {why_back}; forward: {why_forward}"
         if bn_like:
-            report["kept"].append({"bn": _names(affine), "reason": reason, "kind": _bn_kind(graph, affine),
-                                   "nodes": [n.name or n.output[0] for n in affine]})
+            report["kept"].append(_record(graph, affine, reason=reason))
         else:
             report["kept_affine"].append({"nodes": _names(affine), "reason": reason})
 
@@ -498,10 +522,18 @@ def _bn_kind(graph: Graph, affine) -> str:
         for n in affine) else "affine"
 
 
+def _record(graph: Graph, affine, **fields) -> FoldRecord:
+    """The chain's record; its torch module is its BatchNormalization node's, else its last node's."""
+    ordered = sorted(affine, key=lambda n: n.op_type == "BatchNormalization")
+    module = next((m for n in reversed(ordered) if (m := torch_module_of(n))), None)
+    return FoldRecord("onnx", _names(affine), _bn_kind(graph, affine), module,
+                      nodes=tuple(n.name or n.output[0] for n in affine), **fields)
+
+
 def _report_fold(graph: Graph, report: dict, affine, bn_like: bool, layers, direction: str) -> None:
     if bn_like:
-        report["folded"].append({"bn": _names(affine), "into": _names(layers), "direction": direction,
-                                 "kind": _bn_kind(graph, affine), "nodes": [n.name or n.output[0] for n in affine]})
+        report["folded"].append(_record(graph, affine, layers=tuple(n.name or n.output[0] for n in layers),
+                                        into=_names(layers), direction=direction))
     else:
         report["removed"] += [{"node": n.name or n.output[0], "op": n.op_type,
                                "why": f"scalar affine map (input scaling) folded {direction} into {_names(layers)}"}

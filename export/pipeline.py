@@ -17,17 +17,21 @@ import contextlib
 import copy
 import json
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import onnx
 import torch
 
-from common.files import sha256_file, write_json
+from common.files import sha256_file, write_json, write_with_checksum
 from export.errors import BadInput, one_line
 from export.float64 import Float64Graph, Float64Unavailable, to_float64
 from export.fold import fold_batchnorm
 from export.fold_report import merge_fold_reports, summary
+from export.merge import culprit
+from export.merge_fx import merge_branches
+from export.merge_onnx import merge_onnx
 from export.onnx_export import (BN_OPS, contract_metadata, export_to_proto, node_counts, output_kind, read_metadata,
                                 rename_value, save_model, simplify, with_metadata)
 from export.onnx_fold import fold_onnx
@@ -42,6 +46,14 @@ FOLDED, UNFOLDED, REPORT = "model.onnx", "model_unfolded.onnx", "export_report.j
 # torch, more through onnx.reference); the other rows (16 to 256, the 10k test images of a --run)
 # are for float32 error statistics and accuracy.
 EXACT_ROWS = 8
+
+
+@dataclass(frozen=True, kw_only=True)
+class MergeExactness(Exactness):
+    """A merge step's exactness; when it failed, the block found wrong on its own by bisecting the merged
+    blocks (`culprit`, None when none is alone) after `tried` partial merges."""
+    culprit: str | None = None
+    tried: int | None = None
 
 
 class VerificationFailed(Exception):
@@ -89,6 +101,8 @@ def why_export(source: Source, out: Path) -> str | None:
         if request != had:
             changed = sorted(k for k in set(request) | set(had) if request.get(k) != had.get(k))
             return f"{', '.join(changed)} changed since the last export"
+        if "int8" in request and report.get("int8", {}).get("status") != "passed":
+            return "its INT8 model was not published (the report's int8 says why)"
         if json.loads(read_metadata(out / FOLDED)["source"])["sha256"] != source.sha256:
             return f"{out / FOLDED} was exported from other weights"
         for name, entry in report["files"].items():
@@ -139,26 +153,67 @@ class Checks:
         if not result.passed:
             raise VerificationFailed(step, result.why)
 
-    def onnx_pass(self, before: onnx.ModelProto, report: dict, published: onnx.ModelProto) -> None:
-        """The ONNX pass's exactness: the same pass on `before` in float64, run against `before` in float64."""
+    def onnx_pass(self, before: onnx.ModelProto, report: dict, folded: onnx.ModelProto,
+                  published: onnx.ModelProto) -> None:
+        """The ONNX pass's exactness: the same pass on `before` in float64, run against `before` in float64;
+        then the same for its merge (`published` is `folded` merged), when it merged anything."""
+        merged = bool(report.get("merged"))
         if not changed_numerics(report):
             self.exact["ONNX pass"] = Exactness(status="skipped", why="it changed nothing but Identity/Dropout nodes")
-            return
         if self.ref64 is None:
-            self.exact["ONNX pass"] = Exactness(status="skipped", why=f"no float64 copy runs ({self.why64})")
+            for step, done in (("ONNX pass", changed_numerics(report)), ("ONNX merge", merged)):
+                if done:
+                    self.exact[step] = Exactness(status="skipped", why=f"no float64 copy runs ({self.why64})")
             return
-        with self.steps("ONNX pass exactness (float64)"):
+        if not changed_numerics(report) and not merged:
+            return
+        step = "ONNX pass"
+        with self.steps("ONNX pass exactness (float64)" + (", and of its merge" if merged else "")):
             try:
                 folded64 = fold_onnx(to_float64(before))[0]
-                if node_counts(folded64) != node_counts(published):
+                if node_counts(folded64) != node_counts(folded):
                     raise VerificationFailed("ONNX pass", "the float64 copy was folded differently "
-                                             f"({node_counts(folded64)} vs {node_counts(published)})")
+                                             f"({node_counts(folded64)} vs {node_counts(folded)})")
                 # an ONNX source's input graph is the reference itself; a torch source's is the exported fx-folded graph
                 reference = self.ref64 if self.source.module is None else Float64Graph(before)(self.exact_rows)
-                self.exact_or_fail("ONNX pass", lambda: Float64Graph(folded64)(self.exact_rows), reference)
+                if changed_numerics(report):
+                    self.exact_or_fail("ONNX pass", lambda: Float64Graph(folded64)(self.exact_rows), reference)
+                if merged:
+                    step = "ONNX merge"
+                    merged64 = merge_onnx(folded64, {})[0]
+                    if node_counts(merged64) != node_counts(published):
+                        raise VerificationFailed("ONNX merge", "the float64 copy was merged differently "
+                                                 f"({node_counts(merged64)} vs {node_counts(published)})")
+                    self.merged_or_fail("ONNX merge", [e.block for e in report["merged"]],
+                                        lambda only: Float64Graph(merge_onnx(folded64, {}, only)[0])(self.exact_rows),
+                                        reference)
             except Float64Unavailable as e:
-                self.exact["ONNX pass"] = Exactness(status="skipped", why=str(e))
-                self.notes.append(f"the ONNX pass's folds are not proven exact: {e}")
+                self.exact[step] = Exactness(status="skipped", why=str(e))
+                self.notes.append(f"the ONNX pass's {'merges' if step == 'ONNX merge' else 'folds'} are not proven exact: {e}")
+
+    def merged_or_fail(self, step: str, blocks: list[str], run_merged, reference: list[np.ndarray]) -> None:
+        """A merge in float64 against the unfolded model in float64, as exact_or_fail; a failure names a
+        block that is wrong on its own (merging only it, bisecting the blocks: run_merged(only=blocks))."""
+        try:
+            self.exact_or_fail(step, lambda: run_merged(None), reference)
+        except VerificationFailed as failure:
+            result = self.exact[step]
+            if result.relative is None:  # it does not run, or has other outputs: that says enough
+                raise
+            rows = [r[:len(self.exact_rows)] for r in reference]
+            errors = {}
+
+            def wrong(only):
+                errors[tuple(only)] = exactness(run_merged(set(only)), rows, self.names).relative
+                return errors[tuple(only)] > EXACT_RTOL
+
+            block = culprit(blocks, wrong)
+            why = (f"the merged float64 model is {result.relative:.2e} of the output's scale from the unfolded one "
+                   f"(exact merges agree to {EXACT_RTOL:g}): a wrong merge")
+            why += f"; block {block} merged alone is {errors[(block,)]:.2e} off" if block else "; no block is wrong on its own"
+            self.exact[step] = MergeExactness(status="failed", why=why, relative=result.relative, outputs=result.outputs,
+                                              max_abs_diff=result.max_abs_diff, culprit=block, tried=len(errors))
+            raise VerificationFailed(step, why) from failure
 
     def judge(self) -> dict:
         s = self.source
@@ -200,9 +255,10 @@ def changed_numerics(onnx_report: dict) -> bool:
 
 # --- building the graphs -----------------------------------------------------------------------
 
-def build_torch(source: Source, out: Path, verify_only: bool, checks: Checks):
-    """fx fold, its float64 proof, both exports, clean-up, the ONNX pass (and its proof). Returns the
-    two graphs and the merged fold report; fills `checks` with the float32 forms to judge."""
+def build_torch(source: Source, out: Path, verify_only: bool, checks: Checks, merge: bool = True):
+    """fx fold and merge, their float64 proofs, both exports, clean-up, the ONNX pass and merge (and
+    their proofs). Returns the two graphs and the merged fold report; fills `checks` with the float32
+    forms to judge."""
     steps, inputs, module = checks.steps, source.inputs, source.module
     module64 = copy.deepcopy(module).double()
     checks.float64_reference(lambda: run_torch(module64, checks.inputs64, dtype=torch.float64), "torch, double")
@@ -218,11 +274,15 @@ def build_torch(source: Source, out: Path, verify_only: bool, checks: Checks):
             with steps("fx pass exactness (float64)"):
                 checks.exact_or_fail("fx pass", lambda: run_torch(folded64, checks.exact_rows, dtype=torch.float64),
                                      checks.ref64)
+        if merge:
+            fx_merge(module64, folded64, fx_report, checks)
         folded_module = folded64.float()  # in place: GraphModule.__deepcopy__ drops plain attributes (ultralytics m.f)
         del module64, folded64
     else:
         with steps("fx pass (each trace checked on 2 rows)"):
             folded_module, fx_report = fold_batchnorm(module, (torch.from_numpy(inputs[:2]),))
+            if merge:
+                merge_branches(folded_module, fx_report, (torch.from_numpy(inputs[:2]),))
     checks.own = "torch eval (float32)"
     checks.runs = lambda k: run_torch(ulp_perturbed(module, k), inputs)
     with steps("torch forms (float32)"):
@@ -246,7 +306,7 @@ def build_torch(source: Source, out: Path, verify_only: bool, checks: Checks):
         except BadInput as e:
             untraceable = "; ".join(f"{u['module']}: {u['reason']}" for u in fx_report.untraceable)
             raise BadInput(f"{e}; nor can fx trace {untraceable}" if untraceable else str(e)) from None
-    if fx_report.folded:
+    if fx_report.folded or fx_report.merged:
         with steps("torch.onnx.export, folded"):
             folded_raw = export_to_proto(folded_module, example, source.input_name, names)
     else:  # the fx pass folded nothing: the unfolded export is the folded module's too (Dropout is Identity in eval)
@@ -256,14 +316,37 @@ def build_torch(source: Source, out: Path, verify_only: bool, checks: Checks):
             rename_value(graph, "logits", "probabilities")
         source.output_name = source.outputs[0]["name"] = checks.names[0] = "probabilities"
     print(f"  nodes of our folded module as exported: {node_counts(folded_raw)}")
-    with steps("clean-up and ONNX pass"):
+    with steps("clean-up and ONNX pass" + (" and merge" if merge else "")):
         cleaned = simplify(folded_raw)  # constant folding first: exporter artefacts (zero biases made at run time, ...) go
         folded_graph, onnx_report = fold_onnx(cleaned)
-    checks.onnx_pass(cleaned, onnx_report, folded_graph)
-    return unfolded, folded_graph, merge_fold_reports(fx_report.as_dict(), onnx_report, cleaned, folded_graph)
+        merged_graph, onnx_report = merge_onnx(folded_graph, onnx_report) if merge else (folded_graph, onnx_report)
+    checks.onnx_pass(cleaned, onnx_report, folded_graph, merged_graph)
+    return unfolded, merged_graph, merge_fold_reports(fx_report.as_dict(), onnx_report, cleaned, merged_graph, merge,
+                                                      reference=unfolded)
 
 
-def build_onnx(source: Source, out: Path, verify_only: bool, checks: Checks):
+def fx_merge(module64, folded64, fx_report, checks: Checks) -> None:
+    """The fx merge on the folded float64 module (in place), and its proof: the merged float64 model
+    against the unfolded one; a failure names a block wrong on its own (each try folds module64 anew)."""
+    example = (torch.from_numpy(checks.inputs64[:2]),)
+    with checks.steps("fx merge (float64)"):
+        merge_branches(folded64, fx_report, example)
+    if not fx_report.merged:
+        checks.exact["fx merge"] = Exactness(status="skipped", why="it merged nothing")
+        return
+
+    def run_merged(only):
+        model = folded64
+        if only is not None:
+            model, report = fold_batchnorm(module64, example)
+            merge_branches(model, report, example, only)
+        return run_torch(model, checks.exact_rows, dtype=torch.float64)
+
+    with checks.steps("fx merge exactness (float64)"):
+        checks.merged_or_fail("fx merge", [r.block for r in fx_report.merged], run_merged, checks.ref64)
+
+
+def build_onnx(source: Source, out: Path, verify_only: bool, checks: Checks, merge: bool = True):
     graph = source.graph
     checks.float64_reference(lambda: Float64Graph(graph)(checks.inputs64), "the graph with float64 initializers")
     checks.own = "input graph (float32, DISABLE_ALL)"
@@ -275,10 +358,11 @@ def build_onnx(source: Source, out: Path, verify_only: bool, checks: Checks):
         checks.exact["ONNX pass"] = Exactness(status="skipped",
                                               why="not re-run by --verify-only (the published graph is judged below)")
         return _published(source, out)
-    with checks.steps("ONNX pass"):
+    with checks.steps("ONNX pass" + (" and merge" if merge else "")):
         folded_graph, onnx_report = fold_onnx(graph)
-    checks.onnx_pass(graph, onnx_report, folded_graph)
-    return graph, folded_graph, merge_fold_reports(None, onnx_report, graph, folded_graph)
+        merged_graph, onnx_report = merge_onnx(folded_graph, onnx_report) if merge else (folded_graph, onnx_report)
+    checks.onnx_pass(graph, onnx_report, folded_graph, merged_graph)
+    return graph, merged_graph, merge_fold_reports(None, onnx_report, graph, merged_graph, merge)
 
 
 def _published(source: Source, out: Path):
@@ -308,10 +392,13 @@ def onnx_forms(checks: Checks, unfolded: onnx.ModelProto, folded: onnx.ModelProt
 
 # --- the whole path ----------------------------------------------------------------------------
 
-def export(source: Source, out: str | Path, verify_only: bool = False) -> int:
-    """Fold, check, export, verify, publish. Returns 0, or 1 when a check fails (nothing published).
+def export(source: Source, out: str | Path, verify_only: bool = False, merge: bool = True, int8=None) -> int:
+    """Fold, merge, check, export, verify, publish. Returns 0, or 1 when a check fails (nothing published;
+    when only an INT8 check fails, the FP32 files are published and the INT8 ones are not).
     Raises BadInput for input that cannot be exported as given (nothing written). verify_only: judge
-    the files already in `out` and report on stdout only; nothing is written (not even the report)."""
+    the files already in `out` and report on stdout only; nothing is written (not even the report).
+    merge=False (--no-merge) keeps branches of one input as they are (export/merge.py).
+    `int8`: export.int8.Options (docs/int8.md)."""
     out = Path(out)
     for note in source.notes:
         print(f"note: {note}")
@@ -320,7 +407,7 @@ def export(source: Source, out: str | Path, verify_only: bool = False) -> int:
     checks = Checks(source, steps)
     build = build_torch if source.module is not None else build_onnx
     try:
-        unfolded, folded, fold_report = build(source, out, verify_only, checks)
+        unfolded, folded, fold_report = build(source, out, verify_only, checks, merge)
     except VerificationFailed as e:
         result = checks.result(passed=False, failed_step=e.step, why=e.why, variants={})
         print(format_table(result))
@@ -337,6 +424,9 @@ def export(source: Source, out: str | Path, verify_only: bool = False) -> int:
         folded = with_metadata(folded, contract_metadata({**contract_fields(source, unfolded, fold_report),
                                                           "folded": "true"}))
 
+    if int8 is not None:
+        from export.int8 import check_quantizable
+        check_quantizable(folded)  # bad input: before anything is written
     before, after = node_counts(unfolded), node_counts(folded)
     print(f"nodes before folding: {before}\nnodes after folding{' (and clean-up)' if source.module is not None else ''}: {after}")
     for entry in fold_report.get("untraceable", []):  # .get: --verify-only may read a version-1 report
@@ -347,6 +437,12 @@ def export(source: Source, out: str | Path, verify_only: bool = False) -> int:
     for entry in fold_report["kept"]:
         print(f"  kept {entry['bn']}: {entry['reason']}"
               + (f"; ONNX pass: {entry['onnx_reason']}" if entry.get("onnx_reason") else ""))
+    for entry in fold_report.get("merged", []):
+        print(f"  merged {entry['block']}: {' + '.join(entry['branches'])}"
+              + (f", then {', '.join(entry['after'])}" if entry.get("after") else "") + f" into {entry['into']} "
+              f"({entry['pass']} pass)")
+    for entry in fold_report.get("merge_refused", []):
+        print(f"  not merged {entry['block']}: {entry['reason']} ({entry['pass']} pass)")
     for note in fold_report.get("notes", []):
         print(f"  ONNX graph pass: {note}")
     print(summary(fold_report, source.module is not None))
@@ -375,14 +471,51 @@ def export(source: Source, out: str | Path, verify_only: bool = False) -> int:
     if verify_only:  # a re-check reports; it changes nothing on disk
         print(("verified " if result["passed"] else "NOT verified: ") + f"{out / FOLDED}; " + read_only(out))
         return 0 if result["passed"] else 1
+    quantized = None
+    if int8 is not None and result["passed"]:  # in memory first: an internal error publishes nothing
+        quantized = build_int8(int8, checks, folded, unfolded, fold_report, source.graph if source.module is None else None)
+        report["int8"] = quantized.report
     if result["passed"]:
         report["files"] = {name: {"sha256": save_model(m, out / name)} for name, m in ((UNFOLDED, unfolded), (FOLDED, folded))}
+        report["files"].update(publish_int8(quantized, out))
     report["timings"]["total"] = round(time.perf_counter() - started, 2)
     write_json(out / REPORT, report)
     if not result["passed"]:
         return 1
-    print(f"wrote {out / FOLDED}, {out / UNFOLDED}, {out / REPORT}")
+    if quantized is not None:
+        from export.int8 import summary as int8_summary
+        print(int8_summary(quantized.report))
+        if not quantized.passed:
+            print(f"wrote {out / FOLDED}, {out / UNFOLDED}, {out / REPORT} (FP32 only)")
+            return 1
+    written = f"{out / FOLDED}, {out / UNFOLDED}" + (", model_int8.onnx and its fingerprint" if quantized else "")
+    print(f"wrote {written}, {out / REPORT}")
     return 0
+
+
+def build_int8(options, checks: Checks, folded: onnx.ModelProto, unfolded: onnx.ModelProto, fold_report: dict, pass_input):
+    """The INT8 step (export/int8.py), in memory, against the float64 reference (or, when none runs, the
+    published float32 model as onnxruntime runs it)."""
+    from export.int8 import build
+
+    if checks.ref64 is not None:
+        reference, what, rows = checks.ref64, "the unfolded model in float64", checks.exact_rows
+    else:
+        reference = run_ort(ort_session(folded, optimize=True), checks.source.inputs, checks.names)
+        what, rows = "the published float32 model (no float64 copy runs)", None
+    return build(options, checks.source, folded, fold_report, reference, what, rows, checks.steps, pass_input, unfolded)
+
+
+def publish_int8(quantized, out: Path) -> dict:
+    """model_int8.onnx and its fingerprint (+ .sha256) when INT8 passed; else no INT8 file is left beside
+    the FP32 model just published (an earlier one would be another model's)."""
+    from export.int8 import FINGERPRINT, INT8, remove_stale
+
+    if quantized is None or not quantized.passed:
+        remove_stale(out)
+        return {}
+    return {FINGERPRINT: {"sha256": write_with_checksum(out / FINGERPRINT, quantized.fingerprint)},
+            INT8: {"sha256": write_with_checksum(out / INT8, quantized.model)}}
 
 
 def read_only(out: Path) -> str:

@@ -170,6 +170,8 @@ def measure(setup: str, args, x: np.ndarray, t, layout, rnd: int, bar) -> tuple[
     """Every step of one setup on its own server: rows, and (ours) the runtime its /metadata describes."""
     out = args.out / "servers" / f"{setup.replace('@', '-')}-r{rnd}"
     proc, fmt = server_of(setup, args.served, free_port(), layout, out / "server.log", args.env, t.name)
+    if setup.startswith("ours") and t.labels is None:  # not a classifier: its tensors both ways in OIP v2 binary,
+        fmt = "oip"  # as Triton and KServe get them (YOLOv8n's answers are ~7 MB as JSON)
     raw, rows = request(fmt, t, x), []
 
     def step(kind: str, clients: int, seconds: float, rate: float = 0.0) -> None:

@@ -41,6 +41,7 @@ class Settings:
     # None = derived from the model's measured cost at start (service/tuning.py); a number overrides it
     latency_budget_ms: float | None = None  # LATENCY_BUDGET_MS: longest coalesced call (default 500 ms)
     batch_max_images: int | None = None  # BATCH_MAX_IMAGES: cap of one coalesced call (1 = no batching)
+    precision: str = "auto"  # PRECISION: auto | int8 | fp32 (service/precision.py, docs/int8.md)
     # requests
     workers: int = 2  # SERVICE_WORKERS (from_env: default one per usable core)
     max_images: int = 1024  # MAX_IMAGES_PER_REQUEST
@@ -71,6 +72,9 @@ class Settings:
         provider = os.environ.get("ORT_PROVIDER", d.provider).strip().lower() or d.provider
         if provider not in ("auto", "cpu", "cuda"):
             raise SystemExit(f"ORT_PROVIDER must be auto, cpu or cuda, got {provider!r}")
+        precision = os.environ.get("PRECISION", d.precision).strip().lower() or d.precision
+        if precision not in ("auto", "int8", "fp32"):
+            raise SystemExit(f"PRECISION must be auto, int8 or fp32, got {precision!r}")
         from .tuning import usable_cores
 
         cores = usable_cores()
@@ -81,6 +85,7 @@ class Settings:
                              f"onnxruntime threads on {cores} usable core{'s' * (cores != 1)}: lower one of them "
                              "(threads beyond the cores only take turns, and the HTTP work waits behind them)")
         return cls(
+            precision=precision,
             model_path=os.environ.get("MODEL_PATH", "").strip() or d.model_path,
             model_tag=os.environ.get("MODEL_TAG", "").strip() or str(arguments.get("model_tag", "") or ""),
             provider=provider,

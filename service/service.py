@@ -32,6 +32,7 @@ from .images import image_to_input, peek_image
 from .inputs import InputSpec, images_from_json, images_from_npy, images_from_raw_float32, parse_bool
 from .batching import Batcher
 from .model import Model
+from .precision import choose as choose_precision
 from .routing import BODY_READ, JSON, Router, error_response, json_response, route, routes_of, work_matcher
 from .tuning import TUNING_ENV, TuningError, decode, derive, measure_in_subprocess, time_batches
 from .workers import Gate, GatedLoop, WorkerTable, table_path
@@ -134,7 +135,9 @@ class Classifier:
         settings = self.settings = SETTINGS
         try:
             contract, data = load_contract(settings.resolve_model_path())
-            measured = decode(os.environ.get(TUNING_ENV), contract.sha256)  # by `bentoml serve`, before any worker
+            data, self.precision = choose_precision(contract, data, settings)  # INT8 where proven here (docs/int8.md)
+            # by `bentoml serve`, before any worker (of model.onnx: a worker that serves INT8 measures its own model)
+            measured = decode(os.environ.get(TUNING_ENV), contract.sha256) if self.precision["what"] == "fp32" else None
             self.model = Model(contract, data, settings.provider, settings.intra_op_threads, settings.chunk_images,
                                timed_runs=0 if measured else 1)
             if measured is None:  # not started by `bentoml serve` (or another model): measure here
@@ -198,7 +201,8 @@ class Classifier:
             "outputs": [o.describe() for o in c.outputs],
             "classifier": c.classifier,
             "classify_refusal": c.classify_refusal,
-            "runtime": {"providers": m.providers, "device": m.device, "intra_op_threads": m.intra_op_threads,
+            "runtime": {"precision": self.precision, "providers": m.providers, "device": m.device,
+                        "intra_op_threads": m.intra_op_threads,
                         "ms_per_input": round(1000 * m.seconds_per_sample, 4), "workers": s.workers,
                         "bentoml_version": bentoml.__version__, "derived": self.tuning.describe()},
             "settings": s.public(),

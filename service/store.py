@@ -3,12 +3,16 @@
     python -m service.store artifacts/model.onnx     # prints the tag, e.g. fashion-mnist:3f2a...
 
 The tag is the model's contract name and its sha256 prefix, so importing the same file twice is a
-no-op and a new export gets a new version. The checksum and contract are verified first.
+no-op and a new export gets a new version. The checksum and contract are verified first. An INT8 form
+exported beside it (model_int8.onnx, its .sha256 and fingerprint: docs/int8.md) is stored with it, so
+the bento can serve what PRECISION asks for; the service checks those files at start as it does beside
+MODEL_PATH, and their bytes are part of the version.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import sys
 from pathlib import Path
 
@@ -23,7 +27,14 @@ def import_model(model_path: Path) -> str:
     except ModelLoadError as exc:
         print(f"cannot import: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
-    tag = f"{info.name}:{info.sha256[:20]}"
+    companions = sorted(model_path.parent.glob(f"{model_path.stem}_int8*"))  # the INT8 form, if exported
+    version = info.sha256
+    if companions:
+        digest = hashlib.sha256(info.sha256.encode())
+        for path in companions:
+            digest.update(path.name.encode() + b"\0" + path.read_bytes())
+        version = digest.hexdigest()
+    tag = f"{info.name}:{version[:20]}"
     try:
         bentoml.models.get(tag)
         return tag  # same bytes already stored
@@ -38,6 +49,8 @@ def import_model(model_path: Path) -> str:
         # it is the bytes that were verified, not a second read of the file.
         Path(stored.path, "model.onnx").write_bytes(data)
         Path(stored.path, "model.onnx.sha256").write_text(f"{info.sha256}  model.onnx\n", encoding="utf-8")
+        for path in companions:  # named as the service looks for them beside model.onnx
+            Path(stored.path, path.name.replace(model_path.stem, "model", 1)).write_bytes(path.read_bytes())
     return tag
 
 

@@ -431,3 +431,160 @@ class IntOutput(NotBatchFirst):
 
 def int_output() -> nn.Module:
     return IntOutput()
+
+
+# --- train-time branches that merge into one conv (structural re-parameterization) -----------------
+# Small look-alikes of timm's blocks (timm needs torch 2.14; these are written here from its code):
+# RepVGG's RepVggBlock, MobileOne's MobileOneBlock (an n-ary sum built in a loop), FastViT's RepMixer
+# (a difference under a layer scale) and RepConditionalPosEnc, RepViT's RepVggDw (a BN after the sum),
+# RepGhost's module, a large kernel with a small one beside it, an AvgPool branch.
+
+def conv_bn(c_in: int, c_out: int, k: int, stride: int = 1, groups: int = 1, padding: int | None = None) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(c_in, c_out, k, stride, k // 2 if padding is None else padding, groups=groups,
+                                   bias=False), nn.BatchNorm2d(c_out))
+
+
+class RepVggBlock(nn.Module):
+    def __init__(self, c_in: int, c_out: int, stride: int = 1, groups: int = 1):
+        super().__init__()
+        self.identity = nn.BatchNorm2d(c_out) if c_in == c_out and stride == 1 else None
+        self.conv_kxk, self.conv_1x1 = conv_bn(c_in, c_out, 3, stride, groups), conv_bn(c_in, c_out, 1, stride, groups)
+        self.drop_path, self.act = nn.Identity(), nn.ReLU()
+
+    def forward(self, x):
+        if self.identity is None:
+            return self.act(self.conv_1x1(x) + self.conv_kxk(x))
+        identity = self.identity(x)
+        x = self.drop_path(self.conv_1x1(x) + self.conv_kxk(x))
+        x += identity
+        return self.act(x)
+
+
+class MobileOneBlock(nn.Module):
+    def __init__(self, c_in: int, c_out: int, k: int, stride: int = 1, groups: int = 1, branches: int = 3,
+                 scale_branch: bool = True, act: bool = True):
+        super().__init__()
+        self.identity = nn.BatchNorm2d(c_in) if c_in == c_out and stride == 1 else None
+        self.conv_kxk = nn.ModuleList([conv_bn(c_in, c_out, k, stride, groups) for _ in range(branches)]) if branches else None
+        self.conv_scale = conv_bn(c_in, c_out, 1, stride, groups) if k > 1 and scale_branch else None
+        self.act = nn.ReLU() if act else nn.Identity()
+
+    def forward(self, x):
+        identity_out = 0
+        if self.identity is not None:
+            identity_out = self.identity(x)
+        scale_out = 0
+        if self.conv_scale is not None:
+            scale_out = self.conv_scale(x)
+        out = scale_out + identity_out
+        if self.conv_kxk is not None:
+            for rc in self.conv_kxk:
+                out += rc(x)
+        return self.act(out)
+
+
+class LayerScale2d(nn.Module):
+    def __init__(self, c: int):
+        super().__init__()
+        self.gamma = nn.Parameter(torch.rand(c) + 0.5)
+
+    def forward(self, x):
+        return x * self.gamma.view(1, -1, 1, 1)
+
+
+class RepMixer(nn.Module):
+    """FastViT: x + layer_scale(mixer(x) − norm(x)), both MobileOne blocks of depthwise 3x3 convs."""
+
+    def __init__(self, c: int):
+        super().__init__()
+        self.norm = MobileOneBlock(c, c, 3, groups=c, branches=0, scale_branch=False, act=False)
+        self.mixer = MobileOneBlock(c, c, 3, groups=c, branches=1, act=False)
+        self.layer_scale = LayerScale2d(c)
+
+    def forward(self, x):
+        return x + self.layer_scale(self.mixer(x) - self.norm(x))
+
+
+class RepCPE(nn.Module):
+    """FastViT's RepConditionalPosEnc: a depthwise 7x7 conv (with a bias, no BN) plus the input."""
+
+    def __init__(self, c: int):
+        super().__init__()
+        self.pos_enc = nn.Conv2d(c, c, 7, 1, 3, groups=c)
+
+    def forward(self, x):
+        return self.pos_enc(x) + x
+
+
+class RepVggDw(nn.Module):
+    """RepViT: BN(conv_bn 3x3 + conv 1x1 + x), all depthwise."""
+
+    def __init__(self, c: int):
+        super().__init__()
+        self.conv, self.conv1, self.bn = conv_bn(c, c, 3, groups=c), nn.Conv2d(c, c, 1, groups=c), nn.BatchNorm2d(c)
+
+    def forward(self, x):
+        return self.bn(self.conv(x) + self.conv1(x) + x)
+
+
+class RepGhost(nn.Module):
+    """RepGhost's module: a depthwise 3x3 conv-BN of x1 plus a BN of x1 (the fusion branch)."""
+
+    def __init__(self, c_in: int, c: int):
+        super().__init__()
+        self.primary_conv = nn.Sequential(*conv_bn(c_in, c, 1), nn.ReLU())
+        self.cheap_operation, self.fusion_bn = conv_bn(c, c, 3, groups=c), nn.BatchNorm2d(c)
+
+    def forward(self, x):
+        x1 = self.primary_conv(x)
+        return F.relu(self.cheap_operation(x1) + self.fusion_bn(x1))
+
+
+class LargeKernel(nn.Module):
+    """FastViT's ReparamLargeKernelConv: a 7x7 conv-BN and a 3x3 one beside it, stride 2."""
+
+    def __init__(self, c_in: int, c_out: int):
+        super().__init__()
+        self.large_conv, self.small_conv = conv_bn(c_in, c_out, 7, 2), conv_bn(c_in, c_out, 3, 2)
+
+    def forward(self, x):
+        return F.gelu(self.large_conv(x) + self.small_conv(x))
+
+
+class PoolBranch(nn.Module):
+    """An AvgPool that counts its padding beside a conv and the identity (as DBB's branches)."""
+
+    def __init__(self, c: int):
+        super().__init__()
+        self.conv, self.pool, self.bn = conv_bn(c, c, 3), nn.AvgPool2d(3, 1, 1, count_include_pad=True), nn.BatchNorm2d(c)
+
+    def forward(self, x):
+        return F.relu(self.conv(x) + self.bn(self.pool(x)) - 0.5 * x)
+
+
+class RepNet(nn.Module):
+    """Every block above in one small net: 3x16x16 in, 10 classes out."""
+
+    def __init__(self, classes: int = 10):
+        super().__init__()
+        self.stem = RepVggBlock(3, 8, stride=2)                        # no identity: two convs
+        self.features = nn.Sequential(
+            RepVggBlock(8, 8), RepVggBlock(8, 8, groups=2),            # identity BN, grouped
+            MobileOneBlock(8, 8, 3, groups=8, branches=3),             # depthwise, n-ary, identity
+            MobileOneBlock(8, 16, 1, branches=2),                      # pointwise, no identity
+            MobileOneBlock(16, 16, 3, stride=2, groups=16),            # stride 2: no identity
+            RepMixer(16), RepCPE(16), RepVggDw(16), RepGhost(16, 16), LargeKernel(16, 24), PoolBranch(24))
+        self.head = nn.Linear(24, classes)
+
+    def forward(self, x):
+        return self.head(self.features(self.stem(x)).mean((2, 3)))
+
+
+def rep_net() -> nn.Module:
+    return RepNet()
+
+
+def rep_small() -> nn.Module:
+    """Two RepVGG blocks, the second grouped, and a head: the injected-error tests' model."""
+    return nn.Sequential(RepVggBlock(3, 4), RepVggBlock(4, 4, groups=2), RepVggBlock(4, 4, groups=2),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3))

@@ -45,3 +45,13 @@ def model_dir(tmp_path_factory, trained_run, data_dir) -> Path:
     out = tmp_path_factory.mktemp("artifacts")
     assert export_main(["--run", str(trained_run), "--out", str(out), "--data-dir", str(data_dir)]) == 0
     return out
+
+
+@pytest.fixture(scope="session")
+def int8_dir(tmp_path_factory, trained_run, data_dir) -> Path:
+    """`python -m export --run trained_run --int8`: model.onnx, model_int8.onnx and its fingerprint, verified."""
+    from export.__main__ import main as export_main
+
+    out = tmp_path_factory.mktemp("int8")
+    assert export_main(["--run", str(trained_run), "--out", str(out), "--data-dir", str(data_dir), "--int8"]) == 0
+    return out

@@ -210,7 +210,7 @@ def stand_in_fold_onnx(model: onnx.ModelProto):
     for bn in [n for n in graph.node if n.op_type == "BatchNormalization"]:
         conv = producer.get(bn.input[0])
         if conv is None or conv.op_type != "Conv" or uses[conv.output[0]] != 1 or conv.input[1] not in inits:
-            report["kept"].append({"bn": bn.name, "reason": "not after a Conv"})
+            report["kept"].append({"bn": bn.name, "reason": "not after a Conv", "nodes": [bn.name]})
             continue
         eps = next((a.f for a in bn.attribute if a.name == "epsilon"), 1e-5)
         scale, shift = affine_of_bn(*(numpy_helper.to_array(inits[name]) for name in bn.input[1:]), eps)
@@ -222,7 +222,7 @@ def stand_in_fold_onnx(model: onnx.ModelProto):
         conv.input[1:] = [conv.name + "_w", conv.name + "_b"]
         conv.output[0] = bn.output[0]
         graph.node.remove(bn)
-        report["folded"].append({"bn": bn.name, "into": conv.name, "direction": "backward"})
+        report["folded"].append({"bn": bn.name, "into": conv.name, "direction": "backward", "nodes": [bn.name]})
     return model, report
 
 

@@ -71,7 +71,7 @@ def test_conv_bn_backward(case):
                      dilation=case["dilation"], groups=case["groups"], bias=case["bias"])
     model = nn.Sequential(randomize_layer(conv, gen), randomize_bn(nn.BatchNorm2d(case["c_out"], affine=case["affine"]), gen))
     report = assert_folded_matches(model, torch.randn(3, case["c_in"], 17, 15, generator=gen))
-    assert [f["direction"] for f in report.folded] == ["backward"]
+    assert [f.direction for f in report.folded] == ["backward"]
 
 
 @pytest.mark.parametrize("bias", [True, False])
@@ -90,7 +90,8 @@ def test_bn_after_activation_folds_forward_into_linear():
     model = nn.Sequential(nn.Flatten(), randomize_layer(nn.Linear(49, 32), gen), nn.ReLU(),
                           randomize_bn(nn.BatchNorm1d(32), gen), nn.Dropout(0.2), randomize_layer(nn.Linear(32, 10), gen))
     report = assert_folded_matches(model, torch.rand(9, 1, 7, 7, generator=gen))
-    assert report.folded == [{"bn": "3 (BatchNorm1d)", "into": "5 (Linear)", "direction": "forward", "kind": "batchnorm"}]
+    assert [r.as_dict() for r in report.folded] == [{"bn": "3 (BatchNorm1d)", "into": "5 (Linear)", "layers": ["5"],
+                                                    "direction": "forward", "kind": "batchnorm", "pass": "fx", "module": "3"}]
 
 
 def keras_conv_model(gen, negative_scale=False, bias=True):
@@ -103,7 +104,7 @@ def keras_conv_model(gen, negative_scale=False, bias=True):
 def test_bn_after_activation_folds_through_maxpool_and_flatten(bias):
     gen = torch.Generator().manual_seed(2)
     report = assert_folded_matches(keras_conv_model(gen, bias=bias), torch.rand(5, 1, 12, 12, generator=gen))
-    assert report.folded[0]["into"] == "5 (Linear)" and report.kept == []
+    assert report.folded[0].into == "5 (Linear)" and report.kept == []
 
 
 def test_negative_scale_is_kept_before_maxpool():
@@ -112,7 +113,7 @@ def test_negative_scale_is_kept_before_maxpool():
     model = keras_conv_model(gen, negative_scale=True).eval()
     folded, report = fold_batchnorm(model)
     assert report.folded == []
-    assert len(report.kept) == 1 and "max would become min" in report.kept[0]["reason"]
+    assert len(report.kept) == 1 and "max would become min" in report.kept[0].reason
     assert sum(isinstance(m, nn.BatchNorm2d) for m in folded.modules()) == 1
     x = torch.rand(4, 1, 12, 12, generator=gen)
     with torch.no_grad():
@@ -131,14 +132,14 @@ def test_bn_folds_forward_into_unpadded_conv(groups):
     model = nn.Sequential(randomize_layer(nn.Conv2d(3, 8, 3, padding=1), gen), nn.ReLU(), randomize_bn(nn.BatchNorm2d(8), gen),
                           randomize_layer(nn.Conv2d(8, 16, 3, stride=2, groups=groups), gen))
     report = assert_folded_matches(model, torch.randn(2, 3, 13, 13, generator=gen))
-    assert report.folded[0]["direction"] == "forward" and report.folded[0]["into"] == "3 (Conv2d)"
+    assert report.folded[0].direction == "forward" and report.folded[0].into == "3 (Conv2d)"
 
 
 def test_bn_not_folded_into_padded_conv():
     gen = torch.Generator().manual_seed(5)
     model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), randomize_bn(nn.BatchNorm2d(8), gen), nn.Conv2d(8, 4, 3, padding=1)).eval()
     folded, report = fold_batchnorm(model)
-    assert report.folded == [] and "padded" in report.kept[0]["reason"]
+    assert report.folded == [] and "padded" in report.kept[0].reason
     x = torch.randn(2, 3, 9, 9, generator=gen)
     with torch.no_grad():
         torch.testing.assert_close(folded(x).double(), reference64(model, x), atol=ATOL, rtol=RTOL)
@@ -158,7 +159,7 @@ def test_bn_with_two_consumers_is_kept():
     model = Branchy()
     randomize_bn(model.bn, torch.Generator().manual_seed(6))
     folded, report = fold_batchnorm(model.eval())
-    assert report.folded == [] and "consumers" in report.kept[0]["reason"]
+    assert report.folded == [] and "consumers" in report.kept[0].reason
     x = torch.randn(4, 6)
     with torch.no_grad():
         torch.testing.assert_close(folded(x).double(), reference64(model, x), atol=ATOL, rtol=RTOL)

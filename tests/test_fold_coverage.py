@@ -12,6 +12,7 @@ from torch import nn
 from torch.nn import functional as F
 
 import export.fold
+import export.fold_math
 from export.fold import CONV_TRANSPOSE_FORWARD, fold_batchnorm, fold_forward_arrays
 
 EXACT = 1e-9  # relative to the output's largest value, float64
@@ -164,7 +165,7 @@ def conv_bn(case) -> tuple[nn.Module, torch.Tensor]:
 def test_conv_and_conv_transpose_fold_backward(case):
     model, x = conv_bn(case)
     report, folded = assert_exact(model, x)
-    assert [(f["into"].split(" (")[0], f["direction"], f["kind"]) for f in report.folded] == [("0", "backward", "batchnorm")]
+    assert [(f.layers, f.direction, f.kind, f.module) for f in report.folded] == [(("0",), "backward", "batchnorm", "1")]
     assert norms_left(folded) == 0 and report.kept == []
 
 
@@ -172,7 +173,7 @@ def test_conv_and_conv_transpose_fold_backward(case):
 def test_linear_bn1d_folds_backward(bias):
     model = randomize(nn.Sequential(nn.Linear(9, 7, bias=bias), nn.BatchNorm1d(7), nn.ReLU(), nn.Linear(7, 3)))
     report, _ = assert_exact(model, torch.randn(5, 9))
-    assert report.folded[0]["into"] == "0 (Linear)"
+    assert report.folded[0].into == "0 (Linear)"
 
 
 # --- the norm side of the table: every kind of BatchNorm ------------------------------------------------
@@ -199,7 +200,7 @@ def test_every_kind_of_batchnorm_folds(name):
     report, folded = assert_exact(model, torch.randn(2, 3 if "ConvTranspose" not in name else 4, 8, 8))
     assert len(report.folded) == 1 and report.kept == [] and report.untraceable == [], report
     assert norms_left(folded) == 0
-    assert report.folded[0]["bn"] == NORM_NAMES.get(name, f"1 ({name.split('-')[0]})")
+    assert report.folded[0].bn == NORM_NAMES.get(name, f"1 ({name.split('-')[0]})")
     if name.startswith("BatchNormAct2d"):  # the normalization is folded, its activation still applied
         act = nn.ReLU if "SiLU" not in name else nn.SiLU
         assert any(isinstance(m, act) for m in folded.modules())
@@ -232,10 +233,10 @@ def test_weight_standardization_is_no_batchnorm_and_the_bn_after_it_still_folds(
     model = randomize(nn.Sequential(nn.Conv2d(3, 6, 3), nn.BatchNorm2d(6), nn.ReLU(), StdConv2d(6, 4, 1),
                                     nn.BatchNorm2d(4), nn.ReLU()))
     error, report, folded = fold_error(model, torch.randn(2, 3, 8, 8))
-    assert error < EXACT and [f["bn"] for f in report.folded] == ["1 (BatchNorm2d)"]
+    assert error < EXACT and [f.bn for f in report.folded] == ["1 (BatchNorm2d)"]
     # a BN after a StdConv2d does not fold into it (the standardization would undo its scale): kept, both reasons
-    assert [k["bn"] for k in report.kept] == ["4 (BatchNorm2d)"], report.kept
-    assert report.kept[0]["reason"].startswith("backward: its input comes from conv2d"), report.kept
+    assert [k.bn for k in report.kept] == ["4 (BatchNorm2d)"], report.kept
+    assert report.kept[0].reason.startswith("backward: its input comes from conv2d"), report.kept
 
     class BatchStats(nn.Module):
         def forward(self, x):
@@ -265,7 +266,7 @@ def test_bn_of_flattened_tokens_folds_into_the_linear_before():
     assert norms_left(folded) == 0
     # the Linear's output is also read by the residual add: folding would change it, so the BN stays
     error, report, _ = fold_error(randomize(LinearNorm(8, 8, reuse=True)), torch.randn(3, 5, 8))
-    assert error == 0.0 and report.folded == [] and "read by 2 nodes" in report.kept[0]["reason"], report.kept
+    assert error == 0.0 and report.folded == [] and "read by 2 nodes" in report.kept[0].reason, report.kept
 
 
 # --- forward folds, and the ones that are refused ----------------------------------------------------------
@@ -276,7 +277,7 @@ def test_bn_folds_forward_into_unpadded_conv(dims, groups):
     bn = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)[dims - 1]
     model = randomize(nn.Sequential(conv(2, 4, 3, padding=1), nn.ReLU(), bn(4), conv(4, 8, 3, stride=2, groups=groups)))
     report, _ = assert_exact(model, torch.randn(2, 2, *(7,) * dims))
-    assert [(f["into"], f["direction"]) for f in report.folded] == [(f"3 ({conv.__name__})", "forward")]
+    assert [(f.into, f.direction) for f in report.folded] == [(f"3 ({conv.__name__})", "forward")]
 
 
 @pytest.mark.parametrize("groups", [1, 2])
@@ -285,7 +286,7 @@ def test_bn_before_conv_transpose_is_kept_and_that_fold_would_be_wrong(groups):
                                     nn.ConvTranspose2d(4, 6, 3, stride=2, groups=groups)))
     x = torch.randn(2, 2, 6, 6)
     report, _ = assert_exact(model, x)
-    assert report.folded == [] and report.kept[0]["reason"].endswith(f"forward: {CONV_TRANSPOSE_FORWARD} (3)")
+    assert report.folded == [] and report.kept[0].reason.endswith(f"forward: {CONV_TRANSPOSE_FORWARD} (3)")
     if groups == 1:  # the refused fold, done as for a conv (input axis 0, shift summed over the kernel): wrong
         model = model.double()
         scale, shift = export.fold.bn_scale_shift(model[2])
@@ -308,7 +309,7 @@ def test_flatten_from_dim_0_does_not_fold():
             return self.fc2(torch.flatten(self.bn(torch.relu(self.fc1(x)))))
 
     report, _ = assert_exact(randomize(FlatAll()), torch.randn(2, 6))
-    assert report.folded == [] and "flatten" in report.kept[0]["reason"]
+    assert report.folded == [] and "flatten" in report.kept[0].reason
 
 
 def test_linear_on_a_3d_tensor_is_not_folded_with_the_bn_of_its_middle_axis():
@@ -316,7 +317,7 @@ def test_linear_on_a_3d_tensor_is_not_folded_with_the_bn_of_its_middle_axis():
     L == F the channel counts line up, but the fold would be wrong: the example's shapes tell."""
     model = randomize(nn.Sequential(nn.Linear(5, 5), nn.BatchNorm1d(5), nn.ReLU()))
     report, _ = assert_exact(model, torch.randn(3, 5, 5))
-    assert report.folded == [] and "rank-3" in report.kept[0]["reason"]
+    assert report.folded == [] and "rank-3" in report.kept[0].reason
 
 
 # --- BN after a concatenation ----------------------------------------------------------------------------
@@ -360,14 +361,15 @@ class MixBlock(nn.Module):
 
 def test_bn_after_concat_of_convs_folds_into_each():
     report, folded = assert_exact(randomize(Inception()), torch.randn(2, 3, 8, 8))
-    assert report.folded == [{"bn": "bn (BatchNorm2d)", "into": "b1 (Conv2d), b3 (Conv2d), b5 (Conv2d)",
-                              "direction": "backward", "kind": "batchnorm"}]
+    assert [r.as_dict() for r in report.folded] == [{
+        "bn": "bn (BatchNorm2d)", "into": "b1 (Conv2d), b3 (Conv2d), b5 (Conv2d)", "layers": ["b1", "b3", "b5"],
+        "direction": "backward", "kind": "batchnorm", "pass": "fx", "module": "bn"}]
     assert norms_left(folded) == 0
 
 
 def test_mixnet_block_folds_its_batchnormact_into_the_mixed_convs():
     report, folded = assert_exact(randomize(MixBlock()), torch.randn(2, 6, 9, 9))
-    assert [(f["bn"], f["into"]) for f in report.folded] == [
+    assert [(f.bn, f.into) for f in report.folded] == [
         ("bn (BatchNormAct2d)", "conv.3 (Conv2d), conv.5 (Conv2d), conv.7 (Conv2d)")]
     assert norms_left(folded) == 0
 
@@ -382,7 +384,7 @@ def test_linear_concat_bn1d_folds():
             return self.bn(torch.cat((self.a(x), self.b(x)), -1))
 
     report, _ = assert_exact(randomize(Heads()), torch.randn(4, 6))
-    assert report.folded[0]["into"] == "a (Linear), b (Linear)"
+    assert report.folded[0].into == "a (Linear), b (Linear)"
 
 
 class DenseLike(nn.Module):
@@ -402,7 +404,7 @@ class DenseLike(nn.Module):
 @pytest.mark.parametrize("reuse, why", [(False, "is not the output of a Conv"), (True, "read by 2 nodes")])
 def test_concat_that_cannot_be_split_is_kept(reuse, why):
     report, folded = assert_exact(randomize(DenseLike(reuse)), torch.randn(2, 4, 6, 6))
-    assert [f["bn"] for f in report.folded] == [] and why in report.kept[0]["reason"] and norms_left(folded) == 1
+    assert [f.bn for f in report.folded] == [] and why in report.kept[0].reason and norms_left(folded) == 1
 
 
 # --- the dtype: float32 and float64 fold the same --------------------------------------------------------
@@ -468,8 +470,8 @@ def test_a_mis_traced_wrapper_is_folded_inside_its_children_only():
     assert wrapper["module"] == "<top level> (Unwrap)"
     assert wrapper["reason"].startswith("fx's trace of <top level> (Unwrap) does not compute what its forward does: it raises")
     assert sub["module"] == "sub (TupleSub)" and "y.sum() > 1e9" in sub["reason"]
-    assert [f["bn"] for f in report.folded] == ["head.1 (BatchNorm2d)"]
-    assert [k["bn"] for k in report.kept] == ["sub.bn (BatchNorm2d)"]
+    assert [f.bn for f in report.folded] == ["head.1 (BatchNorm2d)"]
+    assert [k.bn for k in report.kept] == ["sub.bn (BatchNorm2d)"]
     # Without the example nothing runs the trace: the fold uses it, and the folded model raises.
     _, unchecked = fold_batchnorm(model.double())
     with pytest.raises(Exception):
@@ -502,7 +504,7 @@ def test_a_trace_that_computes_something_else_is_not_used():
 
     report, _ = assert_exact(randomize(Doubler()), torch.randn(2, 3, 8, 8))
     assert "does not compute what its forward does: its output differs by up to" in report.untraceable[0]["reason"]
-    assert report.folded == [] and [k["bn"] for k in report.kept] == ["bn (BatchNorm2d)"]
+    assert report.folded == [] and [k.bn for k in report.kept] == ["bn (BatchNorm2d)"]
 
 
 @pytest.mark.parametrize("factory", ["resnet", "mobilenet", "vgg", "preact", "conv1d", "mlp", "leafy"])
@@ -535,7 +537,7 @@ def test_wrong_conv_transpose_axis_is_caught(monkeypatch):
     monkeypatch.setitem(export.fold.LAYERS, nn.ConvTranspose2d, export.fold.LayerRule(0, 1, 4, rule.no_forward))
     assert fold_error(square, x)[0] > 1e-3
     monkeypatch.setitem(export.fold.LAYERS, nn.ConvTranspose2d, rule)
-    monkeypatch.setattr(export.fold, "grouped_channels", lambda major, minor, groups: np.tile(np.arange(minor), (major, 1)))
+    monkeypatch.setattr(export.fold_math, "grouped_channels", lambda major, minor, groups: np.tile(np.arange(minor), (major, 1)))
     assert fold_error(*grouped_conv_transpose())[0] > 1e-3
 
 

@@ -52,7 +52,7 @@ def test_keras_mlp_seed_bn_folds_forward_into_the_last_dense(tmp_path, images):
     folded, report = check(model, raw, images)
     assert bn_derived_nodes(folded) == 0
     assert node_counts(folded) == {"Add": 2, "MatMul": 2, "Relu": 1, "Reshape": 1, "Softmax": 1}
-    assert [f["direction"] for f in report["folded"]] == ["forward"] and report["kept"] == []
+    assert [f.direction for f in report["folded"]] == ["forward"] and report["kept"] == []
 
 
 def test_keras_cnn_seed_positive_bn_folds_through_maxpool_and_nhwc_flatten(tmp_path, images):
@@ -62,12 +62,12 @@ def test_keras_cnn_seed_positive_bn_folds_through_maxpool_and_nhwc_flatten(tmp_p
     counts = node_counts(folded)
     assert bn_derived_nodes(folded) == 0 and "Cast" not in counts and "Dropout" not in counts
     assert counts["Transpose"] == 1  # the NHWC input's; the round trips around MaxPool are gone
-    assert len(report["folded"]) == 1 and report["folded"][0]["direction"] == "forward"
-    assert "MatMul" in report["folded"][0]["into"]
+    assert len(report["folded"]) == 1 and report["folded"][0].direction == "forward"
+    assert "MatMul" in report["folded"][0].into
 
 
 def test_keras_cnn_seed_negative_gamma_keeps_the_bn_before_maxpool(tmp_path, images):
     model, raw = exported(tmp_path, "keras3-cnn", positive=False)
     folded, report = check(model, raw, images)
     assert bn_derived_nodes(folded) == 2 and report["folded"] == []
-    assert "<= 0" in report["kept"][0]["reason"] and "MaxPool" in report["kept"][0]["reason"]
+    assert "<= 0" in report["kept"][0].reason and "MaxPool" in report["kept"][0].reason

@@ -10,7 +10,7 @@ from onnx import TensorProto, helper, numpy_helper
 from onnx.reference.op_run import OpRun
 
 import export.onnx_fold
-from export import fold as fold_math
+from export import fold_math
 from export.onnx_fold import fold_onnx
 from export.onnx_graph import bn_derived_nodes, node_counts
 from export.verify import compare, ort_session
@@ -96,8 +96,9 @@ def test_bn_after_conv_folds_backward():
               ["N", 3, 8, 8], ["N", 8, 8, 8])
     folded, report = fold_and_check(m)
     assert node_counts(folded) == {"Conv": 1, "Relu": 1}
-    assert report["folded"] == [{"bn": "bn (BatchNormalization)", "into": "conv (Conv)", "direction": "backward",
-                                 "kind": "batchnorm", "nodes": ["bn"]}]
+    assert [r.as_dict() for r in report["folded"]] == [{
+        "bn": "bn (BatchNormalization)", "into": "conv (Conv)", "layers": ["conv"], "direction": "backward",
+        "kind": "batchnorm", "pass": "onnx", "nodes": ["bn"]}]
     assert report["kept"] == [] and report["bn_derived_before"] == 1 and report["bn_derived_after"] == 0
 
 
@@ -109,7 +110,7 @@ def test_bn_after_gemm_folds_backward(trans_b):
                bn_node("bn", "g", "y")], inits, ["N", 16], ["N", 8])
     folded, report = fold_and_check(m)
     assert node_counts(folded) == {"Gemm": 1}
-    assert report["folded"][0]["into"] == "fc (Gemm)"
+    assert report["folded"][0].into == "fc (Gemm)"
 
 
 def test_bn_after_matmul_with_bias_folds_backward():
@@ -118,7 +119,7 @@ def test_bn_after_matmul_with_bias_folds_backward():
                bn_node("bn", "a", "y")], inits, ["N", 16], ["N", 8])
     folded, report = fold_and_check(m)
     assert node_counts(folded) == {"Add": 1, "MatMul": 1}  # MatMul + its one bias Add
-    assert report["folded"][0]["direction"] == "backward"
+    assert report["folded"][0].direction == "backward"
 
 
 def test_bn_before_unpadded_conv_folds_forward():
@@ -127,7 +128,7 @@ def test_bn_before_unpadded_conv_folds_forward():
               ["N", 4, 7, 7], ["N", 6, 5, 5])
     folded, report = fold_and_check(m)
     assert node_counts(folded) == {"Conv": 1, "Relu": 1}
-    assert report["folded"][0]["direction"] == "forward"
+    assert report["folded"][0].direction == "forward"
 
 
 def test_bn_before_gemm_and_matmul_folds_forward():
@@ -139,7 +140,7 @@ def test_bn_before_gemm_and_matmul_folds_forward():
              helper.make_node("MatMul", ["b2n", "w2"], ["y"], name="fc2")]  # no bias: the fold adds one
     folded, report = fold_and_check(model(nodes, inits, ["N", 16], ["N", 4]))
     assert node_counts(folded) == {"Add": 1, "Gemm": 1, "MatMul": 1, "Relu": 2}
-    assert [(f["into"], f["direction"]) for f in report["folded"]] == [("fc1 (Gemm)", "forward"), ("fc2 (MatMul)", "forward")]
+    assert [(f.into, f.direction) for f in report["folded"]] == [("fc1 (Gemm)", "forward"), ("fc2 (MatMul)", "forward")]
 
 
 def test_bias_free_conv_as_torch_exports_it_folds_backward():
@@ -155,7 +156,7 @@ def test_bias_free_conv_as_torch_exports_it_folds_backward():
              bn_node("bn", "c", "y")]
     folded, report = fold_and_check(model(nodes, inits, ["N", 3, 6, 6], ["N", 8, 6, 6]))
     assert node_counts(folded) == {"Conv": 1}
-    assert report["folded"][0]["into"] == "conv (Conv)" and report["constants_folded"] >= 3
+    assert report["folded"][0].into == "conv (Conv)" and report["constants_folded"] >= 3
 
 
 # --- Keras' Sub → Mul → Add in NHWC -----------------------------------------------------------------------
@@ -202,8 +203,9 @@ def test_keras_nhwc_bn_folds_forward_through_maxpool_and_flatten(flatten):
     # the input's NHWC->NCHW Transpose stays; the other three are cancelled or folded into the weights
     assert counts == {"Add": 1, "Conv": 1, "MatMul": 1, "MaxPool": 1, "Relu": 1, "Reshape" if flatten == "Reshape" else "Flatten": 1,
                       "Transpose": 1}
-    assert report["folded"] == [{"bn": "bn/Sub (Sub), bn/Mul (Mul), bn/Add (Add)", "into": "dense (MatMul)",
-                                 "direction": "forward", "kind": "batchnorm", "nodes": ["bn/Sub", "bn/Mul", "bn/Add"]}]
+    assert [r.as_dict() for r in report["folded"]] == [{
+        "bn": "bn/Sub (Sub), bn/Mul (Mul), bn/Add (Add)", "into": "dense (MatMul)", "layers": ["dense"],
+        "direction": "forward", "kind": "batchnorm", "pass": "onnx", "nodes": ["bn/Sub", "bn/Mul", "bn/Add"]}]
     assert {"node": "conv/bias", "op": "Add", "why": "bias merged into conv (Conv)"} in report["removed"]
     assert report["transposes_removed"] == 3
 
@@ -212,7 +214,7 @@ def test_keras_negative_scale_before_maxpool_is_kept():
     folded, report = fold_and_check(keras_conv_block(negative=True))
     assert bn_derived_nodes(folded) == 2  # the Sub and the Mul stay
     assert len(report["kept"]) == 1 and report["folded"] == []
-    assert "<= 0" in report["kept"][0]["reason"] and "pool (MaxPool)" in report["kept"][0]["reason"]
+    assert "<= 0" in report["kept"][0].reason and "pool (MaxPool)" in report["kept"][0].reason
 
 
 def test_flatten_in_nhwc_order_folds_into_matmul():
@@ -224,7 +226,7 @@ def test_flatten_in_nhwc_order_folds_into_matmul():
              helper.make_node("MatMul", ["f", "w"], ["y"], name="dense")]
     folded, report = fold_and_check(model(nodes, inits, ["N", 4, 5, 6], ["N", 7]))
     assert node_counts(folded) == {"Add": 1, "Flatten": 1, "MatMul": 1, "Relu": 1}
-    assert report["folded"][0]["into"] == "dense (MatMul)"
+    assert report["folded"][0].into == "dense (MatMul)"
 
 
 def test_keras_bn_right_after_conv_folds_backward_through_transpose():
@@ -237,7 +239,7 @@ def test_keras_bn_right_after_conv_folds_backward_through_transpose():
              helper.make_node("Transpose", ["b"], ["back"], perm=[0, 3, 1, 2]), c2]
     folded, report = fold_and_check(model(nodes, inits + inits2 + bn_inits, ["N", 4, 6, 6], ["N", 5, 6, 6]))
     assert node_counts(folded) == {"Conv": 2}
-    assert report["folded"][0]["direction"] == "backward" and report["transposes_removed"] == 2
+    assert report["folded"][0].direction == "backward" and report["transposes_removed"] == 2
 
 
 # --- what must stay ---------------------------------------------------------------------------------------
@@ -248,7 +250,7 @@ def test_bn_before_padded_conv_is_kept():
               ["N", 4, 7, 7], ["N", 6, 7, 7])
     folded, report = fold_and_check(m)
     assert node_counts(folded)["BatchNormalization"] == 1
-    assert report["folded"] == [] and "zero-padded" in report["kept"][0]["reason"]
+    assert report["folded"] == [] and "zero-padded" in report["kept"][0].reason
 
 
 def test_bn_output_with_two_consumers_is_kept():
@@ -257,7 +259,7 @@ def test_bn_output_with_two_consumers_is_kept():
     nodes = [helper.make_node("Relu", ["x"], ["r"]), bn_node("bn", "r", "b"), ca, cb, helper.make_node("Add", ["ya", "yb"], ["y"])]
     folded, report = fold_and_check(model(nodes, inits_a + inits_b + bn_stats("bn", 4), ["N", 4, 7, 7], ["N", 6, 5, 5]))
     assert node_counts(folded)["BatchNormalization"] == 1
-    assert "2 consumers" in report["kept"][0]["reason"]
+    assert "2 consumers" in report["kept"][0].reason
 
 
 def test_conv_output_whose_shape_is_also_read_folds_backward():
@@ -266,7 +268,7 @@ def test_conv_output_whose_shape_is_also_read_folds_backward():
     nodes = [c, bn_node("bn", "c", "b"), helper.make_node("Shape", ["c"], ["shape"]),
              helper.make_node("Reshape", ["b", "shape"], ["y"])]
     folded, report = fold_and_check(model(nodes, inits + bn_stats("bn", 4), ["N", 3, 6, 6], ["N", 4, 6, 6]))
-    assert "BatchNormalization" not in node_counts(folded) and report["folded"][0]["into"] == "conv (Conv)"
+    assert "BatchNormalization" not in node_counts(folded) and report["folded"][0].into == "conv (Conv)"
 
 
 def test_conv_output_with_two_consumers_is_not_folded_backward():
@@ -275,7 +277,7 @@ def test_conv_output_with_two_consumers_is_not_folded_backward():
     nodes = [c, bn_node("bn", "c", "b"), helper.make_node("Add", ["b", "c"], ["y"])]
     folded, report = fold_and_check(model(nodes, inits + bn_stats("bn", 4), ["N", 3, 6, 6], ["N", 4, 6, 6]))
     assert node_counts(folded)["BatchNormalization"] == 1
-    assert "consumers" in report["kept"][0]["reason"]
+    assert "consumers" in report["kept"][0].reason
 
 
 # --- layout and clean-up ------------------------------------------------------------------------------
@@ -405,7 +407,7 @@ def test_bn_after_conv_transpose_folds_backward_grouped_and_depthwise(c_in, c_ou
               ["N", c_in, 5, 5], ["N", c_out, 11, 11])
     folded, report = fold_and_check(m)
     assert node_counts(folded) == {"ConvTranspose": 1, "Relu": 1}
-    assert report["folded"][0]["into"] == "up (ConvTranspose)" and report["folded"][0]["kind"] == "batchnorm"
+    assert report["folded"][0].into == "up (ConvTranspose)" and report["folded"][0].kind == "batchnorm"
     assert exact_error(m) < 1e-12
 
 
@@ -415,7 +417,7 @@ def test_bn_before_conv_transpose_is_kept():
               ["N", 4, 5, 5], ["N", 6, 11, 11])
     folded, report = fold_and_check(m)
     assert node_counts(folded)["BatchNormalization"] == 1
-    assert report["kept"][0]["reason"] == f"{fold_math.CONV_TRANSPOSE_FORWARD} (up (ConvTranspose))"
+    assert report["kept"][0].reason == f"{fold_math.CONV_TRANSPOSE_FORWARD} (up (ConvTranspose))"
 
 
 def inception(second="conv", relu=True):
@@ -444,8 +446,9 @@ def test_bn_after_concat_of_layers_folds_into_each():
     m = inception()
     folded, report = fold_and_check(m)
     assert node_counts(folded) == {"Concat": 1, "Conv": 2, "ConvTranspose": 1, "Relu": 1}
-    assert report["folded"] == [{"bn": "bn (BatchNormalization)", "into": "a (Conv), b (Conv), t (ConvTranspose)",
-                                 "direction": "backward", "kind": "batchnorm", "nodes": ["bn"]}]
+    assert [r.as_dict() for r in report["folded"]] == [{
+        "bn": "bn (BatchNormalization)", "into": "a (Conv), b (Conv), t (ConvTranspose)", "layers": ["a", "b", "t"],
+        "direction": "backward", "kind": "batchnorm", "pass": "onnx", "nodes": ["bn"]}]
     assert exact_error(m) < 1e-12
 
 
@@ -456,7 +459,7 @@ def test_bn_after_concat_of_gemms_folds():
              helper.make_node("Gemm", ["x", "wb", "bb"], ["b"], name="fb", transB=1),
              helper.make_node("Concat", ["a", "b"], ["cat"], axis=-1), bn_node("bn", "cat", "y")]
     folded, report = fold_and_check(model(nodes, inits, ["N", 6], ["N", 7]))
-    assert node_counts(folded) == {"Concat": 1, "Gemm": 2} and report["folded"][0]["into"] == "fa (Gemm), fb (Gemm)"
+    assert node_counts(folded) == {"Concat": 1, "Gemm": 2} and report["folded"][0].into == "fa (Gemm), fb (Gemm)"
 
 
 @pytest.mark.parametrize("graph, why", [(lambda: inception("relu"), "input 1 of cat (Concat), yb, is not the output of a"),
@@ -464,7 +467,7 @@ def test_bn_after_concat_of_gemms_folds():
 def test_concat_that_cannot_be_split_is_kept(graph, why):
     folded, report = fold_and_check(graph())
     assert node_counts(folded)["BatchNormalization"] == 1 and report["folded"] == []
-    assert why in report["kept"][0]["reason"]
+    assert why in report["kept"][0].reason
 
 
 def layer_scale_block():
@@ -481,7 +484,7 @@ def layer_scale_block():
 def test_layer_scale_is_folded_as_an_affine_op_not_a_batchnorm():
     folded, report = fold_and_check(layer_scale_block())
     assert "Mul" not in node_counts(folded)
-    assert [(f["bn"], f["kind"]) for f in report["folded"]] == [("fc2/bias (Add), layer_scale (Mul)", "affine")]
+    assert [(f.bn, f.kind) for f in report["folded"]] == [("fc2/bias (Add), layer_scale (Mul)", "affine")]
 
 
 def test_float64_graph_stays_float64_and_folds_the_same():
@@ -518,3 +521,28 @@ def test_conv_transpose_groups_ignored_is_caught(monkeypatch):
     m = model([t, bn_node("bn", "u", "y")], inits + bn_stats("bn", 9), ["N", 6, 5, 5], ["N", 9, 11, 11])
     monkeypatch.setattr(fold_math, "grouped_channels", lambda major, minor, groups: np.tile(np.arange(minor), (major, 1)))
     assert exact_error(m) > 1e-3
+
+
+def test_the_onnx_pass_and_the_fold_math_import_without_torch():
+    """The ONNX pass and the fold math it shares with the fx pass need numpy and onnx only: with torch
+    blocked (import torch raises), they import and fold a graph."""
+    import subprocess
+    import sys
+
+    code = ("import sys; sys.modules['torch'] = None\n"
+            "import numpy as np, onnx\n"
+            "from onnx import TensorProto, helper, numpy_helper\n"
+            "from export.onnx_fold import fold_onnx\n"
+            "from export.fold_math import affine_of_bn\n"
+            "c = lambda n, a: numpy_helper.from_array(np.asarray(a, np.float32), n)\n"
+            "inits = [c('w', np.ones((2, 1, 1, 1))), c('g', [1, 2]), c('b', [0, 1]), c('m', [0, 0]), c('v', [1, 1])]\n"
+            "nodes = [helper.make_node('Conv', ['x', 'w'], ['c'], name='conv'),\n"
+            "         helper.make_node('BatchNormalization', ['c', 'g', 'b', 'm', 'v'], ['y'], name='bn')]\n"
+            "g = helper.make_graph(nodes, 't', [helper.make_tensor_value_info('x', TensorProto.FLOAT, ['N', 1, 2, 2])],\n"
+            "                      [helper.make_tensor_value_info('y', TensorProto.FLOAT, ['N', 2, 2, 2])], inits)\n"
+            "m = helper.make_model(g, opset_imports=[helper.make_opsetid('', 18)]); m.ir_version = 9\n"
+            "folded, report = fold_onnx(m)\n"
+            "assert [n.op_type for n in folded.graph.node] == ['Conv'] and len(report['folded']) == 1\n"
+            "assert sys.modules['torch'] is None\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr

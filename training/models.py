@@ -73,7 +73,44 @@ def deep_cnn() -> nn.Sequential:
     )
 
 
-ARCHS = {"seed-cnn": seed_cnn, "mlp-bn": mlp_bn, "keras-cnn": keras_cnn, "deep-cnn": deep_cnn}
+class InvertedResidual(nn.Module):
+    """MobileNetV2's block: 1x1 expand -> BN -> ReLU -> 3x3 depthwise (stride) -> BN -> ReLU -> 1x1
+    project -> BN, plus its input when the shapes match. ReLU where MobileNetV2 has ReLU6: a clip is not
+    positively homogeneous, so cross-layer equalization could not pass through it (Nagel et al. 2019
+    train their MobileNetV2 with ReLU for the same reason; docs/int8.md)."""
+
+    def __init__(self, c_in: int, c_out: int, stride: int, expand: int):
+        super().__init__()
+        hidden = c_in * expand
+        self.block = nn.Sequential(
+            nn.Conv2d(c_in, hidden, 1, bias=False), nn.BatchNorm2d(hidden), nn.ReLU(),
+            nn.Conv2d(hidden, hidden, 3, stride, 1, groups=hidden, bias=False), nn.BatchNorm2d(hidden), nn.ReLU(),
+            nn.Conv2d(hidden, c_out, 1, bias=False), nn.BatchNorm2d(c_out),
+        )
+        self.residual = stride == 1 and c_in == c_out
+
+    def forward(self, x):
+        y = self.block(x)
+        return x + y if self.residual else y
+
+
+def mobile_cnn() -> nn.Sequential:
+    """A depthwise MobileNetV2-style net for the INT8 ablation (docs/int8.md): a 3x3 stem, five inverted
+    residual blocks (28->14->7), a 1x1 head, global average pooling, a classifier. Its depthwise
+    convs, folded with their BNs, have per-channel weight ranges far apart: what per-tensor INT8
+    quantizes badly and equalization fixes. ~4.5M multiply-adds an image."""
+    return nn.Sequential(
+        Normalize(),
+        nn.Conv2d(1, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16), nn.ReLU(),
+        InvertedResidual(16, 24, 2, 4), InvertedResidual(24, 24, 1, 4),
+        InvertedResidual(24, 32, 2, 4), InvertedResidual(32, 32, 1, 4), InvertedResidual(32, 64, 1, 4),
+        nn.Conv2d(64, 128, 1, bias=False), nn.BatchNorm2d(128), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Dropout(0.2),
+        nn.Linear(128, 10),
+    )
+
+
+ARCHS = {"seed-cnn": seed_cnn, "mlp-bn": mlp_bn, "keras-cnn": keras_cnn, "deep-cnn": deep_cnn, "mobile-cnn": mobile_cnn}
 
 
 def build(arch: str, dropout: bool = True) -> nn.Sequential:
