@@ -1,11 +1,6 @@
-"""`python -m loadtest bench` (`make bench-serve MODEL_PATH=…`): one serving benchmark for any contract model.
-
-One server at a time on 127.0.0.1 with the same inputs and clients (docs/loadtest.md): the in-process ceiling at
-the layout ours serves with, ours (closed loop at each of --clients, /livez and /readyz probed meanwhile, then an
-open loop), ours@REF and the servers of loadtest/baselines.py. The load generator is the fault battery's; its CPU
-is measured apart from the server's whole process tree. Goals (issue 25) are lines in results.md; exit 1 when one
-is short or a setup could not run."""
-import asyncio
+"""`python -m loadtest bench` (`make bench-serve`): one serving benchmark for any contract model, one server at a
+time on 127.0.0.1: the in-process ceiling, ours, ours@REF and loadtest/baselines.py's servers (docs/loadtest.md).
+Goals (issue 25) are lines in results.md; exit 1 when one is short or a setup could not run."""
 import base64
 import fcntl
 import itertools
@@ -15,6 +10,7 @@ import multiprocessing as mp
 import os
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -23,7 +19,7 @@ from tqdm import tqdm
 
 from common.files import write_json, write_text
 from common.machine import cpu_summary, cpu_text
-from common.procs import REPO, ProcessError, ServerProcess, free_port
+from common.procs import REPO, ProcessError, ServerProcess, free_port, probe
 from loadtest import plots
 from loadtest.core import TreeSampler
 from loadtest.faults import HOST, Load, Stats, http_request, run as run_async
@@ -133,35 +129,45 @@ def ceiling(model: str, served: str, layout: tuple[int, int], x: np.ndarray, sec
 
 
 # --- the load ------------------------------------------------------------------------------------------------
-async def drive(port: int, raw: bytes, seconds: float, clients: int = 1, rate: float = 0.0, settle: float = 0.0,
-                probe: bool = False):
+async def drive(port: int, raw: bytes, seconds: float, clients: int = 1, rate: float = 0.0, settle: float = 0.0):
     """Closed loop (`clients` keep-alive connections, each sending as soon as its answer is in, `settle` s before
-    the measured `seconds`) or open loop (`rate` req/s whatever the answers; latency from the scheduled time),
-    with `probe`: GET /livez and /readyz in turn every 0.25 s on a new connection each (as a kubelet does), 2 s
-    timeout. (Stats of the measured window, of the probes, its wall-clock start, requests sent, the generator's
-    own CPU seconds.)"""
-    async with Load(port, timeout=TIMEOUT_S) as load, Load(port, timeout=2.0, connect_timeout=2.0) as kubelet:
+    the measured `seconds`) or open loop (`rate` req/s whatever the answers; latency from the scheduled time).
+    (Stats of the measured window, its wall-clock start, requests sent, the generator's own CPU seconds.)"""
+    async with Load(port, timeout=TIMEOUT_S) as load:
         if not seconds:
             return await load.request(raw)
         await load.closed_loop(raw, clients, settle)
-        stats, probes, start, wall, cpu = Stats(), Stats(), time.monotonic(), time.time(), time.thread_time()
-
-        async def prober():
-            for i in itertools.count():
-                await asyncio.sleep(0.25)
-                await kubelet.request(http_request("GET", PROBES[i % len(PROBES)], close=True), probes)
-
-        probing = asyncio.ensure_future(prober()) if probe else None
+        stats, start, wall, cpu = Stats(), time.monotonic(), time.time(), time.thread_time()
         await (load.open_loop(raw, rate, seconds, stats) if rate else load.closed_loop(raw, clients, seconds, stats))
-        if probing:
-            probing.cancel()
-        return (stats if rate else stats.window(start, start + seconds), probes, wall, len(stats.rows),
-                time.thread_time() - cpu)
+        return stats if rate else stats.window(start, start + seconds), wall, len(stats.rows), time.thread_time() - cpu
+
+
+class Prober(threading.Thread):
+    """GET /livez and /readyz in turn every 0.25 s, each on a new connection (as a kubelet does), 2 s timeout, from
+    a thread of its own: the load generator's event loop delays no probe. Rows: (seconds, answered 2xx)."""
+
+    def __init__(self, port: int):
+        super().__init__(daemon=True)
+        self.port, self.rows, self.done = port, [], threading.Event()
+
+    def run(self) -> None:
+        for path in itertools.cycle(PROBES):
+            if self.done.wait(0.25):
+                return
+            start = time.monotonic()
+            ok = probe(f"http://{HOST}:{self.port}{path}", timeout=2.0)
+            self.rows.append((time.monotonic() - start, ok))
+
+    def stop(self) -> dict:
+        self.done.set()
+        if self.is_alive():
+            self.join()
+        return probe_summary(self.rows)
 
 
 def probe_summary(rows: list) -> dict:
-    """Probes (faults.Stats rows) in ms; one that got no answer, or not 200, counts as its 2 s timeout."""
-    ms = [1000 * r[3] if r[1] == 200 else 2000.0 for r in rows]
+    """Probes in ms; one that got no answer, or not 2xx, counts as its 2 s timeout."""
+    ms = [1000 * s if ok else 2000.0 for s, ok in rows]
     return {"probes": len(ms), "probe_p99_ms": float(np.percentile(ms, 99, method="higher")), "probe_max_ms": max(ms),
             "probes_over_1s": sum(v > 1000 for v in ms)} if ms else {}
 
@@ -175,8 +181,11 @@ def measure(setup: str, args, x: np.ndarray, t, layout, rnd: int, bar) -> tuple[
     raw, rows = request(fmt, t, x), []
 
     def step(kind: str, clients: int, seconds: float, rate: float = 0.0) -> None:
-        stats, probes, wall, sent, client_cpu = run_async(drive(proc.port, raw, seconds, clients, rate, args.settle,
-                                                                setup == "ours" and kind == "closed"))
+        prober = Prober(proc.port)
+        if setup == "ours" and kind == "closed":
+            prober.start()
+        stats, wall, sent, client_cpu = run_async(drive(proc.port, raw, seconds, clients, rate, args.settle))
+        probes = prober.stop()
         s, cpu_s = stats.summary(), meter.cpu_seconds(wall, wall + seconds)
         ok = s["statuses"].get("200", 0)
         rows.append({"round": rnd, "setup": setup, "kind": kind, "clients": clients, "loadavg": os.getloadavg()[0],
@@ -186,7 +195,7 @@ def measure(setup: str, args, x: np.ndarray, t, layout, rnd: int, bar) -> tuple[
                      "p50_ms": s["ok_p50_ms"], "p99_ms": s["ok_p99_ms"], "statuses": s["statuses"],
                      "server_cpu_ms_per_img": 1000 * cpu_s / (ok * len(x)) if ok else None, "failures": s["errors"],
                      "server_cpu_pct": 100 * cpu_s / seconds, "client_cpu_ms_per_req": 1000 * client_cpu / max(sent, 1),
-                     **({"rate": rate} if rate else {}), **probe_summary(probes.rows)})
+                     **({"rate": rate} if rate else {}), **probes})
         bar.update()
 
     with proc, TreeSampler(proc.wait_ready(args.start_timeout).pid) as meter:
