@@ -1,6 +1,4 @@
-"""python -m loadtest {run,bench,soak,examples}: load tests of the served model, one runner with modes
-(``--help`` of each says what it does; docs/loadtest.md). Every server runs on 127.0.0.1 in its own
-process group and is stopped with it; its CPU and RSS are summed over its whole process tree."""
+"""python -m loadtest {run,bench,soak,examples}: load tests of the served model, a mode each (docs/loadtest.md)."""
 import argparse
 import csv
 import json
@@ -16,7 +14,7 @@ from common.files import sha256_file, write_bytes, write_json
 from common.procs import ProcessError, port_open, probe
 from loadtest import plots
 from loadtest.bench import SETUPS, bench, server_of
-from loadtest.core import MAX_USERS, LoadTargetError, LocustRun, TreeSampler, parse_duration, run_locust
+from loadtest.core import MAX_USERS, LoadTargetError, TreeSampler, parse_duration, run_locust
 from loadtest.workload import (BATCH, DEFAULT_DATA_DIR, SCENARIOS, DataError, describe, fetch_metadata, fashion_mnist,
                                image_bytes, inputs, json_body, metadata_of, npy_body, oip_body, save, uploads)
 from service.contract import ModelLoadError
@@ -55,8 +53,8 @@ def run(args) -> int:
             print(f"starting the service on {url} (log: {args.out / 'server.log'})", file=sys.stderr)
             stack.enter_context(our_service(args)).wait_ready(180)
         path, work = save(args.out / "workload.json", fetch_metadata(url), model, args.data_dir)
-        v = run_locust(LocustRun(url, args.users, args.run_time, args.out / "loadtest", args.tags, args.processes,
-                                 args.spawn_rate, args.target_rps / args.users, args.p99_ms, path, report=True), True)
+        v = run_locust(url, args.users, args.run_time, args.out / "loadtest", args.tags, args.processes,
+                       args.spawn_rate, args.target_rps / args.users, args.p99_ms, path, report=True, progress=True)
     print(outcome(v["reasons"], v) + f" | label checks {'off' if work['single'][0].expected is None else 'on'} | "
           f"CSV + HTML in {args.out}/", file=sys.stderr)
     return 0 if v["ok"] else 1
@@ -97,18 +95,17 @@ def soak(args, command: str) -> int:
         if capacity <= 0:
             capacity, source = capacity_from_bench(args.bench_results) or 0.0, str(args.bench_results)
         if capacity <= 0:
-            capacity = run_locust(LocustRun(server.url, SATURATION_USERS, "10s", args.out / "capacity", **load))["rps"]
+            capacity = run_locust(server.url, SATURATION_USERS, "10s", args.out / "capacity", **load)["rps"]
             source = f"measured: 10 s closed loop, {SATURATION_USERS} users"
         if not capacity > 0:
             raise ProcessError("could not establish the service's capacity")
         offered = args.fraction * capacity
         print(f"capacity {capacity:.0f} req/s ({source}); offering {offered:.0f} req/s with {args.users} users "
               f"for {args.warmup_s:.0f} s warm-up + {args.time}", file=sys.stderr)
-        lr = LocustRun(server.url, args.users, f"{args.warmup_s + args.seconds:.0f}s", args.out / "soak",
-                       user_rps=offered / args.users, report=True, **load)
         with TreeSampler(server.pid, interval=1.0) as meter:
-            v = run_locust(lr, progress=True)
-    with open(f"{lr.prefix}_stats_history.csv", newline="") as f:  # locust's own per-second history
+            v = run_locust(server.url, args.users, f"{args.warmup_s + args.seconds:.0f}s", args.out / "soak",
+                           user_rps=offered / args.users, report=True, progress=True, **load)
+    with open(args.out / "soak_stats_history.csv", newline="") as f:  # locust's own per-second history
         hist = [r for r in csv.DictReader(f) if r["Name"] == "Aggregated"]
     start = next((float(r["Timestamp"]) for r in hist if int(r["User Count"]) > 0), v["start"])  # load began
     hist = [r for r in hist if r["50%"] not in ("N/A", "")]

@@ -1,7 +1,5 @@
-"""The rules (where load may go, what fails a run), headless locust as a subprocess in its own session
-(``--processes`` on a free master port; numbers come back in the verdict JSON the locustfile writes
-from locust's final stats), and psutil metering of a server's process tree.
-No locust import here: locust monkey-patches the interpreter with gevent."""
+"""The rules (localhost only, bounds, 4xx vs the rest), headless locust as a subprocess and a psutil meter of a
+server's process tree (docs/loadtest.md). No locust import here: locust monkey-patches the interpreter."""
 import ipaddress
 import json
 import math
@@ -10,7 +8,6 @@ import socket
 import sys
 import threading
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -66,50 +63,32 @@ def judge(requests: int, errors: list[tuple[str, int]], p99_ms: float, p99_limit
             "client_errors": sum(n for _, n in errors) - server, "p99_ms": p99_ms}
 
 
-@dataclass
-class LocustRun:
-    """One headless locust invocation; ``<prefix>_stats.csv`` etc. and ``<prefix>_verdict.json``."""
-    host: str
-    users: int
-    run_time: str
-    prefix: Path
-    tags: list[str] = field(default_factory=list)
-    processes: int = 1
-    spawn_rate: float = 0.0  # 0: all users at once
-    user_rps: float = 0.0  # > 0: constant_throughput per user
-    p99_ms: float = 0.0
-    workload: str | None = None  # a saved load (workload.save); else locust builds its own from GET /metadata
-    report: bool = False  # for people: HTML report, per-second history, every request (else: once all users run)
-
-    def argv(self) -> list[str]:
-        require_local_host(self.host)
-        if not 1 <= self.users <= MAX_USERS or not 0 < parse_duration(self.run_time) <= MAX_RUN_SECONDS:
-            raise LoadTargetError(f"users must be 1..{MAX_USERS} and the run time at most {MAX_RUN_SECONDS} s")
-        port = str(free_port())  # locust's fixed 5557 would collide between concurrent runs
-        return [sys.executable, "-m", "locust", "-f", str(LOCUSTFILE), "--headless", "--only-summary",
-                "-H", self.host, "-u", str(self.users), "-r", f"{self.spawn_rate or self.users:g}",
-                "-t", self.run_time, "--stop-timeout", "5", "--csv", str(self.prefix),
-                "--verdict-file", f"{self.prefix}_verdict.json", "--user-rps", f"{self.user_rps:.6g}",
-                "--p99-ms", f"{self.p99_ms:g}", *(["--tags", *self.tags] if self.tags else []),
-                *(["--processes", str(self.processes), "--master-bind-port", port, "--master-port", port]
-                  if self.processes > 1 else []), *(["--workload", self.workload] if self.workload else []),
-                *(["--html", f"{self.prefix}_report.html", "--csv-full-history"] if self.report else ["--reset-stats"])]
-
-
-def run_locust(run: LocustRun, progress: bool = False) -> dict:
-    """Run locust to completion; its verdict (totals, p50/p95/p99, the measured window in wall-clock
-    seconds, errors), plus ``exit`` and ``log``. ProcessError when locust ended without one."""
-    verdict_path = Path(f"{run.prefix}_verdict.json")
-    verdict_path.unlink(missing_ok=True)
-    seconds, t0 = parse_duration(run.run_time), time.monotonic()
-    with ServerProcess(run.argv(), 0, f"{run.prefix}.log", name="locust") as proc, \
+def run_locust(host: str, users: int, run_time: str, prefix: Path, tags=(), processes: int = 1, spawn_rate=0.0,
+               user_rps=0.0, p99_ms=0.0, workload: str | None = None, report=False, progress=False) -> dict:
+    """Headless locust to the end: ``<prefix>_stats.csv`` etc. (`report`, for people: the HTML report, per-second
+    history, every request; else measured once all users run) and its verdict, ``<prefix>_verdict.json`` (totals,
+    p50/p95/p99, the measured window in wall-clock seconds, errors), returned with ``exit`` and ``log``.
+    `user_rps` > 0: constant_throughput per user; `workload`: a saved load (else built from GET /metadata)."""
+    require_local_host(host)
+    if not 1 <= users <= MAX_USERS or not 0 < (seconds := parse_duration(run_time)) <= MAX_RUN_SECONDS:
+        raise LoadTargetError(f"users must be 1..{MAX_USERS} and the run time at most {MAX_RUN_SECONDS} s")
+    port, verdict = str(free_port()), Path(f"{prefix}_verdict.json")  # locust's 5557 would collide between runs
+    argv = [sys.executable, "-m", "locust", "-f", str(LOCUSTFILE), "--headless", "--only-summary", "-H", host,
+            "-u", str(users), "-r", f"{spawn_rate or users:g}", "-t", run_time, "--stop-timeout", "5",
+            "--csv", str(prefix), "--verdict-file", str(verdict), "--user-rps", f"{user_rps:.6g}", "--p99-ms",
+            f"{p99_ms:g}", *(["--tags", *tags] if tags else []), *(["--workload", workload] if workload else []),
+            *(["--processes", str(processes), "--master-bind-port", port, "--master-port", port] if processes > 1
+              else []), *(["--html", f"{prefix}_report.html", "--csv-full-history"] if report else ["--reset-stats"])]
+    verdict.unlink(missing_ok=True)
+    t0 = time.monotonic()
+    with ServerProcess(argv, 0, f"{prefix}.log", name="locust") as proc, \
             tqdm(total=int(seconds), desc="locust", unit="s", disable=not progress, leave=False) as bar:
         while proc.proc.poll() is None and time.monotonic() - t0 < seconds + 60:  # then it is stopped
             time.sleep(0.25)
             bar.update(min(int(time.monotonic() - t0), bar.total) - bar.n)
-    if not verdict_path.exists():
+    if not verdict.exists():
         raise ProcessError(f"locust ended (exit {proc.proc.returncode}) without a verdict:\n{proc.log_tail(30)}")
-    return {**json.loads(verdict_path.read_text()), "exit": proc.proc.returncode, "log": proc.log()}
+    return {**json.loads(verdict.read_text()), "exit": proc.proc.returncode, "log": proc.log()}
 
 
 class TreeSampler(threading.Thread):

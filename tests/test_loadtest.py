@@ -19,8 +19,7 @@ from common.files import write_with_checksum
 from common.procs import REPO, ServerProcess, free_port, port_open, probe
 from loadtest.__main__ import capacity_from_bench, parse_args, rss_growth
 from loadtest.bench import goals_of, probe_summary, request, table
-from loadtest.core import CLIENT_ERROR_TAG, LoadTargetError, LocustRun, judge, parse_duration, require_local_host, \
-    run_locust
+from loadtest.core import CLIENT_ERROR_TAG, LoadTargetError, judge, parse_duration, require_local_host, run_locust
 from loadtest.workload import BATCH, DataError, build, check, describe, fashion_mnist, load, metadata_of, save, uploads
 from training.data import DEFAULT_DATA_DIR, LABELS, load_split
 
@@ -68,10 +67,11 @@ def test_only_localhost_is_loaded():
     for bad in ("http://10.1.2.3:3000", "http://8.8.8.8", "ftp://127.0.0.1", "127.0.0.1:3000", ""):
         with pytest.raises(LoadTargetError):
             require_local_host(bad)
-    with pytest.raises(LoadTargetError):
-        LocustRun("http://192.168.1.10:3000", users=2, run_time="2s", prefix=Path("x")).argv()
-    with pytest.raises(LoadTargetError):  # users and time are bounded too
-        LocustRun("http://127.0.0.1:3000", users=100_000, run_time="2s", prefix=Path("x")).argv()
+    with pytest.raises(LoadTargetError):  # refused before locust starts
+        run_locust("http://192.168.1.10:3000", users=2, run_time="2s", prefix=Path("x"))
+    for users, run_time in ((100_000, "2s"), (2, "3h")):  # users and time are bounded too
+        with pytest.raises(LoadTargetError):
+            run_locust("http://127.0.0.1:3000", users=users, run_time=run_time, prefix=Path("x"))
 
 
 def test_parse_duration():
@@ -321,8 +321,8 @@ def test_wrong_labels_and_slow_p99_fail_the_run(model_path, tmp_path):
             "--delay-ms", "30"]
     with ServerProcess(argv, port, tmp_path / "server.log") as server:
         server.wait_ready(60)
-        v = run_locust(LocustRun(server.url, 2, "3s", tmp_path / "wrong", ["single"],
-                                 workload=_workload(model_path, tmp_path), p99_ms=10))
+        v = run_locust(server.url, 2, "3s", tmp_path / "wrong", ["single"], workload=_workload(model_path, tmp_path),
+                       p99_ms=10)
     assert v["exit"] == 1 and not v["ok"] and v["server_failures"] > 0, v["log"][-3000:]
     assert any("non-4xx" in r for r in v["reasons"]) and any("p99" in r for r in v["reasons"])
     assert any("wrong label" in text for text, _ in v["errors"]) and v["p99_ms"] >= 30
@@ -343,8 +343,8 @@ def test_4xx_answers_do_not_fail_the_run(model_path, tmp_path):
     argv = [sys.executable, "-m", "loadtest.baselines", "naive-fastapi", "--model", model_path, "--port", str(port)]
     with ServerProcess(argv, port, tmp_path / "server.log", ready_path="/openapi.json") as server:
         server.wait_ready(60)
-        v = run_locust(LocustRun(server.url, 2, "3s", tmp_path / "png", ["single", "png"],
-                                 workload=_workload(model_path, tmp_path)))
+        v = run_locust(server.url, 2, "3s", tmp_path / "png", ["single", "png"],
+                       workload=_workload(model_path, tmp_path))
     assert v["exit"] == 0 and v["ok"] and v["client_errors"] > 0 and v["server_failures"] == 0, v["log"][-3000:]
     assert all(CLIENT_ERROR_TAG in text and "404" in text for text, _ in v["errors"])
     assert v["requests"] > v["client_errors"]  # /predict answered
