@@ -1,6 +1,5 @@
-"""`python -m loadtest bench` (`make bench-serve`): one serving benchmark for any contract model, one server at a
-time on 127.0.0.1: the in-process ceiling, ours, ours@REF and loadtest/baselines.py's servers (docs/loadtest.md).
-Goals (issue 25) are lines in results.md; exit 1 when one is short or a setup could not run."""
+"""`python -m loadtest bench` (`make bench-serve`): one serving benchmark for any contract model (docs/loadtest.md):
+the in-process ceiling, ours, ours@REF and loadtest/baselines.py's servers, one at a time, with issue 25's goals."""
 import base64
 import fcntl
 import itertools
@@ -38,7 +37,6 @@ JUDGED_FROM = 4  # clients: goals on throughput, CPU and probes are judged from 
 TIMEOUT_S = 60.0  # no answer by then counts as an error
 
 
-# --- the servers ------------------------------------------------------------------------------------------
 def peer_python(name: str) -> str:
     """The interpreter of a peer's own venv, made on first use (pinned, with the same onnxruntime as ours)."""
     import onnxruntime
@@ -60,8 +58,8 @@ def peer_python(name: str) -> str:
 
 def server_of(setup: str, model: str, port: int, layout: tuple[int, int] | None, log: Path, env: dict,
               name: str = "") -> tuple:
-    """(ServerProcess, request format) of a setup; ours (and ours@REF, from `git archive REF`) as bentofile.yaml
-    names it, with `env` (e.g. PRECISION=int8); the others at the layout (workers, threads)."""
+    """(ServerProcess, request format): ours (or ours@REF, from `git archive REF`) with `env`, or a baseline at
+    `layout` (workers, threads)."""
     if setup.startswith("ours"):
         cwd = REPO
         if "@" in setup:
@@ -80,8 +78,8 @@ def server_of(setup: str, model: str, port: int, layout: tuple[int, int] | None,
 
 
 def request(fmt: str, t, x: np.ndarray) -> bytes:
-    """One HTTP/1.1 request carrying the inputs `x` in format `fmt`: .npy to /predict (ours, naive FastAPI) or
-    TorchServe's /predictions, OIP v2 with the binary tensor extension (inputs and outputs), or LitServe's JSON."""
+    """One HTTP/1.1 request carrying `x` as .npy (to /predict, TorchServe's to /predictions), binary OIP v2 or
+    LitServe's JSON."""
     if fmt == "oip":
         head = json.dumps({"inputs": [{"name": t.input_name, "shape": list(x.shape), "datatype": "FP32",
                                        "parameters": {"binary_data_size": x.nbytes}}],
@@ -95,7 +93,6 @@ def request(fmt: str, t, x: np.ndarray) -> bytes:
                         "application/x-npy")
 
 
-# --- the ceiling: onnxruntime in-process at the served layout -----------------------------------------------
 def _ceiling_worker(model: str, served: str, threads: int, x, seconds: float, barrier, results) -> None:
     from service.contract import load_contract
     from service.model import Model
@@ -128,11 +125,9 @@ def ceiling(model: str, served: str, layout: tuple[int, int], x: np.ndarray, sec
             "server_cpu_pct": 100 * cpu / max(d[2] for d in done), "requests": n}
 
 
-# --- the load ------------------------------------------------------------------------------------------------
 async def drive(port: int, raw: bytes, seconds: float, clients: int = 1, rate: float = 0.0, settle: float = 0.0):
-    """Closed loop (`clients` keep-alive connections, each sending as soon as its answer is in, `settle` s before
-    the measured `seconds`) or open loop (`rate` req/s whatever the answers; latency from the scheduled time).
-    (Stats of the measured window, its wall-clock start, requests sent, the generator's own CPU seconds.)"""
+    """Closed loop (`clients` keep-alive connections, `settle` s before the measured `seconds`) or open loop (`rate`
+    req/s): (Stats of the measured window, its wall-clock start, requests sent, the generator's own CPU seconds)."""
     async with Load(port, timeout=TIMEOUT_S) as load:
         if not seconds:
             return await load.request(raw)
@@ -172,12 +167,13 @@ def probe_summary(rows: list) -> dict:
             "probes_over_1s": sum(v > 1000 for v in ms)} if ms else {}
 
 
-def measure(setup: str, args, x: np.ndarray, t, layout, rnd: int, bar) -> tuple[list[dict], dict | None]:
-    """Every step of one setup on its own server: rows, and (ours) the runtime its /metadata describes."""
-    out = args.out / "servers" / f"{setup.replace('@', '-')}-r{rnd}"
-    proc, fmt = server_of(setup, args.served, free_port(), layout, out / "server.log", args.env, t.name)
-    if setup.startswith("ours") and t.labels is None:  # not a classifier: its tensors both ways in OIP v2 binary,
-        fmt = "oip"  # as Triton and KServe get them (YOLOv8n's answers are ~7 MB as JSON)
+def measure(setup: str, args, x: np.ndarray, t, rnd: int, bar, meta: dict) -> list[dict]:
+    """Every step of one setup on its own server; ours also sets `meta`'s layout and served file (its /metadata)."""
+    out, ours = args.out / "servers" / f"{setup.replace('@', '-')}-r{rnd}", setup.startswith("ours")
+    proc, fmt = server_of(setup, str(args.model) if ours else meta["served"], free_port(), meta.get("layout"),
+                          out / "server.log", args.env, t.name)
+    if ours and not t.classifier:  # its tensors both ways in OIP v2 binary, as Triton and KServe get them
+        fmt = "oip"  # (YOLOv8n's answers are ~7 MB as JSON)
     raw, rows = request(fmt, t, x), []
 
     def step(kind: str, clients: int, seconds: float, rate: float = 0.0) -> None:
@@ -202,7 +198,13 @@ def measure(setup: str, args, x: np.ndarray, t, layout, rnd: int, bar) -> tuple[
         status, _, body = run_async(drive(proc.port, raw, 0))
         if status != 200:
             raise ProcessError(f"{setup} answered {status or body} to a first request")
-        meta = fetch_metadata(proc.url)["runtime"] if setup.startswith("ours") else None
+        if setup == "ours":
+            run = fetch_metadata(proc.url)["runtime"]
+            layout, precision = (int(run["workers"]), int(run["intra_op_threads"])), run.get("precision") or {}
+            int8 = isinstance(precision, dict) and precision.get("what") == "int8"  # the others serve that file too
+            meta.update(layout=layout, layout_text=f"{layout[0]} workers x {layout[1]} intra-op thread(s)",
+                        served=str(Path(args.model).with_name("model_int8.onnx") if int8 else args.model),
+                        runtime={k: v for k, v in run.items() if k not in ("guard", "batching", "pid")})
         run_async(drive(proc.port, raw, 0.001, max(args.clients), settle=args.warmup))
         for c in args.clients:
             bar.set_postfix_str(f"round {rnd}: {setup}, {c} clients")
@@ -211,10 +213,9 @@ def measure(setup: str, args, x: np.ndarray, t, layout, rnd: int, bar) -> tuple[
             rate = args.open_fraction * max(r["rps"] for r in rows)
             bar.set_postfix_str(f"round {rnd}: ours, open loop at {rate:.1f} req/s")
             step("open", 0, args.open_time, rate)
-    return rows, meta
+    return rows
 
 
-# --- goals and reports ------------------------------------------------------------------------------------------
 def goals_of(rows: list[dict], g) -> list[tuple[str, bool]]:
     """(line, met) per goal and round; only what was measured."""
     lines = []
@@ -260,11 +261,8 @@ def goals_of(rows: list[dict], g) -> list[tuple[str, bool]]:
     return lines
 
 
-def fmt(v, d=0) -> str:
-    return "–" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:,.{d}f}"
-
-
 def table(rows: list[dict]) -> str:
+    fmt = lambda v, d=0: "–" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:,.{d}f}"  # noqa: E731
     head = ["| round | setup | clients | img/s | × ceiling | p50 / p99 ms | server CPU ms/img (× in-process) | shed | "
             "errors | client CPU ms/req | probes p99 / max ms |", "|" + "---|" * 11]
     ceil = {r["round"]: r for r in rows if r["kind"] == "ceiling"}
@@ -306,8 +304,7 @@ def report(rows, meta, failed, args, started: float) -> list[tuple[str, bool]]:
 
 
 def bench(args, command: str) -> int:
-    started, doc = time.monotonic(), metadata_of(args.model)
-    t = describe(doc)
+    started, t = time.monotonic(), describe(metadata_of(args.model))
     x = inputs(t, args.images, None, args.data_dir)[0]
     meta = {"command": command, "date": time.strftime("%Y-%m-%d %H:%M"), "cpu": cpu_summary(),
             "model": str(args.model), "model_name": t.name, "env": args.env, "served": str(args.model),
@@ -326,34 +323,22 @@ def bench(args, command: str) -> int:
             bar.set_postfix_str(f"waiting for {args.lock}")
             fcntl.flock(lock, fcntl.LOCK_EX)  # held to the end: nothing else measures meanwhile
         meta["uptime_before"] = uptime()
-        for rnd in range(1, args.rounds + 1):
-            args.served = str(args.model)
+        for rnd, setup in itertools.product(range(1, args.rounds + 1), ["ours", *args.setups]):
             try:
-                got, run = measure("ours", args, x, t, None, rnd, bar)
-                rows += got
-                layout = (int(run["workers"]), int(run["intra_op_threads"]))
-                precision = run.get("precision") or {}
-                if isinstance(precision, dict) and precision.get("what") == "int8":  # the others serve that file too
-                    meta["served"] = str(Path(args.model).with_name("model_int8.onnx"))
-                meta.update(layout=layout, layout_text=f"{layout[0]} workers x {layout[1]} intra-op thread(s)",
-                            runtime={k: v for k, v in run.items() if k not in ("guard", "batching", "pid")})
-                bar.set_postfix_str(f"round {rnd}: ceiling, {layout[0]} x {layout[1]}")
-                rows.append({"round": rnd, "setup": "ceiling", "kind": "ceiling", "clients": layout[0],
-                             "loadavg": os.getloadavg()[0],
-                             **ceiling(str(args.model), meta["served"], layout, x, args.step_time)})
-                bar.update()
-            except (ProcessError, OSError, KeyError) as e:
-                failed.append(f"round {rnd}: ours: {str(e).splitlines()[0]}")
-                break
-            for setup in args.setups:
-                args.served = meta["served"]
-                try:
-                    rows += measure(setup, args, x, t, layout, rnd, bar)[0]
-                except (ProcessError, OSError, subprocess.CalledProcessError) as e:
-                    failed.append(f"round {rnd}: {setup}: {str(e).splitlines()[0]}")
-                    tqdm.write(f"{setup}: could not run: {e}")
-                    bar.update(len(args.clients))
-                report(rows, meta, failed, args, started)  # partial results survive a crash
+                rows += measure(setup, args, x, t, rnd, bar, meta)
+                if setup == "ours":  # then the ceiling at the layout it served with
+                    bar.set_postfix_str(f"round {rnd}: ceiling, {meta['layout'][0]} x {meta['layout'][1]}")
+                    rows.append({"round": rnd, "setup": "ceiling", "kind": "ceiling", "clients": meta["layout"][0],
+                                 "loadavg": os.getloadavg()[0],
+                                 **ceiling(str(args.model), meta["served"], meta["layout"], x, args.step_time)})
+                    bar.update()
+            except (ProcessError, OSError, KeyError, subprocess.CalledProcessError) as e:
+                failed.append(f"round {rnd}: {setup}: {str(e).splitlines()[0]}")
+                tqdm.write(f"{setup}: could not run: {e}")
+                if setup == "ours":  # nothing to compare with
+                    break
+                bar.update(len(args.clients))
+            report(rows, meta, failed, args, started)  # partial results survive a crash
     goals = report(rows, meta, failed, args, started)
     print((args.out / "results.md").read_text() + f"\nresults.json, results.md, bench_serve.png, logs: {args.out}/")
     return 0 if rows and all(ok for _, ok in goals) and not failed else 1
