@@ -1,9 +1,5 @@
-"""What to send and what to expect, for any served contract model (its GET /metadata, read by the service's own
-rules: service/contract.py). A Fashion-MNIST classifier gets the real test set and, with its ONNX file at hand,
-only images the same model run in-process classifies right with a logit margin >= 2, their labels expected: a
-wrong label under load means the server scrambled something. Any other model gets seeded random inputs in its
-declared range and shape checks (every output's, for a model that is not a classifier). Every body is encoded
-once, up front: on 2 cores the load generator must not spend its CPU on encoding (docs/loadtest.md)."""
+"""What to send and what to expect, for any served contract model: its GET /metadata read by the service's own
+rules (service/contract.py), every body encoded once, up front (docs/loadtest.md)."""
 import base64
 import io
 import json
@@ -30,6 +26,8 @@ SCENARIOS = {"single": (8, "/predict", "/predict [1 image]"), "batch64": (1, "/p
              "batch64raw": (1, "/predict", "/predict [64 images, raw f32]"),
              "npy": (1, "/predict", "/predict [8 images, npy]"), "png": (2, "/classify", "/classify [png]"),
              "oip": (2, "/v2/models/{name}/infer", "/v2 infer [1 image]")}
+# One request body, how many inputs it holds, the class ids to expect (None: unknown), its content type.
+Sample = namedtuple("Sample", "body n expected content_type", defaults=["application/json"])
 
 
 def describe(doc: dict) -> Contract:
@@ -56,29 +54,24 @@ def uploads(t: Contract) -> bool:  # /classify takes image uploads for these onl
     return t.classify_refusal is None
 
 
-def reference_scores(model_path: str | Path, t: Contract, x: np.ndarray) -> np.ndarray:
-    """Logits (or log-probabilities) of the served ONNX file run in-process, on one CPU thread (it must not
-    fight the server for cores)."""
-    sess = session(str(model_path), 1)
-    out = np.concatenate([sess.run([t.output_name], {t.input_name: x[i:i + 256]})[0] for i in range(0, len(x), 256)])
-    return np.log(np.clip(out, 1e-30, None)) if t.output_kind == "probabilities" else out
-
-
-def confident(scores: np.ndarray, truth: np.ndarray) -> np.ndarray:
-    top2 = np.sort(scores, axis=1)[:, -2:]
-    return np.flatnonzero((scores.argmax(axis=1) == truth) & (top2[:, 1] - top2[:, 0] >= MARGIN))
-
-
 def inputs(t: Contract, n: int, model: str | Path | None = None, data_dir=DEFAULT_DATA_DIR, seed: int = 0):
-    """(x float32 [n, *shape] as sent in JSON, uint8 images for uploads or None, expected labels or None)."""
+    """(x float32 [n, *shape] as sent in JSON, uint8 images for uploads or None, expected labels or None).
+    Fashion-MNIST: test images; with `model`, only those it classifies right by a logit margin >= MARGIN (run
+    in-process on one thread, both as JSON-rounded and as exact k/255 pixels), their labels expected. Anything
+    else: seeded random inputs in the declared range."""
     if fashion_mnist(t):
         u8, labels = (a[:POOL] for a in load_split_uint8(data_dir, "test"))
-        exact = to_float(u8).reshape(-1, *t.sample_shape)  # k/255 in float32, as an upload decodes
-        wire = np.round(u8 / 255.0, DECIMALS).astype(np.float32).reshape(-1, *t.sample_shape)
         keep, truth = np.arange(n), None
-        if model:  # both encodings must be answered right: uploads carry exact k/255, JSON rounded pixels
-            keep = np.intersect1d(confident(reference_scores(model, t, wire), labels),
-                                  confident(reference_scores(model, t, exact), labels))
+        wire = np.round(u8 / 255.0, DECIMALS).astype(np.float32).reshape(-1, *t.sample_shape)
+        if model:
+            sess, keep = session(str(model), 1), np.arange(len(u8))
+            for x in (wire, to_float(u8).reshape(-1, *t.sample_shape)):  # (k/255 in float32, as an upload decodes)
+                s = np.concatenate([sess.run([t.output_name], {t.input_name: x[i:i + 256]})[0]
+                                    for i in range(0, len(x), 256)])
+                s = np.log(np.clip(s, 1e-30, None)) if t.output_kind == "probabilities" else s
+                top2 = np.sort(s, axis=1)[:, -2:]
+                right = (s.argmax(axis=1) == labels) & (top2[:, 1] - top2[:, 0] >= MARGIN)
+                keep = np.intersect1d(keep, np.flatnonzero(right))
             if len(keep) < n:
                 raise DataError(f"only {len(keep)} of {POOL} test images are classified confidently and correctly "
                                 f"by {model}; need {n} (is this a trained model?)")
@@ -119,17 +112,6 @@ def image_bytes(u8: np.ndarray, fmt: str = "PNG", size: tuple[int, int] | None =
     return buf.getvalue()
 
 
-def upload(png: bytes) -> tuple[bytes, str]:
-    """multipart/form-data with the PNG as the field ``image``: (body, content type)."""
-    b = "lt" + uuid.uuid4().hex
-    return (f'--{b}\r\nContent-Disposition: form-data; name="image"; filename="sample.png"\r\nContent-Type: '
-            f"image/png\r\n\r\n".encode() + png + f"\r\n--{b}--\r\n".encode(), f"multipart/form-data; boundary={b}")
-
-
-# One request body, how many inputs it holds, the class ids to expect (None: unknown), its content type.
-Sample = namedtuple("Sample", "body n expected content_type", defaults=["application/json"])
-
-
 def build(doc: dict, model: str | Path | None = None, data_dir=DEFAULT_DATA_DIR, n: int = 256,
           batches: int = 4) -> dict[str, list[Sample]]:
     """Pre-encoded samples per scenario for the /metadata document `doc`."""
@@ -144,9 +126,11 @@ def build(doc: dict, model: str | Path | None = None, data_dir=DEFAULT_DATA_DIR,
     for i in range(n):
         work["single"].append(Sample(json_body(t, x[i:i + 1]), 1, exp([i])))
         work["oip"].append(Sample(oip_body(t, x[i:i + 1]), 1, exp([i])))
-        if uploads(t):
-            body, ctype = upload(image_bytes(u8[i]))
-            work["png"].append(Sample(body, 1, exp([i]), ctype))
+        if uploads(t):  # multipart/form-data with the PNG as the field "image"
+            b = "lt" + uuid.uuid4().hex
+            body = (f'--{b}\r\nContent-Disposition: form-data; name="image"; filename="sample.png"\r\nContent-Type: '
+                    f"image/png\r\n\r\n".encode() + image_bytes(u8[i]) + f"\r\n--{b}--\r\n".encode())
+            work["png"].append(Sample(body, 1, exp([i]), f"multipart/form-data; boundary={b}"))
     rng = np.random.default_rng(0)
     for _ in range(batches):
         pick = rng.choice(len(x), size=batch, replace=False)
@@ -158,7 +142,6 @@ def build(doc: dict, model: str | Path | None = None, data_dir=DEFAULT_DATA_DIR,
     return work
 
 
-# --- what a right answer looks like -----------------------------------------------------------
 def _shape(nested) -> list[int]:
     """The shape of a nested JSON list, read along its first elements (cheap: the generator's CPU is scarce)."""
     shape = []
@@ -203,9 +186,8 @@ def check(t: Contract, answer: dict, sample, oip: bool = False) -> str | None:
 
 
 def save(path: str | Path, doc: dict, model=None, data_dir=DEFAULT_DATA_DIR, **kw) -> tuple[str, dict]:
-    """Build the load for the /metadata document ``doc`` and save it with ``doc`` as one JSON file
-    (bodies in base64, no pickle): (path, samples). The runners build once; locust's workers read the
-    file in milliseconds instead of building after they have told the master they are ready."""
+    """Build the load for the /metadata document `doc` and save it with `doc` as JSON (bodies in base64, no
+    pickle): (path, samples). Locust's workers read it in milliseconds instead of building it themselves."""
     work = build(doc, model, data_dir, **kw)
     write_json(path, {"metadata": doc, "work": {k: [[base64.b64encode(s.body).decode(), s.n, s.expected,
                                                       s.content_type] for s in v] for k, v in work.items()}})
