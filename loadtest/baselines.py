@@ -1,10 +1,10 @@
-"""The servers `python -m loadtest bench` measures ours against (docs/loadtest.md), each serving one contract
-ONNX file on 127.0.0.1 with W worker processes (Triton: model instances) of one onnxruntime session of T threads:
+"""The servers `python -m loadtest bench` compares ours with (docs/loadtest.md), each serving a contract ONNX file
+on 127.0.0.1 with W worker processes (Triton: model instances) of one onnxruntime session of T threads:
 
     python -m loadtest.baselines {naive-fastapi,do-nothing,triton,torchserve,kserve,litserve} --model M --port P
 
-The peers run from their own venvs (.venv-peers/NAME): numpy, onnxruntime and the peer only, so nothing else is
-imported at the top of this file (TorchServe imports it as its handler)."""
+The peers run from their own venvs (numpy, onnxruntime and the peer), so only those are imported at the top
+(TorchServe imports this file as its handler)."""
 import argparse
 import asyncio
 import base64
@@ -23,7 +23,7 @@ MAX_IMAGES = 1024  # naive FastAPI's request cap
 
 
 def free_port() -> int:
-    from common.procs import free_port  # not at the top: TorchServe imports this file as its handler
+    from common.procs import free_port  # (not at the top: TorchServe's worker imports this file)
 
     return free_port()
 
@@ -36,7 +36,7 @@ def session(model: str, threads: int):
     return ort.InferenceSession(model, opts, providers=["CPUExecutionProvider"])
 
 
-def meta(sess, key: str, default: str):
+def meta(sess, key: str, default):
     """A contract metadata value, JSON-decoded: the model's name (as /metadata says it) or its labels."""
     return json.loads(sess.get_modelmeta().custom_metadata_map.get(key, json.dumps(default)))
 
@@ -45,7 +45,6 @@ def run(sess, x: np.ndarray) -> dict:
     return dict(zip([o.name for o in sess.get_outputs()], sess.run(None, {sess.get_inputs()[0].name: x})))
 
 
-# --- naive FastAPI -------------------------------------------------------------------------------------------
 def naive_app():
     """FastAPI + onnxruntime as most people write it first: the body as JSON (pydantic-typed) or .npy, the call in
     FastAPI's thread pool, softmax in numpy; /predict only (uvicorn's factory, one per worker process)."""
@@ -58,8 +57,7 @@ def naive_app():
         images: list[list[list[float]]] | list[list[list[list[float]]]]
 
     sess = session(os.environ["NAIVE_MODEL"], int(os.environ["NAIVE_THREADS"]))
-    labels, shape = meta(sess, "labels", None), tuple(sess.get_inputs()[0].shape[1:])
-    app = FastAPI()
+    labels, shape, app = meta(sess, "labels", None), tuple(sess.get_inputs()[0].shape[1:]), FastAPI()
 
     @app.post("/predict")
     async def predict(request: Request):
@@ -93,7 +91,6 @@ def naive_fastapi(a) -> None:
                 log_level="warning")
 
 
-# --- do-nothing ----------------------------------------------------------------------------------------------
 def do_nothing(a) -> None:
     """Raw ASGI that drains the body and answers class 0 of uniform probabilities (no outputs for a model that is
     not a classifier) without running anything, after --delay-ms (without it locust rounds p99 to 0 ms): what the
@@ -116,9 +113,8 @@ def do_nothing(a) -> None:
     uvicorn.run(app, host="127.0.0.1", port=a.port, log_level="warning", access_log=False, lifespan="off")
 
 
-# --- the peers: Triton (PyTriton) with its dynamic batcher, TorchServe with its own batching, KServe and LitServe
-# one request per call, each as its documentation shows ------------------------------------------------------
 def triton(a) -> None:
+    """PyTriton: W model instances, its dynamic batcher."""
     from pytriton.decorators import batch
     from pytriton.model_config import DynamicBatcher, ModelConfig, Tensor
     from pytriton.triton import Triton, TritonConfig
@@ -126,23 +122,23 @@ def triton(a) -> None:
     # Triton's Python stub links a libpython3.11: this interpreter's own, not the system's (whose stdlib differs)
     os.environ["LD_LIBRARY_PATH"] = os.pathsep.join(filter(None, [sysconfig.get_config_var("LIBDIR"),
                                                                   os.environ.get("LD_LIBRARY_PATH")]))
-    sessions = [session(a.model, a.threads) for _ in range(a.workers)]  # one model instance each
+    sessions = [session(a.model, a.threads) for _ in range(a.workers)]
     s = sessions[0]
     tensor = lambda t: Tensor(name=t.name, dtype=np.float32,  # noqa: E731
                               shape=tuple(d if isinstance(d, int) else -1 for d in t.shape[1:]))
     config = TritonConfig(http_address="127.0.0.1", http_port=a.port, grpc_address="127.0.0.1", grpc_port=free_port(),
                           allow_metrics=False)
     with Triton(config=config) as server:
-        infer = [batch(lambda sess=sess, **x: run(sess, *x.values())) for sess in sessions]
-        server.bind(meta(s, "name", "model"), infer,
-                    inputs=[tensor(s.get_inputs()[0])], outputs=[tensor(o) for o in s.get_outputs()],
+        infer = [batch(lambda sess=sess, **x: run(sess, *x.values())) for sess in sessions]  # an instance each
+        server.bind(meta(s, "name", "model"), infer, inputs=[tensor(s.get_inputs()[0])],
+                    outputs=[tensor(o) for o in s.get_outputs()],
                     config=ModelConfig(max_batch_size=MAX_BATCH, batcher=DynamicBatcher()))
         server.serve()
 
 
 def torchserve(a) -> None:
     """torch-model-archiver (this file as the handler, the model as an extra file), then torchserve in the
-    foreground with W workers (exec: its process group is the benchmark's to stop)."""
+    foreground with W workers and its batching (exec: its process group is the benchmark's to stop)."""
     bin_dir, work = os.path.dirname(sys.executable), a.work or tempfile.mkdtemp(prefix="torchserve-")
     subprocess.run([os.path.join(bin_dir, "torch-model-archiver"), "--model-name", "model", "--version", "1.0",
                     "--handler", os.path.abspath(__file__), "--extra-files", a.model, "--export-path", work,
@@ -186,6 +182,8 @@ except ImportError:
 
 
 class OnnxModel(KServeModel):
+    """KServe's Python model server: W workers, one request per call, OIP v2 binary tensors both ways."""
+
     def __init__(self, model: str, threads: int):
         self.model, self.threads = model, threads
         super().__init__(meta(session(model, 1), "name", "model"))
@@ -212,14 +210,9 @@ class OnnxModel(KServeModel):
         return InferResponse(model_name=self.name, infer_outputs=outs, response_id=payload.id, use_binary_outputs=True)
 
 
-def kserve(a) -> None:
-    from kserve import ModelServer
-
-    ModelServer(http_port=a.port, grpc_port=free_port(), enable_grpc=False, workers=a.workers).start(
-        [OnnxModel(a.model, a.threads)])
-
-
 class LitOnnx(LitAPI):
+    """LitServe: W inference workers, one request per call, JSON with the .npy in base64."""
+
     def __init__(self, model: str, threads: int):
         super().__init__()
         self.model, self.threads = model, threads
@@ -227,7 +220,7 @@ class LitOnnx(LitAPI):
     def setup(self, device) -> None:
         self.sess = session(self.model, self.threads)
 
-    def decode_request(self, request: dict) -> np.ndarray:  # JSON {"npy": base64 of the .npy}
+    def decode_request(self, request: dict) -> np.ndarray:
         return np.load(io.BytesIO(base64.b64decode(request["npy"])), allow_pickle=False)
 
     def predict(self, x: np.ndarray) -> dict:
@@ -235,6 +228,13 @@ class LitOnnx(LitAPI):
 
     def encode_response(self, out: dict) -> dict:
         return {k: v.tolist() for k, v in out.items()}
+
+
+def kserve(a) -> None:
+    from kserve import ModelServer
+
+    ModelServer(http_port=a.port, grpc_port=free_port(), enable_grpc=False, workers=a.workers).start(
+        [OnnxModel(a.model, a.threads)])
 
 
 def litserve(a) -> None:
@@ -249,7 +249,7 @@ SERVERS = {"naive-fastapi": naive_fastapi, "do-nothing": do_nothing, "triton": t
            "kserve": kserve, "litserve": litserve}
 
 
-def main() -> None:
+if __name__ == "__main__":
     ap = argparse.ArgumentParser(prog="python -m loadtest.baselines", description=__doc__.splitlines()[0],
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     ap.add_argument("server", choices=SERVERS)
@@ -259,12 +259,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1, help="onnxruntime intra-op threads of each")
     ap.add_argument("--work", default=None, help="TorchServe's model store and logs (default: a new temp folder)")
     ap.add_argument("--delay-ms", type=float, default=0.0, help="do-nothing: wait this long before each answer")
-    a = ap.parse_args()
-    if not os.path.isfile(a.model):
-        raise SystemExit(f"error: model not found: {a.model}")
-    a.model = os.path.abspath(a.model)
-    SERVERS[a.server](a)
-
-
-if __name__ == "__main__":
-    main()
+    args = ap.parse_args()
+    if not os.path.isfile(args.model):
+        raise SystemExit(f"error: model not found: {args.model}")
+    args.model = os.path.abspath(args.model)
+    SERVERS[args.server](args)

@@ -1,11 +1,6 @@
-"""Locust scenarios (``workload.SCENARIOS``, chosen with ``--tags``; none = the weighted mix) for any served contract
-model, every answer checked (``workload.check``); closed loop, or ``--user-rps`` per user. On quitting the master
-(or single process) judges: a non-4xx failure, or p99 over ``--p99-ms``, exits 1; a load that cannot be built
-exits 2. ``python -m loadtest run`` wraps this; directly, from the repository root::
-
-    locust -f loadtest/locustfile.py --headless -H http://127.0.0.1:3000 -u 16 -r 16 -t 30s --processes 2 \\
-        --model artifacts/model.onnx
-"""
+"""Locust scenarios (workload.SCENARIOS, by --tags) for any served contract model, every answer checked; exit 1 on a
+non-4xx failure or p99 over --p99-ms, 2 when the load cannot be built (docs/loadtest.md: `python -m loadtest run`
+wraps this; plain `locust -f loadtest/locustfile.py ...` from the repository root works too)."""
 import itertools
 import json
 import logging
