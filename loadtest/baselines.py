@@ -1,10 +1,5 @@
-"""The servers `python -m loadtest bench` compares ours with (docs/loadtest.md), each serving a contract ONNX file
-on 127.0.0.1 with W worker processes (Triton: model instances) of one onnxruntime session of T threads:
-
-    python -m loadtest.baselines {naive-fastapi,do-nothing,triton,torchserve,kserve,litserve} --model M --port P
-
-The peers run from their own venvs (numpy, onnxruntime and the peer), so only those are imported at the top
-(TorchServe imports this file as its handler)."""
+"""`python -m loadtest.baselines SETUP --model M --port P`: the servers `python -m loadtest bench` compares ours with
+(docs/loadtest.md). The peers run from their own venvs (numpy, onnxruntime, the peer): nothing else at the top."""
 import argparse
 import asyncio
 import base64
@@ -92,9 +87,8 @@ def naive_fastapi(a) -> None:
 
 
 def do_nothing(a) -> None:
-    """Raw ASGI that drains the body and answers class 0 of uniform probabilities (no outputs for a model that is
-    not a classifier) without running anything, after --delay-ms (without it locust rounds p99 to 0 ms): what the
-    load generator itself can push through HTTP here, the ceiling of any server (one process)."""
+    """Raw ASGI: drains the body, answers class 0 (no outputs for a model that is not a classifier) after
+    --delay-ms, runs nothing: what the load generator itself can push through HTTP here."""
     import uvicorn
 
     labels = meta(session(a.model, 1), "labels", None)

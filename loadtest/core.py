@@ -65,10 +65,8 @@ def judge(requests: int, errors: list[tuple[str, int]], p99_ms: float, p99_limit
 
 def run_locust(host: str, users: int, run_time: str, prefix: Path, tags=(), processes: int = 1, spawn_rate=0.0,
                user_rps=0.0, p99_ms=0.0, workload: str | None = None, report=False, progress=False) -> dict:
-    """Headless locust to the end: ``<prefix>_stats.csv`` etc. (`report`, for people: the HTML report, per-second
-    history, every request; else measured once all users run) and its verdict, ``<prefix>_verdict.json`` (totals,
-    p50/p95/p99, the measured window in wall-clock seconds, errors), returned with ``exit`` and ``log``.
-    `user_rps` > 0: constant_throughput per user; `workload`: a saved load (else built from GET /metadata)."""
+    """Headless locust to the end (`report`: its HTML report and history too; else measured once all users run):
+    the verdict the locustfile wrote, ``<prefix>_verdict.json``, with ``exit`` and ``log``."""
     require_local_host(host)
     if not 1 <= users <= MAX_USERS or not 0 < (seconds := parse_duration(run_time)) <= MAX_RUN_SECONDS:
         raise LoadTargetError(f"users must be 1..{MAX_USERS} and the run time at most {MAX_RUN_SECONDS} s")

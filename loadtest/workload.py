@@ -55,10 +55,8 @@ def uploads(t: Contract) -> bool:  # /classify takes image uploads for these onl
 
 
 def inputs(t: Contract, n: int, model: str | Path | None = None, data_dir=DEFAULT_DATA_DIR, seed: int = 0):
-    """(x float32 [n, *shape] as sent in JSON, uint8 images for uploads or None, expected labels or None).
-    Fashion-MNIST: test images; with `model`, only those it classifies right by a logit margin >= MARGIN (run
-    in-process on one thread, both as JSON-rounded and as exact k/255 pixels), their labels expected. Anything
-    else: seeded random inputs in the declared range."""
+    """(x float32 [n, *shape] as sent in JSON, uint8 images for uploads or None, expected labels or None): test
+    images (with `model`: those it gets right by a margin, docs/loadtest.md) or seeded random inputs in range."""
     if fashion_mnist(t):
         u8, labels = (a[:POOL] for a in load_split_uint8(data_dir, "test"))
         keep, truth = np.arange(n), None
