@@ -9,7 +9,6 @@ import multiprocessing as mp
 import os
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -137,27 +136,30 @@ async def drive(port: int, raw: bytes, seconds: float, clients: int = 1, rate: f
         return stats if rate else stats.window(start, start + seconds), wall, len(stats.rows), time.thread_time() - cpu
 
 
-class Prober(threading.Thread):
-    """GET /livez and /readyz in turn every 0.25 s, each on a new connection (as a kubelet does), 2 s timeout, from
-    a thread of its own: the load generator's event loop delays no probe. Rows: (seconds, answered 2xx)."""
+class Prober:
+    """GET /livez and /readyz in turn every 0.25 s, each on a new connection (as a kubelet does), 2 s timeout, from a
+    process of its own: neither the load generator's event loop nor its GIL delays a probe (docs/loadtest.md)."""
 
     def __init__(self, port: int):
-        super().__init__(daemon=True)
-        self.port, self.rows, self.done = port, [], threading.Event()
+        ctx = mp.get_context("fork")  # (started in milliseconds; it runs urllib only)
+        self.done, (self.rows, out) = ctx.Event(), ctx.Pipe(duplex=False)
+        self.proc = ctx.Process(target=self.run, args=(port, out), daemon=True)
+        self.proc.start()
 
-    def run(self) -> None:
+    def run(self, port: int, out) -> None:
+        rows = []
         for path in itertools.cycle(PROBES):
             if self.done.wait(0.25):
-                return
+                return out.send(rows)
             start = time.monotonic()
-            ok = probe(f"http://{HOST}:{self.port}{path}", timeout=2.0)
-            self.rows.append((time.monotonic() - start, ok))
+            ok = probe(f"http://{HOST}:{port}{path}", timeout=2.0)
+            rows.append((time.monotonic() - start, ok))
 
     def stop(self) -> dict:
         self.done.set()
-        if self.is_alive():
-            self.join()
-        return probe_summary(self.rows)
+        rows = self.rows.recv() if self.rows.poll(10) else []
+        self.proc.join(5)
+        return probe_summary(rows)
 
 
 def probe_summary(rows: list) -> dict:
@@ -177,11 +179,9 @@ def measure(setup: str, args, x: np.ndarray, t, rnd: int, bar, meta: dict) -> li
     raw, rows = request(fmt, t, x), []
 
     def step(kind: str, clients: int, seconds: float, rate: float = 0.0) -> None:
-        prober = Prober(proc.port)
-        if setup == "ours" and kind == "closed":
-            prober.start()
+        prober = Prober(proc.port) if setup == "ours" and kind == "closed" else None
         stats, wall, sent, client_cpu = run_async(drive(proc.port, raw, seconds, clients, rate, args.settle))
-        probes = prober.stop()
+        probes = prober.stop() if prober else {}
         s, cpu_s = stats.summary(), meter.cpu_seconds(wall, wall + seconds)
         ok = s["statuses"].get("200", 0)
         rows.append({"round": rnd, "setup": setup, "kind": kind, "clients": clients, "loadavg": os.getloadavg()[0],

@@ -383,6 +383,29 @@ def test_bench_goals_can_fail():
     assert probe_summary(rows) == {"probes": 100, "probe_p99_ms": 2000.0, "probe_max_ms": 2000.0, "probes_over_1s": 1}
 
 
+@pytest.mark.timeout(120)
+def test_probes_wait_for_nothing_of_the_load_generator(model_path, tmp_path):
+    """The probes run in a process of their own: against an idle server they stay fast while the load generator
+    drives 32 clients at another one (from the generator's event loop, or from a thread waiting for its GIL, the
+    same probes took 0.2-0.4 s)."""
+    from contextlib import ExitStack
+
+    from loadtest.bench import Prober, drive
+    from loadtest.faults import run
+
+    with ExitStack() as stack:
+        ports = [free_port(), free_port()]
+        for port in ports:  # do-nothing servers: the load to the first, the probes to the second
+            argv = [sys.executable, "-m", "loadtest.baselines", "do-nothing", "--model", model_path, "--port", str(port)]
+            stack.enter_context(ServerProcess(argv, port, tmp_path / f"{port}.log", ready_path="/")).wait_ready(60)
+        raw = request("npy", describe(metadata_of(model_path)), np.zeros((1, 1, 28, 28), np.float32))
+        prober = Prober(ports[1])
+        stats = run(drive(ports[0], raw, 4.0, 32, settle=0.5))[0]
+        probes = prober.stop()
+    assert stats.summary()["statuses"].get("200", 0) > 1000, stats.summary()  # the generator was busy meanwhile
+    assert probes["probes"] >= 10 and probes["probe_p99_ms"] < 100, probes
+
+
 def test_oip_request_is_what_the_service_parses():
     """The binary OIP v2 request the peers get (Triton, KServe) carries exactly the inputs: read back by our
     own service's parser of the same protocol."""
