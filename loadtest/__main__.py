@@ -1,10 +1,7 @@
-"""python -m loadtest {run,bench,soak,examples}: load tests of the served model, one runner with modes
-(``--help`` of each says what it does; docs/loadtest.md). Every server runs on 127.0.0.1 in its own
-process group and is stopped with it; its CPU and RSS are summed over its whole process tree."""
+"""python -m loadtest {run,bench,soak,examples}: load tests of the served model, a mode each (docs/loadtest.md)."""
 import argparse
 import csv
 import json
-import math
 import statistics
 import sys
 import time
@@ -14,19 +11,20 @@ from pathlib import Path
 import numpy as np
 
 from common.files import sha256_file, write_bytes, write_json
-from common.procs import ProcessError, ServerProcess, port_open, probe
+from common.procs import ProcessError, port_open, probe
 from loadtest import plots
 from loadtest.bench import SETUPS, bench, server_of
-from loadtest.core import MAX_USERS, LoadTargetError, LocustRun, TreeSampler, parse_duration, run_locust
-from loadtest.workload import (BATCH, DEFAULT_DATA_DIR, SCENARIOS, DataError, describe, fetch_metadata,
-                               image_bytes, inputs, json_body, metadata_of, npy_body, oip_body, save)
+from loadtest.core import MAX_USERS, LoadTargetError, TreeSampler, parse_duration, run_locust
+from loadtest.workload import (BATCH, DEFAULT_DATA_DIR, SCENARIOS, DataError, describe, fetch_metadata, fashion_mnist,
+                               image_bytes, inputs, json_body, metadata_of, npy_body, oip_body, save, uploads)
+from service.contract import ModelLoadError
 
 SATURATION_USERS = 32
 RSS_WINDOW_S = 5.0  # RSS is compared as medians over this many seconds
 
 
-def our_service(model: str, port: int, log: Path) -> ServerProcess:
-    return server_of("ours", model, port, None, log, {})[0]
+def our_service(args):
+    return server_of("ours", args.model, args.port, None, args.out / "server.log", {})[0]
 
 
 def running_service(url: str, model: str | None) -> dict:
@@ -53,11 +51,10 @@ def run(args) -> int:
                   f"{doc['model']['sha256'][:12]}…{' = ' + model if model else ''}", file=sys.stderr)
         else:
             print(f"starting the service on {url} (log: {args.out / 'server.log'})", file=sys.stderr)
-            stack.enter_context(our_service(args.model, args.port, args.out / "server.log")).wait_ready(180)
+            stack.enter_context(our_service(args)).wait_ready(180)
         path, work = save(args.out / "workload.json", fetch_metadata(url), model, args.data_dir)
-        v = run_locust(LocustRun(url, args.users, args.run_time, args.out / "loadtest", args.tags, args.processes,
-                                 args.spawn_rate, args.target_rps / args.users, args.p99_ms, path, html=True,
-                                 reset_stats=False, history=True), progress=True)
+        v = run_locust(url, args.users, args.run_time, args.out / "loadtest", args.tags, args.processes,
+                       args.spawn_rate, args.target_rps / args.users, args.p99_ms, path, report=True, progress=True)
     print(outcome(v["reasons"], v) + f" | label checks {'off' if work['single'][0].expected is None else 'on'} | "
           f"CSV + HTML in {args.out}/", file=sys.stderr)
     return 0 if v["ok"] else 1
@@ -90,27 +87,25 @@ def rss_growth(times: list[float], rss: list[float], warmup_end: float, end: flo
 
 
 def soak(args, command: str) -> int:
-    with our_service(args.model, args.port, args.out / "server.log") as server:
+    with our_service(args) as server:
         server.wait_ready(180)
-        load = dict(processes=args.processes,
+        load = dict(processes=args.processes, tags=args.tags,
                     workload=save(args.out / "workload.json", fetch_metadata(server.url), args.model, args.data_dir)[0])
         capacity, source = args.capacity, "--capacity"
         if capacity <= 0:
             capacity, source = capacity_from_bench(args.bench_results) or 0.0, str(args.bench_results)
         if capacity <= 0:
-            v = run_locust(LocustRun(server.url, SATURATION_USERS, "10s", args.out / "capacity", args.tags, **load))
-            capacity, source = v["rps"], f"measured: 10 s closed loop, {SATURATION_USERS} users"
+            capacity = run_locust(server.url, SATURATION_USERS, "10s", args.out / "capacity", **load)["rps"]
+            source = f"measured: 10 s closed loop, {SATURATION_USERS} users"
         if not capacity > 0:
-            print("error: could not establish the service's capacity", file=sys.stderr)
-            return 2
+            raise ProcessError("could not establish the service's capacity")
         offered = args.fraction * capacity
         print(f"capacity {capacity:.0f} req/s ({source}); offering {offered:.0f} req/s with {args.users} users "
               f"for {args.warmup_s:.0f} s warm-up + {args.time}", file=sys.stderr)
-        lr = LocustRun(server.url, args.users, f"{args.warmup_s + args.seconds:.0f}s", args.out / "soak", args.tags,
-                       user_rps=offered / args.users, html=True, reset_stats=False, history=True, **load)
         with TreeSampler(server.pid, interval=1.0) as meter:
-            v = run_locust(lr, progress=True)
-    with open(f"{lr.prefix}_stats_history.csv", newline="") as f:  # locust's own per-second history
+            v = run_locust(server.url, args.users, f"{args.warmup_s + args.seconds:.0f}s", args.out / "soak",
+                           user_rps=offered / args.users, report=True, progress=True, **load)
+    with open(args.out / "soak_stats_history.csv", newline="") as f:  # locust's own per-second history
         hist = [r for r in csv.DictReader(f) if r["Name"] == "Aggregated"]
     start = next((float(r["Timestamp"]) for r in hist if int(r["User Count"]) > 0), v["start"])  # load began
     hist = [r for r in hist if r["50%"] not in ("N/A", "")]
@@ -123,18 +118,19 @@ def soak(args, command: str) -> int:
         if growth > args.max_rss_growth:
             reasons.append(f"RSS grew {growth:.1%} after warm-up (limit {args.max_rss_growth:.0%})")
     except ValueError as e:
-        base = final = growth = math.nan
+        base = final = growth = float("nan")
         reasons.append(str(e))
     write_json(args.out / "soak.json", {
-        "command": command, "date": time.strftime("%Y-%m-%d"), "ok": not reasons, "reasons": reasons, "time": args.time, "capacity_rps": capacity, "capacity_source": source,
-        "offered_rps": offered, "achieved_rps": v["rps"], "requests": v["requests"], "failures": v["failures"],
-        "server_failures": v["server_failures"], "client_errors": v["client_errors"], "p50_ms": v["p50"],
+        "command": command, "date": time.strftime("%Y-%m-%d"), "ok": not reasons, "reasons": reasons, "time": args.time,
+        "capacity_rps": capacity, "capacity_source": source, "offered_rps": offered, "achieved_rps": v["rps"],
+        **{k: v[k] for k in ("requests", "failures", "server_failures", "client_errors")}, "p50_ms": v["p50"],
         "p99_ms": v["p99"], "warmup_s": args.warmup_s, "rss_baseline_mib": base, "rss_final_mib": final,
         "rss_growth": growth, "rss_series": {"seconds": seconds, "mib": rss_mib}, "latency_series": series})
     plots.soak(seconds, rss_mib, series, args.warmup_s, args.out / "soak.png",
                f"soak: {offered:.0f} req/s offered ({args.fraction:.0%} of {capacity:.0f}), "
                f"{args.warmup_s:.0f} s warm-up + {args.time}")
-    print(outcome(reasons, v) + f" | RSS {base:.0f} -> {final:.0f} MiB ({growth:+.1%}) | {args.out}/soak.json, soak.png")
+    print(outcome(reasons, v) + f" | RSS {base:.0f} -> {final:.0f} MiB ({growth:+.1%}) | {args.out}/soak.json, "
+          "soak.png")
     return 0 if not reasons else 1
 
 
@@ -143,22 +139,15 @@ def examples(args) -> int:
     x, u8, truth = inputs(t, BATCH, args.model, args.data_dir)
     files = {"predict.json": json_body(t, x[:2]), "batch64.f32": np.ascontiguousarray(x, "<f4").tobytes(),
              "batch8.npy": npy_body(x[:8]), "v2_infer.json": oip_body(t, x[:2])}
-    if t.image:
+    if uploads(t):
         name = "image" if truth is None else t.labels[truth[0]].lower().replace(" ", "_").replace("/", "_")
         files[f"{name}.png"] = image_bytes(u8[0])
-        if t.fashion_mnist:  # as a phone photo of a garment on white would look: inverted, enlarged, RGB
+        if fashion_mnist(t):  # as a phone photo of a garment on white would look: inverted, enlarged, RGB
             files["photo_dark_on_light.jpg"] = image_bytes(255 - u8[0], "JPEG", (300, 300))
     for name, data in files.items():
         write_bytes(args.out / name, data)
-    print(f"wrote {', '.join(files)} to {args.out}/ ({t.name}, input {list(t.shape)})")
+    print(f"wrote {', '.join(files)} to {args.out}/ ({t.name}, input {list(t.sample_shape)})")
     return 0
-
-
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Every flag's default in its help, unless the help text says it already."""
-
-    def _get_help_string(self, action):
-        return action.help if "default:" in action.help else super()._get_help_string(action)
 
 
 def duration(text: str) -> str:
@@ -167,13 +156,13 @@ def duration(text: str) -> str:
     return text
 
 
-def numbers(text: str) -> list[float]:
-    """argparse type: a comma list of numbers ('' = none)."""
-    return sorted({float(x) for x in text.split(",") if x.strip()})
+def clients(text: str) -> list[int]:
+    """argparse type: a comma list of client counts."""
+    return sorted({int(c) for c in text.split(",")})
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    fmt = HelpFormatter
+    fmt = argparse.ArgumentDefaultsHelpFormatter
     ap = argparse.ArgumentParser(prog="python -m loadtest", description=__doc__.split("\n\n")[0], formatter_class=fmt)
     sub = ap.add_subparsers(dest="mode", required=True)
     model = argparse.ArgumentParser(add_help=False)
@@ -190,27 +179,25 @@ def parse_args(argv=None) -> argparse.Namespace:
     r = mode("run", [load], "artifacts/loadtest", "locust scenarios against the service, thresholds -> exit code")
     r.add_argument("--port", type=int, default=3000, help="service port on 127.0.0.1 (started there if free)")
     r.add_argument("--users", type=int, default=16, help="concurrent users")
-    r.add_argument("--spawn-rate", type=float, default=None, help="users started per second (default: all at once)")
+    r.add_argument("--spawn-rate", type=float, default=0, help="users started per second; 0 = all at once")
     r.add_argument("--run-time", type=duration, default="30s", help="how long, e.g. 30s, 5m")
-    r.add_argument("--tags", nargs="*", default=[], choices=SCENARIOS, help="scenarios (default: the weighted mix)")
+    r.add_argument("--tags", nargs="*", default=[], choices=SCENARIOS, help="scenarios (none: the weighted mix)")
     r.add_argument("--p99-ms", type=float, default=1000.0, help="fail when p99 over all requests exceeds it; 0 = off")
     r.add_argument("--target-rps", type=float, default=0.0, help="offered req/s in total; 0 = closed loop")
     b = mode("bench", [model], "artifacts/bench_serve", "one benchmark for any model: the in-process ceiling, ours, "
              "naive FastAPI and the peers at the same layout and clients; goals -> exit code")
-    b.add_argument("--clients", type=numbers, default="1,2,4,8,16,32", help="closed-loop keep-alive clients, a step "
-                   "each")
+    b.add_argument("--clients", type=clients, default="1,2,4,8,16,32", help="keep-alive clients, a step each")
     b.add_argument("--setups", default="naive-fastapi,triton,torchserve,kserve,litserve",
                    help=f"besides ours and the ceiling, from {', '.join(SETUPS)}, ours@GITREF (none: only those)")
     b.add_argument("--images", type=int, default=1, help="inputs per request")
-    b.add_argument("--step-time", type=duration, default="10s", help="measured per step")
-    b.add_argument("--settle", type=duration, default="2s", help="load before each step's measured window")
-    b.add_argument("--warmup", type=duration, default="5s", help="per server, at the most clients, before its steps")
+    b.add_argument("--step-time", type=parse_duration, default="10s", help="measured per step")
+    b.add_argument("--settle", type=parse_duration, default="2s", help="load before each step's measured window")
+    b.add_argument("--warmup", type=parse_duration, default="5s", help="per server, at the most clients, first")
     b.add_argument("--open-fraction", type=float, default=0.9, help="open loop at this x ours' capacity; 0 = none")
-    b.add_argument("--open-time", type=duration, default="20s", help="how long the open loop offers its load")
+    b.add_argument("--open-time", type=parse_duration, default="20s", help="how long the open loop offers its load")
     b.add_argument("--rounds", type=int, default=1, help="the whole sequence this many times (goals: in every run)")
     b.add_argument("--env", nargs="*", default=[], help="KEY=VALUE settings of our service (e.g. PRECISION=int8)")
-    b.add_argument("--goal-ceiling", type=float, default=0.95, help="ours ≥ this x the ceiling's img/s (0: not "
-                   "judged)")
+    b.add_argument("--goal-ceiling", type=float, default=0.95, help="ours ≥ this x the ceiling's img/s; 0 = not judged")
     b.add_argument("--goal-cpu", type=float, default=1.1, help="server CPU/img ≤ this x in-process; 0 = not judged")
     b.add_argument("--goal-probe-ms", type=float, default=100.0, help="probes' p99 while busy ≤ this; 0 = not judged")
     b.add_argument("--lock", default=None, help="a file to flock while measuring (peers are installed before)")
@@ -230,20 +217,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     mode("examples", [model], "/tmp/fmnist", "example request bodies for curl")
     args = ap.parse_args(argv)
     if not Path(args.model).is_file() and not (args.mode == "run" and probe(f"http://127.0.0.1:{args.port}/readyz")):
-        print(f"error: {args.model} is missing: run `make pipeline` (or `python -m export --run <run dir> --out "
-              f"{Path(args.model).parent}`)", file=sys.stderr)
-        raise SystemExit(2)
+        ap.exit(2, f"error: {args.model} is missing: run `make pipeline` (or `python -m export --run <run dir> --out "
+                f"{Path(args.model).parent}`)\n")
     if args.mode == "bench":
         if args.quick:
-            args.clients, args.step_time, args.open_time, args.setups = [1, 8, 32], "5s", "10s", "naive-fastapi"
+            args.clients, args.step_time, args.open_time, args.setups = [1, 8, 32], 5.0, 10.0, "naive-fastapi"
         args.setups = [x.strip() for x in args.setups.split(",") if x.strip() not in ("", "none")]
-        args.clients = [int(c) for c in args.clients]
-        args.step_s, args.settle, args.warmup, args.open_s = map(parse_duration, (args.step_time, args.settle,
-                                                                                  args.warmup, args.open_time))
         args.env = dict(kv.split("=", 1) for kv in args.env if "=" in kv)
-        if ({s for s in args.setups if not s.startswith("ours@")} - set(SETUPS) or not args.clients
-                or not 1 <= max(args.clients) <= MAX_USERS or not 1 <= args.images <= 1024 or not 1 <= args.rounds <= 10
-                or not 0 < max(args.step_s, args.open_s, args.warmup, args.settle) <= 600):
+        if ({s for s in args.setups if not s.startswith("ours@")} - set(SETUPS) or not 1 <= min(args.clients)
+                or max(args.clients) > MAX_USERS or not 1 <= args.images <= 1024 or not 1 <= args.rounds <= 10
+                or not 0 < max(args.step_time, args.open_time, args.warmup, args.settle) <= 600):
             ap.error(f"--setups takes {', '.join(SETUPS)} or ours@GITREF; --clients 1..{MAX_USERS}; --images 1..1024; "
                      "--rounds 1..10; times up to 10m")
     if args.mode == "run" and not 1 <= args.users <= MAX_USERS:
@@ -261,9 +244,9 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     command = "python -m loadtest " + " ".join(sys.argv[1:] if argv is None else argv)
     try:
-        modes = {"run": run, "soak": lambda a: soak(a, command), "examples": examples, "bench": lambda a: bench(a, command)}
-        return modes[args.mode](args)
-    except (ProcessError, LoadTargetError, DataError, OSError, KeyError, ValueError) as e:
+        return {"run": run, "examples": examples, "soak": lambda a: soak(a, command),
+                "bench": lambda a: bench(a, command)}[args.mode](args)
+    except (ProcessError, ModelLoadError, LoadTargetError, DataError, OSError, KeyError, ValueError) as e:
         print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
         return 2
 

@@ -1,27 +1,14 @@
-"""`python -m loadtest bench` (`make bench-serve MODEL_PATH=…`): one serving benchmark for any contract model.
-
-One server at a time on 127.0.0.1, the same inputs and clients for each (docs/loadtest.md):
-  ceiling   onnxruntime in-process, no HTTP, at the layout our service serves with (GET /metadata -> runtime:
-            W workers x T intra-op threads -> W processes x T threads, the service's session options)
-  ours      `bentoml serve .`: closed loop at each of --clients keep-alive clients, /livez and /readyz probed on a
-            new connection meanwhile, then an open loop at --open-fraction x its capacity
-  others    naive FastAPI + onnxruntime and the peers (PyTriton with its dynamic batcher, TorchServe, KServe,
-            LitServe) at the same layout and clients, each peer from its own venv (.venv-peers/NAME, made on
-            first use); `ours@REF`: our service as it was at git REF (a regression check in the same run)
-A request is one body of --images inputs in the server's own format (.npy to /predict, OIP v2 binary tensors,
-TorchServe's raw body, LitServe's JSON with the .npy in base64). The load generator is the fault battery's
-(asyncio on uvloop); its CPU is measured apart from the server's (psutil, the server's whole process tree).
-Goals (issue 25) are lines in results.md; exit 1 when one is short or a setup could not run, 2 when the run could not happen."""
+"""`python -m loadtest bench` (`make bench-serve`): one serving benchmark for any contract model (docs/loadtest.md):
+the in-process ceiling, ours, ours@REF and loadtest/baselines.py's servers, one at a time, with issue 25's goals."""
 import base64
 import fcntl
-import http.client
+import itertools
 import json
 import math
 import multiprocessing as mp
 import os
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -30,29 +17,25 @@ from tqdm import tqdm
 
 from common.files import write_json, write_text
 from common.machine import cpu_summary, cpu_text
-from common.procs import REPO, ProcessError, ServerProcess, free_port
+from common.procs import REPO, ProcessError, ServerProcess, free_port, probe
 from loadtest import plots
 from loadtest.core import TreeSampler
-from loadtest.faults import HOST, Load, Stats, run as run_async
+from loadtest.faults import HOST, Load, Stats, http_request, run as run_async
 from loadtest.workload import describe, fetch_metadata, inputs, metadata_of, npy_body
 
 PEERS = {  # name: its venv's requirements (besides our onnxruntime); TorchServe's worker imports torch and yaml
-    "triton": ["nvidia-pytriton==0.7.0"], "torchserve": ["torchserve==0.12.0", "torch-model-archiver==0.12.0",
-                                                         "torch==2.13.0", "pyyaml"],
-    "kserve": ["kserve==0.21.0"], "litserve": ["litserve==0.2.19"]}
-# setup: (command after the interpreter, readiness path, request format)
-SERVERS = {"naive-fastapi": ("loadtest.baselines.naive_fastapi", "/openapi.json", "npy"),
-           **{p: (f"loadtest.baselines.peers {p}", ready, fmt) for p, ready, fmt in (
-               ("triton", "/v2/models/{name}/ready", "oip"), ("torchserve", "/ping", "torchserve"),
-               ("kserve", "/v2/models/{name}/ready", "oip"), ("litserve", "/health", "b64json"))},
-           "do-nothing": ("loadtest.baselines.do_nothing", "/", "npy")}
+    "triton": ["nvidia-pytriton==0.7.0"], "kserve": ["kserve==0.21.0"], "litserve": ["litserve==0.2.19"],
+    "torchserve": ["torchserve==0.12.0", "torch-model-archiver==0.12.0", "torch==2.13.0", "pyyaml"]}
+# setup: (readiness path, request format) of `python -m loadtest.baselines SETUP`
+SERVERS = {"naive-fastapi": ("/openapi.json", "npy"), "triton": ("/v2/models/{name}/ready", "oip"),
+           "torchserve": ("/ping", "torchserve"), "kserve": ("/v2/models/{name}/ready", "oip"),
+           "litserve": ("/health", "b64json"), "do-nothing": ("/", "npy")}
 SETUPS = tuple(SERVERS)
 PROBES = ("/livez", "/readyz")
 JUDGED_FROM = 4  # clients: goals on throughput, CPU and probes are judged from here up (2 workers are busy)
 TIMEOUT_S = 60.0  # no answer by then counts as an error
 
 
-# --- the servers ------------------------------------------------------------------------------------------
 def peer_python(name: str) -> str:
     """The interpreter of a peer's own venv, made on first use (pinned, with the same onnxruntime as ours)."""
     import onnxruntime
@@ -74,55 +57,47 @@ def peer_python(name: str) -> str:
 
 def server_of(setup: str, model: str, port: int, layout: tuple[int, int] | None, log: Path, env: dict,
               name: str = "") -> tuple:
-    """(ServerProcess, request format) of a setup; ours (and ours@REF, from `git archive REF`) as bentofile.yaml
-    names it, with `env` (e.g. PRECISION=int8); the others at the layout (workers, threads)."""
+    """(ServerProcess, request format): ours (or ours@REF, from `git archive REF`) with `env`, or a baseline at
+    `layout` (workers, threads)."""
     if setup.startswith("ours"):
         cwd = REPO
         if "@" in setup:
             cwd = log.parent / "tree"
             cwd.mkdir(parents=True, exist_ok=True)
-            ref = setup.split("@", 1)[1]
-            subprocess.run(f"git -C {REPO} archive {ref} service bentofile.yaml | tar -x -C {cwd}", shell=True,
-                           check=True)
+            subprocess.run(f"git -C {REPO} archive {setup.split('@', 1)[1]} service bentofile.yaml | tar -x -C {cwd}",
+                           shell=True, check=True)
         argv = [sys.executable, "-m", "bentoml", "serve", ".", "--host", HOST, "--port", str(port)]
         env = {"MODEL_PATH": str(Path(model).resolve()), **env}
         return ServerProcess(argv, port, log, env, cwd=cwd, name=setup), "npy"
-    command, ready, fmt = SERVERS[setup]
-    py = peer_python(setup) if setup in PEERS else sys.executable
-    argv = [py, "-m", *command.split(), "--model", model, "--port", str(port), "--workers", str(layout[0]),
-            "--threads", str(layout[1]), *(["--work", str(log.parent.resolve())] if setup == "torchserve" else [])]
+    ready, fmt = SERVERS[setup]
+    argv = [peer_python(setup) if setup in PEERS else sys.executable, "-m", "loadtest.baselines", setup, "--model",
+            model, "--port", str(port), "--workers", str(layout[0]), "--threads", str(layout[1]),
+            "--work", str(log.parent.resolve())]
     return ServerProcess(argv, port, log, ready_path=ready.format(name=name), name=setup), fmt  # (Triton: the model's)
 
 
 def request(fmt: str, t, x: np.ndarray) -> bytes:
-    """One HTTP/1.1 request carrying the inputs `x` in format `fmt`."""
-    headers = {}
-    if fmt == "oip":  # OIP v2 with the binary tensor extension, every output binary too
+    """One HTTP/1.1 request carrying `x` as .npy (to /predict, TorchServe's to /predictions), binary OIP v2 or
+    LitServe's JSON."""
+    if fmt == "oip":
         head = json.dumps({"inputs": [{"name": t.input_name, "shape": list(x.shape), "datatype": "FP32",
                                        "parameters": {"binary_data_size": x.nbytes}}],
                            "parameters": {"binary_data_output": True}}).encode()
-        path, body, ctype = f"/v2/models/{t.name}/infer", head + x.astype("<f4").tobytes(), "application/octet-stream"
-        headers["Inference-Header-Content-Length"] = len(head)
-    elif fmt == "b64json":
-        body = json.dumps({"npy": base64.b64encode(npy_body(x)).decode()}).encode()
-        path, ctype = "/predict", "application/json"
-    else:
-        path, body = "/predictions/model" if fmt == "torchserve" else "/predict", npy_body(x)
-        ctype = "application/x-npy"
-    lines = [f"POST {path} HTTP/1.1", f"Host: {HOST}", f"Content-Type: {ctype}", f"Content-Length: {len(body)}",
-             *(f"{k}: {v}" for k, v in headers.items())]
-    return ("\r\n".join(lines) + "\r\n\r\n").encode() + body
+        raw = http_request("POST", f"/v2/models/{t.name}/infer", head + x.astype("<f4").tobytes(),
+                           "application/octet-stream")
+        return raw.replace(b"\r\n\r\n", f"\r\nInference-Header-Content-Length: {len(head)}\r\n\r\n".encode(), 1)
+    if fmt == "b64json":
+        return http_request("POST", "/predict", json.dumps({"npy": base64.b64encode(npy_body(x)).decode()}).encode())
+    return http_request("POST", "/predictions/model" if fmt == "torchserve" else "/predict", npy_body(x),
+                        "application/x-npy")
 
 
-# --- the ceiling: onnxruntime in-process at the served layout -----------------------------------------------
-def _ceiling_worker(path: str, threads: int, x: np.ndarray, seconds: float, barrier, results) -> None:
-    import onnxruntime as ort
+def _ceiling_worker(model: str, served: str, threads: int, x, seconds: float, barrier, results) -> None:
+    from service.contract import load_contract
+    from service.model import Model
 
-    opts = ort.SessionOptions()  # the service's session options (service/model.py)
-    opts.intra_op_num_threads, opts.inter_op_num_threads = threads, 1
-    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    sess = ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
+    # the service's own session (options, CPU provider) on the file it serves
+    sess = Model(load_contract(model)[0], Path(served).read_bytes(), "cpu", threads, timed_runs=0).session
     feed, end = {sess.get_inputs()[0].name: x}, time.perf_counter() + 1.0
     while time.perf_counter() < end:  # warm: the first calls allocate
         sess.run(None, feed)
@@ -134,60 +109,24 @@ def _ceiling_worker(path: str, threads: int, x: np.ndarray, seconds: float, barr
     results.put((len(lat), time.process_time() - cpu0, time.perf_counter() - t0, lat))
 
 
-def ceiling(path: str, layout: tuple[int, int], x: np.ndarray, seconds: float) -> dict:
+def ceiling(model: str, served: str, layout: tuple[int, int], x: np.ndarray, seconds: float) -> dict:
     """W processes x T threads calling onnxruntime on `x` together: img/s, latency per call, CPU ms per image."""
     ctx = mp.get_context("spawn")
     barrier, results = ctx.Barrier(layout[0]), ctx.Queue()
-    procs = [ctx.Process(target=_ceiling_worker, args=(path, layout[1], x, seconds, barrier, results), daemon=True)
-             for _ in range(layout[0])]
+    procs = [ctx.Process(target=_ceiling_worker, args=(model, served, layout[1], x, seconds, barrier, results),
+                         daemon=True) for _ in range(layout[0])]
     for p in procs:
         p.start()
     done = [results.get(timeout=seconds + 300) for _ in procs]
-    for p in procs:
-        p.join()
     n, cpu, lat = sum(d[0] for d in done), sum(d[1] for d in done), [v for d in done for v in d[3]]
     return {"img_s": sum(d[0] / d[2] for d in done) * len(x), "p50_ms": 1000 * float(np.percentile(lat, 50)),
             "p99_ms": 1000 * float(np.percentile(lat, 99)), "server_cpu_ms_per_img": 1000 * cpu / (n * len(x)),
             "server_cpu_pct": 100 * cpu / max(d[2] for d in done), "requests": n}
 
 
-# --- the load ------------------------------------------------------------------------------------------------
-class Prober(threading.Thread):
-    """GET each probe path in turn on a new connection (as a kubelet does) every `every` s: (path, s, status)."""
-
-    def __init__(self, port: int, every: float = 0.25):
-        super().__init__(daemon=True)
-        self.port, self.every, self.rows, self.done = port, every, [], threading.Event()
-
-    def run(self) -> None:
-        i = 0
-        while not self.done.wait(self.every):
-            path, start = PROBES[i % len(PROBES)], time.monotonic()
-            try:
-                conn = http.client.HTTPConnection(HOST, self.port, timeout=2.0)
-                conn.request("GET", path)
-                status = conn.getresponse().status
-                conn.close()
-            except OSError:
-                status = 0  # no answer within 2 s
-            self.rows.append((path, time.monotonic() - start, status))
-            i += 1
-
-    def stop(self) -> None:
-        self.done.set()
-        if self.is_alive():
-            self.join()
-
-    def summary(self) -> dict:
-        ms = [1000 * s if status == 200 else 2000.0 for _, s, status in self.rows]  # failed: as the 2 s timeout
-        return {"probes": len(ms), "probe_p99_ms": float(np.percentile(ms, 99, method="higher")) if ms else None,
-                "probe_max_ms": max(ms, default=None), "probes_over_1s": sum(v > 1000 for v in ms)}
-
-
 async def drive(port: int, raw: bytes, seconds: float, clients: int = 1, rate: float = 0.0, settle: float = 0.0):
-    """Closed loop (`clients` keep-alive connections, each sending as soon as its answer is in, `settle` s before
-    the measured `seconds`) or open loop (`rate` req/s whatever the answers; latency from the scheduled time).
-    (Stats of the measured window, its wall-clock start, requests sent, the generator's own CPU seconds.)"""
+    """Closed loop (`clients` keep-alive connections, `settle` s before the measured `seconds`) or open loop (`rate`
+    req/s): (Stats of the measured window, its wall-clock start, requests sent, the generator's own CPU seconds)."""
     async with Load(port, timeout=TIMEOUT_S) as load:
         if not seconds:
             return await load.request(raw)
@@ -197,69 +136,106 @@ async def drive(port: int, raw: bytes, seconds: float, clients: int = 1, rate: f
         return stats if rate else stats.window(start, start + seconds), wall, len(stats.rows), time.thread_time() - cpu
 
 
-def measure(setup: str, args, x: np.ndarray, t, layout, rnd: int, bar) -> tuple[list[dict], dict | None]:
-    """Every step of one setup on its own server: rows, and (ours) the /metadata it served with."""
-    out = args.out / "servers" / f"{setup.replace('@', '-')}-r{rnd}"
-    proc, fmt = server_of(setup, args.served, free_port(), layout, out / "server.log", args.env, t.name)
-    if setup.startswith("ours") and t.labels is None:  # not a classifier: its tensors both ways in OIP v2 binary,
-        fmt = "oip"  # as Triton and KServe get them (YOLOv8n's answers are ~7 MB as JSON)
-    raw, rows, meta = request(fmt, t, x), [], None
+class Prober:
+    """GET /livez and /readyz in turn every 0.25 s, each on a new connection (as a kubelet does), 2 s timeout, from a
+    process of its own: neither the load generator's event loop nor its GIL delays a probe (docs/loadtest.md)."""
 
-    def step(kind: str, clients: int, seconds: float, **extra) -> None:
-        prober = Prober(proc.port)
-        if setup == "ours" and kind == "closed":
-            prober.start()
-        stats, wall, sent, client_cpu = run_async(drive(proc.port, raw, seconds, clients, settle=args.settle, **extra))
-        prober.stop()
+    def __init__(self, port: int):
+        ctx = mp.get_context("fork")  # (started in milliseconds; it runs urllib only)
+        self.done, (self.rows, out) = ctx.Event(), ctx.Pipe(duplex=False)
+        self.proc = ctx.Process(target=self.run, args=(port, out), daemon=True)
+        self.proc.start()
+
+    def run(self, port: int, out) -> None:
+        rows = []
+        for path in itertools.cycle(PROBES):
+            if self.done.wait(0.25):
+                return out.send(rows)
+            start = time.monotonic()
+            ok = probe(f"http://{HOST}:{port}{path}", timeout=2.0)
+            rows.append((time.monotonic() - start, ok))
+
+    def stop(self) -> dict:
+        self.done.set()
+        rows = self.rows.recv() if self.rows.poll(10) else []
+        self.proc.join(5)
+        return probe_summary(rows)
+
+
+def probe_summary(rows: list) -> dict:
+    """Probes in ms; one that got no answer, or not 2xx, counts as its 2 s timeout."""
+    ms = [1000 * s if ok else 2000.0 for s, ok in rows]
+    return {"probes": len(ms), "probe_p99_ms": float(np.percentile(ms, 99, method="higher")), "probe_max_ms": max(ms),
+            "probes_over_1s": sum(v > 1000 for v in ms)} if ms else {}
+
+
+def measure(setup: str, args, x: np.ndarray, t, rnd: int, bar, meta: dict) -> list[dict]:
+    """Every step of one setup on its own server; ours also sets `meta`'s layout and served file (its /metadata)."""
+    out, ours = args.out / "servers" / f"{setup.replace('@', '-')}-r{rnd}", setup.startswith("ours")
+    proc, fmt = server_of(setup, str(args.model) if ours else meta["served"], free_port(), meta.get("layout"),
+                          out / "server.log", args.env, t.name)
+    if ours and not t.classifier:  # its tensors both ways in OIP v2 binary, as Triton and KServe get them
+        fmt = "oip"  # (YOLOv8n's answers are ~7 MB as JSON)
+    raw, rows = request(fmt, t, x), []
+
+    def step(kind: str, clients: int, seconds: float, rate: float = 0.0) -> None:
+        prober = Prober(proc.port) if setup == "ours" and kind == "closed" else None
+        stats, wall, sent, client_cpu = run_async(drive(proc.port, raw, seconds, clients, rate, args.settle))
+        probes = prober.stop() if prober else {}
         s, cpu_s = stats.summary(), meter.cpu_seconds(wall, wall + seconds)
         ok = s["statuses"].get("200", 0)
         rows.append({"round": rnd, "setup": setup, "kind": kind, "clients": clients, "loadavg": os.getloadavg()[0],
                      "requests": s["requests"], "ok": ok, "shed": s["shed"], "errors": s["requests"] - ok - s["shed"],
-                     "shed_frac": s["shed"] / max(s["requests"], 1), "rps": ok / seconds, "img_s": ok * len(x) / seconds,
+                     "shed_frac": s["shed"] / max(s["requests"], 1), "rps": ok / seconds,
+                     "img_s": ok * len(x) / seconds,
                      "p50_ms": s["ok_p50_ms"], "p99_ms": s["ok_p99_ms"], "statuses": s["statuses"],
                      "server_cpu_ms_per_img": 1000 * cpu_s / (ok * len(x)) if ok else None, "failures": s["errors"],
                      "server_cpu_pct": 100 * cpu_s / seconds, "client_cpu_ms_per_req": 1000 * client_cpu / max(sent, 1),
-                     **extra, **(prober.summary() if prober.rows else {})})
+                     **({"rate": rate} if rate else {}), **probes})
         bar.update()
 
     with proc, TreeSampler(proc.wait_ready(args.start_timeout).pid) as meter:
         status, _, body = run_async(drive(proc.port, raw, 0))
         if status != 200:
             raise ProcessError(f"{setup} answered {status or body} to a first request")
-        meta = fetch_metadata(proc.url) if setup.startswith("ours") else None
+        if setup == "ours":
+            run = fetch_metadata(proc.url)["runtime"]
+            layout, precision = (int(run["workers"]), int(run["intra_op_threads"])), run.get("precision") or {}
+            int8 = isinstance(precision, dict) and precision.get("what") == "int8"  # the others serve that file too
+            meta.update(layout=layout, layout_text=f"{layout[0]} workers x {layout[1]} intra-op thread(s)",
+                        served=str(Path(args.model).with_name("model_int8.onnx") if int8 else args.model),
+                        runtime={k: v for k, v in run.items() if k not in ("guard", "batching", "pid")})
         run_async(drive(proc.port, raw, 0.001, max(args.clients), settle=args.warmup))
         for c in args.clients:
             bar.set_postfix_str(f"round {rnd}: {setup}, {c} clients")
-            step("closed", c, args.step_s)
+            step("closed", c, args.step_time)
         if setup == "ours" and args.open_fraction > 0:
             rate = args.open_fraction * max(r["rps"] for r in rows)
             bar.set_postfix_str(f"round {rnd}: ours, open loop at {rate:.1f} req/s")
-            step("open", 0, args.open_s, rate=rate)
-    return rows, meta
+            step("open", 0, args.open_time, rate)
+    return rows
 
 
-# --- goals and reports ------------------------------------------------------------------------------------------
 def goals_of(rows: list[dict], g) -> list[tuple[str, bool]]:
     """(line, met) per goal and round; only what was measured."""
     lines = []
     for rnd in sorted({r["round"] for r in rows}):
         at = {(r["setup"], r["kind"], r["clients"]): r for r in rows if r["round"] == rnd}
         ceil = next((r for (s, k, _), r in at.items() if k == "ceiling"), None)
-        ours = [r for (s, k, c), r in sorted(at.items(), key=lambda kv: kv[0][2]) if s == "ours" and k == "closed"]
-        busy = [r for r in ours if r["clients"] >= JUDGED_FROM]
-        tag = f"round {rnd}: "
-        for key, goal, what, better in (("img_s", g.goal_ceiling, "throughput", lambda v: v >= g.goal_ceiling),
-                                         ("server_cpu_ms_per_img", g.goal_cpu, "server CPU per image",
-                                          lambda v: v <= g.goal_cpu)):
+        ours = sorted((r for (s, k, _), r in at.items() if s == "ours" and k == "closed"), key=lambda r: r["clients"])
+        busy, tag = [r for r in ours if r["clients"] >= JUDGED_FROM], f"round {rnd}: "
+        for key, goal, what, sign in (("img_s", g.goal_ceiling, "throughput", "≥"),
+                                      ("server_cpu_ms_per_img", g.goal_cpu, "server CPU per image", "≤")):
             if goal and ceil and busy and all(r[key] for r in busy):
                 ratios = {r["clients"]: r[key] / ceil[key] for r in busy}
-                short = [f"{c}: {v:.2f}x" for c, v in ratios.items() if not better(v)]
+                short = [f"{c}: {v:.2f}x" for c, v in ratios.items() if (v < goal if sign == "≥" else v > goal)]
                 lines.append((f"{tag}ours' {what} ÷ in-process at {JUDGED_FROM}–{max(ratios)} clients: "
-                              f"{min(ratios.values()):.2f}–{max(ratios.values()):.2f}x (goal {'≥' if key == 'img_s' else '≤'}"
-                              f" {goal}x at each){'; short at ' + ', '.join(short) if short else ''}", not short))
+                              f"{min(ratios.values()):.2f}–{max(ratios.values()):.2f}x (goal {sign} {goal}x at each)"
+                              + ("; short at " + ", ".join(short) if short else ""), not short))
         if (op := at.get(("ours", "open", 0))) is not None:
             lines.append((f"{tag}open loop at {op['rate']:.1f} req/s ({g.open_fraction}x capacity): {op['ok']} of "
-                          f"{op['requests']} answers 200, statuses {op['statuses']}, p99 {op['p99_ms']} ms (goal: all 200)",
+                          f"{op['requests']} answers 200, statuses {op['statuses']}, p99 {op['p99_ms']} ms "
+                          "(goal: all 200)",
                           op["ok"] == op["requests"] > 0))
         if g.goal_probe_ms and busy and all("probes" in r for r in busy):
             p99, worst = max(r["probe_p99_ms"] for r in busy), max(r["probe_max_ms"] for r in busy)
@@ -268,8 +244,7 @@ def goals_of(rows: list[dict], g) -> list[tuple[str, bool]]:
                           f"{JUDGED_FROM}+ clients): worst step p99 {p99:.0f} ms, max {worst:.0f} ms, {over} over 1 s "
                           f"(goal p99 ≤ {g.goal_probe_ms:g} ms, none over 1 s)", p99 <= g.goal_probe_ms and over == 0))
         for other in sorted({s for s, k, _ in at if k == "closed" and s not in ("ours", "do-nothing")}):
-            pairs = [(r, at.get((other, "closed", r["clients"]))) for r in ours]
-            pairs = [(a, b) for a, b in pairs if b and b["ok"]]
+            pairs = [(a, b) for a in ours if (b := at.get((other, "closed", a["clients"]))) and b["ok"]]
             if not pairs:
                 continue
             if other.startswith("ours@"):  # no regression: within the spread of identical runs (docs/loadtest.md)
@@ -286,11 +261,8 @@ def goals_of(rows: list[dict], g) -> list[tuple[str, bool]]:
     return lines
 
 
-def fmt(v, d=0) -> str:
-    return "–" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:,.{d}f}"
-
-
 def table(rows: list[dict]) -> str:
+    fmt = lambda v, d=0: "–" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:,.{d}f}"  # noqa: E731
     head = ["| round | setup | clients | img/s | × ceiling | p50 / p99 ms | server CPU ms/img (× in-process) | shed | "
             "errors | client CPU ms/req | probes p99 / max ms |", "|" + "---|" * 11]
     ceil = {r["round"]: r for r in rows if r["kind"] == "ceiling"}
@@ -298,8 +270,9 @@ def table(rows: list[dict]) -> str:
         c = ceil.get(r["round"])
         x = lambda key: f" ({r[key] / c[key]:.2f}x)" if c and r.get(key) and r is not c else ""  # noqa: E731
         shed = f"{r['shed']} ({r['shed'] / r['requests']:.1%})" if r.get("shed") else "0"
-        who = {"open": f"open {r.get('rate', 0):.1f} req/s", "ceiling": f"{r['clients']} proc"}.get(r["kind"], r["clients"])
-        head.append(f"| {r['round']} | {r['setup']} | {who} | {fmt(r['img_s'], 1)} | {x('img_s').strip(' ()') or '–'} | "
+        who = {"open": f"open {r.get('rate', 0):.1f} req/s", "ceiling": f"{r['clients']} proc"}
+        head.append(f"| {r['round']} | {r['setup']} | {who.get(r['kind'], r['clients'])} | {fmt(r['img_s'], 1)} | "
+                    f"{x('img_s').strip(' ()') or '–'} | "
                     f"{fmt(r['p50_ms'], 1)} / {fmt(r['p99_ms'], 1)} | {fmt(r.get('server_cpu_ms_per_img'), 2)}"
                     f"{x('server_cpu_ms_per_img')} | {shed} | {r.get('errors', 0)} | "
                     f"{fmt(r.get('client_cpu_ms_per_req'), 3)} | "
@@ -307,33 +280,35 @@ def table(rows: list[dict]) -> str:
     return "\n".join(head)
 
 
-def report(rows, meta, goals, failed, args, started: float) -> None:
-    meta = {**meta, "minutes": round((time.monotonic() - started) / 60, 1), "uptime_after": _uptime()}
+def uptime() -> str:
+    return subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
+
+
+def report(rows, meta, failed, args, started: float) -> list[tuple[str, bool]]:
+    """results.json, results.md and the plot of what is measured so far; the goals."""
+    goals, meta = goals_of(rows, args), {**meta, "minutes": round((time.monotonic() - started) / 60, 1),
+                                         "uptime_after": uptime()}
     write_json(args.out / "results.json", {"meta": meta, "rows": rows, "failed": failed,
                                            "goals": [{"goal": text, "met": ok} for text, ok in goals]})
     plots.bench(rows, args.out / "bench_serve.png", f"{meta['model_name']}: {meta['layout_text']}, "
                 f"{args.images} input(s) per request, {meta['date']}")
     write_text(args.out / "results.md", "\n".join([
         f"`{meta['command']}` ({meta['date']}, {meta['minutes']} min, {cpu_text(meta['cpu'])}; load before: "
-        f"{meta['uptime_before']};"
-        f" after: {meta['uptime_after']})", "",
-        f"Model {meta['model_name']} ({meta['served']}, sha256 {meta['sha256'][:12]}…), served as {meta['layout_text']}; "
-        f"{args.images} input(s) per request, {args.step_s:g} s per step after {args.settle:g} s settling.", "",
+        f"{meta['uptime_before']}; after: {meta['uptime_after']})", "",
+        f"Model {meta['model_name']} ({meta['served']}, sha256 {meta['sha256'][:12]}…), "
+        f"served as {meta['layout_text']}; "
+        f"{args.images} input(s) per request, {args.step_time:g} s per step after {args.settle:g} s settling.", "",
         table(rows), "", "Goals:", *(f"- {text} — {'met' if ok else 'SHORT'}" for text, ok in goals),
         *(f"- {f} — NOT MEASURED" for f in failed), "", "![bench-serve](bench_serve.png)", ""]))
-
-
-def _uptime() -> str:
-    return subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
+    return goals
 
 
 def bench(args, command: str) -> int:
-    started, doc = time.monotonic(), metadata_of(args.model)
-    t = describe(doc)
+    started, t = time.monotonic(), describe(metadata_of(args.model))
     x = inputs(t, args.images, None, args.data_dir)[0]
     meta = {"command": command, "date": time.strftime("%Y-%m-%d %H:%M"), "cpu": cpu_summary(),
             "model": str(args.model), "model_name": t.name, "env": args.env, "served": str(args.model),
-            "sha256": doc["model"]["sha256"], "layout_text": "?"}
+            "sha256": t.sha256, "layout_text": "?"}
     rows, failed = [], []
     for peer in [s for s in args.setups if s in PEERS]:  # installed before the lock is taken
         try:
@@ -342,40 +317,28 @@ def bench(args, command: str) -> int:
             failed.append(f"{peer}: {str(e).splitlines()[0]}")
             args.setups.remove(peer)
     steps = len(args.clients) * (1 + len(args.setups)) + (args.open_fraction > 0) + 1
-    with open(args.lock or os.devnull, "w") as lock, tqdm(total=args.rounds * steps, desc="bench-serve", unit="step") as bar:
+    with open(args.lock or os.devnull, "w") as lock, \
+            tqdm(total=args.rounds * steps, desc="bench-serve", unit="step") as bar:
         if args.lock:
             bar.set_postfix_str(f"waiting for {args.lock}")
             fcntl.flock(lock, fcntl.LOCK_EX)  # held to the end: nothing else measures meanwhile
-        meta["uptime_before"] = _uptime()
-        for rnd in range(1, args.rounds + 1):
-            args.served = str(args.model)
+        meta["uptime_before"] = uptime()
+        for rnd, setup in itertools.product(range(1, args.rounds + 1), ["ours", *args.setups]):
             try:
-                got, served = measure("ours", args, x, t, None, rnd, bar)
-                rows += got
-                run = served["runtime"]
-                layout = (int(run["workers"]), int(run["intra_op_threads"]))
-                precision = run.get("precision") or {}
-                if isinstance(precision, dict) and precision.get("what") == "int8":  # the others serve that file too
-                    meta["served"] = str(Path(args.model).with_name("model_int8.onnx"))
-                meta.update(layout=layout, layout_text=f"{layout[0]} workers x {layout[1]} intra-op thread(s)",
-                            runtime={k: v for k, v in run.items() if k not in ("guard", "batching", "pid")})
-                bar.set_postfix_str(f"round {rnd}: ceiling, {layout[0]} x {layout[1]}")
-                rows.append({"round": rnd, "setup": "ceiling", "kind": "ceiling", "clients": layout[0],
-                             "loadavg": os.getloadavg()[0], **ceiling(meta["served"], layout, x, args.step_s)})
-                bar.update()
-            except (ProcessError, OSError, KeyError) as e:
-                failed.append(f"round {rnd}: ours: {str(e).splitlines()[0]}")
-                break
-            for setup in args.setups:
-                args.served = meta["served"]
-                try:
-                    rows += measure(setup, args, x, t, layout, rnd, bar)[0]
-                except (ProcessError, OSError, subprocess.CalledProcessError) as e:
-                    failed.append(f"round {rnd}: {setup}: {str(e).splitlines()[0]}")
-                    tqdm.write(f"{setup}: could not run: {e}")
-                    bar.update(len(args.clients))
-                report(rows, meta, goals_of(rows, args), failed, args, started)  # partial results survive a crash
-    goals = goals_of(rows, args)
-    report(rows, meta, goals, failed, args, started)
-    print((args.out / "results.md").read_text() + f"\nresults.json, results.md, bench_serve.png and logs in {args.out}/")
+                rows += measure(setup, args, x, t, rnd, bar, meta)
+                if setup == "ours":  # then the ceiling at the layout it served with
+                    bar.set_postfix_str(f"round {rnd}: ceiling, {meta['layout'][0]} x {meta['layout'][1]}")
+                    rows.append({"round": rnd, "setup": "ceiling", "kind": "ceiling", "clients": meta["layout"][0],
+                                 "loadavg": os.getloadavg()[0],
+                                 **ceiling(str(args.model), meta["served"], meta["layout"], x, args.step_time)})
+                    bar.update()
+            except (ProcessError, OSError, KeyError, subprocess.CalledProcessError) as e:
+                failed.append(f"round {rnd}: {setup}: {str(e).splitlines()[0]}")
+                tqdm.write(f"{setup}: could not run: {e}")
+                if setup == "ours":  # nothing to compare with
+                    break
+                bar.update(len(args.clients))
+            report(rows, meta, failed, args, started)  # partial results survive a crash
+    goals = report(rows, meta, failed, args, started)
+    print((args.out / "results.md").read_text() + f"\nresults.json, results.md, bench_serve.png, logs: {args.out}/")
     return 0 if rows and all(ok for _, ok in goals) and not failed else 1

@@ -1,7 +1,5 @@
-"""The rules (where load may go, what fails a run), headless locust as a subprocess in its own session
-(``--processes`` on a free master port; numbers come back in the verdict JSON the locustfile writes
-from locust's final stats), and psutil metering of a server's process tree.
-No locust import here: locust monkey-patches the interpreter with gevent."""
+"""The rules (localhost only, bounds, 4xx vs the rest), headless locust as a subprocess and a psutil meter of a
+server's process tree (docs/loadtest.md). No locust import here: locust monkey-patches the interpreter."""
 import ipaddress
 import json
 import math
@@ -10,7 +8,6 @@ import socket
 import sys
 import threading
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -31,20 +28,15 @@ class LoadTargetError(ValueError):
 
 
 def require_local_host(url: str) -> str:
-    """``url`` if it points at this machine; load tests never leave localhost."""
+    """``url`` if it is http(s) to this machine (every address its host name has is a loopback one)."""
     parts = urlsplit(url)
-    host = parts.hostname
-    if parts.scheme not in ("http", "https") or not host:
-        raise LoadTargetError(f"host must look like http://127.0.0.1:3000, got {url!r}")
     try:
-        address = ipaddress.ip_address("127.0.0.1" if host == "localhost" else host)
-    except ValueError:
-        try:
-            address = ipaddress.ip_address(socket.gethostbyname(host))
-        except OSError as e:
-            raise LoadTargetError(f"cannot resolve {host!r}: {e}") from None
-    if not address.is_loopback:
-        raise LoadTargetError(f"refusing to load {host}: load tests only target localhost / 127.0.0.1")
+        local = parts.scheme in ("http", "https") and all(
+            ipaddress.ip_address(a[4][0]).is_loopback for a in socket.getaddrinfo(parts.hostname, None))
+    except (OSError, ValueError):  # no host, or one that does not resolve
+        local = False
+    if not local:
+        raise LoadTargetError(f"refusing to load {url!r}: load tests only target localhost, e.g. http://127.0.0.1:3000")
     return url
 
 
@@ -71,69 +63,40 @@ def judge(requests: int, errors: list[tuple[str, int]], p99_ms: float, p99_limit
             "client_errors": sum(n for _, n in errors) - server, "p99_ms": p99_ms}
 
 
-@dataclass
-class LocustRun:
-    """One headless locust invocation; ``<prefix>_stats.csv`` etc. and ``<prefix>_verdict.json``."""
-    host: str
-    users: int
-    run_time: str
-    prefix: Path
-    tags: list[str] = field(default_factory=list)
-    processes: int = 1
-    spawn_rate: float | None = None  # None: all users at once
-    user_rps: float = 0.0  # > 0: constant_throughput per user
-    p99_ms: float = 0.0
-    workload: str | None = None  # a saved load (workload.save); else locust builds its own from:
-    model: str | None = None  # the served ONNX file: label checks against it (None: none)
-    data_dir: str | None = None
-    html: bool = False
-    reset_stats: bool = True  # measure from the moment every user is running
-    history: bool = False  # --csv-full-history
-
-    def argv(self) -> list[str]:
-        require_local_host(self.host)
-        if not 1 <= self.users <= MAX_USERS or not 0 < parse_duration(self.run_time) <= MAX_RUN_SECONDS:
-            raise LoadTargetError(f"users must be 1..{MAX_USERS} and the run time at most {MAX_RUN_SECONDS} s")
-        argv = [sys.executable, "-m", "locust", "-f", str(LOCUSTFILE), "--headless", "--only-summary",
-                "-H", self.host, "-u", str(self.users), "-r", f"{self.spawn_rate or self.users:g}",
-                "-t", self.run_time, "--stop-timeout", "5", "--csv", str(self.prefix),
-                "--verdict-file", f"{self.prefix}_verdict.json", "--user-rps", f"{self.user_rps:.6g}",
-                "--p99-ms", f"{self.p99_ms:g}"]
-        port = str(free_port())  # locust's fixed 5557 would collide between concurrent runs
-        argv += ["--processes", str(self.processes), "--master-bind-port", port, "--master-port", port] if self.processes > 1 else []
-        argv += ["--tags", *self.tags] if self.tags else []
-        argv += ["--model", self.model] if self.model else []
-        argv += ["--workload", self.workload] if self.workload else []
-        argv += ["--data-dir", self.data_dir] if self.data_dir else []
-        argv += ["--html", f"{self.prefix}_report.html"] if self.html else []
-        argv += ["--reset-stats"] if self.reset_stats else []
-        return argv + (["--csv-full-history"] if self.history else [])
-
-
-def run_locust(run: LocustRun, progress: bool = False) -> dict:
-    """Run locust to completion; its verdict (totals, p50/p95/p99, the measured window in wall-clock
-    seconds, errors), plus ``exit`` and ``log``. ProcessError when locust ended without one."""
-    verdict_path = Path(f"{run.prefix}_verdict.json")
-    verdict_path.unlink(missing_ok=True)
-    seconds, t0 = parse_duration(run.run_time), time.monotonic()
-    with ServerProcess(run.argv(), 0, f"{run.prefix}.log", name="locust") as proc, \
+def run_locust(host: str, users: int, run_time: str, prefix: Path, tags=(), processes: int = 1, spawn_rate=0.0,
+               user_rps=0.0, p99_ms=0.0, workload: str | None = None, report=False, progress=False) -> dict:
+    """Headless locust to the end (`report`: its HTML report and history too; else measured once all users run):
+    the verdict the locustfile wrote, ``<prefix>_verdict.json``, with ``exit`` and ``log``."""
+    require_local_host(host)
+    if not 1 <= users <= MAX_USERS or not 0 < (seconds := parse_duration(run_time)) <= MAX_RUN_SECONDS:
+        raise LoadTargetError(f"users must be 1..{MAX_USERS} and the run time at most {MAX_RUN_SECONDS} s")
+    port, verdict = str(free_port()), Path(f"{prefix}_verdict.json")  # locust's 5557 would collide between runs
+    argv = [sys.executable, "-m", "locust", "-f", str(LOCUSTFILE), "--headless", "--only-summary", "-H", host,
+            "-u", str(users), "-r", f"{spawn_rate or users:g}", "-t", run_time, "--stop-timeout", "5",
+            "--csv", str(prefix), "--verdict-file", str(verdict), "--user-rps", f"{user_rps:.6g}", "--p99-ms",
+            f"{p99_ms:g}", *(["--tags", *tags] if tags else []), *(["--workload", workload] if workload else []),
+            *(["--processes", str(processes), "--master-bind-port", port, "--master-port", port] if processes > 1
+              else []), *(["--html", f"{prefix}_report.html", "--csv-full-history"] if report else ["--reset-stats"])]
+    verdict.unlink(missing_ok=True)
+    t0 = time.monotonic()
+    with ServerProcess(argv, 0, f"{prefix}.log", name="locust") as proc, \
             tqdm(total=int(seconds), desc="locust", unit="s", disable=not progress, leave=False) as bar:
         while proc.proc.poll() is None and time.monotonic() - t0 < seconds + 60:  # then it is stopped
             time.sleep(0.25)
             bar.update(min(int(time.monotonic() - t0), bar.total) - bar.n)
-    if not verdict_path.exists():
+    if not verdict.exists():
         raise ProcessError(f"locust ended (exit {proc.proc.returncode}) without a verdict:\n{proc.log_tail(30)}")
-    return {**json.loads(verdict_path.read_text()), "exit": proc.proc.returncode, "log": proc.log()}
+    return {**json.loads(verdict.read_text()), "exit": proc.proc.returncode, "log": proc.log()}
 
 
-class TreeSampler:
-    """Background samples (wall-clock time, CPU seconds, RSS bytes) of a process and its children;
-    the CPU used over any window is read off the samples afterwards."""
+class TreeSampler(threading.Thread):
+    """Samples (wall-clock time, CPU seconds, RSS bytes) of a process and all its children in the background,
+    every `interval` s while it is entered; the CPU used over any window is read off the samples afterwards."""
 
     def __init__(self, pid: int, interval: float = 0.25):
-        self.pid, self.interval, self.times, self.cpu, self.rss = pid, interval, [], [], []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
+        super().__init__(daemon=True)
+        self.pid, self.interval, self.done = pid, interval, threading.Event()
+        self.times, self.cpu, self.rss = [], [], []
 
     def sample(self) -> None:
         cpu = rss = 0
@@ -148,19 +111,19 @@ class TreeSampler:
         self.cpu.append(cpu)
         self.rss.append(rss)
 
-    def _run(self) -> None:
-        while not self._stop.wait(self.interval):
+    def run(self) -> None:
+        while not self.done.wait(self.interval):
             self.sample()
+        self.sample()
 
     def __enter__(self) -> "TreeSampler":
         self.sample()
-        self._thread.start()
+        self.start()
         return self
 
     def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
-        self.sample()
+        self.done.set()
+        self.join()
 
     def cpu_seconds(self, t0: float, t1: float) -> float:
         return float(np.interp(t1, self.times, self.cpu) - np.interp(t0, self.times, self.cpu))

@@ -1,13 +1,6 @@
-"""Locust scenarios (``workload.SCENARIOS``, chosen with ``--tags``; none = the weighted mix) for any
-served contract model, requests built from its GET /metadata, every answer checked for status,
-shape, probabilities summing to 1 and, where known, the label. Closed loop, or ``--user-rps`` per
-user. On quitting the master (or single process) judges: a non-4xx failure, or p99 over
-``--p99-ms``, exits 1; a load that cannot be built exits 2. ``python -m loadtest run`` wraps this;
-directly, from the repository root::
-
-    locust -f loadtest/locustfile.py --headless -H http://127.0.0.1:3000 -u 16 -r 16 -t 30s \\
-        --processes 2 --model artifacts/model.onnx
-"""
+"""Locust scenarios (workload.SCENARIOS, by --tags) for any served contract model, every answer checked; exit 1 on a
+non-4xx failure or p99 over --p99-ms, 2 when the load cannot be built (docs/loadtest.md: `python -m loadtest run`
+wraps this; plain `locust -f loadtest/locustfile.py ...` from the repository root works too)."""
 import itertools
 import json
 import logging
@@ -24,8 +17,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # locust adds o
 
 from common.files import write_json  # noqa: E402
 from loadtest.core import CLIENT_ERROR_TAG, LoadTargetError, judge, require_local_host  # noqa: E402
-from loadtest.workload import (DEFAULT_DATA_DIR, SCENARIOS, DataError, build, check, describe, fetch_metadata,  # noqa: E402
-                               load)
+from loadtest.workload import (DEFAULT_DATA_DIR, SCENARIOS, DataError, build, check, describe,  # noqa: E402
+                               fetch_metadata, load, uploads)
+from service.contract import ModelLoadError  # noqa: E402
 
 log = logging.getLogger("loadtest")
 STATE: dict = {}  # this process's target and samples, set on test_start
@@ -60,11 +54,11 @@ def _prepare(environment) -> None:
             doc, work = load(opts.workload)
         else:
             doc = fetch_metadata(environment.host)
-            work = build(describe(doc), opts.model or None, opts.data_dir)
+            work = build(doc, opts.model or None, opts.data_dir)
         STATE.update(target=(target := describe(doc)), work=work)
-    except (DataError, OSError, KeyError, ValueError, TypeError) as e:
+    except (DataError, ModelLoadError, OSError, KeyError, ValueError, TypeError) as e:
         return _fail(environment, f"cannot build the load: {type(e).__name__}: {e}")
-    if not target.image:  # /classify takes image uploads only
+    if not uploads(target):  # /classify takes image uploads only
         ModelUser.tasks = [t for t in ModelUser.tasks if "png" not in t.locust_tag_set]
         if not ModelUser.tasks:
             _fail(environment, f"only the png scenario was asked for and {target.name} is not an image model")

@@ -26,7 +26,8 @@ def bench(rows: list[dict], path: Path, title: str) -> None:
             lines.setdefault(r["setup"] + (f" (round {r['round']})" if rounds else ""), []).append(r)
     for ax, (key, label) in zip(axes, keys):
         for i, (name, points) in enumerate(lines.items()):
-            ax.plot([p["clients"] for p in points], [p[key] for p in points], marker="o", label=name, color=f"C{i % 10}")
+            ax.plot([p["clients"] for p in points], [p[key] for p in points], marker="o", label=name,
+                    color=f"C{i % 10}")
         for r in rows:
             if r["kind"] == "ceiling" and key != "p99_ms":
                 ax.axhline(r[key], color="black", linestyle="--", linewidth=1,

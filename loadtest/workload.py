@@ -1,15 +1,5 @@
-"""What to send and what to expect, for any served contract model (docs/onnx-contract.md).
-
-The target is read from the server's GET /metadata. A model of 28x28 one-channel inputs (any layout)
-with Fashion-MNIST's labels gets the real test set; with its ONNX file at hand, only test images the
-same model, run in-process, classifies correctly with a logit margin >= 2 are sent, and their true
-labels are expected: a wrong label under load means the server scrambled something (batch order,
-preprocessing), not that the model was unsure. Any other model gets seeded random inputs in its
-declared range. A model that is not a classifier (contract v3: several outputs, no labels) gets the
-same bodies, no /classify, and every answer is checked for each output's name and shape. Every body
-is encoded once, up front: on 2 cores the load generator is the bottleneck and must not spend its
-CPU on encoding.
-"""
+"""What to send and what to expect, for any served contract model: its GET /metadata read by the service's own
+rules (service/contract.py), every body encoded once, up front (docs/loadtest.md)."""
 import base64
 import io
 import json
@@ -17,13 +7,14 @@ import math
 import urllib.request
 import uuid
 from collections import namedtuple
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from common.files import sha256_file, write_json
-from training.data import DEFAULT_DATA_DIR, LABELS, DataError, load_split
+from loadtest.baselines import session
+from service.contract import Contract, load_contract, parse_contract
+from training.data import DEFAULT_DATA_DIR, LABELS, DataError, load_split_uint8, to_float  # noqa: F401 (re-exported)
 
 BATCH = 64
 NPY_BATCH = 8
@@ -35,54 +26,19 @@ SCENARIOS = {"single": (8, "/predict", "/predict [1 image]"), "batch64": (1, "/p
              "batch64raw": (1, "/predict", "/predict [64 images, raw f32]"),
              "npy": (1, "/predict", "/predict [8 images, npy]"), "png": (2, "/classify", "/classify [png]"),
              "oip": (2, "/v2/models/{name}/infer", "/v2 infer [1 image]")}
+# One request body, how many inputs it holds, the class ids to expect (None: unknown), its content type.
+Sample = namedtuple("Sample", "body n expected content_type", defaults=["application/json"])
 
 
-@dataclass
-class Target:
-    """The served model, as its /metadata document describes it."""
-    name: str
-    labels: list[str] | None  # None: not a classifier
-    input_name: str
-    shape: tuple[int, ...]  # one input, without the batch axis
-    layout: str
-    channels: int | None
-    height: int | None
-    width: int | None
-    range: tuple[float, float] | None
-    output_name: str
-    output_kind: str
-    max_images: int
-    sha256: str
-    outputs: tuple = ()  # ((name, shape without the batch axis), ...), every output the model has
-
-    @property
-    def classifier(self) -> bool:
-        return self.labels is not None
-
-    @property
-    def image(self) -> bool:  # /classify takes uploads only for these
-        return self.classifier and self.layout in ("NCHW", "NHWC") and self.channels in (1, 3)
-
-    @property
-    def fashion_mnist(self) -> bool:
-        return sorted(d for d in self.shape if d != 1) == [28, 28] and self.labels == LABELS
+def describe(doc: dict) -> Contract:
+    """A /metadata document -> the contract of the model it serves."""
+    return parse_contract(doc["model"]["onnx_metadata"], doc["model"].get("sha256", ""))
 
 
-def describe(doc: dict) -> Target:
-    """A /metadata document -> Target. Fields the service on main does not send yet (layout
-    defaults, channels/height/width, output kind) are derived from input.shape as the contract says."""
-    inp, out, model = doc["input"], doc.get("output") or {}, doc.get("model", {})
-    shape = tuple(int(d) for d in inp["shape"][1:])
-    layout = inp.get("layout") or {3: "NCHW", 1: "NC"}.get(len(shape), "other")
-    chw = {"NCHW": shape, "NHWC": shape[2:] + shape[:2]}.get(layout, (None, None, None))
-    value_range = inp.get("range")
-    labels = doc.get("labels")
-    outputs = tuple((o["name"], tuple(o["shape"][1:])) for o in doc.get("outputs") or [])
-    return Target(model.get("name") or "model", None if labels is None else list(labels), inp["name"], shape, layout,
-                  inp.get("channels", chw[0]), inp.get("height", chw[1]), inp.get("width", chw[2]),
-                  tuple(value_range) if value_range else None, out.get("name", "logits"),
-                  out.get("kind", "logits"), int(inp.get("max_images_per_request", 1024)), model.get("sha256", ""),
-                  outputs)
+def metadata_of(model_path: str | Path) -> dict:
+    """What the tools read of /metadata, from a contract ONNX file (the baselines have no /metadata)."""
+    c = load_contract(model_path)[0]
+    return {"model": {"name": c.name, "sha256": c.sha256, "onnx_metadata": dict(c.metadata)}}
 
 
 def fetch_metadata(base_url: str, timeout: float = 10.0) -> dict:
@@ -90,70 +46,46 @@ def fetch_metadata(base_url: str, timeout: float = 10.0) -> dict:
         return json.loads(resp.read())
 
 
-def metadata_of(model_path: str | Path) -> dict:
-    """The /metadata document of a contract ONNX file (what the baselines serve)."""
-    import onnx
-
-    meta = {p.key: p.value for p in onnx.load(str(model_path), load_external_data=False).metadata_props}
-    classifier = "output_name" in meta  # contract v3: absent for a model that is not a classifier
-    return {"model": {"name": meta.get("name", "model"), "sha256": sha256_file(model_path)},
-            "labels": json.loads(meta["labels"]) if classifier else None,
-            "input": {"name": meta["input_name"], "shape": json.loads(meta["input_shape"]),
-                      "layout": meta.get("input_layout"), "range": json.loads(meta.get("input_range", "null"))},
-            "output": {"name": meta["output_name"], "kind": meta.get("output_kind", "logits")} if classifier else None,
-            "outputs": json.loads(meta.get("outputs", "[]"))}
+def fashion_mnist(t: Contract) -> bool:
+    return sorted(d for d in t.sample_shape if d != 1) == [28, 28] and list(t.labels) == LABELS
 
 
-def session(model_path: str | Path):
-    """The ONNX file in onnxruntime on one CPU thread (it must not fight the server for cores)."""
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = 1
-    return ort.InferenceSession(str(model_path), opts, providers=["CPUExecutionProvider"])
+def uploads(t: Contract) -> bool:  # /classify takes image uploads for these only
+    return t.classify_refusal is None
 
 
-def reference_scores(model_path: str | Path, t: Target, x: np.ndarray) -> np.ndarray:
-    """Logits (or log-probabilities) of the served ONNX file run in-process."""
-    sess = session(model_path)
-    out = np.concatenate([sess.run([t.output_name], {t.input_name: x[i:i + 256]})[0]
-                          for i in range(0, len(x), 256)])
-    return np.log(np.clip(out, 1e-30, None)) if t.output_kind == "probabilities" else out
-
-
-def confident(scores: np.ndarray, truth: np.ndarray) -> np.ndarray:
-    top2 = np.sort(scores, axis=1)[:, -2:]
-    return np.flatnonzero((scores.argmax(axis=1) == truth) & (top2[:, 1] - top2[:, 0] >= MARGIN))
-
-
-def inputs(t: Target, n: int, model: str | Path | None = None, data_dir=DEFAULT_DATA_DIR, seed: int = 0):
-    """(x float32 [n, *shape] as sent in JSON, uint8 images for uploads or None, expected labels or None)."""
-    if t.fashion_mnist:
-        images, labels = load_split(data_dir, "test")
-        u8 = np.rint(images[:POOL, 0] * 255).astype(np.uint8)
-        exact = images[:POOL].reshape(-1, *t.shape)  # k/255 in float32, as an upload decodes
-        wire = np.round(u8 / 255.0, DECIMALS).astype(np.float32).reshape(-1, *t.shape)
+def inputs(t: Contract, n: int, model: str | Path | None = None, data_dir=DEFAULT_DATA_DIR, seed: int = 0):
+    """(x float32 [n, *shape] as sent in JSON, uint8 images for uploads or None, expected labels or None): test
+    images (with `model`: those it gets right by a margin, docs/loadtest.md) or seeded random inputs in range."""
+    if fashion_mnist(t):
+        u8, labels = (a[:POOL] for a in load_split_uint8(data_dir, "test"))
         keep, truth = np.arange(n), None
-        if model:  # both encodings must be answered right: uploads carry exact k/255, JSON rounded pixels
-            truth = labels[:POOL]
-            keep = np.intersect1d(confident(reference_scores(model, t, wire), truth),
-                                  confident(reference_scores(model, t, exact), truth))
+        wire = np.round(u8 / 255.0, DECIMALS).astype(np.float32).reshape(-1, *t.sample_shape)
+        if model:
+            sess, keep = session(str(model), 1), np.arange(len(u8))
+            for x in (wire, to_float(u8).reshape(-1, *t.sample_shape)):  # (k/255 in float32, as an upload decodes)
+                s = np.concatenate([sess.run([t.output_name], {t.input_name: x[i:i + 256]})[0]
+                                    for i in range(0, len(x), 256)])
+                s = np.log(np.clip(s, 1e-30, None)) if t.output_kind == "probabilities" else s
+                top2 = np.sort(s, axis=1)[:, -2:]
+                right = (s.argmax(axis=1) == labels) & (top2[:, 1] - top2[:, 0] >= MARGIN)
+                keep = np.intersect1d(keep, np.flatnonzero(right))
             if len(keep) < n:
                 raise DataError(f"only {len(keep)} of {POOL} test images are classified confidently and correctly "
                                 f"by {model}; need {n} (is this a trained model?)")
-            keep, truth = keep[:n], truth[keep[:n]]
+            keep, truth = keep[:n], labels[keep[:n]]
         return wire[keep], u8[keep], truth
     rng = np.random.default_rng(seed)
-    lo, hi = t.range or (0.0, 1.0)
+    lo, hi = t.input_range or (0.0, 1.0)
     pad = 1e-3 * (hi - lo)  # rounding to DECIMALS must not leave the range
-    x = np.round(rng.uniform(lo + pad, hi - pad, (n, *t.shape)), DECIMALS).astype(np.float32)
-    u8 = rng.integers(0, 256, (n, t.height, t.width, t.channels), dtype=np.uint8) if t.image else None
-    return x, (u8[..., 0] if t.image and t.channels == 1 else u8), None
+    x = np.round(rng.uniform(lo + pad, hi - pad, (n, *t.sample_shape)), DECIMALS).astype(np.float32)
+    u8 = rng.integers(0, 256, (n, t.height, t.width, t.channels), dtype=np.uint8) if uploads(t) else None
+    return x, (u8[..., 0] if uploads(t) and t.channels == 1 else u8), None
 
 
-def json_body(t: Target, x: np.ndarray) -> bytes:
+def json_body(t: Contract, x: np.ndarray) -> bytes:
     """/predict JSON; one-channel images travel as [N, H, W], anything else in the model's shape."""
-    if t.image and t.channels == 1:
+    if t.is_image and t.channels == 1:
         x = x.reshape(len(x), t.height, t.width)
     return json.dumps({"images": x.astype(np.float64).round(DECIMALS).tolist()}, separators=(",", ":")).encode()
 
@@ -164,7 +96,7 @@ def npy_body(x: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def oip_body(t: Target, x: np.ndarray) -> bytes:
+def oip_body(t: Contract, x: np.ndarray) -> bytes:
     flat = x.astype(np.float64).round(DECIMALS).ravel().tolist()
     return json.dumps({"inputs": [{"name": t.input_name, "shape": list(x.shape), "datatype": "FP32", "data": flat}]},
                       separators=(",", ":")).encode()
@@ -178,33 +110,25 @@ def image_bytes(u8: np.ndarray, fmt: str = "PNG", size: tuple[int, int] | None =
     return buf.getvalue()
 
 
-def upload(png: bytes) -> tuple[bytes, str]:
-    """multipart/form-data with the PNG as the field ``image``: (body, content type)."""
-    b = "lt" + uuid.uuid4().hex
-    return (f'--{b}\r\nContent-Disposition: form-data; name="image"; filename="sample.png"\r\nContent-Type: '
-            f"image/png\r\n\r\n".encode() + png + f"\r\n--{b}--\r\n".encode(), f"multipart/form-data; boundary={b}")
-
-
-# One request body, how many inputs it holds, the class ids to expect (None: unknown), its content type.
-Sample = namedtuple("Sample", "body n expected content_type", defaults=["application/json"])
-
-
-def build(t: Target, model: str | Path | None = None, data_dir=DEFAULT_DATA_DIR, n: int = 256,
+def build(doc: dict, model: str | Path | None = None, data_dir=DEFAULT_DATA_DIR, n: int = 256,
           batches: int = 4) -> dict[str, list[Sample]]:
-    """Pre-encoded samples per scenario."""
+    """Pre-encoded samples per scenario for the /metadata document `doc`."""
+    t = describe(doc)
     if model and t.sha256 and sha256_file(model) != t.sha256:
         raise DataError(f"{model} is not the served model (sha256 differs from /metadata): give the served file "
                         "(MODEL_PATH=… with make, --model otherwise) for label checks")
-    batch = min(BATCH, t.max_images)
+    batch = min(BATCH, doc.get("input", {}).get("max_images_per_request", BATCH))
     x, u8, truth = inputs(t, max(n, batch), model, data_dir)
     exp = (lambda idx: None) if truth is None else (lambda idx: [int(truth[i]) for i in idx])
     work = {s: [] for s in SCENARIOS}
     for i in range(n):
         work["single"].append(Sample(json_body(t, x[i:i + 1]), 1, exp([i])))
         work["oip"].append(Sample(oip_body(t, x[i:i + 1]), 1, exp([i])))
-        if t.image:
-            body, ctype = upload(image_bytes(u8[i]))
-            work["png"].append(Sample(body, 1, exp([i]), ctype))
+        if uploads(t):  # multipart/form-data with the PNG as the field "image"
+            b = "lt" + uuid.uuid4().hex
+            body = (f'--{b}\r\nContent-Disposition: form-data; name="image"; filename="sample.png"\r\nContent-Type: '
+                    f"image/png\r\n\r\n".encode() + image_bytes(u8[i]) + f"\r\n--{b}--\r\n".encode())
+            work["png"].append(Sample(body, 1, exp([i]), f"multipart/form-data; boundary={b}"))
     rng = np.random.default_rng(0)
     for _ in range(batches):
         pick = rng.choice(len(x), size=batch, replace=False)
@@ -216,8 +140,6 @@ def build(t: Target, model: str | Path | None = None, data_dir=DEFAULT_DATA_DIR,
     return work
 
 
-# --- what a right answer looks like -----------------------------------------------------------
-
 def _shape(nested) -> list[int]:
     """The shape of a nested JSON list, read along its first elements (cheap: the generator's CPU is scarce)."""
     shape = []
@@ -227,25 +149,21 @@ def _shape(nested) -> list[int]:
     return shape
 
 
-def check_outputs(t: Target, answer: dict, n: int, oip: bool) -> str | None:
-    """A model that is not a classifier: every output, by name, with n rows of its shape."""
-    if oip:
-        got = {o["name"]: (o["shape"], len(o["data"])) for o in answer["outputs"]}
-        want = {name: ([n, *shape], n * math.prod(shape)) for name, shape in t.outputs}
-    else:
-        got = {name: (_shape(v), None) for name, v in answer["outputs"].items()}
-        want = {name: ([n, *shape], None) for name, shape in t.outputs}
-    return None if got == want else f"outputs {got}, expected {want}"
-
-
-def check(t: Target, answer: dict, sample, oip: bool = False) -> str | None:
+def check(t: Contract, answer: dict, sample, oip: bool = False) -> str | None:
     """None when the server's answer to `sample` is right, else what is wrong with it."""
-    if not t.classifier:
-        return check_outputs(t, answer, sample.n, oip)
     n, k = sample.n, len(t.labels)
+    if not t.classifier:  # every output, by name, with n rows of its shape
+        if oip:
+            got = {o["name"]: (o["shape"], len(o["data"])) for o in answer["outputs"]}
+            want = {o.name: ([n, *o.shape[1:]], n * math.prod(o.shape[1:])) for o in t.outputs}
+        else:
+            got = {name: (_shape(v), None) for name, v in answer["outputs"].items()}
+            want = {o.name: ([n, *o.shape[1:]], None) for o in t.outputs}
+        return None if got == want else f"outputs {got}, expected {want}"
     if oip:
         out = answer["outputs"][0]
-        if (answer.get("model_name"), out["shape"], out["datatype"], len(out["data"])) != (t.name, [n, k], "FP32", n * k):
+        got = (answer.get("model_name"), out["shape"], out["datatype"], len(out["data"]))
+        if got != (t.name, [n, k], "FP32", n * k):
             return f"{answer.get('model_name')!r} {out['datatype']} {out['shape']}, expected {t.name!r} FP32 [{n}, {k}]"
         got = [max(range(k), key=out["data"][i * k:(i + 1) * k].__getitem__) for i in range(n)]
     else:
@@ -266,10 +184,9 @@ def check(t: Target, answer: dict, sample, oip: bool = False) -> str | None:
 
 
 def save(path: str | Path, doc: dict, model=None, data_dir=DEFAULT_DATA_DIR, **kw) -> tuple[str, dict]:
-    """Build the load for the /metadata document ``doc`` and save it with ``doc`` as one JSON file
-    (bodies in base64, no pickle): (path, samples). The runners build once; locust's workers read the
-    file in milliseconds instead of building after they have told the master they are ready."""
-    work = build(describe(doc), model, data_dir, **kw)
+    """Build the load for the /metadata document `doc` and save it with `doc` as JSON (bodies in base64, no
+    pickle): (path, samples). Locust's workers read it in milliseconds instead of building it themselves."""
+    work = build(doc, model, data_dir, **kw)
     write_json(path, {"metadata": doc, "work": {k: [[base64.b64encode(s.body).decode(), s.n, s.expected,
                                                       s.content_type] for s in v] for k, v in work.items()}})
     return str(path), work

@@ -18,11 +18,10 @@ import pytest
 from common.files import write_with_checksum
 from common.procs import REPO, ServerProcess, free_port, port_open, probe
 from loadtest.__main__ import capacity_from_bench, parse_args, rss_growth
-from loadtest.bench import Prober, goals_of, request, table
-from loadtest.core import CLIENT_ERROR_TAG, LoadTargetError, LocustRun, judge, parse_duration, require_local_host, \
-    run_locust
-from loadtest.workload import BATCH, LABELS, DataError, build, check, describe, load, metadata_of, save
-from training.data import DEFAULT_DATA_DIR, load_split
+from loadtest.bench import goals_of, probe_summary, request, table
+from loadtest.core import CLIENT_ERROR_TAG, LoadTargetError, judge, parse_duration, require_local_host, run_locust
+from loadtest.workload import BATCH, DataError, build, check, describe, fashion_mnist, load, metadata_of, save, uploads
+from training.data import DEFAULT_DATA_DIR, LABELS, load_split
 
 SCENARIO_NAMES = {"/predict [1 image]", "/predict [64 images]", "/predict [64 images, raw f32]",
                   "/predict [8 images, npy]", "/classify [png]", "/v2 infer [1 image]"}
@@ -68,10 +67,11 @@ def test_only_localhost_is_loaded():
     for bad in ("http://10.1.2.3:3000", "http://8.8.8.8", "ftp://127.0.0.1", "127.0.0.1:3000", ""):
         with pytest.raises(LoadTargetError):
             require_local_host(bad)
-    with pytest.raises(LoadTargetError):
-        LocustRun("http://192.168.1.10:3000", users=2, run_time="2s", prefix=Path("x")).argv()
-    with pytest.raises(LoadTargetError):  # users and time are bounded too
-        LocustRun("http://127.0.0.1:3000", users=100_000, run_time="2s", prefix=Path("x")).argv()
+    with pytest.raises(LoadTargetError):  # refused before locust starts
+        run_locust("http://192.168.1.10:3000", users=2, run_time="2s", prefix=Path("x"))
+    for users, run_time in ((100_000, "2s"), (2, "3h")):  # users and time are bounded too
+        with pytest.raises(LoadTargetError):
+            run_locust("http://127.0.0.1:3000", users=users, run_time=run_time, prefix=Path("x"))
 
 
 def test_parse_duration():
@@ -113,10 +113,10 @@ def test_command_line(model_path, tmp_path, capsys):
     args = parse_args(["soak", "--time", "1m", "--model", model_path])
     assert args.seconds == 60 and args.warmup_s == 90 and args.fraction == 0.8
     args = parse_args(["bench", "--model", model_path, "--env", "PRECISION=int8", "--setups", "triton,ours@main"])
-    assert args.clients == [1, 2, 4, 8, 16, 32] and args.step_s == 10 and args.open_fraction == 0.9
+    assert args.clients == [1, 2, 4, 8, 16, 32] and args.step_time == 10 and args.open_fraction == 0.9
     assert args.setups == ["triton", "ours@main"] and args.env == {"PRECISION": "int8"} and args.goal_ceiling == 0.95
     args = parse_args(["bench", "--quick", "--model", model_path])
-    assert args.clients == [1, 8, 32] and args.step_s == 5 and args.setups == ["naive-fastapi"]
+    assert args.clients == [1, 8, 32] and args.step_time == 5 and args.setups == ["naive-fastapi"]
     for bad in (["soak", "--time", "5s"], ["soak", "--fraction", "1.5"], ["soak", "--time", "soon"],
                 ["bench", "--setups", "ours,nginx"], ["bench", "--clients", "8,x"], ["bench", "--clients", "0"],
                 ["bench", "--clients", "100000"], ["bench", "--step-time", "2h"], ["run", "--users", "0"]):
@@ -133,24 +133,26 @@ def test_command_line(model_path, tmp_path, capsys):
 
 
 # --- requests from /metadata ---------------------------------------------------------------------
-def test_target_from_metadata_derives_what_main_lacks():
-    main_doc = {"model": {"name": "fashion-mnist", "sha256": "ab"}, "labels": LABELS,  # today's service
-                "input": {"name": "image", "layout": "NCHW", "shape": [None, 1, 28, 28], "range": [0.0, 1.0]},
-                "output": {"name": "logits", "shape": [None, 10]}}
-    t = describe(main_doc)
-    assert (t.shape, t.channels, t.height, t.width, t.output_kind) == ((1, 28, 28), 1, 28, 28, "logits")
-    assert t.image and t.fashion_mnist and t.name == "fashion-mnist"
-    nhwc = describe({"labels": LABELS, "input": {"name": "x", "layout": "NHWC", "shape": [None, 28, 28, 1]}})
-    assert (nhwc.channels, nhwc.height, nhwc.width, nhwc.fashion_mnist, nhwc.range) == (1, 28, 28, True, None)
-    flat = describe({"labels": ["a", "b"], "input": {"name": "x", "shape": [None, 20]}, "model": {"name": "m"}})
-    assert flat.layout == "NC" and not flat.image and not flat.fashion_mnist and flat.name == "m"
+def test_target_is_the_served_contract(tmp_path):
+    """/metadata (or the file) -> the served model's contract, read by the service's own rules: what is sent follows."""
+    from service_helpers import build_model
+
+    nhwc = describe(metadata_of(build_model(tmp_path, "nhwc28")))
+    assert (nhwc.sample_shape, nhwc.channels, nhwc.height, nhwc.width, nhwc.input_range) == ((28, 28, 1), 1, 28, 28,
+                                                                                             (0.0, 255.0))
+    assert fashion_mnist(nhwc) and uploads(nhwc) and nhwc.output_kind == "probabilities"
+    served = {"model": {"name": "m", "sha256": "ab", "onnx_metadata": {  # as GET /metadata has it
+        "contract_version": "2", "name": "m", "labels": '["a", "b"]', "input_name": "x", "output_name": "y",
+        "input_shape": "[null, 20]"}}}
+    flat = describe(served)
+    assert flat.layout == "NC" and not uploads(flat) and not fashion_mnist(flat) and (flat.name, flat.sha256) == ("m", "ab")
 
 
 def test_workload_is_real_test_images_with_correct_answers(model_path):
     import onnxruntime as ort
     from PIL import Image
 
-    work = build(describe(metadata_of(model_path)), model_path, n=64, batches=2)
+    work = build(metadata_of(model_path), model_path, n=64, batches=2)
     images, labels = load_split(DEFAULT_DATA_DIR, "test")
     session = ort.InferenceSession(model_path, providers=["CPUExecutionProvider"])
     for sample in work["single"][:16]:
@@ -185,19 +187,18 @@ def test_saved_load_round_trips(model_path, tmp_path):
 def test_untrained_or_other_model_is_refused_as_answer_key(tmp_path, model_path):
     always_ankle_boot = contract_model(tmp_path / "const.onnx", [1, 28, 28], LABELS, const_class=9)
     with pytest.raises(DataError, match="confidently and correctly"):  # ~10% right: no answer key
-        build(describe(metadata_of(always_ankle_boot)), always_ankle_boot)
+        build(metadata_of(always_ankle_boot), always_ankle_boot)
     with pytest.raises(DataError, match="not the served model"):  # a file that is not the served one
-        build(describe(metadata_of(model_path)), always_ankle_boot)
+        build(metadata_of(model_path), always_ankle_boot)
 
 
 def test_other_models_get_seeded_random_inputs_in_range(tmp_path):
     path = contract_model(tmp_path / "m.onnx", [3, 32, 32], list("abcde"), {"input_range": json.dumps([-1.0, 2.0])})
-    t = describe(metadata_of(path))
-    work = build(t, path, n=8, batches=1)
+    work = build(metadata_of(path), path, n=8, batches=1)
     x = np.asarray(json.loads(work["single"][0].body)["images"])
     assert x.shape == (1, 3, 32, 32) and -1 <= x.min() and x.max() <= 2 and x.std() > 0.5
     assert all(s.expected is None for s in work["single"] + work["batch64"])  # no labelled data: no label check
-    assert json.loads(build(t, path, n=8, batches=1)["single"][0].body)["images"] == x.tolist()  # seeded
+    assert json.loads(build(metadata_of(path), path, n=8, batches=1)["single"][0].body)["images"] == x.tolist()  # seeded
     png = work["png"][0].body
     from PIL import Image
 
@@ -258,7 +259,7 @@ def test_loadtest_against_a_model_that_is_not_a_classifier(tmp_path):
 
     path = build_model(tmp_path / "det", "detector")
     t = describe(metadata_of(path))
-    assert not t.classifier and not t.image and [name for name, _ in t.outputs] == ["boxes", "scores"]
+    assert not t.classifier and not uploads(t) and [o.name for o in t.outputs] == ["boxes", "scores"]
     proc, _ = _loadtest(str(path), tmp_path / "out")
     tail = (proc.stdout + proc.stderr)[-4000:]
     assert proc.returncode == 0 and "PASS" in tail and "label checks off" in tail, tail
@@ -266,7 +267,7 @@ def test_loadtest_against_a_model_that_is_not_a_classifier(tmp_path):
     assert "/classify [png]" not in stats, tail
     for name in SCENARIO_NAMES - {"/classify [png]"}:
         assert int(stats[name]["Request Count"]) > 0 and int(stats[name]["Failure Count"]) == 0, (name, tail)
-    good = {"outputs": {name: [[[0.0] * shape[-1] for _ in range(shape[0])]] for name, shape in t.outputs}}
+    good = {"outputs": {o.name: [[[0.0] * o.shape[2] for _ in range(o.shape[1])]] for o in t.outputs}}
     assert check(t, good, SimpleNamespace(n=1)) is None
     assert "expected" in check(t, {"outputs": {"boxes": good["outputs"]["boxes"]}}, SimpleNamespace(n=1))  # one missing
     assert "expected" in check(t, good, SimpleNamespace(n=2))  # rows of another request
@@ -316,11 +317,12 @@ def test_wrong_labels_and_slow_p99_fail_the_run(model_path, tmp_path):
     fail, and so must a 10 ms p99 limit (without the delay it answers in well under a millisecond,
     which locust rounds to a p99 of 0 ms, so no limit could trip)."""
     port = free_port()
-    argv = [sys.executable, "-m", "loadtest.baselines.do_nothing", "--port", str(port), "--delay-ms", "30"]
+    argv = [sys.executable, "-m", "loadtest.baselines", "do-nothing", "--model", model_path, "--port", str(port),
+            "--delay-ms", "30"]
     with ServerProcess(argv, port, tmp_path / "server.log") as server:
         server.wait_ready(60)
-        v = run_locust(LocustRun(server.url, 2, "3s", tmp_path / "wrong", ["single"],
-                                 workload=_workload(model_path, tmp_path), p99_ms=10))
+        v = run_locust(server.url, 2, "3s", tmp_path / "wrong", ["single"], workload=_workload(model_path, tmp_path),
+                       p99_ms=10)
     assert v["exit"] == 1 and not v["ok"] and v["server_failures"] > 0, v["log"][-3000:]
     assert any("non-4xx" in r for r in v["reasons"]) and any("p99" in r for r in v["reasons"])
     assert any("wrong label" in text for text, _ in v["errors"]) and v["p99_ms"] >= 30
@@ -338,11 +340,11 @@ def _workload(model_path: str, tmp_path: Path) -> str:
 def test_4xx_answers_do_not_fail_the_run(model_path, tmp_path):
     """The naive FastAPI baseline has no /classify: its 404s are counted but tolerated."""
     port = free_port()
-    argv = [sys.executable, "-m", "loadtest.baselines.naive_fastapi", "--model", model_path, "--port", str(port)]
+    argv = [sys.executable, "-m", "loadtest.baselines", "naive-fastapi", "--model", model_path, "--port", str(port)]
     with ServerProcess(argv, port, tmp_path / "server.log", ready_path="/openapi.json") as server:
         server.wait_ready(60)
-        v = run_locust(LocustRun(server.url, 2, "3s", tmp_path / "png", ["single", "png"],
-                                 workload=_workload(model_path, tmp_path)))
+        v = run_locust(server.url, 2, "3s", tmp_path / "png", ["single", "png"],
+                       workload=_workload(model_path, tmp_path))
     assert v["exit"] == 0 and v["ok"] and v["client_errors"] > 0 and v["server_failures"] == 0, v["log"][-3000:]
     assert all(CLIENT_ERROR_TAG in text and "404" in text for text, _ in v["errors"])
     assert v["requests"] > v["client_errors"]  # /predict answered
@@ -377,9 +379,31 @@ def test_bench_goals_can_fail():
     assert "ours vs ours@main" in lines[4][0] and "short at 8: 12.7 vs 25.0 img/s" in lines[4][0]
     assert "ours vs triton" in lines[5][0] and "short at 8: 12.7 vs 25.0 img/s, p99 800 vs 700 ms" in lines[5][0]
     assert "| 1 | ours | 8 | 12.7 | 0.49x | 400.0 / 800.0 | 12.00 (1.20x) | 0 | 0 | – | 400 / 1,500 |" in table(bad)
-    prober = Prober(0)  # a probe that got no answer (or not 200) counts as its 2 s timeout, never as NaN
-    prober.rows = [("/livez", 0.01, 200)] * 99 + [("/readyz", 2.0, 0)]
-    assert prober.summary() == {"probes": 100, "probe_p99_ms": 2000.0, "probe_max_ms": 2000.0, "probes_over_1s": 1}
+    rows = [(0.01, True)] * 99 + [(0.5, False)]  # a probe that got no answer (or not 2xx) counts as its 2 s timeout
+    assert probe_summary(rows) == {"probes": 100, "probe_p99_ms": 2000.0, "probe_max_ms": 2000.0, "probes_over_1s": 1}
+
+
+@pytest.mark.timeout(120)
+def test_probes_wait_for_nothing_of_the_load_generator(model_path, tmp_path):
+    """The probes run in a process of their own: against an idle server they stay fast while the load generator
+    drives 32 clients at another one (from the generator's event loop, or from a thread waiting for its GIL, the
+    same probes took 0.2-0.4 s)."""
+    from contextlib import ExitStack
+
+    from loadtest.bench import Prober, drive
+    from loadtest.faults import run
+
+    with ExitStack() as stack:
+        ports = [free_port(), free_port()]
+        for port in ports:  # do-nothing servers: the load to the first, the probes to the second
+            argv = [sys.executable, "-m", "loadtest.baselines", "do-nothing", "--model", model_path, "--port", str(port)]
+            stack.enter_context(ServerProcess(argv, port, tmp_path / f"{port}.log", ready_path="/")).wait_ready(60)
+        raw = request("npy", describe(metadata_of(model_path)), np.zeros((1, 1, 28, 28), np.float32))
+        prober = Prober(ports[1])
+        stats = run(drive(ports[0], raw, 4.0, 32, settle=0.5))[0]
+        probes = prober.stop()
+    assert stats.summary()["statuses"].get("200", 0) > 1000, stats.summary()  # the generator was busy meanwhile
+    assert probes["probes"] >= 10 and probes["probe_p99_ms"] < 100, probes
 
 
 def test_oip_request_is_what_the_service_parses():
@@ -391,8 +415,8 @@ def test_oip_request_is_what_the_service_parses():
     from service_helpers import build_model
 
     contract, _ = load_contract(build_model(Path(__import__("tempfile").mkdtemp()), "detector"))
-    t = describe(metadata_of(contract.path))
-    x = np.random.default_rng(0).random((3, *t.shape), dtype=np.float32)
+    t = contract
+    x = np.random.default_rng(0).random((3, *t.sample_shape), dtype=np.float32)
     head, body = request("oip", t, x).split(b"\r\n\r\n", 1)
     assert head.startswith(f"POST /v2/models/{t.name}/infer HTTP/1.1".encode())
     length = next(line.split(b": ")[1] for line in head.split(b"\r\n") if line.startswith(b"Inference-Header"))
