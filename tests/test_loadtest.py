@@ -7,9 +7,11 @@ the tools work against a contract model that is not Fashion-MNIST (3x32x32, 5 cl
 import csv
 import io
 import json
+import math
 from types import SimpleNamespace
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -384,26 +386,35 @@ def test_bench_goals_can_fail():
 
 
 @pytest.mark.timeout(120)
-def test_probes_wait_for_nothing_of_the_load_generator(model_path, tmp_path):
-    """The probes run in a process of their own: against an idle server they stay fast while the load generator
-    drives 32 clients at another one (from the generator's event loop, or from a thread waiting for its GIL, the
-    same probes took 0.2-0.4 s)."""
-    from contextlib import ExitStack
+def hold_the_gil(seconds: float) -> float:
+    """Hold this process's GIL for about `seconds`: one regular expression that backtracks (re never
+    releases the GIL, so no other thread of this process runs meanwhile). Returns the seconds it held."""
+    import re
 
-    from loadtest.bench import Prober, drive
-    from loadtest.faults import run
+    n, took = 12, 0.0
+    while took < 0.02:  # each more "a" doubles the work: find the size that takes ~20 ms here
+        n += 1
+        t0 = time.monotonic()
+        re.match(r"(a+)+$", "a" * n + "b")
+        took = time.monotonic() - t0
+    n += max(0, round(math.log2(seconds / took)))
+    t0 = time.monotonic()
+    re.match(r"(a+)+$", "a" * n + "b")
+    return time.monotonic() - t0
 
-    with ExitStack() as stack:
-        ports = [free_port(), free_port()]
-        for port in ports:  # do-nothing servers: the load to the first, the probes to the second
-            argv = [sys.executable, "-m", "loadtest.baselines", "do-nothing", "--model", model_path, "--port", str(port)]
-            stack.enter_context(ServerProcess(argv, port, tmp_path / f"{port}.log", ready_path="/")).wait_ready(60)
-        raw = request("npy", describe(metadata_of(model_path)), np.zeros((1, 1, 28, 28), np.float32))
-        prober = Prober(ports[1])
-        stats = run(drive(ports[0], raw, 4.0, 32, settle=0.5))[0]
-        probes = prober.stop()
-    assert stats.summary()["statuses"].get("200", 0) > 1000, stats.summary()  # the generator was busy meanwhile
-    assert probes["probes"] >= 10 and probes["probe_p99_ms"] < 100, probes
+
+def test_probes_go_on_while_the_load_generators_process_holds_its_gil():
+    """The probes run in a process of their own, so nothing the load generator does delays them: while
+    this process holds its GIL (as the generator's event loop does between its awaits), probes go on. From a
+    thread of this process (main before the diet) none would be made: measured, the thread's probes took
+    0.15-0.36 s p99 beside a generator at 8-32 clients, the process's 5-8 ms (docs/loadtest.md)."""
+    from loadtest.bench import Prober
+
+    prober = Prober(free_port())  # nothing listens there: each probe is refused at once, and counted
+    held = hold_the_gil(2.0)
+    probes = prober.stop()
+    assert held > 1.0, held
+    assert probes.get("probes", 0) >= 3, probes  # one every 0.25 s: ~8 while held, at most 1 from a thread
 
 
 def test_oip_request_is_what_the_service_parses():
