@@ -31,9 +31,14 @@ def session(model: str, threads: int):
     return ort.InferenceSession(model, opts, providers=["CPUExecutionProvider"])
 
 
-def meta(sess, key: str, default):
-    """A contract metadata value, JSON-decoded: the model's name (as /metadata says it) or its labels."""
-    return json.loads(sess.get_modelmeta().custom_metadata_map.get(key, json.dumps(default)))
+def labels_of(sess) -> list | None:
+    """The contract's labels (JSON in the ONNX metadata), None for a model without them."""
+    return json.loads(sess.get_modelmeta().custom_metadata_map.get("labels", "null"))
+
+
+def name_of(sess) -> str:
+    """The contract's model name (a plain string in the ONNX metadata), as /metadata says it."""
+    return sess.get_modelmeta().custom_metadata_map.get("name", "model")
 
 
 def run(sess, x: np.ndarray) -> dict:
@@ -52,7 +57,7 @@ def naive_app():
         images: list[list[list[float]]] | list[list[list[list[float]]]]
 
     sess = session(os.environ["NAIVE_MODEL"], int(os.environ["NAIVE_THREADS"]))
-    labels, shape, app = meta(sess, "labels", None), tuple(sess.get_inputs()[0].shape[1:]), FastAPI()
+    labels, shape, app = labels_of(sess), tuple(sess.get_inputs()[0].shape[1:]), FastAPI()
 
     @app.post("/predict")
     async def predict(request: Request):
@@ -91,7 +96,7 @@ def do_nothing(a) -> None:
     --delay-ms, runs nothing: what the load generator itself can push through HTTP here."""
     import uvicorn
 
-    labels = meta(session(a.model, 1), "labels", None)
+    labels = labels_of(session(a.model, 1))
     body = json.dumps({"predictions": [{"label": labels[0], "class_id": 0, "probabilities": [1 / len(labels)]
                                         * len(labels)}]} if labels else {"outputs": {}}, separators=(",", ":")).encode()
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
@@ -124,7 +129,7 @@ def triton(a) -> None:
                           allow_metrics=False)
     with Triton(config=config) as server:
         infer = [batch(lambda sess=sess, **x: run(sess, *x.values())) for sess in sessions]  # an instance each
-        server.bind(meta(s, "name", "model"), infer, inputs=[tensor(s.get_inputs()[0])],
+        server.bind(name_of(s), infer, inputs=[tensor(s.get_inputs()[0])],
                     outputs=[tensor(o) for o in s.get_outputs()],
                     config=ModelConfig(max_batch_size=MAX_BATCH, batcher=DynamicBatcher()))
         server.serve()
@@ -180,7 +185,7 @@ class OnnxModel(KServeModel):
 
     def __init__(self, model: str, threads: int):
         self.model, self.threads = model, threads
-        super().__init__(meta(session(model, 1), "name", "model"))
+        super().__init__(name_of(session(model, 1)))
         self.load()
 
     def load(self) -> bool:

@@ -72,7 +72,7 @@ def server_of(setup: str, model: str, port: int, layout: tuple[int, int] | None,
     ready, fmt = SERVERS[setup]
     argv = [peer_python(setup) if setup in PEERS else sys.executable, "-m", "loadtest.baselines", setup, "--model",
             model, "--port", str(port), "--workers", str(layout[0]), "--threads", str(layout[1]),
-            "--work", str(log.parent.resolve())]
+            *(["--work", str(log.parent.resolve())] if setup == "torchserve" else [])]  # KServe parses argv: --work=--workers
     return ServerProcess(argv, port, log, ready_path=ready.format(name=name), name=setup), fmt  # (Triton: the model's)
 
 

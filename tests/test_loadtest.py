@@ -502,3 +502,18 @@ def test_examples_are_valid_requests(model_path, tmp_path):
     assert np.load(tmp_path / "batch8.npy", allow_pickle=False).shape == (8, 1, 28, 28)
     assert json.loads((tmp_path / "v2_infer.json").read_text())["inputs"][0]["shape"] == [2, 1, 28, 28]
     assert len(list(tmp_path.glob("*.png"))) == 1 and (tmp_path / "photo_dark_on_light.jpg").stat().st_size > 1000
+
+
+def test_the_peers_read_the_contract_and_get_only_their_own_flags(model_path, tmp_path):
+    """Two ways the peers broke once: the model name is a plain string in the ONNX metadata (not JSON; Triton
+    failed to start on json.loads of it), and KServe parses the whole command line itself, where our --work
+    read as its --workers (KServe exited 2)."""
+    from loadtest.baselines import labels_of, name_of, session
+    from loadtest.bench import server_of
+
+    sess = session(model_path, 1)
+    assert name_of(sess) == metadata_of(model_path)["model"]["name"]
+    assert labels_of(sess) == list(LABELS)
+    for setup in ("kserve", "triton", "litserve", "torchserve"):
+        proc, _ = server_of(setup, model_path, free_port(), (2, 1), tmp_path / f"{setup}.log", {}, "model")
+        assert ("--work" in proc.argv) == (setup == "torchserve"), (setup, proc.argv)
