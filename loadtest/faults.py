@@ -57,6 +57,9 @@ from loadtest.core import parse_duration
 HOST = "127.0.0.1"
 SCENARIOS = ("kill", "kill-container", "sigterm", "overload", "stalled", "oversize")
 MAX_CONNECTIONS = 2048  # the generator never opens more (bounded load)
+# A connection idle this long is not used again (httpx's keepalive_expiry): the service closes one idle for
+# HEADER_TIMEOUT_S (10 s), and a request sent as that close crosses it is reset before the server reads it.
+KEEPALIVE_EXPIRY_S = 5.0
 MAX_RATE = 50_000.0  # req/s, ditto
 TARGET = "service.service:Classifier"
 
@@ -208,9 +211,10 @@ class Load:
                 conn.fail(TimeoutError("no answer in time"))
 
     def _idle(self) -> HttpConn | None:
+        now = time.monotonic()
         while self.idle:
             conn = self.idle.pop()  # LIFO: the most recently used connection is the least likely closed
-            if conn.keep and not conn.transport.is_closing():
+            if conn.keep and not conn.transport.is_closing() and now - conn.sent_at < KEEPALIVE_EXPIRY_S:
                 return conn
             self._drop(conn)
         return None

@@ -156,3 +156,26 @@ def test_a_container_pid_is_mapped_to_the_pid_the_container_reports():
     """/metadata inside a container reports pids of its own namespace; the kill scenario compares
     those, not host pids (else a "new worker" is seen at once). Outside a namespace: the same pid."""
     assert faults.ContainerServer.inner_pid(os.getpid()) == os.getpid()
+
+
+def test_the_generator_does_not_reuse_a_connection_idle_near_the_servers_idle_timeout():
+    """A request sent on a keep-alive connection just as the server closes it for idleness is reset unread
+    (147 such resets in one `make faults` overload, 2026-12-07): like httpx (keepalive_expiry), the
+    generator does not reuse a connection idle for KEEPALIVE_EXPIRY_S, half the service's HEADER_TIMEOUT_S."""
+    import time as clock
+    from types import SimpleNamespace
+
+    from loadtest.faults import KEEPALIVE_EXPIRY_S, Load
+    from service.config import Settings
+
+    assert KEEPALIVE_EXPIRY_S <= Settings().header_timeout_s / 2
+    aborted = []
+
+    def conn(idle_s: float):
+        transport = SimpleNamespace(is_closing=lambda: False, abort=lambda: aborted.append(idle_s))
+        return SimpleNamespace(keep=True, transport=transport, sent_at=clock.monotonic() - idle_s)
+
+    load = Load(1)
+    load.opened, load.idle = 2, [conn(KEEPALIVE_EXPIRY_S + 1), conn(0.1)]
+    assert load._idle().sent_at > clock.monotonic() - 1  # the fresh one (LIFO)
+    assert load._idle() is None and aborted == [KEEPALIVE_EXPIRY_S + 1] and load.opened == 1
