@@ -8,7 +8,7 @@ connection while the other idled (ResNet-50 at 0.50x of the in-process ceiling).
 Here, each worker keeps one slot of a small table in shared memory (pid, open connections, loaded,
 heartbeat, paused), and its event loop (`GatedLoop`) accepts a connection only while this worker
 holds at most `slack(least)` more connections than the least-loaded live worker (exact balance
-for a few connections, within 1/8 for many, so a storm of new connections is taken in batches
+below 64 connections a worker, within 1/8 beyond, so a storm of new connections is taken in batches
 rather than one connection per hand-over); otherwise it stops watching the listening socket until
 that changes: every TICK_S, whenever one of its connections closes, and at once when a peer pauses
 (the peer sends a byte to this worker's wake socket, a unix datagram socket beside the table). A
@@ -47,9 +47,13 @@ def table_path(supervisor_pid: int) -> Path:
     return base / f"bnfold-workers-{supervisor_pid}"
 
 
+SLACK_FROM = 64  # connections a worker: exact balance below (even 18/14 of 32 clients cost seed-cnn ~20%)
+
+
 def slack(least: int) -> int:
-    """How many connections a worker may hold beyond the least-loaded live one and still accept."""
-    return least // 8
+    """How many connections a worker may hold beyond the least-loaded live one and still accept: none
+    below SLACK_FROM (keep-alive clients split evenly), an eighth beyond (a storm is taken in batches)."""
+    return least // 8 if least >= SLACK_FROM else 0
 
 
 def alive(pid: int) -> bool:

@@ -56,14 +56,14 @@ def test_table_accepts_only_while_not_ahead_and_moves_connections_over_the_share
 
 def test_many_connections_are_balanced_within_an_eighth_and_moved_only_beyond_that(tmp_path):
     me, peer = two_workers(tmp_path)
-    peer.add(16)
-    me.add(16 + slack(16))
-    assert slack(16) == 2 and slack(7) == 0
-    assert me.may_accept()  # 18 vs 16: within 16 // 8, so a storm is taken in batches
+    assert slack(16) == slack(63) == 0 and slack(64) == 8  # keep-alive clients split evenly: 16/16, not 18/14
+    peer.add(64)
+    me.add(64 + slack(64))
+    assert me.may_accept()  # 72 vs 64: within 64 // 8, so a storm is taken in batches
     me.add(1)
-    assert not me.may_accept() and not me.over_share()  # 19: what accepting can reach; nothing moves
+    assert not me.may_accept() and not me.over_share()  # 73: what accepting can reach; nothing moves
     me.add(1)
-    assert me.over_share() and not peer.over_share()  # 20 vs 16: one should move
+    assert me.over_share() and not peer.over_share()  # 74 vs 64: one should move
     assert peer.may_accept()
 
 
