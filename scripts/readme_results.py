@@ -18,6 +18,7 @@ date and command the report records, the CPU it recorded, and what fell short; t
 import argparse
 import json
 import re
+from datetime import datetime, timedelta
 import shutil
 import subprocess
 import sys
@@ -408,6 +409,8 @@ def changed_since(repo: Path, date: str, paths: tuple[str, ...]) -> str | None:
     if not paths or not when:
         return None
     since = when.group(0) if len(when.group(0)) > 10 else f"{when.group(0)} 00:00:00"  # git fills a bare day with now
+    if len(since) == 19:  # to the second: git's --since counts that second too, and a commit in it is what was measured
+        since = (datetime.strptime(since.replace("T", " "), "%Y-%m-%d %H:%M:%S") + timedelta(seconds=1)).strftime("%Y-%m-%d %H:%M:%S")
     try:
         out = subprocess.run(["git", "-C", str(repo), "log", "--no-merges", "--format=%h %cd %s",
                               "--date=format:%Y-%m-%d", f"--since={since}", "--", *paths],
@@ -487,7 +490,8 @@ def block(artifacts: Path, img_dir: Path, repo: Path, old_block: str = "") -> tu
         r = section.render(path)
         parts.append(f"<!-- section: {section.key} · measured: {r.date} · command: {r.command or section.command} -->")
         parts.append(head_line(section, r))
-        extra = [f"\n{line}" for line in (stale_line(section, r.date, repo), r.note) if line]
+        stale = stale_line(section, r.date, repo)
+        extra = ([stale] if stale else []) + ([f"\n{r.note}"] if r.note else [])  # the stale line under the head line
         parts += extra
         # a sentence goes on in the head line's paragraph; a table, a plot or anything after a stale line or note apart
         parts.append(r.body if r.body[:1] not in "|!<" and not extra else f"\n{r.body}")
