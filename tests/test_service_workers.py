@@ -10,6 +10,7 @@ and what /metadata says it derived."""
 from __future__ import annotations
 
 import asyncio
+from contextlib import contextmanager
 import json
 import os
 import socket
@@ -94,16 +95,29 @@ def test_a_worker_still_loading_takes_nothing_and_is_not_ready(tmp_path):
     assert me.all_ready() and me.over_share() and not me.may_accept()
 
 
-def test_gated_loop_pauses_the_listening_socket_and_resumes(tmp_path):
-    me, peer = two_workers(tmp_path)
+@contextmanager
+def gated_loop(table: WorkerTable, connections: int = 6):
+    """A GatedLoop with `table`'s Gate serving on 127.0.0.1, `connections` clients queued in its backlog."""
     loop = GatedLoop()
-    GatedLoop.gate = gate = Gate(me)
+    GatedLoop.gate = gate = Gate(table)
     sock = socket.create_server(("127.0.0.1", 0))
     clients = []
     try:
         server = loop.run_until_complete(loop.create_server(asyncio.Protocol, sock=sock))
-        port = sock.getsockname()[1]
-        clients = [socket.create_connection(("127.0.0.1", port)) for _ in range(6)]  # queued in the backlog
+        clients = [socket.create_connection(sock.getsockname()) for _ in range(connections)]
+        yield loop, gate
+        server.close()
+    finally:
+        GatedLoop.gate = None
+        for c in clients:
+            c.close()
+        gate.close()
+        loop.close()
+
+
+def test_gated_loop_pauses_the_listening_socket_and_resumes(tmp_path):
+    me, peer = two_workers(tmp_path)
+    with gated_loop(me) as (loop, gate):
         loop.run_until_complete(asyncio.sleep(0.1))
         assert me.connections == 1 and gate.resume is not None  # one, then paused: the peer has none
         peer.add(3)
@@ -114,26 +128,14 @@ def test_gated_loop_pauses_the_listening_socket_and_resumes(tmp_path):
         gate.tick()
         loop.run_until_complete(asyncio.sleep(0.1))
         assert me.connections == 6 and gate.pauses >= 2
-        server.close()
-    finally:
-        GatedLoop.gate = None
-        for c in clients:
-            c.close()
-        loop.close()
 
 
 def test_a_peer_that_pauses_wakes_this_worker_at_once(tmp_path):
     """The peer pausing (it is ahead) resumes this paused worker through its wake socket, without
     waiting for a heartbeat: no tick() is called here."""
     me, peer = two_workers(tmp_path)
-    loop = GatedLoop()
-    GatedLoop.gate = gate = Gate(me)
     peer_gate = Gate(peer)
-    sock = socket.create_server(("127.0.0.1", 0))
-    clients = []
-    try:
-        server = loop.run_until_complete(loop.create_server(asyncio.Protocol, sock=sock))
-        clients = [socket.create_connection(sock.getsockname()) for _ in range(6)]
+    with gated_loop(me) as (loop, gate):
         loop.run_until_complete(asyncio.sleep(0.05))
         assert me.connections == 1 and gate.resume is not None and gate.woken == 0
         peer.add(3)
@@ -142,14 +144,7 @@ def test_a_peer_that_pauses_wakes_this_worker_at_once(tmp_path):
         peer_gate.paused()  # as GatedLoop._pause does in the peer's process
         loop.run_until_complete(asyncio.sleep(0.05))  # less than a heartbeat
         assert gate.woken == 1 and me.connections == 4  # woken, caught up with the peer, paused again
-        server.close()
-    finally:
-        GatedLoop.gate = None
-        for c in clients:
-            c.close()
         peer_gate.close()
-        gate.close()
-        loop.close()
     assert not (tmp_path / "table").exists()  # the last worker out removes the table
 
 
