@@ -483,12 +483,17 @@ def test_bench_end_to_end_on_a_detector(tmp_path):
                    ("naive-fastapi", "closed", 1), ("naive-fastapi", "closed", 4)], got
     for r in res["rows"]:
         assert r["img_s"] > 0 and r["p50_ms"] > 0 and r["server_cpu_ms_per_img"] > 0, r
-        if r["setup"] != "ceiling":
+        if r["kind"] == "closed":
             assert r["ok"] == r["requests"] > 0 and r["errors"] == r["shed"] == 0 and r["client_cpu_ms_per_req"] > 0, r
+    # The open loop at 0.9x may be shed in part on a busy box (a goal the benchmark judges, not a test): every
+    # request is counted once, as a 200 or a 503, and its goal is met exactly when nothing was shed.
+    opened = res["rows"][2]
+    assert opened["ok"] + opened["shed"] == opened["requests"] > 0 and opened["errors"] == 0, opened
     assert all(r["probes"] > 0 and r["probe_max_ms"] < 2000 for r in res["rows"] if r["kind"] == "closed" and r["setup"] == "ours")
     assert res["rows"][2]["rate"] == pytest.approx(0.9 * max(r["rps"] for r in res["rows"][:2]))
     goals = {g["goal"].split(": ", 1)[1].split(" ")[0]: g["met"] for g in res["goals"]}
     assert set(goals) == {"ours'", "open", "/livez", "ours"} and not all(goals.values()), res["goals"]
+    assert goals["open"] == (opened["shed"] == 0), (opened, res["goals"])
     md = (out / "results.md").read_text()
     assert "| 1 | naive-fastapi | 4 |" in md and "— SHORT" in md and (out / "bench_serve.png").read_bytes()[:4] == b"\x89PNG"
 
