@@ -50,6 +50,7 @@ class Settings:
     # faults (service/guard.py)
     queue_delay_ms: float | None = None  # QUEUE_DELAY_MS: shed new work while requests wait longer than this
     queue_max: int = 128  # QUEUE_MAX: requests in a worker before new work is shed with 503
+    shed_pace_ms: float | None = None  # SHED_PACE_MS: an overload 503 goes no sooner than this after its headers
     retry_after_s: int = 1  # RETRY_AFTER_S
     max_connections: int = 1024  # MAX_CONNECTIONS per worker
     header_timeout_s: float = 10.0  # HEADER_TIMEOUT_S: connect (or last answer) -> complete headers
@@ -100,6 +101,7 @@ class Settings:
             classify_margin=_env("CLASSIFY_MARGIN", d.classify_margin, float, minimum=0.0),
             queue_delay_ms=_env("QUEUE_DELAY_MS", None, float, minimum=1.0),
             queue_max=_env("QUEUE_MAX", d.queue_max, minimum=1),
+            shed_pace_ms=_env("SHED_PACE_MS", None, float, minimum=0.0),
             retry_after_s=_env("RETRY_AFTER_S", d.retry_after_s, minimum=0),
             max_connections=_env("MAX_CONNECTIONS", d.max_connections, minimum=1),
             header_timeout_s=_env("HEADER_TIMEOUT_S", d.header_timeout_s, float, minimum=0.1),

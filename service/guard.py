@@ -49,7 +49,8 @@ PROTOCOL = "bnfold.protocol"  # scope key: the connection's GuardedProtocol
 MIN_INFLIGHT = 4  # below this many requests in a worker nothing is shed
 WINDOW_S = 0.1  # the queue delay is the smallest wait seen in such a window (CoDel's standing queue)
 BODY_WINDOW = 4 * 1024 * 1024  # body bytes buffered per connection before uvicorn pauses reading it
-SHED_BODY_MAX = 64 * 1024  # a shed request's body up to this size is skipped; larger: the connection closes
+SHED_BODY_MAX = 64 * 1024  # a shed request closing its connection: a body up to this size is read first
+PACE_MIN_S = 0.001  # a shed answer due sooner than this goes at once (no timer)
 REASONS = ("overload", "connections", "header_timeout", "body_timeout", "header_too_large")
 
 
@@ -72,7 +73,7 @@ class Guard:
     """Per-worker fault state (owned by the service instance; the protocol finds it through it)."""
 
     def __init__(self, settings, queue_delay_s: float | None = None, window_s: float = WINDOW_S,
-                 is_work=None, gate=None, backlog_s=None) -> None:
+                 is_work=None, gate=None, backlog_s=None, pace_s: float = 0.0) -> None:
         self.settings = settings
         self.protocols: set[GuardedProtocol] = set()
         self.counts = dict.fromkeys(REASONS, 0)
@@ -84,6 +85,7 @@ class Guard:
         self.is_work = is_work or is_work_default
         self.gate = gate  # service/workers.py: connections spread over the workers (None: one process)
         self.backlog_s = backlog_s or (lambda: 0.0)  # seconds of model work already queued in this worker
+        self.pace_s = pace_s  # an overload 503 goes no sooner than this after its request's headers
         self.standing = 0.0  # the shortest queue wait (admission -> its model call starts) in the last full window
         self._window_min = float("inf")
         self._window_end = 0.0
@@ -233,7 +235,9 @@ class GuardedProtocol(HttpToolsProtocol):
     header_bytes = 0
     shedding = False  # ignore the rest of this request (it is answered, or being refused)
     over_cap = False  # this connection came over MAX_CONNECTIONS: its first request gets a 503
-    pending: bytes | None = None  # a shed answer, sent once the request's small body is in
+    pending: bytes | None = None  # a shed answer, sent once the request's body is in and its pace has passed
+    pending_close = False
+    answer_at = 0.0
     lost = False
 
     def connection_made(self, transport) -> None:
@@ -267,9 +271,9 @@ class GuardedProtocol(HttpToolsProtocol):
         self.transport.close()
 
     def on_message_begin(self) -> None:
+        self.answer_pending()  # a pipelined request read with the shed one: its answer goes first
         super().on_message_begin()
         self.shedding = self.transport.is_closing()
-        self.pending = None
         self.header_bytes = 0
         if self.waiting_since is None:
             self.waiting_since = time.monotonic()
@@ -299,12 +303,15 @@ class GuardedProtocol(HttpToolsProtocol):
         self.scope[PROTOCOL] = self
 
     def shed(self, guard: Guard) -> None:
-        """Answer 503 + Retry-After without running the app. A small body is read (and dropped)
-        first, so closing never meets unread data (which the kernel would answer with a reset);
-        a big one is not read: the answer goes now and the connection closes."""
+        """Answer 503 + Retry-After without running the app. The body is read and dropped, and the
+        answer goes once it is in and, for overload, no sooner than the guard's pace after the
+        headers (service/tuning.py): the connection stays open, the client reads a 503 instead of a
+        reset, and one that re-sends at once cannot loop faster than it would be served. A connection
+        that closes (over the cap, draining, or not keep-alive) with a body over SHED_BODY_MAX, or a
+        body over MAX_BODY_BYTES, is answered now and closed without reading it."""
         length = next((v for k, v in self.headers if k == b"content-length"), b"0")
-        small = length.isdigit() and int(length) <= SHED_BODY_MAX
-        close = self.over_cap or guard.draining or not self.parser.should_keep_alive() or not small
+        size = int(length) if length.isdigit() else 0  # chunked: read like a small one, as the app would
+        close = self.over_cap or guard.draining or not self.parser.should_keep_alive()
         if self.over_cap:
             answer = guard.too_many
             guard.count("connections")
@@ -312,34 +319,46 @@ class GuardedProtocol(HttpToolsProtocol):
             answer = guard.shed_close if close else guard.shed_keep
             guard.count("overload")
         self.shedding = True
-        if not small:
+        if size > (SHED_BODY_MAX if close else guard.settings.max_body_bytes):
             self.transport.write(answer)
             self.transport.close()
             return
         self.pending = answer
         self.pending_close = close
+        self.body_seen = now = time.monotonic()  # the sweeper closes a stalled body
+        self.answer_at = now if self.over_cap else now + guard.pace_s
+
+    def answer_pending(self) -> None:
+        """Send the shed answer held back (see shed), once."""
+        answer, self.pending = self.pending, None
+        if answer is None or self.transport.is_closing():
+            return
+        self.transport.write(answer)
+        if self.pending_close:
+            self.transport.close()
+            return
+        self.waiting_since = time.monotonic()
+        self.flow.resume_reading()
 
     def on_url(self, url: bytes) -> None:
         if not self.shedding:
             super().on_url(url)
 
     def on_body(self, body: bytes) -> None:
-        if self.shedding:
-            return
         self.body_seen = time.monotonic()
-        super().on_body(body)
+        if not self.shedding:
+            super().on_body(body)
 
     def on_message_complete(self) -> None:
         self.body_seen = None
         if self.shedding:
             self.shedding = False
-            if self.pending is not None and not self.transport.is_closing():
-                self.transport.write(self.pending)
-                if self.pending_close:
-                    self.transport.close()
-                else:
-                    self.waiting_since = time.monotonic()
-            self.pending = None
+            wait = self.answer_at - time.monotonic()
+            if self.pending is not None and wait >= PACE_MIN_S and not self.transport.is_closing():
+                self.flow.pause_reading()  # a next request waits in the kernel until this answer is out
+                self.loop.call_later(wait, self.answer_pending)
+            else:
+                self.answer_pending()
             return
         super().on_message_complete()
 

@@ -161,7 +161,7 @@ class Classifier:
         self.batcher = Batcher(self.model.run, self.tuning.batch_max, self.tuning.inline_max, self.executor,
                                seconds_per_input=self.tuning.call_s(self.tuning.batch_max) / self.tuning.batch_max)
         self.guard = Guard(settings, self.tuning.queue_delay_s, self.tuning.window_s, work_matcher(ROUTES), gate,
-                           self.batcher.backlog_s)
+                           self.batcher.backlog_s, self.tuning.shed_pace_s)
         self.batcher.started = self.guard.started
         self.guard.start()
         self.docs_json = json_response(openapi(ROUTES, contract, SERVICE_NAME, self.spec.max_images, settings.max_body_bytes)).body

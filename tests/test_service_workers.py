@@ -177,6 +177,7 @@ class Knobs:
     latency_budget_ms: float | None = None
     batch_max_images: int | None = None
     queue_delay_ms: float | None = None
+    shed_pace_ms: float | None = None
     inline_budget_ms: float = 2.0
     max_images: int = 1024
     request_timeout_s: int = 60
@@ -203,8 +204,12 @@ def test_derived_settings_for_a_tiny_and_a_slow_model():
     assert (calm.batch_max, noisy.batch_max) == (4, 2)
     assert calm.queue_delay_s == noisy.queue_delay_s == pytest.approx(8 * 0.316)
     assert noisy.queue_delay_s > 16 * 0.077  # 32 clients over 2 workers are not shed
-    fixed = derive({1: 0.08, 2: 0.15, 4: 0.31}, Knobs(latency_budget_ms=200, batch_max_images=3, queue_delay_ms=900))
+    fixed = derive({1: 0.08, 2: 0.15, 4: 0.31}, Knobs(latency_budget_ms=200, batch_max_images=3, queue_delay_ms=900,
+                                                      shed_pace_ms=0))
     assert (fixed.batch_max, fixed.queue_delay_s) == (3, 0.9) and fixed.why["queue_delay"] == "QUEUE_DELAY_MS"
+    # a shed answer is paced at one call of one input: nothing on a tiny model, 80 ms on ResNet-50
+    assert (tiny.shed_pace_s, slow.shed_pace_s, fixed.shed_pace_s) == (0.0001, 0.08, 0.0)
+    assert slow.describe()["shed_pace_ms"] == 80.0 and fixed.why["shed_pace"] == "SHED_PACE_MS"
     assert tiny.max_images == 1024 and slow.max_images == 400  # 30 s at its cheapest 75 ms per input (batch 2)
     assert "REQUEST_TIMEOUT_S" in slow.why["max_images"] and huge.max_images == 25
     with pytest.raises(TuningError, match=r"LATENCY_BUDGET_MS=50 is below one call of the model: 80.0 ms"):
