@@ -122,6 +122,30 @@ def test_a_shed_big_body_is_read_and_answered_at_the_pace_on_an_open_connection(
     assert summary["new_connections"] == clients, summary  # no connection closed by a 503
 
 
+def test_a_shed_request_whose_body_stalls_is_closed(strict_server):
+    """Four requests whose bodies stall fill the worker (QUEUE_MAX 4), so a fifth is shed; its body stalls too.
+    The shed request used to be outside the body-stall sweep (no answer, the connection open until the client
+    gave up); now it is closed like any stalled body (408, BODY_TIMEOUT_S 1 s)."""
+    head = faults.post_head("/predict", 1000) + b'{"images": '
+    before = faults.guard_counts(strict_server.port).get("overload", 0)
+    fillers = [socket.create_connection(("127.0.0.1", strict_server.port)) for _ in range(4)]
+    try:
+        for sock in fillers:
+            sock.sendall(head)
+        time.sleep(0.3)  # the four are in the worker, waiting for their bodies
+        with socket.create_connection(("127.0.0.1", strict_server.port)) as sock:
+            sock.sendall(head)
+            sock.settimeout(6)
+            start = time.monotonic()
+            answer = sock.recv(4096)
+            assert answer.startswith(b"HTTP/1.1 408 ") and b"stalled" in answer, answer
+            assert sock.recv(4096) == b"" and time.monotonic() - start < 5
+    finally:
+        for sock in fillers:
+            sock.close()
+    assert faults.guard_counts(strict_server.port).get("overload", 0) > before  # the fifth was shed
+
+
 def test_oversize_bodies_get_413_and_are_not_read(strict_server):
     gigabyte = faults.send_oversize(strict_server.port, faults.post_head("/predict", 10**9),
                                     lambda offset, n: b"0" * n, 10**9, limit_s=10)
