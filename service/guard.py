@@ -237,6 +237,7 @@ class GuardedProtocol(HttpToolsProtocol):
     over_cap = False  # this connection came over MAX_CONNECTIONS: its first request gets a 503
     pending: bytes | None = None  # a shed answer, sent once the request's body is in and its pace has passed
     pending_close = False
+    pending_seq = 0  # which shed answer is held: a timer set for an earlier one must not send it
     answer_at = 0.0
     lost = False
 
@@ -325,11 +326,14 @@ class GuardedProtocol(HttpToolsProtocol):
             return
         self.pending = answer
         self.pending_close = close
+        self.pending_seq += 1
         self.body_seen = now = time.monotonic()  # the sweeper closes a stalled body
         self.answer_at = now if self.over_cap else now + guard.pace_s
 
-    def answer_pending(self) -> None:
-        """Send the shed answer held back (see shed), once."""
+    def answer_pending(self, seq: int | None = None) -> None:
+        """Send the shed answer held back (see shed), once; from a timer (`seq`), only the one it was set for."""
+        if seq is not None and seq != self.pending_seq:
+            return  # that answer went early (a pipelined request after it); this one has its own timer
         answer, self.pending = self.pending, None
         if answer is None or self.transport.is_closing():
             return
@@ -356,7 +360,7 @@ class GuardedProtocol(HttpToolsProtocol):
             wait = self.answer_at - time.monotonic()
             if self.pending is not None and wait >= PACE_MIN_S and not self.transport.is_closing():
                 self.flow.pause_reading()  # a next request waits in the kernel until this answer is out
-                self.loop.call_later(wait, self.answer_pending)
+                self.loop.call_later(wait, self.answer_pending, self.pending_seq)
             else:
                 self.answer_pending()
             return

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import select
 import signal
 import socket
 import time
@@ -120,6 +121,37 @@ def test_a_shed_big_body_is_read_and_answered_at_the_pace_on_an_open_connection(
     assert len(body) > 64 * 1024 and summary["errors"] == {} and summary["statuses"].get("200", 0) > 0, summary
     assert shed and min(shed) >= 0.2 and summary["shed_with_retry_after"] == len(shed), (min(shed, default=None), summary)
     assert summary["new_connections"] == clients, summary  # no connection closed by a 503
+
+
+def test_a_held_503_goes_at_its_own_pace_after_a_pipelined_request(strict_server):
+    """A shed answer is held for SHED_PACE_MS (200 ms here), and a request pipelined behind it sends it at once.
+    The timer of that first answer must not send the next held one early: a third request shed 100 ms later
+    gets its 503 no sooner than 200 ms after it (the timer used to fire at 100 ms and send it)."""
+    work = faults.http_request("POST", "/predict", b'{"images": [' + b",".join([b"0.5"] * 784) + b"]}")
+    fillers = [socket.create_connection(("127.0.0.1", strict_server.port)) for _ in range(4)]
+    try:
+        for sock in fillers:  # four bodies that stall fill the worker (QUEUE_MAX 4): work is shed
+            sock.sendall(faults.post_head("/predict", 1000) + b'{"images": ')
+        time.sleep(0.3)
+        with socket.create_connection(("127.0.0.1", strict_server.port)) as sock:
+            sock.settimeout(3)
+            sock.sendall(work + faults.http_request("GET", "/livez"))  # shed, then a probe pipelined behind it
+            answers = b""
+            while answers.count(b"HTTP/1.1 ") < 2:
+                answers += sock.recv(65536)
+            time.sleep(0.1)  # the first 503's timer is due 100 ms from now
+            sock.setblocking(False)
+            answers += sock.recv(65536) if select.select([sock], [], [], 0)[0] else b""
+            sock.setblocking(True)
+            assert answers.startswith(b"HTTP/1.1 503 ") and b"HTTP/1.1 200 " in answers, answers
+            start = time.monotonic()
+            sock.sendall(work)
+            third = sock.recv(65536)
+            took = time.monotonic() - start
+    finally:
+        for sock in fillers:
+            sock.close()
+    assert third.startswith(b"HTTP/1.1 503 ") and took >= 0.19, (third[:40], took)
 
 
 def test_a_shed_request_whose_body_stalls_is_closed(strict_server):
