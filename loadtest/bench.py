@@ -92,7 +92,7 @@ def request(fmt: str, t, x: np.ndarray) -> bytes:
                         "application/x-npy")
 
 
-def _ceiling_worker(model: str, served: str, threads: int, x, seconds: float, barrier, results) -> None:
+def _ceiling_worker(model: str, served: str, threads: int, x, barrier, conn) -> None:
     from service.contract import load_contract
     from service.model import Model
 
@@ -101,27 +101,62 @@ def _ceiling_worker(model: str, served: str, threads: int, x, seconds: float, ba
     feed, end = {sess.get_inputs()[0].name: x}, time.perf_counter() + 1.0
     while time.perf_counter() < end:  # warm: the first calls allocate
         sess.run(None, feed)
-    barrier.wait()
-    lat, cpu0, t0 = [], time.process_time(), time.perf_counter()
-    while (start := time.perf_counter()) - t0 < seconds:
-        sess.run(None, feed)
-        lat.append(time.perf_counter() - start)
-    results.put((len(lat), time.process_time() - cpu0, time.perf_counter() - t0, lat))
+    conn.send("ready")
+    while (seconds := conn.recv()) is not None:
+        barrier.wait()
+        lat, cpu0, t0 = [], time.process_time(), time.perf_counter()
+        while (start := time.perf_counter()) - t0 < seconds:
+            sess.run(None, feed)
+            lat.append(time.perf_counter() - start)
+        conn.send((len(lat), time.process_time() - cpu0, time.perf_counter() - t0, lat))
 
 
-def ceiling(model: str, served: str, layout: tuple[int, int], x: np.ndarray, seconds: float) -> dict:
-    """W processes x T threads calling onnxruntime on `x` together: img/s, latency per call, CPU ms per image."""
-    ctx = mp.get_context("spawn")
-    barrier, results = ctx.Barrier(layout[0]), ctx.Queue()
-    procs = [ctx.Process(target=_ceiling_worker, args=(model, served, layout[1], x, seconds, barrier, results),
-                         daemon=True) for _ in range(layout[0])]
-    for p in procs:
-        p.start()
-    done = [results.get(timeout=seconds + 300) for _ in procs]
-    n, cpu, lat = sum(d[0] for d in done), sum(d[1] for d in done), [v for d in done for v in d[3]]
-    return {"img_s": sum(d[0] / d[2] for d in done) * len(x), "p50_ms": 1000 * float(np.percentile(lat, 50)),
-            "p99_ms": 1000 * float(np.percentile(lat, 99)), "server_cpu_ms_per_img": 1000 * cpu / (n * len(x)),
-            "server_cpu_pct": 100 * cpu / max(d[2] for d in done), "requests": n}
+class Ceiling:
+    """W processes x T threads calling onnxruntime on `x` together, started once and idle between measurements:
+    `measure(seconds)` between ours' steps times the box as it is in that minute (docs/loadtest.md)."""
+
+    def __init__(self, model: str, served: str, layout: tuple[int, int], x: np.ndarray):
+        ctx, self.images = mp.get_context("spawn"), len(x)
+        barrier, pipes = ctx.Barrier(layout[0]), [ctx.Pipe() for _ in range(layout[0])]
+        self.conns = [a for a, _ in pipes]
+        self.procs = [ctx.Process(target=_ceiling_worker, args=(model, served, layout[1], x, barrier, b), daemon=True)
+                      for _, b in pipes]
+        for p in self.procs:
+            p.start()
+        for c in self.conns:
+            if not c.poll(300) or c.recv() != "ready":
+                raise ProcessError("the in-process ceiling did not start")
+
+    def measure(self, seconds: float) -> dict:
+        """img/s, latency per call, CPU ms per image over `seconds`."""
+        for c in self.conns:
+            c.send(seconds)
+        done = [c.recv() for c in self.conns]
+        n, cpu, lat = sum(d[0] for d in done), sum(d[1] for d in done), [v for d in done for v in d[3]]
+        return {"img_s": sum(d[0] / d[2] for d in done) * self.images, "p50_ms": 1000 * float(np.percentile(lat, 50)),
+                "p99_ms": 1000 * float(np.percentile(lat, 99)),
+                "server_cpu_ms_per_img": 1000 * cpu / (n * self.images),
+                "server_cpu_pct": 100 * cpu / max(d[2] for d in done), "requests": n}
+
+    def close(self) -> None:
+        for c in self.conns:
+            c.send(None)
+        for p in self.procs:
+            p.join(10)
+
+
+def timed_ceiling(ceil: Ceiling, seconds: float, meter: TreeSampler) -> dict:
+    """The ceiling over `seconds`, and the CPU our idle server took meanwhile (% of a core)."""
+    wall = time.time()
+    return {**ceil.measure(seconds), "idle_server_cpu_pct": 100 * meter.cpu_seconds(wall, time.time()) / seconds}
+
+
+def ceiling_row(rnd: int, procs: int, timed: list[dict]) -> dict:
+    """The round's ceiling: the mean of its measurements between ours' steps, with their range."""
+    row = {k: float(np.mean([t[k] for t in timed])) for k in timed[0]}
+    return {"round": rnd, "setup": "ceiling", "kind": "ceiling", "clients": procs, "loadavg": os.getloadavg()[0],
+            **row, "requests": sum(t["requests"] for t in timed), "times": len(timed),
+            "img_s_range": [min(t["img_s"] for t in timed), max(t["img_s"] for t in timed)]}
 
 
 async def drive(port: int, raw: bytes, seconds: float, clients: int = 1, rate: float = 0.0, settle: float = 0.0):
@@ -205,14 +240,27 @@ def measure(setup: str, args, x: np.ndarray, t, rnd: int, bar, meta: dict) -> li
             meta.update(layout=layout, layout_text=f"{layout[0]} workers x {layout[1]} intra-op thread(s)",
                         served=str(Path(args.model).with_name("model_int8.onnx") if int8 else args.model),
                         runtime={k: v for k, v in run.items() if k not in ("guard", "batching", "pid")})
-        run_async(drive(proc.port, raw, 0.001, max(args.clients), settle=args.warmup))
-        for c in args.clients:
-            bar.set_postfix_str(f"round {rnd}: {setup}, {c} clients")
-            step("closed", c, args.step_time)
+        ceil = Ceiling(str(args.model), meta["served"], meta["layout"], x) if setup == "ours" else None
+        try:
+            run_async(drive(proc.port, raw, 0.001, max(args.clients), settle=args.warmup))
+            timed = [timed_ceiling(ceil, args.step_time / 2, meter)] if ceil else []
+            for c in args.clients:
+                bar.set_postfix_str(f"round {rnd}: {setup}, {c} clients")
+                step("closed", c, args.step_time)
+                if ceil:  # each step against the box of its own minute: the ceiling's halves before and after it
+                    timed.append(timed_ceiling(ceil, args.step_time / 2, meter))
+                    rows[-1].update({f"ceiling_{k}": (timed[-2][k] + timed[-1][k]) / 2
+                                     for k in ("img_s", "server_cpu_ms_per_img")})
+        finally:
+            if ceil:
+                ceil.close()
         if setup == "ours" and args.open_fraction > 0:
             rate = args.open_fraction * max(r["rps"] for r in rows)
             bar.set_postfix_str(f"round {rnd}: ours, open loop at {rate:.1f} req/s")
             step("open", 0, args.open_time, rate)
+        if ceil:
+            rows.append(ceiling_row(rnd, meta["layout"][0], timed))
+            bar.update()
     return rows
 
 
@@ -227,7 +275,7 @@ def goals_of(rows: list[dict], g) -> list[tuple[str, bool]]:
         for key, goal, what, sign in (("img_s", g.goal_ceiling, "throughput", "≥"),
                                       ("server_cpu_ms_per_img", g.goal_cpu, "server CPU per image", "≤")):
             if goal and ceil and busy and all(r[key] for r in busy):
-                ratios = {r["clients"]: r[key] / ceil[key] for r in busy}
+                ratios = {r["clients"]: r[key] / r.get(f"ceiling_{key}", ceil[key]) for r in busy}
                 short = [f"{c}: {v:.2f}x" for c, v in ratios.items() if (v < goal if sign == "≥" else v > goal)]
                 lines.append((f"{tag}ours' {what} ÷ in-process at {JUDGED_FROM}–{max(ratios)} clients: "
                               f"{min(ratios.values()):.2f}–{max(ratios.values()):.2f}x (goal {sign} {goal}x at each)"
@@ -268,11 +316,13 @@ def table(rows: list[dict]) -> str:
     ceil = {r["round"]: r for r in rows if r["kind"] == "ceiling"}
     for r in rows:
         c = ceil.get(r["round"])
-        x = lambda key: f" ({r[key] / c[key]:.2f}x)" if c and r.get(key) and r is not c else ""  # noqa: E731
+        x = lambda key: f" ({r[key] / r.get('ceiling_' + key, c[key]):.2f}x)" if c and r.get(key) and r is not c \
+            else ""  # noqa: E731 (ours: against the ceiling measured around that step)
         shed = f"{r['shed']} ({r['shed'] / r['requests']:.1%})" if r.get("shed") else "0"
         who = {"open": f"open {r.get('rate', 0):.1f} req/s", "ceiling": f"{r['clients']} proc"}
-        head.append(f"| {r['round']} | {r['setup']} | {who.get(r['kind'], r['clients'])} | {fmt(r['img_s'], 1)} | "
-                    f"{x('img_s').strip(' ()') or '–'} | "
+        head.append(f"| {r['round']} | {r['setup']} | {who.get(r['kind'], r['clients'])} | {fmt(r['img_s'], 1)}"
+                    + (" ({:,.1f}–{:,.1f})".format(*r["img_s_range"]) if "img_s_range" in r else "")
+                    + f" | {x('img_s').strip(' ()') or '–'} | "
                     f"{fmt(r['p50_ms'], 1)} / {fmt(r['p99_ms'], 1)} | {fmt(r.get('server_cpu_ms_per_img'), 2)}"
                     f"{x('server_cpu_ms_per_img')} | {shed} | {r.get('errors', 0)} | "
                     f"{fmt(r.get('client_cpu_ms_per_req'), 3)} | "
@@ -326,12 +376,6 @@ def bench(args, command: str) -> int:
         for rnd, setup in itertools.product(range(1, args.rounds + 1), ["ours", *args.setups]):
             try:
                 rows += measure(setup, args, x, t, rnd, bar, meta)
-                if setup == "ours":  # then the ceiling at the layout it served with
-                    bar.set_postfix_str(f"round {rnd}: ceiling, {meta['layout'][0]} x {meta['layout'][1]}")
-                    rows.append({"round": rnd, "setup": "ceiling", "kind": "ceiling", "clients": meta["layout"][0],
-                                 "loadavg": os.getloadavg()[0],
-                                 **ceiling(str(args.model), meta["served"], meta["layout"], x, args.step_time)})
-                    bar.update()
             except (ProcessError, OSError, KeyError, subprocess.CalledProcessError) as e:
                 failed.append(f"round {rnd}: {setup}: {str(e).splitlines()[0]}")
                 tqdm.write(f"{setup}: could not run: {e}")

@@ -30,8 +30,13 @@ def bench(rows: list[dict], path: Path, title: str) -> None:
                     color=f"C{i % 10}")
         for r in rows:
             if r["kind"] == "ceiling" and key != "p99_ms":
-                ax.axhline(r[key], color="black", linestyle="--", linewidth=1,
-                           label=f"in-process ceiling ({r['clients']} proc)" if r["round"] == 1 else None)
+                label = f"in-process ceiling ({r['clients']} proc)" if r["round"] == 1 else None
+                timed = [p for p in rows if p["round"] == r["round"] and f"ceiling_{key}" in p]  # around each step
+                if timed:
+                    ax.plot([p["clients"] for p in timed], [p[f"ceiling_{key}"] for p in timed], color="black",
+                            linestyle="--", linewidth=1, marker="x", label=label)
+                else:
+                    ax.axhline(r[key], color="black", linestyle="--", linewidth=1, label=label)
         ax.set_xscale("log", base=2)
         clients = sorted({p["clients"] for points in lines.values() for p in points})
         ax.set_xticks(clients, [str(c) for c in clients])

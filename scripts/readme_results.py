@@ -262,8 +262,9 @@ def render_serving(path: Path) -> Rendered:
             continue
         ours, others = at.pop("ours"), sorted(at.values(), key=lambda r: -r["img_s"])
         met = [g["met"] for g in res["goals"]]
-        rows.append(f"| {name} | {ceil['img_s']:,.1f} | {ours['img_s']:,.1f} ({ours['img_s'] / ceil['img_s']:.2f}x) | "
-                    f"{ours['p99_ms']:,.0f} | {ours['server_cpu_ms_per_img'] / ceil['server_cpu_ms_per_img']:.2f}x | "
+        c = {k: ours.get(f"ceiling_{k}", ceil[k]) for k in ("img_s", "server_cpu_ms_per_img")}  # timed around that step
+        rows.append(f"| {name} | {c['img_s']:,.1f} | {ours['img_s']:,.1f} ({ours['img_s'] / c['img_s']:.2f}x) | "
+                    f"{ours['p99_ms']:,.0f} | {ours['server_cpu_ms_per_img'] / c['server_cpu_ms_per_img']:.2f}x | "
                     + (f"{others[0]['setup']} {others[0]['img_s']:,.1f}, p99 {others[0]['p99_ms']:,.0f}" if others else "–")
                     + f" | {sum(met)} of {len(met)} |")
         for g in res["goals"]:

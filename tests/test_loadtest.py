@@ -381,6 +381,13 @@ def test_bench_goals_can_fail():
     assert "ours vs ours@main" in lines[4][0] and "short at 8: 12.7 vs 25.0 img/s" in lines[4][0]
     assert "ours vs triton" in lines[5][0] and "short at 8: 12.7 vs 25.0 img/s, p99 800 vs 700 ms" in lines[5][0]
     assert "| 1 | ours | 8 | 12.7 | 0.49x | 400.0 / 800.0 | 12.00 (1.20x) | 0 | 0 | – | 400 / 1,500 |" in table(bad)
+    # each step is judged against the ceiling timed around it, not the round's mean: the box was faster during 8
+    timed = [dict(r) for r in good]
+    timed[3].update(ceiling_img_s=27.5, ceiling_server_cpu_ms_per_img=9.0)
+    lines = goals_of(timed, args)
+    assert "short at 8: 0.93x" in lines[0][0] and "short at 8: 1.17x" in lines[1][0], lines
+    assert [ok for _, ok in lines] == [False, False, True, True, True, True], lines
+    assert "| 1 | ours | 8 | 25.5 | 0.93x |" in table(timed)
     rows = [(0.01, True)] * 99 + [(0.5, False)]  # a probe that got no answer (or not 2xx) counts as its 2 s timeout
     assert probe_summary(rows) == {"probes": 100, "probe_p99_ms": 2000.0, "probe_max_ms": 2000.0, "probes_over_1s": 1}
 
@@ -481,6 +488,9 @@ def test_bench_end_to_end_on_a_detector(tmp_path):
     got = [(r["setup"], r["kind"], r["clients"]) for r in res["rows"]]
     assert got == [("ours", "closed", 1), ("ours", "closed", 4), ("ours", "open", 0), ("ceiling", "ceiling", 2),
                    ("naive-fastapi", "closed", 1), ("naive-fastapi", "closed", 4)], got
+    ceil = res["rows"][3]  # timed beside our idle server before its first step and after each
+    assert ceil["times"] == 3 and ceil["img_s_range"][0] <= ceil["img_s"] <= ceil["img_s_range"][1], ceil
+    assert all(r["ceiling_img_s"] > 0 and r["ceiling_server_cpu_ms_per_img"] > 0 for r in res["rows"][:2]), res["rows"]
     for r in res["rows"]:
         assert r["img_s"] > 0 and r["p50_ms"] > 0 and r["server_cpu_ms_per_img"] > 0, r
         if r["kind"] == "closed":
