@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 
 from .errors import ClientError
@@ -149,6 +149,9 @@ class Router:
             response = await getattr(service, r.handler)(request)
         except ClientError as exc:
             response = error_response(exc.status, exc.message)
+        except ClientDisconnect:  # the client left (or its stalled body was closed, 408): no one to answer
+            logger.info("client went away during %s %s", scope["method"], scope["path"])
+            return
         except Exception:
             logger.exception("unhandled error on %s %s", scope["method"], scope["path"])
             response = error_response(500, "internal server error; see the server log")

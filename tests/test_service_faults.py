@@ -202,6 +202,9 @@ def test_stalled_headers_and_bodies_are_closed(strict_server):
         assert sock.recv(4096) == b"" and time.monotonic() - start < 8
     counts = faults.guard_counts(strict_server.port)
     assert counts.get("header_timeout", 0) >= 10 and counts.get("body_timeout", 0) >= 1, counts
+    time.sleep(0.2)  # the handler reading that body has seen its client go by now
+    log = strict_server.log()  # a client gone is a line, not an error with a traceback
+    assert "client went away during POST /predict" in log and "ClientDisconnect" not in log, log[-3000:]
 
 
 def test_connections_over_the_cap_get_503_and_close(strict_server, raw_request):
