@@ -121,7 +121,7 @@ def soak(args, command: str) -> int:
         base = final = growth = float("nan")
         reasons.append(str(e))
     write_json(args.out / "soak.json", {
-        "command": command, "date": time.strftime("%Y-%m-%d"), "ok": not reasons, "reasons": reasons, "time": args.time,
+        "command": command, "date": time.strftime("%Y-%m-%d %H:%M:%S"), "ok": not reasons, "reasons": reasons, "time": args.time,
         "capacity_rps": capacity, "capacity_source": source, "offered_rps": offered, "achieved_rps": v["rps"],
         **{k: v[k] for k in ("requests", "failures", "server_failures", "client_errors")}, "p50_ms": v["p50"],
         "p99_ms": v["p99"], "warmup_s": args.warmup_s, "rss_baseline_mib": base, "rss_final_mib": final,
