@@ -119,7 +119,7 @@ def render_model(path: Path) -> Rendered:
         config = Path(run) / "config.json" if run else None
         if config and config.exists():
             cpu = cpu_text(json.loads(config.read_text()).get("machine"))
-    return Rendered(text, date=date_of(path), cpu=cpu)
+    return Rendered(text.strip(), date=date_of(path), cpu=cpu)
 
 
 def render_pipeline_times(path: Path) -> Rendered:
