@@ -149,9 +149,11 @@ class Router:
             response = await getattr(service, r.handler)(request)
         except ClientError as exc:
             response = error_response(exc.status, exc.message)
-        except ClientDisconnect:  # the client left (or its stalled body was closed, 408): no one to answer
+        except ClientDisconnect:  # the client left (or its stalled body was closed, 408): nothing reaches it, but
+            # an answer must still be sent: BentoML's TimeoutMiddleware waits for one, and its request would count
+            # as in flight (and be shed against) until the traffic timeout. 499: nginx's "client closed request".
             logger.info("client went away during %s %s", scope["method"], scope["path"])
-            return
+            response = error_response(499, "client went away")
         except Exception:
             logger.exception("unhandled error on %s %s", scope["method"], scope["path"])
             response = error_response(500, "internal server error; see the server log")
